@@ -1,0 +1,3 @@
+from socket_echo.cli import main
+
+main()

@@ -1,0 +1,166 @@
+"""The ``socket-echo`` command line: parse and validate, then hand a Config to the core.
+
+Every flag is also an environment variable ``SOCKET_ECHO_<FLAG>``; the command line wins.
+User mistakes end in one line on stderr and exit 2 (usage) or 1 (run time), never a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any
+
+import click
+
+from socket_echo import __version__, config
+from socket_echo.config import ConfigError, ServerConfig
+from socket_echo.listeners import BindError, bind_all
+from socket_echo.logs import setup_logging
+from socket_echo.loops import resolve_loop
+from socket_echo.server import EXIT_FAILURE, EXIT_USAGE, run
+
+ENV_PREFIX = "SOCKET_ECHO_"
+
+
+def env(flag: str) -> str:
+    return ENV_PREFIX + flag.upper().replace("-", "_")
+
+
+class ByteSize(click.ParamType):
+    """A byte count: ``262144``, ``256k``, ``256KiB``, ``1M``, ``1MiB``."""
+
+    name = "BYTES"
+    _units = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        m = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", str(value), re.IGNORECASE)
+        if not m:
+            self.fail(f"{value!r} is not a byte size (e.g. 262144, 256KiB, 1MiB)", param, ctx)
+        return int(m.group(1)) * self._units[m.group(2).lower()]
+
+
+class GroupedCommand(click.Command):
+    """``--help`` with options under headings (``help_group`` on each option)."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record:
+                group = getattr(param, "help_group", "Other")
+                groups.setdefault(group, []).append(record)
+        for name, rows in groups.items():
+            with formatter.section(name):
+                formatter.write_dl(rows)
+
+
+class GroupedOption(click.Option):
+    def __init__(self, param_decls: list[str], help_group: str = "Other", **kwargs: Any) -> None:
+        flag = next(d for d in param_decls if d.startswith("--")).split("/")[0][2:]
+        kwargs.setdefault("envvar", env(flag))
+        kwargs.setdefault("show_envvar", True)
+        super().__init__(param_decls, **kwargs)
+        self.help_group = help_group
+
+
+def option(*args: Any, **kwargs: Any) -> Any:
+    return click.option(*args, cls=GroupedOption, **kwargs)
+
+
+class DefaultGroup(click.Group):
+    """``socket-echo`` alone, or with only serve flags, means ``socket-echo serve``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "--version")):
+            args = ["serve", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="socket-echo")
+def cli() -> None:
+    """socket-echo: an echo server (RFC 862) and the tools to test any echo server.
+
+    With no command, runs `serve`: TCP echo on localhost port 4242.
+    """
+
+
+LISTEN, LIMITS, RUNTIME = "Listeners", "Limits", "Runtime and logging"
+
+
+@cli.command(cls=GroupedCommand)
+@option("--host", multiple=True, metavar="HOST", help_group=LISTEN,
+        help="Address to listen on; repeatable. Default: 127.0.0.1 and ::1 (localhost only). "
+             "'::' = all addresses, IPv4 and IPv6 on one socket.")
+@option("--port", type=int, default=config.DEFAULT_PORT, show_default=True, help_group=LISTEN,
+        help="TCP port; 0 picks a free one (logged).")
+@option("--bind", multiple=True, metavar="URL", help_group=LISTEN,
+        help="Listener URL, repeatable: tcp://HOST:PORT, tcp://[::1]:4242. "
+             "Replaces --host/--port when given.")
+@option("--backlog", type=click.IntRange(min=1), default=config.DEFAULT_BACKLOG,
+        show_default=True, help_group=LISTEN, help="listen() backlog (the OS caps it).")
+@option("--max-connections", type=click.IntRange(min=1), default=config.DEFAULT_MAX_CONNECTIONS,
+        show_default=True, help_group=LIMITS,
+        help="Open connections at most; newer ones are closed at once.")
+@option("--idle-timeout", type=click.FloatRange(min=0), default=config.DEFAULT_IDLE_TIMEOUT,
+        show_default=True, metavar="SECONDS", help_group=LIMITS,
+        help="Close a connection with no traffic (or whose peer stopped reading) this long; "
+             "0 = never.")
+@option("--max-buffer", type=ByteSize(), default=config.DEFAULT_MAX_BUFFER, show_default=True,
+        help_group=LIMITS,
+        help="Echo bytes held per connection before reading from it pauses.")
+@option("--graceful-timeout", type=click.FloatRange(min=0),
+        default=config.DEFAULT_GRACEFUL_TIMEOUT, show_default=True, metavar="SECONDS",
+        help_group=LIMITS, help="On SIGTERM/SIGINT, time open connections get to finish.")
+@option("--loop", type=click.Choice(config.LOOPS), default=config.DEFAULT_LOOP,
+        show_default=True, help_group=RUNTIME, help="Event loop; auto = uvloop where installed.")
+@option("--log-level", type=click.Choice(config.LOG_LEVELS, case_sensitive=False),
+        default=config.DEFAULT_LOG_LEVEL, show_default=True, help_group=RUNTIME,
+        help="warning hides the per-connection lines.")
+@option("--log-format", type=click.Choice(config.LOG_FORMATS), default=config.DEFAULT_LOG_FORMAT,
+        show_default=True, help_group=RUNTIME, help="text lines, or one JSON object per line.")
+@option("--access-log/--no-access-log", default=True, show_default=True, help_group=RUNTIME,
+        help="A log line per connection opened and closed (at info level).")
+def serve(host: tuple[str, ...], port: int, bind: tuple[str, ...], backlog: int,
+          max_connections: int, idle_timeout: float, max_buffer: int, graceful_timeout: float,
+          loop: str, log_level: str, log_format: str, access_log: bool) -> None:
+    """Echo every byte received back to its sender until the client closes."""
+    try:
+        if bind:
+            listeners = tuple(config.parse_bind_url(url) for url in bind)
+        else:
+            listeners = config.listeners_from_hosts(host, port)
+        for spec in listeners:
+            config.check_port(spec.port)
+        resolve_loop(loop)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    cfg = ServerConfig(
+        listeners=listeners, backlog=backlog, max_connections=max_connections,
+        idle_timeout=idle_timeout, max_buffer=max_buffer, graceful_timeout=graceful_timeout,
+        loop=loop, log_level=log_level.lower(), log_format=log_format,
+        access_log=access_log and log_level.lower() in ("debug", "info"),
+    )
+    setup_logging(cfg.log_level, cfg.log_format)
+    try:
+        bound = bind_all(cfg.listeners, cfg.backlog)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    except BindError as exc:
+        raise click.ClickException(exc.strerror or str(exc)) from None
+    sys.exit(run(cfg, bound))
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="socket-echo", standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(EXIT_FAILURE)
+    except click.UsageError as exc:
+        click.echo(f"socket-echo: error: {exc.format_message()}", err=True)
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as exc:
+        click.echo(f"socket-echo: error: {exc.format_message()}", err=True)
+        sys.exit(EXIT_FAILURE)

@@ -1,0 +1,99 @@
+"""Every setting of the server and its default value: the one place defaults live.
+
+The CLI builds a :class:`ServerConfig` from flags and environment variables; the core reads
+only this object. Nothing below parses user input except :func:`parse_bind_url`, whose errors
+are :class:`ConfigError` with a message fit to show a user as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from urllib.parse import urlsplit
+
+DEFAULT_PORT = 4242
+DEFAULT_HOSTS = ("127.0.0.1", "::1")  # localhost only: safe on a laptop
+DEFAULT_BACKLOG = 4096
+DEFAULT_MAX_CONNECTIONS = 10_000
+DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_MAX_BUFFER = 256 * 1024
+DEFAULT_GRACEFUL_TIMEOUT = 10.0
+DEFAULT_LOOP = "auto"
+DEFAULT_LOG_LEVEL = "info"
+DEFAULT_LOG_FORMAT = "text"
+
+LOOPS = ("auto", "asyncio", "uvloop")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
+SCHEMES = ("tcp",)
+
+
+class ConfigError(ValueError):
+    """A user's mistake in the configuration; its message is one line naming the cause."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ListenerSpec:
+    """One address to listen on: ``tcp://HOST:PORT``."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return format_url(self.scheme, self.host, self.port)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    listeners: tuple[ListenerSpec, ...] = tuple(
+        ListenerSpec("tcp", host, DEFAULT_PORT) for host in DEFAULT_HOSTS
+    )
+    backlog: int = DEFAULT_BACKLOG
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # 0 = never
+    max_buffer: int = DEFAULT_MAX_BUFFER
+    graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT
+    loop: str = DEFAULT_LOOP
+    log_level: str = DEFAULT_LOG_LEVEL
+    log_format: str = DEFAULT_LOG_FORMAT
+    access_log: bool = True
+
+
+def format_url(scheme: str, host: str, port: int) -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def check_port(port: int) -> int:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port {port} is out of range (0-65535)")
+    return port
+
+
+def parse_bind_url(url: str) -> ListenerSpec:
+    """``tcp://HOST:PORT`` or ``tcp://[V6]:PORT`` -> ListenerSpec; ConfigError when malformed."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a non-numeric or out-of-range port
+    except ValueError as exc:
+        raise ConfigError(f"malformed --bind {url!r}: {exc}") from None
+    if parts.scheme not in SCHEMES:
+        known = ", ".join(f"{s}://" for s in SCHEMES)
+        raise ConfigError(f"malformed --bind {url!r}: unknown scheme (use {known})")
+    if not parts.hostname:
+        raise ConfigError(f"malformed --bind {url!r}: no host (e.g. tcp://127.0.0.1:4242)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"malformed --bind {url!r}: unexpected path or query")
+    host = parts.hostname
+    if "[" in parts.netloc:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"malformed --bind {url!r}: {host!r} is not an IPv6 address") from None
+    return ListenerSpec(parts.scheme, host, DEFAULT_PORT if port is None else port)
+
+
+def listeners_from_hosts(hosts: tuple[str, ...], port: int) -> tuple[ListenerSpec, ...]:
+    check_port(port)
+    return tuple(ListenerSpec("tcp", host, port) for host in (hosts or DEFAULT_HOSTS))

@@ -1,0 +1,1 @@
+"""One module per wire protocol; each holds only what that protocol does per connection."""

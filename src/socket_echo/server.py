@@ -1,0 +1,146 @@
+"""The server: owns the loop, the listeners, the limits and shutdown; no protocol details.
+
+Lifecycle: bind (in ``run``, before the loop starts, so bind errors are plain exit codes) ->
+serve -> on SIGTERM/SIGINT stop accepting and drain up to ``--graceful-timeout`` -> close what
+is left -> exit 0. A second SIGINT exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import Any
+
+from socket_echo.accept import RESOURCE_ERRORS, AcceptReader, descriptor_log
+from socket_echo.config import ServerConfig
+from socket_echo.limits import ConnectionTable
+from socket_echo.listeners import BoundListener, close_all
+from socket_echo.logs import log_event, logger
+from socket_echo.loops import loop_factory, resolve_loop
+from socket_echo.protocols.tcp import ConnectionContext, EchoProtocol
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+CLOSE_WAIT = 1.0  # after the graceful timeout: time for close() to flush before abort()
+
+
+class EchoServer:
+    def __init__(self, config: ServerConfig, listeners: list[BoundListener]) -> None:
+        self.config = config
+        self.listeners = listeners
+        self.table = ConnectionTable(config.max_connections, config.idle_timeout)
+        self.exhausted = descriptor_log()
+        self.stopping = asyncio.Event()
+        self.accepting = False
+        self._servers: list[asyncio.AbstractServer] = []
+        self._readers: list[AcceptReader] = []
+        self._contexts: list[ConnectionContext] = []
+        self._interrupts = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_exception)
+        native = resolve_loop(self.config.loop) == "uvloop"
+        for bound in self.listeners:
+            ctx = ConnectionContext(self.table, bound.url, self.config.max_buffer,
+                                    self.config.access_log, loop)
+            self._contexts.append(ctx)
+
+            def factory(ctx: ConnectionContext = ctx) -> EchoProtocol:
+                return EchoProtocol(ctx)
+
+            if native:
+                self._servers.append(await loop.create_server(
+                    factory, sock=bound.sock, backlog=self.config.backlog))
+            else:
+                reader = AcceptReader(loop, bound.sock, factory, self.exhausted)
+                reader.start()
+                self._readers.append(reader)
+                self.table.on_close.append(reader.resume_if_paused)
+            kind = "dual-stack " if bound.dual_stack else ""
+            log_event(logging.INFO, "listening",
+                      f"TCP echo server listening on {bound.url} ({kind}backlog "
+                      f"{self.config.backlog}, up to {self.config.max_connections} clients)",
+                      listener=bound.url, port=bound.spec.port)
+        self.table.start_sweeping(loop)
+        self.accepting = True
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self.stopping.is_set():
+            if sig == signal.SIGINT:
+                log_event(logging.WARNING, "forced_exit", "second interrupt: exiting now")
+                logging.shutdown()
+                os._exit(EXIT_FAILURE)
+            return
+        log_event(logging.INFO, "shutdown",
+                  f"{sig.name}: no longer accepting; draining {len(self.table.open)} "
+                  f"connection(s) for up to {self.config.graceful_timeout:g} s")
+        self.stopping.set()
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRORS:
+            self.exhausted.note()  # uvloop reports accept() on EMFILE here, and recovers
+            return
+        loop.default_exception_handler(context)
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+        for ctx in self._contexts:
+            ctx.draining = True
+        for server in self._servers:
+            server.close()
+        for reader in self._readers:
+            reader.close()
+        close_all(self.listeners)
+
+    async def drain(self) -> None:
+        """Let open connections finish up to the graceful timeout, then close the rest."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.graceful_timeout
+        while self.table.open and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.table.open:
+            log_event(logging.INFO, "shutdown",
+                      f"graceful timeout: closing {len(self.table.open)} connection(s)")
+            for conn in list(self.table.open):
+                assert isinstance(conn, EchoProtocol)
+                conn.close("shutdown")  # flushes what was already received
+            deadline = loop.time() + CLOSE_WAIT
+            while self.table.open and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+            for conn in list(self.table.open):
+                assert isinstance(conn, EchoProtocol)
+                conn.abort("shutdown")
+        self.table.stop_sweeping()
+
+    async def serve(self) -> None:
+        await self.start()
+        await self.stopping.wait()
+        self.stop_accepting()
+        await self.drain()
+        closed = ", ".join(f"{n} {r}" for r, n in sorted(self.table.closed.items())) or "none"
+        log_event(logging.INFO, "stopped",
+                  f"stopped: {self.table.opened} connection(s) served ({closed}); "
+                  f"{self.table.bytes_in} B in, {self.table.bytes_out} B out",
+                  connections=self.table.opened, bytes_in=self.table.bytes_in,
+                  bytes_out=self.table.bytes_out)
+
+
+def run(config: ServerConfig, listeners: list[BoundListener]) -> int:
+    """Serve already-bound listeners until a signal; returns the exit code."""
+    loop = loop_factory(config.loop)()
+    asyncio.set_event_loop(loop)
+    server = EchoServer(config, listeners)
+    try:
+        loop.run_until_complete(server.serve())
+    except OSError as exc:
+        logger.error("server failed: %s", exc.strerror or exc)
+        return EXIT_FAILURE
+    finally:
+        close_all(listeners)
+        loop.close()
+    return EXIT_OK
