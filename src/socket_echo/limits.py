@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
@@ -29,11 +30,49 @@ def sweep_interval(idle_timeout: float) -> float:
     return max(0.05, min(1.0, idle_timeout / 8))
 
 
-class ConnectionTable:
-    """The open connections, the limit on their number, and the counters about them."""
+FD_RESERVE = 16  # descriptors kept free for listeners, logs, accept() itself
 
-    def __init__(self, max_connections: int, idle_timeout: float) -> None:
+
+def raise_descriptor_limit(wanted: int) -> int:
+    """Lift the soft RLIMIT_NOFILE toward the hard one (as nginx's worker_rlimit_nofile does);
+    returns the soft limit in force."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return wanted if soft == resource.RLIM_INFINITY else soft
+
+
+def descriptor_budget(max_connections: int) -> int:
+    """How many connections the descriptor limit leaves room for."""
+    limit = raise_descriptor_limit(max_connections + 256)
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 32
+    return max(1, limit - in_use - FD_RESERVE)
+
+
+class ConnectionTable:
+    """The open connections, the limits on their number, and the counters about them.
+
+    Two limits: ``--max-connections``, and the descriptor budget. Refusing connections over
+    the budget ourselves keeps accept() from ever meeting EMFILE in the usual case, on either
+    loop; uvloop would otherwise close the surplus silently (libuv's EMFILE trick).
+    """
+
+    def __init__(self, max_connections: int, idle_timeout: float,
+                 fd_budget: int | None = None) -> None:
         self.max_connections = max_connections
+        self.fd_budget = max_connections if fd_budget is None else fd_budget
         self.idle_timeout = idle_timeout
         self.open: set[Sweepable] = set()
         self.opened = 0
@@ -44,6 +83,11 @@ class ConnectionTable:
             "connection_rejected",
             f"connection limit ({max_connections}) reached: closed {{count}} new connection(s)",
         )
+        self.out_of_descriptors = RateLimitedLog(
+            "descriptors_exhausted",
+            f"out of file descriptors (room for {self.fd_budget} connections; raise ulimit -n): "
+            "closed {count} new connection(s)",
+        )
         self.on_close: list[Callable[[], None]] = []
         self._sweeper: asyncio.TimerHandle | None = None
         self.sweeps = 0
@@ -51,6 +95,9 @@ class ConnectionTable:
     def admit(self, conn: Sweepable, now: float) -> bool:
         if len(self.open) >= self.max_connections:
             self.rejected.note()
+            return False
+        if len(self.open) >= self.fd_budget:
+            self.out_of_descriptors.note()
             return False
         conn.active_since = now
         self.open.add(conn)
@@ -88,8 +135,9 @@ class ConnectionTable:
                 expired.append(conn)
         for conn in expired:
             conn.idle_expired()
-        if self.rejected.pending:
-            self.rejected.note(0)
+        for log in (self.rejected, self.out_of_descriptors):
+            if log.pending:
+                log.note(0)
         self._sweeper = loop.call_later(interval, self._sweep, loop, interval)
 
 

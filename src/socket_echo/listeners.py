@@ -61,7 +61,9 @@ def _addresses(host: str, port: int) -> list[tuple[socket.AddressFamily, str]]:
 def _bind_one(
     family: socket.AddressFamily, address: str, port: int, backlog: int, dual_stack: bool
 ) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP, not 0: accepted sockets inherit it, and the stdlib loop turns
+    # TCP_NODELAY on only for sockets whose proto says TCP (base_events._set_nodelay).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:

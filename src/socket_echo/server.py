@@ -15,7 +15,7 @@ from typing import Any
 
 from socket_echo.accept import RESOURCE_ERRORS, AcceptReader, descriptor_log
 from socket_echo.config import ServerConfig
-from socket_echo.limits import ConnectionTable
+from socket_echo.limits import ConnectionTable, descriptor_budget
 from socket_echo.listeners import BoundListener, close_all
 from socket_echo.logs import log_event, logger
 from socket_echo.loops import loop_factory, resolve_loop
@@ -29,7 +29,13 @@ class EchoServer:
     def __init__(self, config: ServerConfig, listeners: list[BoundListener]) -> None:
         self.config = config
         self.listeners = listeners
-        self.table = ConnectionTable(config.max_connections, config.idle_timeout)
+        budget = descriptor_budget(config.max_connections)
+        self.table = ConnectionTable(config.max_connections, config.idle_timeout, budget)
+        if budget < config.max_connections:
+            log_event(logging.WARNING, "descriptor_limit",
+                      f"the descriptor limit leaves room for {budget} connections, below "
+                      f"--max-connections {config.max_connections}: raise it (ulimit -n)",
+                      budget=budget)
         self.exhausted = descriptor_log()
         self.stopping = asyncio.Event()
         self.accepting = False

@@ -1,0 +1,178 @@
+"""Test harness: the real server as a subprocess on loopback, ephemeral ports, real clients."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from socket_echo.loops import uvloop_available
+
+LOOPS = ["asyncio", "uvloop"] if uvloop_available() else ["asyncio"]
+LISTEN_RE = re.compile(r"listening on (\w+)://(\[[^\]]+\]|[^:\s]+):(\d+)")
+
+
+class ServerProcess:
+    """``python -m socket_echo serve ARGS`` with its stderr collected line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None,
+                 preexec_fn: Callable[[], Any] | None = None, expect_listeners: int = 1) -> None:
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "socket_echo", "serve", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
+            preexec_fn=preexec_fn, text=True,
+        )
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.listeners: list[tuple[str, str, int]] = []
+        deadline = time.monotonic() + 15
+        while len(self.listeners) < expect_listeners:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.kill()
+                raise RuntimeError("server did not start:\n" + self.log)
+            with self._cond:
+                self._cond.wait(0.05)
+            self.listeners = [
+                (m.group(1), m.group(2).strip("[]"), int(m.group(3)))
+                for m in map(LISTEN_RE.search, list(self.lines)) if m
+            ]
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def port(self) -> int:
+        return self.listeners[0][2]
+
+    @property
+    def host(self) -> str:
+        return self.listeners[0][1]
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in list(self.lines):
+                m = regex.search(line)
+                if m:
+                    return m
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no log line matches {pattern!r}:\n{self.log}")
+            with self._cond:
+                self._cond.wait(0.05)
+
+    def connect(self, host: str | None = None, timeout: float = 10.0) -> socket.socket:
+        return socket.create_connection((host or self.host, self.port), timeout=timeout)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., ServerProcess]]:
+    started: list[ServerProcess] = []
+
+    def start(*args: str, host: str = "127.0.0.1", **kwargs: Any) -> ServerProcess:
+        argv = list(args)
+        if host and "--bind" not in argv and "--host" not in argv:
+            argv += ["--host", host]
+        if "--bind" not in argv and "--port" not in argv:
+            argv += ["--port", "0"]
+        server = ServerProcess(argv, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.signal(signal.SIGKILL)
+        server.kill()
+
+
+@pytest.fixture(params=LOOPS)
+def loop_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def exchange(sock: socket.socket, data: bytes, chunk: int = 1 << 20) -> bytes:
+    """Send ``data`` (from a thread) while reading its echo; returns what came back."""
+    error: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            view = memoryview(data)
+            for i in range(0, len(data), chunk):
+                sock.sendall(view[i:i + chunk])
+        except BaseException as exc:  # reported by the caller
+            error.append(exc)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    got = recv_exactly(sock, len(data))
+    sender.join()
+    if error:
+        raise error[0]
+    return got
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        part = sock.recv(min(1 << 20, n - len(buf)))
+        if not part:
+            break
+        buf += part
+    return bytes(buf)
+
+
+def recv_until_eof(sock: socket.socket) -> bytes:
+    buf = bytearray()
+    while True:
+        part = sock.recv(1 << 20)
+        if not part:
+            return bytes(buf)
+        buf += part
+
+
+def is_closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """True once the server has closed (EOF or reset) this connection within ``timeout``."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+    return True

@@ -1,0 +1,78 @@
+"""A client that sends and never reads must not grow the server's memory past --max-buffer."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+import time
+
+import psutil
+from conftest import is_closed_by_peer
+
+TOTAL = 64 << 20
+CHUNK = 1 << 16
+
+
+def pattern(total: int) -> bytes:
+    block = hashlib.sha256(b"socket-echo").digest() * (CHUNK // 32)
+    return block * (total // CHUNK)
+
+
+def test_sender_that_never_reads_is_paused_then_gets_every_byte(start_server, loop_name):
+    server = start_server("--loop", loop_name, "--idle-timeout", "0", "--max-buffer", "256KiB")
+    proc = psutil.Process(server.pid)
+    rss_before = proc.memory_info().rss
+    data = pattern(TOTAL)
+    sent = [0]
+    with server.connect(timeout=60) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+
+        def send() -> None:
+            view = memoryview(data)
+            while sent[0] < TOTAL:
+                sent[0] += sock.send(view[sent[0]:sent[0] + CHUNK])
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        # Wait until the sender is blocked: the server has stopped reading from us.
+        last, still_since = -1, time.monotonic()
+        while time.monotonic() - still_since < 1.0:
+            if sent[0] != last:
+                last, still_since = sent[0], time.monotonic()
+            time.sleep(0.05)
+        growth = proc.memory_info().rss - rss_before
+        assert sent[0] < TOTAL, "the server kept reading although nobody read its echo"
+        assert growth < 16 << 20, f"server RSS grew {growth >> 20} MiB while paused"
+
+        got = bytearray()
+        while len(got) < TOTAL:
+            part = sock.recv(1 << 20)
+            assert part, "connection closed early"
+            got += part
+        sender.join(30)
+    assert bytes(got) == data
+
+
+def test_reader_stalled_past_the_idle_timeout_is_closed(start_server, loop_name):
+    server = start_server("--loop", loop_name, "--idle-timeout", "1", "--max-buffer", "64KiB")
+    stalled = server.connect()
+    stalled.setblocking(False)
+    sent = 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # fill every buffer on the way: the server pauses
+        try:
+            sent += stalled.send(b"x" * 65536)
+        except BlockingIOError:
+            time.sleep(0.2)
+            try:
+                sent += stalled.send(b"x" * 65536)
+            except BlockingIOError:
+                break
+    server.wait_for_log(r"closed: write stalled", timeout=10)
+    assert is_closed_by_peer(stalled, timeout=5)
+    stalled.close()
+    # others are unaffected
+    with server.connect() as sock:
+        sock.sendall(b"still here")
+        assert sock.recv(100) == b"still here"
