@@ -24,13 +24,21 @@ LISTEN_RE = re.compile(r"listening on (\w+)://(\[[^\]]+\]|[^:\s]+):(\d+)")
 class ServerProcess:
     """``python -m socket_echo serve ARGS`` with its stderr collected line by line."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None,
-                 preexec_fn: Callable[[], Any] | None = None, expect_listeners: int = 1) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], Any] | None = None,
+        expect_listeners: int = 1,
+    ) -> None:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "socket_echo", "serve", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
-            preexec_fn=preexec_fn, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            preexec_fn=preexec_fn,
+            text=True,
         )
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -45,7 +53,8 @@ class ServerProcess:
                 self._cond.wait(0.05)
             self.listeners = [
                 (m.group(1), m.group(2).strip("[]"), int(m.group(3)))
-                for m in map(LISTEN_RE.search, list(self.lines)) if m
+                for m in map(LISTEN_RE.search, list(self.lines))
+                if m
             ]
 
     def _read(self) -> None:
@@ -133,7 +142,7 @@ def exchange(sock: socket.socket, data: bytes, chunk: int = 1 << 20) -> bytes:
         try:
             view = memoryview(data)
             for i in range(0, len(data), chunk):
-                sock.sendall(view[i:i + chunk])
+                sock.sendall(view[i : i + chunk])
         except BaseException as exc:  # reported by the caller
             error.append(exc)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import socket
 import subprocess
@@ -31,10 +32,8 @@ def test_more_clients_than_descriptors(start_server, loop_name):
         assert exchange(sock, b"before") == b"before"
     flood = []
     for _ in range(100):
-        try:
+        with contextlib.suppress(OSError):
             flood.append(socket.create_connection(("127.0.0.1", server.port), timeout=2))
-        except OSError:
-            pass
     server.wait_for_log(r"out of file descriptors")
     for sock in held:  # the open connections never stopped being served
         assert exchange(sock, b"during") == b"during"
@@ -87,8 +86,12 @@ BACKSTOP = textwrap.dedent("""
 
 
 def test_accept_meeting_emfile_recovers(loop_name):
-    proc = subprocess.Popen([sys.executable, "-c", BACKSTOP, loop_name], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BACKSTOP, loop_name],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         assert proc.stdout is not None
         lines = []
@@ -102,10 +105,8 @@ def test_accept_meeting_emfile_recovers(loop_name):
                 break
         waiting = []
         for _ in range(5):  # these meet accept() -> EMFILE
-            try:
+            with contextlib.suppress(OSError):
                 waiting.append(socket.create_connection(("127.0.0.1", port), timeout=2))
-            except OSError:
-                pass
         time.sleep(0.5)
         while not lines[-1].startswith("FREED"):
             lines.append(proc.stdout.readline())

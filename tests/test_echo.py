@@ -86,8 +86,9 @@ def test_any_address_is_one_dual_stack_socket_like_the_seed(start_server):
 
 
 def test_bind_urls_replace_host_and_port(start_server):
-    server = start_server("--bind", "tcp://127.0.0.1:0", "--bind", "tcp://[::1]:0",
-                          expect_listeners=2)
+    server = start_server(
+        "--bind", "tcp://127.0.0.1:0", "--bind", "tcp://[::1]:0", expect_listeners=2
+    )
     assert [h for _, h, _ in server.listeners] == ["127.0.0.1", "::1"]
     for _, host, port in server.listeners:
         with socket.create_connection((host, port), timeout=5) as sock:
@@ -119,7 +120,7 @@ def test_server_sets_tcp_nodelay_on_every_connection(loop_name):
         sock = conn.transport.get_extra_info("socket")  # type: ignore[attr-defined]
         nodelay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         writer.close()
-        server.stop_accepting()
+        await server.stop_accepting()
         await server.drain()
         return int(nodelay)
 

@@ -31,7 +31,7 @@ def test_sender_that_never_reads_is_paused_then_gets_every_byte(start_server, lo
         def send() -> None:
             view = memoryview(data)
             while sent[0] < TOTAL:
-                sent[0] += sock.send(view[sent[0]:sent[0] + CHUNK])
+                sent[0] += sock.send(view[sent[0] : sent[0] + CHUNK])
 
         sender = threading.Thread(target=send, daemon=True)
         sender.start()

@@ -36,9 +36,13 @@ def descriptor_log() -> RateLimitedLog:
 class AcceptReader:
     """Accepts from one listening socket into ``protocol_factory`` on a selector loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 protocol_factory: Callable[[], asyncio.Protocol],
-                 exhausted: RateLimitedLog) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        exhausted: RateLimitedLog,
+    ) -> None:
         self.loop = loop
         self.sock = sock
         self.protocol_factory = protocol_factory

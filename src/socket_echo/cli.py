@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -20,13 +21,14 @@ from socket_echo.loops import resolve_loop
 from socket_echo.server import EXIT_FAILURE, EXIT_USAGE, run
 
 ENV_PREFIX = "SOCKET_ECHO_"
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def env(flag: str) -> str:
     return ENV_PREFIX + flag.upper().replace("-", "_")
 
 
-class ByteSize(click.ParamType):
+class ByteSize(click.ParamType):  # type: ignore[type-arg]
     """A byte count: ``262144``, ``256k``, ``256KiB``, ``1M``, ``1MiB``."""
 
     name = "BYTES"
@@ -65,7 +67,7 @@ class GroupedOption(click.Option):
         self.help_group = help_group
 
 
-def option(*args: Any, **kwargs: Any) -> Any:
+def option(*args: Any, **kwargs: Any) -> Callable[[F], F]:
     return click.option(*args, cls=GroupedOption, **kwargs)
 
 
@@ -91,41 +93,117 @@ LISTEN, LIMITS, RUNTIME = "Listeners", "Limits", "Runtime and logging"
 
 
 @cli.command(cls=GroupedCommand)
-@option("--host", multiple=True, metavar="HOST", help_group=LISTEN,
-        help="Address to listen on; repeatable. Default: 127.0.0.1 and ::1 (localhost only). "
-             "'::' = all addresses, IPv4 and IPv6 on one socket.")
-@option("--port", type=int, default=config.DEFAULT_PORT, show_default=True, help_group=LISTEN,
-        help="TCP port; 0 picks a free one (logged).")
-@option("--bind", multiple=True, metavar="URL", help_group=LISTEN,
-        help="Listener URL, repeatable: tcp://HOST:PORT, tcp://[::1]:4242. "
-             "Replaces --host/--port when given.")
-@option("--backlog", type=click.IntRange(min=1), default=config.DEFAULT_BACKLOG,
-        show_default=True, help_group=LISTEN, help="listen() backlog (the OS caps it).")
-@option("--max-connections", type=click.IntRange(min=1), default=config.DEFAULT_MAX_CONNECTIONS,
-        show_default=True, help_group=LIMITS,
-        help="Open connections at most; newer ones are closed at once.")
-@option("--idle-timeout", type=click.FloatRange(min=0), default=config.DEFAULT_IDLE_TIMEOUT,
-        show_default=True, metavar="SECONDS", help_group=LIMITS,
-        help="Close a connection with no traffic (or whose peer stopped reading) this long; "
-             "0 = never.")
-@option("--max-buffer", type=ByteSize(), default=config.DEFAULT_MAX_BUFFER, show_default=True,
-        help_group=LIMITS,
-        help="Echo bytes held per connection before reading from it pauses.")
-@option("--graceful-timeout", type=click.FloatRange(min=0),
-        default=config.DEFAULT_GRACEFUL_TIMEOUT, show_default=True, metavar="SECONDS",
-        help_group=LIMITS, help="On SIGTERM/SIGINT, time open connections get to finish.")
-@option("--loop", type=click.Choice(config.LOOPS), default=config.DEFAULT_LOOP,
-        show_default=True, help_group=RUNTIME, help="Event loop; auto = uvloop where installed.")
-@option("--log-level", type=click.Choice(config.LOG_LEVELS, case_sensitive=False),
-        default=config.DEFAULT_LOG_LEVEL, show_default=True, help_group=RUNTIME,
-        help="warning hides the per-connection lines.")
-@option("--log-format", type=click.Choice(config.LOG_FORMATS), default=config.DEFAULT_LOG_FORMAT,
-        show_default=True, help_group=RUNTIME, help="text lines, or one JSON object per line.")
-@option("--access-log/--no-access-log", default=True, show_default=True, help_group=RUNTIME,
-        help="A log line per connection opened and closed (at info level).")
-def serve(host: tuple[str, ...], port: int, bind: tuple[str, ...], backlog: int,
-          max_connections: int, idle_timeout: float, max_buffer: int, graceful_timeout: float,
-          loop: str, log_level: str, log_format: str, access_log: bool) -> None:
+@option(
+    "--host",
+    multiple=True,
+    metavar="HOST",
+    help_group=LISTEN,
+    help="Address to listen on; repeatable. Default: 127.0.0.1 and ::1 (localhost only). "
+    "'::' = all addresses, IPv4 and IPv6 on one socket.",
+)
+@option(
+    "--port",
+    type=int,
+    default=config.DEFAULT_PORT,
+    show_default=True,
+    help_group=LISTEN,
+    help="TCP port; 0 picks a free one (logged).",
+)
+@option(
+    "--bind",
+    multiple=True,
+    metavar="URL",
+    help_group=LISTEN,
+    help="Listener URL, repeatable: tcp://HOST:PORT, tcp://[::1]:4242. "
+    "Replaces --host/--port when given.",
+)
+@option(
+    "--backlog",
+    type=click.IntRange(min=1),
+    default=config.DEFAULT_BACKLOG,
+    show_default=True,
+    help_group=LISTEN,
+    help="listen() backlog (the OS caps it).",
+)
+@option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=config.DEFAULT_MAX_CONNECTIONS,
+    show_default=True,
+    help_group=LIMITS,
+    help="Open connections at most; newer ones are closed at once.",
+)
+@option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0),
+    default=config.DEFAULT_IDLE_TIMEOUT,
+    show_default=True,
+    metavar="SECONDS",
+    help_group=LIMITS,
+    help="Close a connection with no traffic (or whose peer stopped reading) this long; 0 = never.",
+)
+@option(
+    "--max-buffer",
+    type=ByteSize(),
+    default=config.DEFAULT_MAX_BUFFER,
+    show_default=True,
+    help_group=LIMITS,
+    help="Echo bytes held per connection before reading from it pauses.",
+)
+@option(
+    "--graceful-timeout",
+    type=click.FloatRange(min=0),
+    default=config.DEFAULT_GRACEFUL_TIMEOUT,
+    show_default=True,
+    metavar="SECONDS",
+    help_group=LIMITS,
+    help="On SIGTERM/SIGINT, time open connections get to finish.",
+)
+@option(
+    "--loop",
+    type=click.Choice(config.LOOPS),
+    default=config.DEFAULT_LOOP,
+    show_default=True,
+    help_group=RUNTIME,
+    help="Event loop; auto = uvloop where installed.",
+)
+@option(
+    "--log-level",
+    type=click.Choice(config.LOG_LEVELS, case_sensitive=False),
+    default=config.DEFAULT_LOG_LEVEL,
+    show_default=True,
+    help_group=RUNTIME,
+    help="warning hides the per-connection lines.",
+)
+@option(
+    "--log-format",
+    type=click.Choice(config.LOG_FORMATS),
+    default=config.DEFAULT_LOG_FORMAT,
+    show_default=True,
+    help_group=RUNTIME,
+    help="text lines, or one JSON object per line.",
+)
+@option(
+    "--access-log/--no-access-log",
+    default=True,
+    show_default=True,
+    help_group=RUNTIME,
+    help="A log line per connection opened and closed (at info level).",
+)
+def serve(
+    host: tuple[str, ...],
+    port: int,
+    bind: tuple[str, ...],
+    backlog: int,
+    max_connections: int,
+    idle_timeout: float,
+    max_buffer: int,
+    graceful_timeout: float,
+    loop: str,
+    log_level: str,
+    log_format: str,
+    access_log: bool,
+) -> None:
     """Echo every byte received back to its sender until the client closes."""
     try:
         if bind:
@@ -138,9 +216,15 @@ def serve(host: tuple[str, ...], port: int, bind: tuple[str, ...], backlog: int,
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     cfg = ServerConfig(
-        listeners=listeners, backlog=backlog, max_connections=max_connections,
-        idle_timeout=idle_timeout, max_buffer=max_buffer, graceful_timeout=graceful_timeout,
-        loop=loop, log_level=log_level.lower(), log_format=log_format,
+        listeners=listeners,
+        backlog=backlog,
+        max_connections=max_connections,
+        idle_timeout=idle_timeout,
+        max_buffer=max_buffer,
+        graceful_timeout=graceful_timeout,
+        loop=loop,
+        log_level=log_level.lower(),
+        log_format=log_format,
         access_log=access_log and log_level.lower() in ("debug", "info"),
     )
     setup_logging(cfg.log_level, cfg.log_format)

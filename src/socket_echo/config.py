@@ -90,7 +90,9 @@ def parse_bind_url(url: str) -> ListenerSpec:
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ConfigError(f"malformed --bind {url!r}: {host!r} is not an IPv6 address") from None
+            raise ConfigError(
+                f"malformed --bind {url!r}: {host!r} is not an IPv6 address"
+            ) from None
     return ListenerSpec(parts.scheme, host, DEFAULT_PORT if port is None else port)
 
 

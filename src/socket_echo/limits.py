@@ -69,8 +69,9 @@ class ConnectionTable:
     loop; uvloop would otherwise close the surplus silently (libuv's EMFILE trick).
     """
 
-    def __init__(self, max_connections: int, idle_timeout: float,
-                 fd_budget: int | None = None) -> None:
+    def __init__(
+        self, max_connections: int, idle_timeout: float, fd_budget: int | None = None
+    ) -> None:
         self.max_connections = max_connections
         self.fd_budget = max_connections if fd_budget is None else fd_budget
         self.idle_timeout = idle_timeout

@@ -104,7 +104,9 @@ def _bind_spec(spec: ListenerSpec, port: int, backlog: int, optional: bool) -> l
         if optional and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
             return []
         hint = _HINTS.get(exc.errno or 0, exc.strerror or str(exc))
-        raise BindError(exc.errno, f"cannot listen on {format_url(spec.scheme, spec.host, port)}: {hint}") from None
+        raise BindError(
+            exc.errno, f"cannot listen on {format_url(spec.scheme, spec.host, port)}: {hint}"
+        ) from None
     return bound
 
 

@@ -53,8 +53,9 @@ class RateLimitedLog:
 
     __slots__ = ("_last", "count", "event", "interval", "level", "message", "pending")
 
-    def __init__(self, event: str, message: str, interval: float = 1.0,
-                 level: int = logging.WARNING) -> None:
+    def __init__(
+        self, event: str, message: str, interval: float = 1.0, level: int = logging.WARNING
+    ) -> None:
         self.event = event
         self.message = message  # formatted with {count}
         self.interval = interval
@@ -69,6 +70,11 @@ class RateLimitedLog:
         now = time.monotonic()
         if now - self._last >= self.interval:
             self._last = now
-            log_event(self.level, self.event, self.message.format(count=self.pending),
-                      count=self.pending, **fields)
+            log_event(
+                self.level,
+                self.event,
+                self.message.format(count=self.pending),
+                count=self.pending,
+                **fields,
+            )
             self.pending = 0

@@ -28,5 +28,5 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
     if resolve_loop(name) == "uvloop":
         import uvloop
 
-        return uvloop.new_event_loop  # type: ignore[no-any-return]
+        return uvloop.new_event_loop  # type: ignore[no-any-return,unused-ignore]
     return asyncio.new_event_loop

@@ -32,47 +32,56 @@ class EchoServer:
         budget = descriptor_budget(config.max_connections)
         self.table = ConnectionTable(config.max_connections, config.idle_timeout, budget)
         if budget < config.max_connections:
-            log_event(logging.WARNING, "descriptor_limit",
-                      f"the descriptor limit leaves room for {budget} connections, below "
-                      f"--max-connections {config.max_connections}: raise it (ulimit -n)",
-                      budget=budget)
+            log_event(
+                logging.WARNING,
+                "descriptor_limit",
+                f"the descriptor limit leaves room for {budget} connections, below "
+                f"--max-connections {config.max_connections}: raise it (ulimit -n)",
+                budget=budget,
+            )
         self.exhausted = descriptor_log()
         self.stopping = asyncio.Event()
         self.accepting = False
         self._servers: list[asyncio.AbstractServer] = []
         self._readers: list[AcceptReader] = []
         self._contexts: list[ConnectionContext] = []
-        self._interrupts = 0
+        self.stop_signal = ""
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
         native = resolve_loop(self.config.loop) == "uvloop"
         for bound in self.listeners:
-            ctx = ConnectionContext(self.table, bound.url, self.config.max_buffer,
-                                    self.config.access_log, loop)
+            ctx = ConnectionContext(
+                self.table, bound.url, self.config.max_buffer, self.config.access_log, loop
+            )
             self._contexts.append(ctx)
 
             def factory(ctx: ConnectionContext = ctx) -> EchoProtocol:
                 return EchoProtocol(ctx)
 
             if native:
-                self._servers.append(await loop.create_server(
-                    factory, sock=bound.sock, backlog=self.config.backlog))
+                self._servers.append(
+                    await loop.create_server(factory, sock=bound.sock, backlog=self.config.backlog)
+                )
             else:
                 reader = AcceptReader(loop, bound.sock, factory, self.exhausted)
                 reader.start()
                 self._readers.append(reader)
                 self.table.on_close.append(reader.resume_if_paused)
             kind = "dual-stack " if bound.dual_stack else ""
-            log_event(logging.INFO, "listening",
-                      f"TCP echo server listening on {bound.url} ({kind}backlog "
-                      f"{self.config.backlog}, up to {self.config.max_connections} clients)",
-                      listener=bound.url, port=bound.spec.port)
+            log_event(
+                logging.INFO,
+                "listening",
+                f"TCP echo server listening on {bound.url} ({kind}backlog "
+                f"{self.config.backlog}, up to {self.config.max_connections} clients)",
+                listener=bound.url,
+                port=bound.spec.port,
+            )
         self.table.start_sweeping(loop)
         self.accepting = True
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self.stopping.is_set():
@@ -81,9 +90,7 @@ class EchoServer:
                 logging.shutdown()
                 os._exit(EXIT_FAILURE)
             return
-        log_event(logging.INFO, "shutdown",
-                  f"{sig.name}: no longer accepting; draining {len(self.table.open)} "
-                  f"connection(s) for up to {self.config.graceful_timeout:g} s")
+        self.stop_signal = sig.name
         self.stopping.set()
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -93,7 +100,7 @@ class EchoServer:
             return
         loop.default_exception_handler(context)
 
-    def stop_accepting(self) -> None:
+    async def stop_accepting(self) -> None:
         self.accepting = False
         for ctx in self._contexts:
             ctx.draining = True
@@ -102,6 +109,8 @@ class EchoServer:
         for reader in self._readers:
             reader.close()
         close_all(self.listeners)
+        await asyncio.sleep(0)  # uvloop closes its listening handles on the next iteration
+        await asyncio.sleep(0)
 
     async def drain(self) -> None:
         """Let open connections finish up to the graceful timeout, then close the rest."""
@@ -110,8 +119,11 @@ class EchoServer:
         while self.table.open and loop.time() < deadline:
             await asyncio.sleep(0.05)
         if self.table.open:
-            log_event(logging.INFO, "shutdown",
-                      f"graceful timeout: closing {len(self.table.open)} connection(s)")
+            log_event(
+                logging.INFO,
+                "shutdown",
+                f"graceful timeout: closing {len(self.table.open)} connection(s)",
+            )
             for conn in list(self.table.open):
                 assert isinstance(conn, EchoProtocol)
                 conn.close("shutdown")  # flushes what was already received
@@ -126,14 +138,24 @@ class EchoServer:
     async def serve(self) -> None:
         await self.start()
         await self.stopping.wait()
-        self.stop_accepting()
+        await self.stop_accepting()
+        log_event(
+            logging.INFO,
+            "shutdown",
+            f"{self.stop_signal}: no longer accepting; draining {len(self.table.open)} "
+            f"connection(s) for up to {self.config.graceful_timeout:g} s",
+        )
         await self.drain()
         closed = ", ".join(f"{n} {r}" for r, n in sorted(self.table.closed.items())) or "none"
-        log_event(logging.INFO, "stopped",
-                  f"stopped: {self.table.opened} connection(s) served ({closed}); "
-                  f"{self.table.bytes_in} B in, {self.table.bytes_out} B out",
-                  connections=self.table.opened, bytes_in=self.table.bytes_in,
-                  bytes_out=self.table.bytes_out)
+        log_event(
+            logging.INFO,
+            "stopped",
+            f"stopped: {self.table.opened} connection(s) served ({closed}); "
+            f"{self.table.bytes_in} B in, {self.table.bytes_out} B out",
+            connections=self.table.opened,
+            bytes_in=self.table.bytes_in,
+            bytes_out=self.table.bytes_out,
+        )
 
 
 def run(config: ServerConfig, listeners: list[BoundListener]) -> int:

@@ -18,8 +18,14 @@ from socket_echo.logs import log_event
 class ConnectionContext:
     """What every connection of one listener shares: one pointer per connection."""
 
-    def __init__(self, table: ConnectionTable, listener: str, max_buffer: int,
-                 access_log: bool, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        table: ConnectionTable,
+        listener: str,
+        max_buffer: int,
+        access_log: bool,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self.table = table
         self.listener = listener
         self.max_buffer = max_buffer
@@ -85,14 +91,17 @@ class EchoProtocol(asyncio.Protocol):
         self.opened_at = now = ctx.loop.time()
         self.peer = transport.get_extra_info("peername")
         if ctx.draining or not ctx.table.admit(self, now):
-            transport.abort()
+            self.transport.abort()
             return
         self.conn_id = ctx.table.opened
         self.transport.set_write_buffer_limits(high=ctx.max_buffer)
         if ctx.access_log:
-            log_event(logging.INFO, "connection_open",
-                      f"connection #{self.conn_id} from {format_peer(self.peer)}",
-                      **self._fields())
+            log_event(
+                logging.INFO,
+                "connection_open",
+                f"connection #{self.conn_id} from {format_peer(self.peer)}",
+                **self._fields(),
+            )
 
     def eof_received(self) -> bool:
         # Half-close: keep the transport so the echo of what was sent can finish; close()
@@ -111,16 +120,19 @@ class EchoProtocol(asyncio.Protocol):
         if ctx.access_log:
             duration = ctx.loop.time() - self.opened_at
             log_event(
-                logging.INFO, "connection_close",
+                logging.INFO,
+                "connection_close",
                 f"connection #{self.conn_id} from {format_peer(self.peer)} closed: {reason}; "
                 f"in {self.bytes_in} B, out {bytes_out} B, {duration:.3f} s",
-                **self._fields(), bytes_in=self.bytes_in, bytes_out=bytes_out,
-                duration=round(duration, 6), reason=reason,
+                **self._fields(),
+                bytes_in=self.bytes_in,
+                bytes_out=bytes_out,
+                duration=round(duration, 6),
+                reason=reason,
             )
 
     def _fields(self) -> dict[str, Any]:
-        return {"conn": self.conn_id, "listener": self.ctx.listener,
-                "peer": format_peer(self.peer)}
+        return {"conn": self.conn_id, "listener": self.ctx.listener, "peer": format_peer(self.peer)}
 
     # -- called by the sweep and by shutdown -------------------------------------------
     def activity(self) -> int:

@@ -1,0 +1,187 @@
+"""The command line: flags, environment variables, logs, and one clear line for mistakes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import exchange
+
+PY = [sys.executable, "-m", "socket_echo"]
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 15, preexec_fn=None
+) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    return subprocess.run(
+        [*PY, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        preexec_fn=preexec_fn,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *words: str):
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_port_in_use_is_one_line_and_exit_1():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("--host", "127.0.0.1", "--port", str(port))
+    assert_one_line_error(result, 1, "address already in use", str(port))
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--port", "70000"], ["70000", "out of range"]),
+        (["--port", "-1"], ["out of range"]),
+        (["--port", "abc"], ["--port", "abc"]),
+        (["--bind", "tcp://127.0.0.1:99999"], ["--bind"]),
+        (["--bind", "http://127.0.0.1:80"], ["unknown scheme"]),
+        (["--bind", "127.0.0.1:4242"], ["unknown scheme"]),
+        (["--bind", "tcp://:4242"], ["no host"]),
+        (["--bind", "tcp://[nonsense]:1"], ["IPv6"]),
+        (
+            ["--host", "no-such-host.invalid", "--port", "0"],
+            ["unknown host", "no-such-host.invalid"],
+        ),
+        (["--max-connections", "0"], ["--max-connections"]),
+        (["--max-buffer", "lots"], ["--max-buffer", "byte size"]),
+        (["--loop", "tokio"], ["--loop"]),
+        (["--frobnicate"], ["--frobnicate"]),
+    ],
+)
+def test_bad_usage_is_one_line_and_exit_2(args, words):
+    assert_one_line_error(run(*args), 2, *words)
+
+
+def test_bad_environment_value_names_the_variable():
+    result = run(env={"SOCKET_ECHO_PORT": "forty-two"})
+    assert_one_line_error(result, 2, "SOCKET_ECHO_PORT", "forty-two")
+
+
+def test_privileged_port_without_permission_is_exit_1():
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            if int(f.read()) <= 7:
+                pytest.skip("this machine lets anybody bind low ports")
+    except OSError:
+        pass
+    cmd = [*PY, "--host", "127.0.0.1", "--port", "7"]
+    if os.geteuid() == 0:  # root: drop just the capability that allows low ports
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root and setpriv (util-linux) is not installed")
+        cmd = ["setpriv", "--bounding-set=-net_bind_service", "--inh-caps=-net_bind_service", *cmd]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=15)
+    assert_one_line_error(result, 1, "permission denied", ":7")
+
+
+def test_environment_variables_configure_and_the_command_line_wins(start_server):
+    server = start_server(
+        "--port",
+        "0",
+        env={
+            "SOCKET_ECHO_PORT": "not-used",
+            "SOCKET_ECHO_MAX_CONNECTIONS": "3",
+            "SOCKET_ECHO_LOG_FORMAT": "json",
+        },
+    )
+    assert "up to 3 clients" in server.log
+    first = json.loads(server.lines[0])
+    assert first["event"] == "listening" and first["port"] == server.port
+
+
+def test_help_lists_every_flag_with_its_environment_variable():
+    result = run("serve", "--help")
+    assert result.returncode == 0
+    for flag in (
+        "host",
+        "port",
+        "bind",
+        "backlog",
+        "max-connections",
+        "idle-timeout",
+        "max-buffer",
+        "loop",
+        "log-level",
+        "log-format",
+        "graceful-timeout",
+    ):
+        assert f"--{flag}" in result.stdout
+        assert "SOCKET_ECHO_" + flag.upper().replace("-", "_") in result.stdout
+    for heading in ("Listeners:", "Limits:", "Runtime and logging:"):
+        assert heading in result.stdout
+    assert run("--help").returncode == 0
+    assert run("--version").stdout.strip().startswith("socket-echo")
+
+
+def test_console_script_alone_means_serve(tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "socket-echo")
+    if not os.path.exists(exe):
+        pytest.skip("console script not installed")
+    result = subprocess.run([exe, "--port", "70000"], capture_output=True, text=True, timeout=10)
+    assert_one_line_error(result, 2, "out of range")
+
+
+def test_log_lines_show_real_port_peer_bytes_duration_and_reason(start_server):
+    server = start_server()
+    assert f"listening on tcp://127.0.0.1:{server.port}" in server.log
+    with server.connect() as sock:
+        local = sock.getsockname()
+        assert exchange(sock, b"12345") == b"12345"
+    server.wait_for_log(rf"connection #1 from 127\.0\.0\.1:{local[1]}$")
+    m = server.wait_for_log(rf"connection #1 from 127\.0\.0\.1:{local[1]} closed: (.*)$")
+    assert m.group(1).startswith("peer closed; in 5 B, out 5 B, ")
+    assert m.group(1).endswith(" s")
+
+
+def test_json_log_lines_carry_structured_fields(start_server):
+    server = start_server("--log-format", "json")
+    with server.connect() as sock:
+        assert exchange(sock, b"abc") == b"abc"
+    server.wait_for_log(r'"event":"connection_close"')
+    events = [json.loads(line) for line in server.lines]
+    close = next(e for e in events if e["event"] == "connection_close")
+    assert close["bytes_in"] == 3 and close["bytes_out"] == 3
+    assert close["reason"] == "peer closed" and close["conn"] == 1
+    assert close["listener"] == f"tcp://127.0.0.1:{server.port}"
+    assert {"time", "level", "peer", "duration"} <= close.keys()
+
+
+def test_log_level_warning_hides_connection_lines(start_server):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = start_server("--log-level", "warning", "--port", str(port), expect_listeners=0)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            break
+        except ConnectionRefusedError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    with sock:
+        assert exchange(sock, b"quiet") == b"quiet"
+    server.signal(signal.SIGTERM)
+    assert server.wait(10) == 0
+    assert "connection #" not in server.log
+    assert "listening" not in server.log
