@@ -134,6 +134,18 @@ def loop_name(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+ENGINES = ["epoll", "protocol"]
+
+
+@pytest.fixture(
+    params=[(loop, engine) for engine in ENGINES for loop in LOOPS], ids=lambda p: f"{p[0]}-{p[1]}"
+)
+def server_flags(request: pytest.FixtureRequest) -> list[str]:
+    """Every event loop x every TCP data path."""
+    loop, engine = request.param
+    return ["--loop", loop, "--engine", engine]
+
+
 def exchange(sock: socket.socket, data: bytes, chunk: int = 1 << 20) -> bytes:
     """Send ``data`` (from a thread) while reading its echo; returns what came back."""
     error: list[BaseException] = []

@@ -13,8 +13,8 @@ from conftest import exchange, recv_until_eof
 SIZES = [1, 2, 127, 128, 129, 1024, 1500, 65536, 1 << 20, 16 << 20]
 
 
-def test_every_byte_value_comes_back(start_server, loop_name):
-    server = start_server("--loop", loop_name)
+def test_every_byte_value_comes_back(start_server, server_flags):
+    server = start_server(*server_flags)
     data = bytes(range(256)) * 64 + b"\x00\xff\x00" + b"\r\n\n\x04"
     with server.connect() as sock:
         assert exchange(sock, data) == data
@@ -36,8 +36,8 @@ def test_bytes_go_back_as_they_arrive_without_waiting_for_a_line(start_server):
             assert sock.recv(100) == piece
 
 
-def test_hundred_concurrent_clients_each_get_their_own_stream(start_server, loop_name):
-    server = start_server("--loop", loop_name)
+def test_hundred_concurrent_clients_each_get_their_own_stream(start_server, server_flags):
+    server = start_server(*server_flags)
     failures: list[str] = []
     barrier = threading.Barrier(100)
 
@@ -97,7 +97,7 @@ def test_bind_urls_replace_host_and_port(start_server):
             assert recv_until_eof(sock) == b"x"
 
 
-def test_server_sets_tcp_nodelay_on_every_connection(loop_name):
+def test_server_sets_tcp_nodelay_on_every_connection(server_flags):
     """In-process, to look at the server's own socket: no Nagle stall on small echoes."""
     import asyncio
 
@@ -106,7 +106,10 @@ def test_server_sets_tcp_nodelay_on_every_connection(loop_name):
     from socket_echo.loops import loop_factory
     from socket_echo.server import EchoServer
 
-    cfg = ServerConfig(listeners=(ListenerSpec("tcp", "127.0.0.1", 0),), loop=loop_name)
+    loop_name, engine = server_flags[1], server_flags[3]
+    cfg = ServerConfig(
+        listeners=(ListenerSpec("tcp", "127.0.0.1", 0),), loop=loop_name, engine=engine
+    )
     bound = bind_all(cfg.listeners, cfg.backlog)
     loop = loop_factory(loop_name)()
 
@@ -117,7 +120,8 @@ def test_server_sets_tcp_nodelay_on_every_connection(loop_name):
         writer.write(b"ping")
         assert await reader.readexactly(4) == b"ping"
         (conn,) = server.table.open
-        sock = conn.transport.get_extra_info("socket")  # type: ignore[attr-defined]
+        transport = getattr(conn, "transport", None)  # the protocol path's
+        sock = conn.sock if transport is None else transport.get_extra_info("socket")  # type: ignore[attr-defined]
         nodelay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         writer.close()
         await server.stop_accepting()

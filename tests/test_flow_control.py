@@ -19,8 +19,8 @@ def pattern(total: int) -> bytes:
     return block * (total // CHUNK)
 
 
-def test_sender_that_never_reads_is_paused_then_gets_every_byte(start_server, loop_name):
-    server = start_server("--loop", loop_name, "--idle-timeout", "0", "--max-buffer", "256KiB")
+def test_sender_that_never_reads_is_paused_then_gets_every_byte(start_server, server_flags):
+    server = start_server(*server_flags, "--idle-timeout", "0", "--max-buffer", "256KiB")
     proc = psutil.Process(server.pid)
     rss_before = proc.memory_info().rss
     data = pattern(TOTAL)
@@ -54,8 +54,8 @@ def test_sender_that_never_reads_is_paused_then_gets_every_byte(start_server, lo
     assert bytes(got) == data
 
 
-def test_reader_stalled_past_the_idle_timeout_is_closed(start_server, loop_name):
-    server = start_server("--loop", loop_name, "--idle-timeout", "1", "--max-buffer", "64KiB")
+def test_reader_stalled_past_the_idle_timeout_is_closed(start_server, server_flags):
+    server = start_server(*server_flags, "--idle-timeout", "1", "--max-buffer", "64KiB")
     stalled = server.connect()
     stalled.setblocking(False)
     sent = 0

@@ -10,8 +10,8 @@ from conftest import recv_until_eof
 
 
 @pytest.mark.parametrize("size", [0, 1, 4096, 5 << 20])
-def test_half_close_gets_everything_then_eof(start_server, loop_name, size):
-    server = start_server("--loop", loop_name)
+def test_half_close_gets_everything_then_eof(start_server, server_flags, size):
+    server = start_server(*server_flags)
     data = os.urandom(size)
     with server.connect() as sock:
         sock.sendall(data)

@@ -7,8 +7,8 @@ import time
 from conftest import is_closed_by_peer
 
 
-def test_idle_connection_is_closed_and_busy_one_is_not(start_server, loop_name):
-    server = start_server("--loop", loop_name, "--idle-timeout", "1")
+def test_idle_connection_is_closed_and_busy_one_is_not(start_server, server_flags):
+    server = start_server(*server_flags, "--idle-timeout", "1")
     idle = server.connect()
     busy = server.connect()
     started = time.monotonic()

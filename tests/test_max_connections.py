@@ -7,8 +7,8 @@ import re
 from conftest import exchange, is_closed_by_peer
 
 
-def test_connections_over_the_limit_are_closed_at_once(start_server, loop_name):
-    server = start_server("--loop", loop_name, "--max-connections", "5")
+def test_connections_over_the_limit_are_closed_at_once(start_server, server_flags):
+    server = start_server(*server_flags, "--max-connections", "5")
     held = [server.connect() for _ in range(5)]
     for sock in held:  # all five admitted
         assert exchange(sock, b"in") == b"in"

@@ -12,8 +12,8 @@ from conftest import exchange, recv_until_eof
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_accepting_and_lets_open_connections_finish(start_server, loop_name, sig):
-    server = start_server("--loop", loop_name, "--graceful-timeout", "30")
+def test_signal_stops_accepting_and_lets_open_connections_finish(start_server, server_flags, sig):
+    server = start_server(*server_flags, "--graceful-timeout", "30")
     sock = server.connect()
     assert exchange(sock, b"before") == b"before"
     server.signal(sig)
@@ -29,8 +29,10 @@ def test_signal_stops_accepting_and_lets_open_connections_finish(start_server, l
     server.wait_for_log(r"stopped: 1 connection\(s\) served \(1 peer closed\)")
 
 
-def test_graceful_timeout_closes_the_rest_without_dropping_received_bytes(start_server, loop_name):
-    server = start_server("--loop", loop_name, "--graceful-timeout", "1")
+def test_graceful_timeout_closes_the_rest_without_dropping_received_bytes(
+    start_server, server_flags
+):
+    server = start_server(*server_flags, "--graceful-timeout", "1")
     sock = server.connect()
     data = os.urandom(200_000)
     sock.sendall(data)  # sent before the signal, not read yet
@@ -43,8 +45,8 @@ def test_graceful_timeout_closes_the_rest_without_dropping_received_bytes(start_
     server.wait_for_log(r"closed: shutdown; in 200000 B, out 200000 B")
 
 
-def test_second_sigint_exits_at_once(start_server, loop_name):
-    server = start_server("--loop", loop_name, "--graceful-timeout", "60")
+def test_second_sigint_exits_at_once(start_server, server_flags):
+    server = start_server(*server_flags, "--graceful-timeout", "60")
     sock = server.connect()
     assert exchange(sock, b"hold") == b"hold"
     server.signal(signal.SIGINT)

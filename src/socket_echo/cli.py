@@ -168,6 +168,15 @@ LISTEN, LIMITS, RUNTIME = "Listeners", "Limits", "Runtime and logging"
     help="Event loop; auto = uvloop where installed.",
 )
 @option(
+    "--engine",
+    type=click.Choice(config.ENGINES),
+    default=config.DEFAULT_ENGINE,
+    show_default=True,
+    help_group=RUNTIME,
+    help="TCP data path: epoll (Linux, fastest), protocol (asyncio Protocol, any OS); "
+    "auto = epoll where available.",
+)
+@option(
     "--log-level",
     type=click.Choice(config.LOG_LEVELS, case_sensitive=False),
     default=config.DEFAULT_LOG_LEVEL,
@@ -200,6 +209,7 @@ def serve(
     max_buffer: int,
     graceful_timeout: float,
     loop: str,
+    engine: str,
     log_level: str,
     log_format: str,
     access_log: bool,
@@ -223,6 +233,7 @@ def serve(
         max_buffer=max_buffer,
         graceful_timeout=graceful_timeout,
         loop=loop,
+        engine=engine,
         log_level=log_level.lower(),
         log_format=log_format,
         access_log=access_log and log_level.lower() in ("debug", "info"),

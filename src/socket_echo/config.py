@@ -19,10 +19,12 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_MAX_BUFFER = 256 * 1024
 DEFAULT_GRACEFUL_TIMEOUT = 10.0
 DEFAULT_LOOP = "auto"
+DEFAULT_ENGINE = "auto"
 DEFAULT_LOG_LEVEL = "info"
 DEFAULT_LOG_FORMAT = "text"
 
 LOOPS = ("auto", "asyncio", "uvloop")
+ENGINES = ("auto", "epoll", "protocol")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 SCHEMES = ("tcp",)
@@ -59,6 +61,9 @@ class ServerConfig:
     log_level: str = DEFAULT_LOG_LEVEL
     log_format: str = DEFAULT_LOG_FORMAT
     access_log: bool = True
+    # Data path for plain TCP: "epoll" (engine.py, Linux), "protocol" (asyncio Protocol,
+    # any platform), "auto" = epoll where the platform has it.
+    engine: str = DEFAULT_ENGINE
 
 
 def format_url(scheme: str, host: str, port: int) -> str:

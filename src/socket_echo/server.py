@@ -2,7 +2,7 @@
 
 Lifecycle: bind (in ``run``, before the loop starts, so bind errors are plain exit codes) ->
 serve -> on SIGTERM/SIGINT stop accepting and drain up to ``--graceful-timeout`` -> close what
-is left -> exit 0. A second SIGINT exits at once.
+is left, delivering what was already received -> exit 0. A second SIGINT exits at once.
 """
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import signal
 from typing import Any
 
 from socket_echo.accept import RESOURCE_ERRORS, AcceptReader, descriptor_log
-from socket_echo.config import ServerConfig
+from socket_echo.config import ConfigError, ServerConfig
+from socket_echo.engine import EpollEngine
 from socket_echo.limits import ConnectionTable, descriptor_budget
 from socket_echo.listeners import BoundListener, close_all
 from socket_echo.logs import log_event, logger
@@ -22,7 +24,13 @@ from socket_echo.loops import loop_factory, resolve_loop
 from socket_echo.protocols.tcp import ConnectionContext, EchoProtocol
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-CLOSE_WAIT = 1.0  # after the graceful timeout: time for close() to flush before abort()
+CLOSE_WAIT = 1.0  # after the graceful timeout: time to deliver what is owed before abort
+
+
+def use_epoll_engine(config: ServerConfig) -> bool:
+    if config.engine == "epoll" and not hasattr(select, "epoll"):
+        raise ConfigError("--engine epoll: this platform has no epoll (use --engine protocol)")
+    return config.engine == "epoll" or (config.engine == "auto" and hasattr(select, "epoll"))
 
 
 class EchoServer:
@@ -41,36 +49,23 @@ class EchoServer:
             )
         self.exhausted = descriptor_log()
         self.stopping = asyncio.Event()
-        self.accepting = False
+        self.stop_signal = ""
+        self.engine: EpollEngine | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._readers: list[AcceptReader] = []
         self._contexts: list[ConnectionContext] = []
-        self.stop_signal = ""
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        native = resolve_loop(self.config.loop) == "uvloop"
-        for bound in self.listeners:
-            ctx = ConnectionContext(
-                self.table, bound.url, self.config.max_buffer, self.config.access_log, loop
+        if use_epoll_engine(self.config):
+            self.engine = EpollEngine(
+                loop, self.table, self.config.max_buffer, self.config.access_log, self.exhausted
             )
-            self._contexts.append(ctx)
-
-            def factory(ctx: ConnectionContext = ctx) -> EchoProtocol:
-                return EchoProtocol(ctx)
-
-            if native:
-                self._servers.append(
-                    await loop.create_server(factory, sock=bound.sock, backlog=self.config.backlog)
-                )
-            else:
-                reader = AcceptReader(loop, bound.sock, factory, self.exhausted)
-                reader.start()
-                self._readers.append(reader)
-                self.table.on_close.append(reader.resume_if_paused)
+        for bound in self.listeners:
+            await self._listen(loop, bound)
             kind = "dual-stack " if bound.dual_stack else ""
             log_event(
                 logging.INFO,
@@ -81,7 +76,28 @@ class EchoServer:
                 port=bound.spec.port,
             )
         self.table.start_sweeping(loop)
-        self.accepting = True
+
+    async def _listen(self, loop: asyncio.AbstractEventLoop, bound: BoundListener) -> None:
+        if self.engine is not None:
+            self.engine.add_listener(bound.sock, bound.url)
+            return
+        ctx = ConnectionContext(
+            self.table, bound.url, self.config.max_buffer, self.config.access_log, loop
+        )
+        self._contexts.append(ctx)
+
+        def factory() -> EchoProtocol:
+            return EchoProtocol(ctx)
+
+        if resolve_loop(self.config.loop) == "uvloop":  # libuv copes with EMFILE itself
+            self._servers.append(
+                await loop.create_server(factory, sock=bound.sock, backlog=self.config.backlog)
+            )
+        else:
+            reader = AcceptReader(loop, bound.sock, factory, self.exhausted)
+            reader.start()
+            self._readers.append(reader)
+            self.table.on_close.append(reader.resume_if_paused)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self.stopping.is_set():
@@ -96,12 +112,13 @@ class EchoServer:
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRORS:
-            self.exhausted.note()  # uvloop reports accept() on EMFILE here, and recovers
+            self.exhausted.note()
             return
         loop.default_exception_handler(context)
 
     async def stop_accepting(self) -> None:
-        self.accepting = False
+        if self.engine is not None:
+            self.engine.stop_accepting()
         for ctx in self._contexts:
             ctx.draining = True
         for server in self._servers:
@@ -112,28 +129,35 @@ class EchoServer:
         await asyncio.sleep(0)  # uvloop closes its listening handles on the next iteration
         await asyncio.sleep(0)
 
-    async def drain(self) -> None:
-        """Let open connections finish up to the graceful timeout, then close the rest."""
+    def _close_all(self, reason: str, abort: bool) -> None:
+        if self.engine is not None:
+            (self.engine.abort_all if abort else self.engine.close_all)(reason)
+        for conn in list(self.table.open):
+            if isinstance(conn, EchoProtocol):
+                (conn.abort if abort else conn.close)(reason)
+
+    async def _wait_closed(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.graceful_timeout
+        deadline = loop.time() + seconds
         while self.table.open and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
+
+    async def drain(self) -> None:
+        """Let open connections finish up to the graceful timeout, then close the rest:
+        each first gets what it is owed, then FIN; after CLOSE_WAIT the rest are reset."""
+        await self._wait_closed(self.config.graceful_timeout)
         if self.table.open:
             log_event(
                 logging.INFO,
                 "shutdown",
                 f"graceful timeout: closing {len(self.table.open)} connection(s)",
             )
-            for conn in list(self.table.open):
-                assert isinstance(conn, EchoProtocol)
-                conn.close("shutdown")  # flushes what was already received
-            deadline = loop.time() + CLOSE_WAIT
-            while self.table.open and loop.time() < deadline:
-                await asyncio.sleep(0.02)
-            for conn in list(self.table.open):
-                assert isinstance(conn, EchoProtocol)
-                conn.abort("shutdown")
+            self._close_all("shutdown", abort=False)
+            await self._wait_closed(CLOSE_WAIT)
+            self._close_all("shutdown", abort=True)
         self.table.stop_sweeping()
+        if self.engine is not None:
+            self.engine.shutdown()
 
     async def serve(self) -> None:
         await self.start()

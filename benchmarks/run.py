@@ -1,0 +1,329 @@
+"""Side-by-side benchmark: socket-echo against a C epoll echo and an asyncio-streams echo.
+
+Every server runs fresh for every measurement, pinned to CPU 0; the C load generator (which
+verifies every byte) runs on CPU 1. Each scenario is repeated ``--runs`` times, interleaved
+across servers; the tables show medians and ratios to the C reference.
+
+    python benchmarks/run.py [--runs 3] [--duration 5] [--only pingpong,stream,idle,churn]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+BUILD = HERE / "build"
+RESULTS = HERE / "results"
+SERVER_CPU, LOAD_CPU = 0, 1
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def compile_c() -> None:
+    BUILD.mkdir(exist_ok=True)
+    for name in ("echo_epoll", "loadgen"):
+        src, exe = HERE / "c" / f"{name}.c", BUILD / name
+        if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+            subprocess.run(["cc", "-O2", "-Wall", "-o", str(exe), str(src)], check=True)
+
+
+def servers(python: str) -> dict[str, list[str]]:
+    se = [python, "-m", "socket_echo", "serve", "--host", "127.0.0.1", "--log-level", "warning"]
+    return {
+        "C epoll (reference)": [str(BUILD / "echo_epoll"), "{port}"],
+        "socket-echo (uvloop)": [*se, "--loop", "uvloop", "--port", "{port}"],
+        "socket-echo (asyncio)": [*se, "--loop", "asyncio", "--port", "{port}"],
+        "asyncio streams": [python, str(HERE / "streams_echo.py"), "{port}"],
+    }
+
+
+REFERENCE = "C epoll (reference)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pinned(cpu: int):  # type: ignore[no-untyped-def]
+    return lambda: os.sched_setaffinity(0, {cpu % os.cpu_count()})  # type: ignore[operator]
+
+
+class Server:
+    def __init__(self, argv: list[str]) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [a.replace("{port}", str(self.port)) for a in argv],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=pinned(SERVER_CPU),
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"server did not start: {argv}") from None
+                time.sleep(0.05)
+        time.sleep(0.2)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def rss(self) -> int:
+        return int(Path(f"/proc/{self.proc.pid}/statm").read_text().split()[1]) * PAGE
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def loadgen(mode: str, port: int, conns: int, size: int, seconds: float) -> dict[str, Any]:
+    cmd = [
+        str(BUILD / "loadgen"),
+        mode,
+        "127.0.0.1",
+        str(port),
+        str(conns),
+        str(size),
+        str(seconds),
+    ]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, preexec_fn=pinned(LOAD_CPU), timeout=seconds + 120
+    )
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def run_throughput(
+    argv: list[str], mode: str, conns: int, size: int, secs: float
+) -> dict[str, Any]:
+    server = Server(argv)
+    try:
+        cpu0 = server.cpu_seconds()
+        r = loadgen(mode, server.port, conns, size, secs)
+        cpu = server.cpu_seconds() - cpu0
+    finally:
+        server.stop()
+    r["server_cpu_s"] = cpu
+    if r["total_requests"]:
+        r["server_cpu_us_per_req"] = cpu / r["total_requests"] * 1e6
+    return r
+
+
+def run_idle(argv: list[str], conns: int) -> dict[str, Any]:
+    server = Server(argv)
+    cmd = [str(BUILD / "loadgen"), "idle", "127.0.0.1", str(server.port), str(conns), "1", "60"]
+    try:
+        rss0 = server.rss()
+        gen = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=pinned(LOAD_CPU),
+        )
+        assert gen.stdout is not None and gen.stdin is not None
+        ready = gen.stdout.readline().split()
+        time.sleep(1.0)
+        rss1 = server.rss()
+        gen.stdin.close()
+        r: dict[str, Any] = json.loads(gen.stdout.read().strip().splitlines()[-1])
+        gen.wait(30)
+    finally:
+        server.stop()
+    if ready and ready[0] == "READY":
+        r["connect_seconds"] = float(ready[2])
+    r["rss_growth_kib_per_conn"] = (rss1 - rss0) / 1024 / max(1, r["established"])
+    return r
+
+
+SCENARIOS = {
+    "pingpong": (
+        "50 conns x 64 B ping-pong",
+        lambda a, d: run_throughput(a, "pingpong", 50, 64, d),
+    ),
+    "stream": (
+        "1 conn streaming 64 KiB writes",
+        lambda a, d: run_throughput(a, "stream", 1, 65536, d),
+    ),
+    "idle": ("9,000 idle conns", lambda a, d: run_idle(a, 9000)),
+    "churn": (
+        "churn: connect, 64 B echo, close (50 at once)",
+        lambda a, d: run_throughput(a, "churn", 50, 64, d),
+    ),
+}
+
+# (scenario, metric, label, higher_is_better, target vs reference, or absolute bound)
+TARGETS = [
+    ("pingpong", "requests_per_second", "ping-pong req/s", True, 0.95),
+    ("pingpong", "server_cpu_us_per_req", "ping-pong server CPU µs/req", False, 1.10),
+    ("stream", "megabytes_per_second", "stream MB/s", True, 0.95),
+    ("idle", "connect_seconds", "9k idle: time to establish all", False, 1.5),
+    ("churn", "server_cpu_us_per_req", "churn server CPU µs/conn", False, 1.25),
+]
+
+
+def median(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "—"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.2f}"
+
+
+def report(results: dict[str, dict[str, list[dict[str, Any]]]], runs: int, secs: float) -> str:
+    names = list(next(iter(results.values())).keys())
+    lines = [
+        f"Machine: {platform.node() and 'this host'}, {os.cpu_count()} cores "
+        f"({cpu_model()}), Linux {platform.release()}, Python {platform.python_version()}; "
+        f"server pinned to CPU {SERVER_CPU}, load generator to CPU {LOAD_CPU}; "
+        f"medians of {runs} runs of {secs:g} s.",
+        "",
+        "| server | 50x64B req/s | p99 µs | CPU µs/req | stream MB/s | 9k idle: s to connect "
+        "| KiB/conn | churn conn/s | churn CPU µs/conn | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+
+        def m(scn: str, key: str, name: str = name) -> float | None:
+            return median(results[scn][name], key) if scn in results else None
+
+        errors = sum(r["errors"] + r["mismatches"] for scn in results for r in results[scn][name])
+        lines.append(
+            f"| {name} | {fmt(m('pingpong', 'requests_per_second'))} | "
+            f"{fmt(m('pingpong', 'p99_us'))} | {fmt(m('pingpong', 'server_cpu_us_per_req'))} | "
+            f"{fmt(m('stream', 'megabytes_per_second'))} | {fmt(m('idle', 'connect_seconds'))} | "
+            f"{fmt(m('idle', 'rss_growth_kib_per_conn'))} | "
+            f"{fmt(m('churn', 'connections_per_second'))} | "
+            f"{fmt(m('churn', 'server_cpu_us_per_req'))} | {errors} |"
+        )
+    lines += [
+        "",
+        "Ratios to the C reference (socket-echo with every limit, timeout and counter on):",
+        "",
+        "| metric | target | " + " | ".join(n for n in names if n != REFERENCE) + " |",
+        "|---|---|" + "---|" * (len(names) - 1),
+    ]
+    for scn, key, label, higher, target in TARGETS:
+        if scn not in results:
+            continue
+        ref = median(results[scn][REFERENCE], key)
+        cells = []
+        for name in names:
+            if name == REFERENCE:
+                continue
+            v = median(results[scn][name], key)
+            if v is None or not ref:
+                cells.append("—")
+                continue
+            ratio = v / ref
+            ok = ratio >= target if higher else ratio <= target
+            cells.append(
+                f"{ratio:.2f}x {'✅' if ok else '❌'}"
+                if name.startswith("socket-echo")
+                else f"{ratio:.2f}x"
+            )
+        bound = f"≥ {target}x" if higher else f"≤ {target}x"
+        lines.append(f"| {label} | {bound} | " + " | ".join(cells) + " |")
+    if "idle" in results:
+        cells = []
+        for name in names:
+            if name == REFERENCE:
+                continue
+            v = median(results["idle"][name], "rss_growth_kib_per_conn")
+            cells.append(
+                "—"
+                if v is None
+                else f"{v:.2f} KiB {'✅' if v <= 2 and name.startswith('socket-echo') else ''}"
+            )
+        lines.append("| 9k idle: RSS growth per conn | ≤ 2 KiB | " + " | ".join(cells) + " |")
+    if "pingpong" in results:
+        se = median(results["pingpong"].get("socket-echo (uvloop)", []), "requests_per_second")
+        st = median(results["pingpong"].get("asyncio streams", []), "requests_per_second")
+        if se and st:
+            lines += [
+                "",
+                f"socket-echo (uvloop) vs asyncio streams, 50x64B req/s: {se / st:.2f}x "
+                f"(target ≥ 1.5x) {'✅' if se / st >= 1.5 else '❌'}",
+            ]
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios")
+    ap.add_argument("--servers", default="", help="comma-separated substrings of server names")
+    args = ap.parse_args()
+    compile_c()
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(chosen) - set(SCENARIOS)
+    if unknown:
+        ap.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    table = servers(sys.executable)
+    if args.servers:
+        keep = [s.strip() for s in args.servers.split(",")]
+        table = {k: v for k, v in table.items() if k == REFERENCE or any(s in k for s in keep)}
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for scn in chosen:
+        title, fn = SCENARIOS[scn]
+        results[scn] = {name: [] for name in table}
+        for run in range(args.runs):
+            for name, argv in table.items():
+                r = fn(argv, args.duration)
+                results[scn][name].append(r)
+                print(
+                    f"[{title}] run {run + 1}/{args.runs} {name}: "
+                    + ", ".join(
+                        f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in r.items()
+                        if k not in ("mode", "size")
+                    ),
+                    file=sys.stderr,
+                    flush=True,
+                )
+    text = report(results, args.runs, args.duration)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=1))
+    (RESULTS / "latest.md").write_text(text + "\n")
+    print(text)
+    bad = sum(
+        r["errors"] + r["mismatches"] for s in results.values() for rs in s.values() for r in rs
+    )
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
