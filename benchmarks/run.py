@@ -188,6 +188,19 @@ def median(runs: list[dict[str, Any]], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
+def paired_ratio(
+    runs: list[dict[str, Any]], ref_runs: list[dict[str, Any]], key: str
+) -> float | None:
+    """Median over runs of (this server's run / the reference run beside it in time): this
+    machine's speed drifts between runs (neighbours on the host), and pairing cancels drift."""
+    ratios = [
+        r[key] / ref[key]
+        for r, ref in zip(runs, ref_runs, strict=True)
+        if r.get(key) is not None and ref.get(key)
+    ]
+    return statistics.median(ratios) if ratios else None
+
+
 def fmt(v: float | None) -> str:
     if v is None:
         return "—"
@@ -222,7 +235,8 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], runs: int, secs:
         )
     lines += [
         "",
-        "Ratios to the C reference (socket-echo with every limit, timeout and counter on):",
+        "Ratios to the C reference, median of per-run paired ratios "
+        "(socket-echo with every limit, timeout and counter on):",
         "",
         "| metric | target | " + " | ".join(n for n in names if n != REFERENCE) + " |",
         "|---|---|" + "---|" * (len(names) - 1),
@@ -230,16 +244,14 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], runs: int, secs:
     for scn, key, label, higher, target in TARGETS:
         if scn not in results:
             continue
-        ref = median(results[scn][REFERENCE], key)
         cells = []
         for name in names:
             if name == REFERENCE:
                 continue
-            v = median(results[scn][name], key)
-            if v is None or not ref:
+            ratio = paired_ratio(results[scn][name], results[scn][REFERENCE], key)
+            if ratio is None:
                 cells.append("—")
                 continue
-            ratio = v / ref
             ok = ratio >= target if higher else ratio <= target
             cells.append(
                 f"{ratio:.2f}x {'✅' if ok else '❌'}"

