@@ -259,3 +259,232 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         click.echo(f"socket-echo: error: {exc.format_message()}", err=True)
         sys.exit(EXIT_FAILURE)
+
+
+# -- client tools ----------------------------------------------------------------------------
+
+TARGET_HELP = "TARGET is HOST[:PORT] (port 4242), [IPV6]:PORT, or tcp:// udp:// tls:// unix:// URL."
+
+
+def _target(text: str, udp: bool, tls: bool) -> Any:
+    from socket_echo.tools.target import TargetError, parse_target
+
+    if udp and tls:
+        raise click.UsageError("--udp and --tls exclude each other")
+    try:
+        return parse_target(text, "udp" if udp else "tls" if tls else None)
+    except TargetError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _tls_options(ca: str | None, insecure: bool) -> Any:
+    from socket_echo.tools.target import TlsOptions
+
+    return TlsOptions(ca_file=ca, insecure=insecure)
+
+
+def transport_options(f: F) -> F:
+    f = click.option("--insecure", is_flag=True, help="TLS: do not verify the certificate.")(f)
+    f = click.option(
+        "--ca", type=click.Path(exists=True, dir_okay=False), help="TLS: trust this CA file (PEM)."
+    )(f)
+    f = click.option("--tls", is_flag=True, help="TLS to a HOST:PORT target.")(f)
+    f = click.option("--udp", is_flag=True, help="UDP to a HOST:PORT target.")(f)
+    return f
+
+
+@cli.command(epilog=TARGET_HELP)
+@click.argument("target")
+@transport_options
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Connect timeout; how long to wait for the last echo.",
+)
+def client(
+    target: str, udp: bool, tls: bool, ca: str | None, insecure: bool, timeout: float
+) -> None:
+    """Talk to an echo server: line mode on a terminal, binary-safe pipe otherwise."""
+    from socket_echo.tools import client as tool
+    from socket_echo.tools.target import Unreachable
+
+    t = _target(target, udp, tls)
+    try:
+        sys.exit(tool.run(t, _tls_options(ca, insecure), timeout))
+    except (Unreachable, tool.ClientError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"{t.url}: {exc.strerror or exc}") from None
+
+
+@cli.command(epilog=TARGET_HELP)
+@click.argument("target")
+@transport_options
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Timeout of each step (as net-tools' echo-client).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quick", is_flag=True, help="One short round trip; exit code only.")
+@click.option(
+    "--require-concurrency",
+    is_flag=True,
+    help="Fail (not just report) a server that serves one client at a time.",
+)
+def probe(
+    target: str,
+    udp: bool,
+    tls: bool,
+    ca: str | None,
+    insecure: bool,
+    timeout: float,
+    as_json: bool,
+    quick: bool,
+    require_concurrency: bool,
+) -> None:
+    """Check that any echo server conforms. Exit 0 passed, 1 failed, 2 unreachable."""
+    from socket_echo.tools import probe as tool
+    from socket_echo.tools import report
+    from socket_echo.tools.target import Unreachable
+
+    t = _target(target, udp, tls)
+    options = _tls_options(ca, insecure)
+    if quick:
+        sys.exit(0 if tool.Probe(t, timeout, options).quick() else EXIT_FAILURE)
+    try:
+        steps = tool.run(t, timeout, options, require_concurrency)
+    except Unreachable as exc:
+        click.echo(f"socket-echo: error: unreachable: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    if as_json:
+        click.echo(report.probe_json(t.url, steps))
+    else:
+        report.probe_table(t.url, steps)
+    sys.exit(EXIT_FAILURE if any(s.status == tool.FAIL for s in steps) else 0)
+
+
+@cli.command(epilog=TARGET_HELP)
+@click.argument("target")
+@transport_options
+@click.option(
+    "--mode",
+    type=click.Choice(["pingpong", "stream", "churn", "udp"]),
+    default="pingpong",
+    show_default=True,
+    help="pingpong: one message in flight per connection; stream: both ways at "
+    "once; churn: connect, echo, close; udp: datagram ping-pong.",
+)
+@click.option("--connections", "-c", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option(
+    "--size",
+    "-s",
+    type=click.IntRange(min=1, max=65536),
+    default=None,
+    help="Bytes per message; per write in stream mode [default: 64; stream: 65536].",
+)
+@click.option(
+    "--duration",
+    "-d",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+)
+@click.option(
+    "--processes",
+    "-p",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Load generator processes [default: all cores].",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Open loop: requests/s in all; latency counts from each intended send time.",
+)
+@click.option(
+    "--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True, metavar="SECONDS"
+)
+@click.option(
+    "--json",
+    "json_file",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write the results as one JSON object to FILE ('-' = stdout).",
+)
+@click.option(
+    "--plot",
+    "plot_file",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Draw the latency percentile curve to FILE.png (needs matplotlib).",
+)
+def bench(
+    target: str,
+    udp: bool,
+    tls: bool,
+    ca: str | None,
+    insecure: bool,
+    mode: str,
+    connections: int,
+    size: int | None,
+    duration: float,
+    processes: int | None,
+    rate: float,
+    timeout: float,
+    json_file: str | None,
+    plot_file: str | None,
+) -> None:
+    """Load any echo server and verify every byte. Exit 1 on errors or mismatches."""
+    import json
+    import os
+
+    from socket_echo.tools import bench as tool
+    from socket_echo.tools import report
+    from socket_echo.tools.target import Unreachable, connect
+
+    t = _target(target, udp or mode == "udp", tls)
+    if size is None:
+        size = 65536 if mode == "stream" else 64
+    if t.scheme == "udp" and mode != "udp":
+        mode = "udp"
+    if t.scheme == "tls":
+        raise click.UsageError("bench over TLS is not supported yet (probe and client are)")
+    if mode == "udp" and size > 65507:
+        raise click.UsageError("--size is at most 65507 for UDP (the largest IPv4 datagram)")
+    if plot_file:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.UsageError("--plot needs matplotlib (pip install matplotlib)") from None
+    try:
+        connect(t, timeout).close()
+    except Unreachable as exc:
+        click.echo(f"socket-echo: error: unreachable: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    cfg = tool.BenchConfig(
+        t, mode, connections, size, duration, processes or os.cpu_count() or 1, rate, timeout
+    )
+    progress = report.Progress(duration, "bytes" if mode == "stream" else "requests")
+    try:
+        results = tool.run_workers(cfg, progress)
+    finally:
+        progress.stop()
+    summary = tool.summarize(cfg, results)
+    report.bench_table(summary)
+    if plot_file:
+        tool.plot(summary, plot_file)
+    if json_file:
+        text = json.dumps({k: v for k, v in summary.items() if not k.startswith("_")}, indent=2)
+        if json_file == "-":
+            click.echo(text)
+        else:
+            with open(json_file, "w") as f:
+                f.write(text + "\n")
+    sys.exit(EXIT_FAILURE if summary["errors"] or summary["mismatches"] else 0)

@@ -1,0 +1,1 @@
+"""Client tools: ``client``, ``probe`` and ``bench``, over one connecting/verifying layer."""

@@ -1,0 +1,89 @@
+"""``socket-echo client``: telnet-like on a terminal, a binary-safe pipe otherwise.
+
+From a pipe, stdin goes out and the echo goes to stdout; when stdin ends the client half-closes
+and exits 0 once every byte came back, 1 if the server stopped short:
+
+    head -c 10M /dev/urandom > f; socket-echo client HOST < f | cmp - f
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+from socket_echo.tools.duplex import DuplexError, duplex
+from socket_echo.tools.target import Target, TlsOptions, connect
+
+CHUNK = 64 * 1024
+UDP_CHUNK = 1024  # bytes per datagram from a pipe: fits every path's MTU
+UDP_TRIES = 3
+
+
+class ClientError(Exception):
+    """One line for the user; exit 1."""
+
+
+def run(target: Target, tls: TlsOptions | None, timeout: float) -> int:
+    sock = connect(target, timeout, tls)
+    try:
+        if target.scheme == "udp":
+            return udp(sock, timeout)
+        if sys.stdin.isatty():
+            return interactive(sock, timeout)
+        return pipe(sock, timeout)
+    finally:
+        sock.close()
+
+
+def pipe(sock: socket.socket, timeout: float) -> int:
+    out = sys.stdout.buffer
+    try:
+        duplex(sock, sys.stdin.fileno(), out.write, timeout)
+    except DuplexError as exc:
+        raise ClientError(str(exc)) from None
+    finally:
+        out.flush()
+    return 0
+
+
+def interactive(sock: socket.socket, timeout: float) -> int:
+    """Telnet-like: each line typed goes out, what comes back is printed; Ctrl-D half-closes
+    and waits for the rest of the echo. One thread (TLS sockets allow no other way)."""
+    print("Connected. Lines you type are sent; Ctrl-D ends, Ctrl-C quits.", file=sys.stderr)
+
+    def show(data: bytes) -> None:
+        sys.stdout.write(data.decode("utf-8", "replace"))
+        sys.stdout.flush()
+
+    try:
+        duplex(sock, sys.stdin.fileno(), show, timeout)
+    except DuplexError as exc:
+        raise ClientError(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def udp(sock: socket.socket, timeout: float) -> int:
+    tty = sys.stdin.isatty()
+    fd = sys.stdin.fileno()
+    out = sys.stdout.buffer
+    sock.settimeout(timeout / UDP_TRIES)
+    while True:
+        chunk = sys.stdin.readline().encode() if tty else os.read(fd, UDP_CHUNK)
+        if not chunk:
+            return 0
+        for _ in range(UDP_TRIES):
+            sock.send(chunk)
+            try:
+                reply = sock.recv(65535)
+                break
+            except TimeoutError:
+                continue
+            except ConnectionRefusedError:
+                raise ClientError("port unreachable: nothing listens there") from None
+        else:
+            raise ClientError(f"no reply to a {len(chunk)}-byte datagram after {UDP_TRIES} tries")
+        out.write(reply)
+        out.flush()

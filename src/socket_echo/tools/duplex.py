@@ -1,0 +1,148 @@
+"""Send and receive on one socket at once, in one thread: for the client and the probe.
+
+Why not a sender thread: an ``ssl.SSLSocket`` must not be read and written from two threads
+at once (one OpenSSL connection object); doing so leaks raw TLS records into the data. One
+selector loop works for TCP, Unix and TLS alike; for TLS it retries on want-read/want-write
+and drains what OpenSSL already decrypted (``pending()``) before waiting again.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import ssl
+import time
+from collections.abc import Callable
+
+CHUNK = 64 * 1024
+
+
+class DuplexError(Exception):
+    """The peer misbehaved or went silent; one line for the user."""
+
+
+def duplex(
+    sock: socket.socket,
+    source: bytes | int,
+    sink: Callable[[bytes], object],
+    timeout: float,
+    expect: int | None = None,
+    half_close: bool = True,
+) -> tuple[int, int]:
+    """Send ``source`` (bytes, or a file descriptor read to its end) while passing what comes
+    back to ``sink``. Stops once the source is sent and ``expect`` bytes (default: as many as
+    were sent) came back, or at EOF. Returns (sent, received). ``timeout`` bounds silence."""
+    sock.setblocking(False)
+    fd_source = source if isinstance(source, int) else None
+    outgoing = memoryview(source if isinstance(source, bytes) else b"")
+    source_done = fd_source is None
+    sent = received = 0
+    eof = shut = False
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ)
+    if fd_source is not None:
+        os.set_blocking(fd_source, False)
+        sel.register(fd_source, selectors.EVENT_READ)
+    last_progress = time.monotonic()
+    try:
+        while True:
+            want = sent if expect is None else expect
+            if source_done and not outgoing and received >= want:
+                return sent, received
+            if eof:
+                raise DuplexError(f"server closed after {received} of {want} bytes came back")
+            if source_done and not outgoing and half_close and not shut:
+                _half_close(sock)
+                shut = True
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if outgoing else 0)
+            sel.modify(sock, events)
+            ready = sel.select(0 if isinstance(sock, ssl.SSLSocket) and sock.pending() else 0.2)
+            progressed = False
+            for key, mask in ready:
+                if fd_source is not None and key.fd == fd_source:
+                    chunk = _read_fd(key.fd)
+                    if chunk is None:
+                        continue
+                    if not chunk:
+                        source_done = True
+                        sel.unregister(key.fd)
+                    else:
+                        outgoing = memoryview(chunk)
+                        sel.unregister(key.fd)
+                    progressed = True
+                    continue
+                if mask & selectors.EVENT_WRITE and outgoing:
+                    n = _send(sock, outgoing)
+                    if n:
+                        outgoing = outgoing[n:]
+                        sent += n
+                        progressed = True
+                        if not outgoing and fd_source is not None and not source_done:
+                            sel.register(fd_source, selectors.EVENT_READ)
+            if isinstance(sock, ssl.SSLSocket) or any(m & selectors.EVENT_READ for _, m in ready):
+                while True:
+                    data = _recv(sock)
+                    if data is None:
+                        break
+                    if data == b"":
+                        eof = True
+                        break
+                    received += len(data)
+                    sink(data)
+                    progressed = True
+                    if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                        break
+            now = time.monotonic()
+            owed = bool(outgoing) or received < (sent if expect is None else expect)
+            if progressed or not owed:  # waiting for our own input is not the peer's silence
+                last_progress = now
+            elif now - last_progress > timeout:
+                raise DuplexError(
+                    f"no answer in time: only {received} of "
+                    f"{sent if expect is None else expect} bytes came back "
+                    f"within {timeout:g} s"
+                )
+    finally:
+        sel.close()
+        if fd_source is not None:
+            os.set_blocking(fd_source, True)
+
+
+def _half_close(sock: socket.socket) -> None:
+    """Stop sending, keep receiving (plain sockets only).
+
+    Python's ssl cannot half-close a TLS stream and keep reading: ``SSLSocket.shutdown()``
+    drops the TLS session first (``_sslobj = None``), after which ``recv()`` returns the raw,
+    still encrypted records; ``unwrap()`` sends close_notify but then lets OpenSSL's
+    SSL_shutdown discard the application data still arriving. Over TLS we therefore do not
+    half-close: the caller stops once every byte came back."""
+    if not isinstance(sock, ssl.SSLSocket):
+        sock.shutdown(socket.SHUT_WR)
+
+
+def _read_fd(fd: int) -> bytes | None:
+    try:
+        return os.read(fd, CHUNK)
+    except BlockingIOError:
+        return None
+
+
+def _send(sock: socket.socket, data: memoryview) -> int:
+    try:
+        return sock.send(data[:CHUNK])
+    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        return 0
+    except (ConnectionError, ssl.SSLError) as exc:
+        raise DuplexError(f"sending failed: {exc}") from None
+
+
+def _recv(sock: socket.socket) -> bytes | None:
+    try:
+        return sock.recv(CHUNK)
+    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        return None
+    except ssl.SSLEOFError:
+        return b""
+    except (ConnectionError, ssl.SSLError) as exc:
+        raise DuplexError(f"connection lost: {exc}") from None

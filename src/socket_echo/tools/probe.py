@@ -1,0 +1,349 @@
+"""``socket-echo probe``: a conformance check of any echo server (ours, a board, xinetd, socat).
+
+Each step has a timeout; results are ``pass``, ``fail``, or ``finding`` (a fact worth knowing
+that is not a conformance failure, such as "serves one client at a time").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import selectors
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from socket_echo.payloads import NET_TOOLS_PAYLOADS
+from socket_echo.tools.duplex import DuplexError, duplex
+from socket_echo.tools.target import Target, TlsOptions, Unreachable, connect, connect_many
+
+PASS, FAIL, FINDING, SKIP = "pass", "fail", "finding", "skip"
+CONCURRENT_CLIENTS = 20
+LATENCY_ROUNDS = 200
+NAGLE_THRESHOLD_MS = 10.0
+UDP_MAX = 1280
+UDP_TRIES = 3  # the first send and two retries
+REFUSAL = b"Too many connections"
+
+
+@dataclasses.dataclass
+class Step:
+    name: str
+    status: str
+    detail: str = ""
+    seconds: float = 0.0
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+Outcome = tuple[str, str] | tuple[str, str, dict[str, Any]]
+
+
+class StepFailed(Exception):
+    pass
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            part = sock.recv(min(1 << 20, n - len(buf)))
+        except TimeoutError:
+            raise StepFailed(f"no answer in time: got {len(buf)} of {n} bytes") from None
+        except ConnectionError as exc:
+            raise StepFailed(f"connection lost after {len(buf)} of {n} bytes: {exc}") from None
+        if not part:
+            raise StepFailed(f"server closed after {len(buf)} of {n} bytes")
+        buf += part
+    return bytes(buf)
+
+
+def round_trip(sock: socket.socket, data: bytes, timeout: float) -> bytes:
+    """Send while receiving (one thread: safe for TLS), so large payloads cannot deadlock."""
+    got = bytearray()
+    try:
+        duplex(sock, data, got.extend, timeout, half_close=False)
+    except DuplexError as exc:
+        raise StepFailed(str(exc)) from None
+    finally:
+        sock.settimeout(timeout)
+    return bytes(got)
+
+
+def first_difference(a: bytes, b: bytes) -> str:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return f"byte {i} is 0x{y:02x}, sent 0x{x:02x}"
+    return f"length {len(b)}, sent {len(a)}"
+
+
+class Probe:
+    def __init__(
+        self,
+        target: Target,
+        timeout: float = 5.0,
+        tls: TlsOptions | None = None,
+        require_concurrency: bool = False,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.tls = tls
+        self.require_concurrency = require_concurrency
+        self.steps: list[Step] = []
+
+    def connect(self) -> socket.socket:
+        return connect(self.target, self.timeout, self.tls)
+
+    def step(self, name: str, fn: Callable[[], Outcome]) -> Step:
+        started = time.perf_counter()
+        try:
+            result = fn()
+            status, detail = result[0], result[1]
+            data = result[2] if len(result) > 2 else {}
+        except StepFailed as exc:
+            status, detail, data = FAIL, str(exc), {}
+        except Unreachable as exc:
+            status, detail, data = FAIL, str(exc), {}
+        except OSError as exc:
+            status, detail, data = FAIL, f"{type(exc).__name__}: {exc.strerror or exc}", {}
+        step = Step(name, status, detail, time.perf_counter() - started, data)
+        self.steps.append(step)
+        return step
+
+    # -- TCP, TLS, Unix -------------------------------------------------------------------
+    def run_stream(self) -> list[Step]:
+        self._sock = self.connect()  # Unreachable propagates: exit 2
+        try:
+            payloads = [(f"net-tools: {name}", p) for name, p in NET_TOOLS_PAYLOADS]
+            payloads += [
+                ("single write 16 KiB", os.urandom(16 << 10)),
+                ("1 MiB random", os.urandom(1 << 20)),
+            ]
+            for name, payload in payloads:
+                step = self.step(name, functools.partial(self._compare_current, payload))
+                if step.status == FAIL:  # the stream is out of step now: start afresh
+                    self._sock.close()
+                    self._sock = self.connect()
+        finally:
+            self._sock.close()
+        self.step("half-close", self._half_close)
+        self.step(f"{CONCURRENT_CLIENTS} clients at once", self._concurrency)
+        self.step(f"latency: {LATENCY_ROUNDS} x 64 B", self._latency)
+        self.step("1 KiB round trip (Nagle)", self._nagle)
+        return self.steps
+
+    def _compare_current(self, payload: bytes) -> tuple[str, str]:
+        return self._compare(self._sock, payload)
+
+    def _compare(self, sock: socket.socket, payload: bytes) -> tuple[str, str]:
+        got = round_trip(sock, payload, self.timeout)
+        if got != payload:
+            return FAIL, f"echo differs: {first_difference(payload, got)}"
+        return PASS, f"{len(payload)} B"
+
+    def _half_close(self) -> tuple[str, str]:
+        if self.target.scheme == "tls":
+            return SKIP, "Python's ssl cannot half-close TLS and keep reading (see duplex.py)"
+        data = os.urandom(64 << 10)
+        got = bytearray()
+        with self.connect() as sock:
+            try:
+                duplex(sock, data, got.extend, self.timeout, half_close=True)
+            except DuplexError as exc:
+                return FAIL, f"after half-close: {exc}"
+            sock.settimeout(self.timeout)
+            try:
+                extra = sock.recv(1 << 16)
+            except TimeoutError:
+                return FAIL, f"all {len(data)} bytes came back, but no EOF within the timeout"
+            except OSError as exc:
+                return FAIL, f"error instead of EOF: {exc}"
+        if bytes(got) != data:
+            return FAIL, f"after half-close: {first_difference(data, bytes(got))}"
+        if extra:
+            return FAIL, f"{len(extra)} bytes more than were sent came back"
+        return PASS, f"{len(data)} B back, then EOF"
+
+    def _concurrency(self) -> tuple[str, str, dict[str, Any]]:
+        socks, not_connected = connect_many(
+            self.target, CONCURRENT_CLIENTS, min(self.timeout, 2.0), self.tls
+        )
+        try:
+            if not socks:
+                return FAIL, "no connection got through", {}
+            messages = {s: f"client {i:02d} says hello".encode() for i, s in enumerate(socks)}
+            for s, msg in messages.items():
+                s.sendall(msg)
+            answered, refused, wrong = self._collect(messages, min(self.timeout, 2.0))
+            if wrong:
+                return FAIL, f"{len(wrong)} client(s) got another's bytes or garbage", {}
+            if not_connected and len(answered) == len(socks):
+                at_once = len(answered)
+                how = (
+                    f"serves {at_once} clients at once; {not_connected} of "
+                    f"{CONCURRENT_CLIENTS} could not connect (backlog full)"
+                )
+                return (FAIL if self.require_concurrency else FINDING), how, {"at_once": at_once}
+            at_once = len(answered)
+            backlog = (
+                (f"; {not_connected} of {CONCURRENT_CLIENTS} could not even connect (backlog full)")
+                if not_connected
+                else ""
+            )
+            if at_once == CONCURRENT_CLIENTS:
+                return PASS, f"{at_once} of {at_once} answered at once", {"at_once": at_once}
+            if at_once == 0:
+                return FAIL, "no client was answered", {"at_once": 0}
+            # Does the server get to the others once the first ones leave? (the seed does)
+            for s in answered:
+                s.close()
+                del messages[s]
+            later, refused_later, wrong_later = self._collect(messages, self.timeout)
+            if wrong_later:
+                return FAIL, "a waiting client got wrong bytes", {}
+            limit = "one client" if at_once == 1 else f"{at_once} clients"
+            how = f"serves {limit} at a time{backlog}"
+            if refused or refused_later:
+                how += " (answers 'Too many connections' to the others)"
+            elif not later:
+                return FAIL, f"{how}; the others were never answered", {"at_once": at_once}
+            status = FAIL if self.require_concurrency else FINDING
+            return status, how, {"at_once": at_once}
+        finally:
+            for s in socks:
+                s.close()
+
+    def _collect(
+        self, messages: dict[socket.socket, bytes], wait: float
+    ) -> tuple[list[socket.socket], list[socket.socket], list[socket.socket]]:
+        """Wait up to ``wait`` seconds for echoes; (answered, refused, wrong)."""
+        answered: list[socket.socket] = []
+        refused: list[socket.socket] = []
+        wrong: list[socket.socket] = []
+        got = {s: b"" for s in messages}
+        sel = selectors.DefaultSelector()
+        for s in messages:
+            sel.register(s, selectors.EVENT_READ)
+        deadline = time.monotonic() + wait
+        pending = set(messages)
+        while pending and time.monotonic() < deadline:
+            for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
+                s = cast(socket.socket, key.fileobj)
+                try:
+                    part = s.recv(4096)
+                except OSError:
+                    part = b""
+                got[s] += part
+                want = messages[s]
+                done = not part or len(got[s]) >= len(want)
+                if not done:
+                    continue
+                sel.unregister(s)
+                pending.discard(s)
+                if got[s] == want:
+                    answered.append(s)
+                elif got[s].startswith(REFUSAL) or not got[s]:
+                    refused.append(s)
+                else:
+                    wrong.append(s)
+        sel.close()
+        return answered, refused, wrong
+
+    def _latency(self) -> tuple[str, str, dict[str, Any]]:
+        samples = self._round_trips(64, LATENCY_ROUNDS)
+        p50, p99 = percentile(samples, 50), percentile(samples, 99)
+        return PASS, f"p50 {p50:.0f} µs, p99 {p99:.0f} µs", {"p50_us": p50, "p99_us": p99}
+
+    def _nagle(self) -> tuple[str, str, dict[str, Any]]:
+        ms = statistics.median(self._round_trips(1024, 7)) / 1000
+        data = {"round_trip_ms": ms}
+        if ms > NAGLE_THRESHOLD_MS:
+            return (
+                FINDING,
+                (
+                    f"{ms:.1f} ms per 1 KiB round trip: small sends meet Nagle and "
+                    "delayed ACKs (set TCP_NODELAY, send in one piece)"
+                ),
+                data,
+            )
+        return PASS, f"{ms:.2f} ms", data
+
+    def _round_trips(self, size: int, rounds: int) -> list[float]:
+        samples = []
+        with self.connect() as sock:
+            # Warm-up, not counted, with room to spare: a one-at-a-time server may still be
+            # working through the connections of the concurrency step.
+            if round_trip(sock, b"warm-up", 3 * self.timeout) != b"warm-up":
+                raise StepFailed("warm-up round trip: echo differs")
+            for i in range(rounds):
+                msg = bytes((i + j) % 256 for j in range(size))
+                started = time.perf_counter()
+                sock.sendall(msg)
+                if recv_exactly(sock, size) != msg:
+                    raise StepFailed(f"round trip {i}: echo differs")
+                samples.append((time.perf_counter() - started) * 1e6)
+        return samples
+
+    # -- UDP ------------------------------------------------------------------------------
+    def run_udp(self) -> list[Step]:
+        sock = connect(self.target, self.timeout / UDP_TRIES)
+        try:
+            payloads = [(n, p) for n, p in NET_TOOLS_PAYLOADS if len(p) <= UDP_MAX]
+            payloads += [(f"datagram {UDP_MAX} B", os.urandom(UDP_MAX)), ("empty datagram", b"")]
+            answered = 0
+            for name, payload in payloads:
+                step = self.step(f"udp: {name}", functools.partial(self._datagram, sock, payload))
+                answered += step.status == PASS
+            if answered == 0:
+                raise Unreachable(f"{self.target.url}: no datagram was answered")
+        finally:
+            sock.close()
+        return self.steps
+
+    def _datagram(self, sock: socket.socket, payload: bytes) -> tuple[str, str]:
+        for attempt in range(UDP_TRIES):
+            sock.send(payload)
+            deadline = time.monotonic() + self.timeout / UDP_TRIES
+            while time.monotonic() < deadline:
+                try:
+                    reply = sock.recv(65535)
+                except TimeoutError:
+                    break
+                except ConnectionRefusedError:
+                    raise StepFailed("port unreachable (ICMP): nothing listens there") from None
+                if reply == payload:
+                    retried = (
+                        f", after {attempt} retr{'y' if attempt == 1 else 'ies'}" if attempt else ""
+                    )
+                    return PASS, f"{len(payload)} B{retried}"
+                if len(reply) != len(payload) or attempt == UDP_TRIES - 1:
+                    return FAIL, f"reply differs: {first_difference(payload, reply)}"
+        return FAIL, f"no reply after {UDP_TRIES} tries"
+
+    def quick(self) -> bool:
+        """One short round trip: fit for a container health check."""
+        try:
+            if self.target.scheme == "udp":
+                with connect(self.target, self.timeout) as sock:
+                    return self._datagram(sock, b"socket-echo health")[0] == PASS
+            with self.connect() as sock:
+                return round_trip(sock, b"socket-echo health", self.timeout) == (
+                    b"socket-echo health"
+                )
+        except (OSError, StepFailed):
+            return False
+
+
+def percentile(samples: list[float], pct: float) -> float:
+    ordered = sorted(samples)
+    index = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def run(
+    target: Target, timeout: float, tls: TlsOptions | None, require_concurrency: bool
+) -> list[Step]:
+    probe = Probe(target, timeout, tls, require_concurrency)
+    return probe.run_udp() if target.scheme == "udp" else probe.run_stream()

@@ -1,0 +1,143 @@
+"""How the tools show results: a rich table on a terminal, plain lines in a pipe, or JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from socket_echo.tools.probe import FAIL, FINDING, PASS, SKIP, Step
+
+MARK = {PASS: "✓ pass", FAIL: "✗ FAIL", FINDING: "! finding", SKIP: "- skip"}
+STYLE = {PASS: "green", FAIL: "bold red", FINDING: "yellow", SKIP: "dim"}
+
+
+def probe_json(target: str, steps: list[Step]) -> str:
+    return json.dumps(
+        {
+            "target": target,
+            "passed": all(s.status != FAIL for s in steps),
+            "findings": [s.detail for s in steps if s.status == FINDING],
+            "steps": [
+                {
+                    "name": s.name,
+                    "status": s.status,
+                    "detail": s.detail,
+                    "seconds": round(s.seconds, 6),
+                    **s.data,
+                }
+                for s in steps
+            ],
+        },
+        indent=2,
+    )
+
+
+def probe_table(target: str, steps: list[Step]) -> None:
+    failed = sum(s.status == FAIL for s in steps)
+    findings = sum(s.status == FINDING for s in steps)
+    verdict = (f"{failed} step(s) failed" if failed else "conforms") + (
+        f", {findings} finding(s)" if findings else ""
+    )
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"socket-echo probe {target}", title_justify="left")
+        for column in ("step", "result", "detail", "time"):
+            table.add_column(column)
+        for s in steps:
+            table.add_row(
+                s.name,
+                f"[{STYLE[s.status]}]{MARK[s.status]}[/]",
+                s.detail,
+                f"{s.seconds * 1000:.1f} ms",
+            )
+        console = Console()
+        console.print(table)
+        console.print(f"[{'bold red' if failed else 'green'}]{verdict}[/]")
+        return
+    print(f"socket-echo probe {target}")
+    for s in steps:
+        print(f"{MARK[s.status]:<10} {s.name:<32} {s.detail}")
+    print(verdict)
+
+
+def bench_lines(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    lat = summary["latency_us"]
+    rows = [
+        ("target", f"{summary['target']} ({summary['mode']})"),
+        ("requests/s", f"{summary['requests_per_second']:,.0f}"),
+        ("MB/s", f"{summary['megabytes_per_second']:,.2f}"),
+    ]
+    if lat["p50"] is not None:
+        rows.append(("latency µs", "  ".join(f"{k} {lat[k]:,}" for k in lat)))
+    rows += [
+        (
+            "errors",
+            str(summary["errors"])
+            + (
+                f" ({', '.join(f'{k}: {v}' for k, v in summary['error_kinds'].items())})"
+                if summary["errors"]
+                else ""
+            ),
+        ),
+        ("mismatches", str(summary["mismatches"])),
+        ("client CPU", f"{summary['client_cpu_percent']:.0f}% per process"),
+    ]
+    if summary["mode"] == "udp":
+        rows.append(("lost datagrams", str(summary["lost_datagrams"])))
+    return rows
+
+
+def bench_table(summary: dict[str, Any]) -> None:
+    rows = bench_lines(summary)
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(show_header=False, title="socket-echo bench", title_justify="left")
+        for k, v in rows:
+            table.add_row(k, v)
+        Console().print(table)
+    else:
+        for k, v in rows:
+            print(f"{k:<15} {v}")
+    if summary["client_saturated"]:
+        print(
+            "warning: the load generator used its whole CPU: these figures measure the "
+            "client as much as the server (add --processes, or pin server and client apart)",
+            file=sys.stderr,
+        )
+
+
+class Progress:
+    """A live line on a terminal (rich), a plain line every few seconds otherwise."""
+
+    def __init__(self, duration: float, unit: str) -> None:
+        self.duration = duration
+        self.unit = unit
+        self.tty = sys.stderr.isatty()
+        self._last_plain = 0.0
+        self._live: Any = None
+        if self.tty:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._live = Progress(
+                TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), transient=True
+            )
+            self._task = self._live.add_task("starting", total=duration)
+            self._live.start()
+
+    def __call__(self, elapsed: float, done: int) -> None:
+        rate = done / elapsed if elapsed > 0 else 0.0
+        text = f"{done:,} {self.unit} ({rate:,.0f}/s)"
+        if self._live is not None:
+            self._live.update(self._task, completed=min(elapsed, self.duration), description=text)
+        elif elapsed - self._last_plain >= 2.0:
+            self._last_plain = elapsed
+            print(f"bench: {elapsed:5.1f} s  {text}", file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        if self._live is not None:
+            self._live.stop()

@@ -1,0 +1,224 @@
+"""The layer the client tools share: what TARGET means, how to connect, how to verify.
+
+TARGET is ``HOST[:PORT]`` (port 4242 by default), ``[V6]:PORT``, or a URL as in ``--bind``:
+``tcp://``, ``udp://``, ``tls://``, ``unix:///path``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import select
+import socket
+import ssl
+import time
+from urllib.parse import urlsplit
+
+from socket_echo.config import DEFAULT_PORT, format_url
+
+SCHEMES = ("tcp", "udp", "tls", "unix")
+
+
+class TargetError(ValueError):
+    """TARGET is malformed; the message names the cause."""
+
+
+class Unreachable(OSError):
+    """Could not connect; the message is one line for the user."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    scheme: str  # tcp, udp, tls, unix
+    host: str = ""
+    port: int = DEFAULT_PORT
+    path: str = ""
+
+    @property
+    def url(self) -> str:
+        if self.scheme == "unix":
+            return f"unix://{self.path}"
+        return format_url(self.scheme, self.host, self.port)
+
+    @property
+    def stream(self) -> bool:
+        return self.scheme != "udp"
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsOptions:
+    ca_file: str | None = None
+    insecure: bool = False
+    server_name: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+
+def parse_target(text: str, scheme: str | None = None) -> Target:
+    """``HOST[:PORT]``, ``[V6]:PORT`` or a URL; ``scheme`` overrides a bare HOST's tcp."""
+    if "://" in text:
+        parts = urlsplit(text)
+        if parts.scheme not in SCHEMES:
+            raise TargetError(f"unknown scheme in {text!r} (use tcp://, udp://, tls://, unix://)")
+        if parts.scheme == "unix":
+            path = parts.netloc + parts.path
+            if not path:
+                raise TargetError(f"no socket path in {text!r} (unix:///path/to/socket)")
+            return Target("unix", path=path)
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise TargetError(f"bad port in {text!r}: {exc}") from None
+        if not parts.hostname:
+            raise TargetError(f"no host in {text!r}")
+        return Target(parts.scheme, parts.hostname, DEFAULT_PORT if port is None else port)
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise TargetError(f"unclosed '[' in {text!r}")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise TargetError(f"unexpected {rest!r} after ']' in {text!r}")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif text.count(":") > 1:
+        try:
+            ipaddress.IPv6Address(text)
+        except ValueError:
+            raise TargetError(
+                f"{text!r}: write IPv6 addresses with a port as [ADDR]:PORT"
+            ) from None
+    if not host:
+        raise TargetError(f"no host in {text!r}")
+    port = DEFAULT_PORT
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+            raise TargetError(f"bad port {port_text!r} in {text!r} (1-65535)")
+        port = int(port_text)
+    return Target(scheme or "tcp", host, port)
+
+
+def _family_addresses(target: Target, kind: int) -> list[tuple[int, tuple[object, ...]]]:
+    try:
+        infos = socket.getaddrinfo(target.host, target.port, type=kind)
+    except socket.gaierror as exc:
+        raise Unreachable(f"{target.url}: unknown host ({exc.strerror})") from None
+    return [(info[0], info[4]) for info in infos]
+
+
+def connect(target: Target, timeout: float, tls: TlsOptions | None = None) -> socket.socket:
+    """A connected socket (TLS-wrapped for tls://) with TCP_NODELAY, blocking with timeout."""
+    if target.scheme == "udp":
+        return udp_socket(target, timeout)
+    if target.scheme == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(target.path)
+        except OSError as exc:
+            sock.close()
+            raise Unreachable(f"{target.url}: {exc.strerror or exc}") from None
+        return sock
+    last: OSError | None = None
+    for family, addr in _family_addresses(target, socket.SOCK_STREAM):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(addr)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if target.scheme == "tls":
+            opts = tls or TlsOptions()
+            try:
+                return opts.context().wrap_socket(
+                    sock, server_hostname=opts.server_name or target.host
+                )
+            except (ssl.SSLError, OSError) as exc:
+                sock.close()
+                raise Unreachable(f"{target.url}: TLS handshake failed: {exc}") from None
+        return sock
+    reason = (
+        "timed out"
+        if isinstance(last, TimeoutError)
+        else (last.strerror if last and last.strerror else str(last))
+    )
+    raise Unreachable(f"{target.url}: {reason}")
+
+
+def connect_many(
+    target: Target, count: int, wait: float, tls: TlsOptions | None = None
+) -> tuple[list[socket.socket], int]:
+    """Open ``count`` connections at once (non-blocking), give them ``wait`` seconds;
+    returns (connected sockets, how many did not get through). A one-client-at-a-time
+    server with a small backlog drops the surplus SYNs: that is a result, not an error."""
+    if target.scheme == "tls":  # handshakes are sequential; our TLS servers are concurrent
+        socks = []
+        for _ in range(count):
+            with contextlib.suppress(Unreachable):
+                socks.append(connect(target, wait, tls))
+        return socks, count - len(socks)
+    if target.scheme == "unix":
+        family, addr = socket.AF_UNIX, target.path
+    else:
+        family, addr = _family_addresses(target, socket.SOCK_STREAM)[0]  # type: ignore[assignment]
+    pending: dict[int, socket.socket] = {}
+    for _ in range(count):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.connect_ex(addr)
+        pending[sock.fileno()] = sock
+    connected: list[socket.socket] = []
+    poller = select.poll()
+    for fd in pending:
+        poller.register(fd, select.POLLOUT)
+    deadline = time.monotonic() + wait
+    while pending and time.monotonic() < deadline:
+        for fd, _ in poller.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            sock = pending.pop(fd)
+            poller.unregister(fd)
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                sock.close()
+                continue
+            sock.setblocking(True)
+            sock.settimeout(wait)
+            if family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connected.append(sock)
+    for sock in pending.values():
+        sock.close()
+    return connected, count - len(connected)
+
+
+def udp_socket(target: Target, timeout: float) -> socket.socket:
+    """A UDP socket connect()ed to the target, so only its answers come in."""
+    family, addr = _family_addresses(target, socket.SOCK_DGRAM)[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.settimeout(timeout)
+    sock.connect(addr)
+    return sock
+
+
+class Patterns:
+    """Payloads that differ per request, so a server answering with an old message or with
+    another client's is caught: ``message(seed)`` is bytes (seed + i) mod 251 (a prime, so
+    runs do not line up with sizes), sliced from one buffer made once (no per-byte work)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._base = bytes(i % 251 for i in range(size + 251))
+
+    def message(self, seed: int) -> bytes:
+        start = seed % 251
+        return self._base[start : start + self.size]

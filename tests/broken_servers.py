@@ -1,0 +1,101 @@
+"""Deliberately broken echo servers for testing probe, bench and client.
+
+    python broken_servers.py MODE     (binds 127.0.0.1 on a free port, prints "PORT n")
+
+tcp modes: good, drop (loses one byte in every 3000), reorder (swaps two bytes in every 7th
+read), mute (reads, never answers), seed (one client at a time, 128-byte recv/send, Nagle on:
+the Zephyr sample's design). udp modes: udp (good), udp-lossy (ignores every 2nd datagram),
+udp-mute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+import threading
+
+
+def serve_tcp(handler, one_at_a_time: bool = False, nodelay: bool = True) -> None:  # type: ignore[no-untyped-def]
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(64 if not one_at_a_time else 5)
+    print("PORT", ls.getsockname()[1], flush=True)
+    while True:
+        conn, _ = ls.accept()
+        if nodelay:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if one_at_a_time:
+            try:
+                handler(conn)
+            except OSError as exc:  # like the seed: print the error, serve the next client
+                print(f"error: {exc.errno}", flush=True)
+        else:
+            threading.Thread(target=handler, args=(conn,), daemon=True).start()
+
+
+def dropping(conn: socket.socket) -> None:
+    total = 0
+    with conn, contextlib.suppress(OSError):
+        while data := conn.recv(65536):
+            out = bytearray()
+            for i, b in enumerate(data):
+                if (total + i) % 3000 != 2999:
+                    out.append(b)
+            total += len(data)
+            conn.sendall(out)
+
+
+def reordering(conn: socket.socket) -> None:
+    reads = 0
+    with conn:
+        while data := conn.recv(65536):
+            reads += 1
+            if reads % 7 == 0 and len(data) >= 2 and data[0] != data[1]:
+                data = data[1:2] + data[0:1] + data[2:]
+            elif reads % 7 == 0 and len(data) == 1:
+                data = bytes([data[0] ^ 0x01])  # one byte cannot be swapped: flip a bit
+            conn.sendall(data)
+
+
+def mute(conn: socket.socket) -> None:
+    with conn:
+        while conn.recv(65536):
+            pass
+
+
+def seed_like(conn: socket.socket) -> None:
+    with conn:
+        while data := conn.recv(128):
+            while data:
+                data = data[conn.send(data) :]
+
+
+def serve_udp(mode: str) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    print("PORT", sock.getsockname()[1], flush=True)
+    n = 0
+    while True:
+        data, peer = sock.recvfrom(65535)
+        n += 1
+        if mode == "udp-mute" or (mode == "udp-lossy" and n % 2 == 0):
+            continue
+        sock.sendto(data, peer)
+
+
+def good(conn: socket.socket) -> None:
+    with conn:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode.startswith("udp"):
+        serve_udp(mode)
+    elif mode == "seed":
+        serve_tcp(seed_like, one_at_a_time=True, nodelay=False)
+    else:
+        serve_tcp({"good": good, "drop": dropping, "reorder": reordering, "mute": mute}[mode])

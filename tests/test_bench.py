@@ -1,0 +1,118 @@
+"""bench: verifies every byte, reports the figures, exits 1 on corruption or silence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tools_helpers import Broken, tool
+
+FIELDS = {
+    "requests_per_second",
+    "megabytes_per_second",
+    "latency_us",
+    "errors",
+    "mismatches",
+    "client_cpu_percent",
+    "parameters",
+}
+
+
+def bench(*args: str) -> tuple[int, dict, str]:  # type: ignore[type-arg]
+    result = tool("bench", *args, "--json", "-")
+    out = result.stdout.decode()
+    start = out.index("{") if "{" in out else len(out)
+    return result.returncode, json.loads(out[start:]) if start < len(out) else {}, out
+
+
+@pytest.mark.parametrize("mode", ["pingpong", "stream", "churn"])
+def test_modes_against_our_server(start_server, mode):
+    server = start_server()
+    code, report, _ = bench(
+        f"127.0.0.1:{server.port}", "--mode", mode, "-c", "4", "-d", "0.5", "-p", "1"
+    )
+    assert code == 0, report
+    assert report.keys() >= FIELDS
+    assert report["errors"] == 0 and report["mismatches"] == 0
+    assert report["requests_per_second"] > 0 and report["megabytes_per_second"] > 0
+    if mode != "stream":
+        lat = report["latency_us"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p999"] <= lat["max"]
+    assert report["parameters"]["connections"] == 4
+
+
+def test_open_loop_rate_and_processes(start_server):
+    server = start_server()
+    code, report, _ = bench(
+        f"127.0.0.1:{server.port}", "--rate", "400", "-c", "4", "-d", "1", "-p", "2"
+    )
+    assert code == 0, report
+    assert 200 < report["requests_per_second"] < 600  # held near the asked rate
+    assert report["parameters"]["rate"] == 400
+
+
+@pytest.mark.parametrize("mode", ["drop", "reorder"])
+def test_corrupting_servers_are_caught(mode):
+    server = Broken(mode)
+    try:
+        code, report, _ = bench(
+            f"127.0.0.1:{server.port}",
+            "--mode",
+            "stream",
+            "-c",
+            "2",
+            "-s",
+            "4096",
+            "-d",
+            "1",
+            "-p",
+            "1",
+        )
+        assert code == 1 and report["mismatches"] > 0
+        code, report, _ = bench(
+            f"127.0.0.1:{server.port}",
+            "-c",
+            "2",
+            "-s",
+            "1000",
+            "-d",
+            "1",
+            "-p",
+            "1",
+            "--timeout",
+            "0.3",
+        )
+        assert code == 1 and report["mismatches"] + report["errors"] > 0
+    finally:
+        server.close()
+
+
+def test_mute_server_is_caught():
+    server = Broken("mute")
+    try:
+        code, report, _ = bench(
+            f"127.0.0.1:{server.port}", "-c", "2", "-d", "0.5", "--timeout", "0.2", "-p", "1"
+        )
+        assert code == 1 and report["errors"] > 0 and report["requests_per_second"] == 0
+    finally:
+        server.close()
+
+
+def test_udp_mode():
+    server = Broken("udp")
+    try:
+        code, report, _ = bench(f"udp://127.0.0.1:{server.port}", "-c", "4", "-d", "0.5", "-p", "1")
+        assert code == 0, report
+        assert report["mode"] == "udp" and report["requests_per_second"] > 0
+    finally:
+        server.close()
+
+
+def test_plot_draws_a_png(start_server, tmp_path):
+    server = start_server()
+    png = tmp_path / "latency.png"
+    code, _, _ = bench(
+        f"127.0.0.1:{server.port}", "-c", "2", "-d", "0.3", "-p", "1", "--plot", str(png)
+    )
+    assert code == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,102 @@
+"""client: a binary-safe pipe that checks everything came back; one line on errors."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import ssl
+import threading
+
+import pytest
+import trustme
+from tools_helpers import Broken, tool
+
+
+def test_pipe_round_trips_arbitrary_binary(start_server):
+    server = start_server()
+    data = os.urandom(3 << 20) + bytes(range(256))
+    result = tool("client", f"127.0.0.1:{server.port}", stdin=data)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == data
+
+
+def test_pipe_over_ipv6_and_empty_input(start_server):
+    server = start_server(host="::1")
+    result = tool("client", f"[::1]:{server.port}", stdin=b"")
+    assert result.returncode == 0 and result.stdout == b""
+
+
+def test_server_that_loses_bytes_is_exit_1():
+    server = Broken("drop")
+    try:
+        result = tool(
+            "client", f"127.0.0.1:{server.port}", "--timeout", "0.5", stdin=os.urandom(10000)
+        )
+    finally:
+        server.close()
+    assert result.returncode == 1
+    assert b"came back" in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_connection_refused_is_one_line_exit_1():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = tool("client", f"127.0.0.1:{port}", stdin=b"x")
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert b"refused" in result.stderr.lower()
+
+
+def test_udp_pipe():
+    server = Broken("udp")
+    try:
+        data = os.urandom(5000)
+        result = tool("client", f"127.0.0.1:{server.port}", "--udp", stdin=data)
+    finally:
+        server.close()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == data
+
+
+@pytest.fixture
+def tls_echo(tmp_path):  # type: ignore[no-untyped-def]
+    """A TLS echo server (threads, Python's ssl) with a trustme CA; yields (port, ca_path)."""
+    ca = trustme.CA()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def handle(raw: socket.socket) -> None:
+        with contextlib.suppress(OSError), ctx.wrap_socket(raw, server_side=True) as conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                raw, _ = listener.accept()
+                threading.Thread(target=handle, args=(raw,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield listener.getsockname()[1], str(ca_path)
+    listener.close()
+
+
+def test_tls_client_and_probe_verify_the_certificate(tls_echo):
+    port, ca = tls_echo
+    data = os.urandom(200_000)
+    result = tool("client", f"tls://127.0.0.1:{port}", "--ca", ca, stdin=data)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == data
+    result = tool("probe", f"127.0.0.1:{port}", "--tls", "--ca", ca, "--json")
+    assert result.returncode == 0, result.stdout
+    # without the CA the certificate is not trusted: one clear line, no traceback
+    result = tool("client", f"tls://127.0.0.1:{port}", stdin=b"x")
+    assert result.returncode == 1
+    assert b"certificate" in result.stderr and len(result.stderr.splitlines()) == 1
+    result = tool("client", f"tls://127.0.0.1:{port}", "--insecure", stdin=b"insecure ok")
+    assert result.returncode == 0 and result.stdout == b"insecure ok"

@@ -1,0 +1,119 @@
+"""probe: passes a good server, fails corrupting or mute ones, reports the seed's findings."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from tools_helpers import Broken, tool
+
+
+@pytest.fixture
+def broken():  # type: ignore[no-untyped-def]
+    started: list[Broken] = []
+
+    def start(mode: str) -> Broken:
+        server = Broken(mode)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()
+
+
+def probe_json(*args: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+    result = tool("probe", *args, "--json")
+    return result.returncode, json.loads(result.stdout) if result.stdout else {}
+
+
+def test_our_server_passes_every_step(start_server):
+    server = start_server()
+    code, report = probe_json(f"127.0.0.1:{server.port}")
+    assert code == 0, report
+    assert report["passed"] and report["findings"] == []
+    names = [s["name"] for s in report["steps"]]
+    assert "net-tools: binary 4 B" in names and "half-close" in names
+    assert all(s["status"] == "pass" for s in report["steps"])
+    latency = next(s for s in report["steps"] if s["name"].startswith("latency"))
+    assert latency["p50_us"] > 0 and latency["p99_us"] >= latency["p50_us"]
+
+
+def test_ipv6_target_and_url_forms(start_server):
+    server = start_server(host="::1")
+    assert tool("probe", f"[::1]:{server.port}", "--quick").returncode == 0
+    assert tool("probe", f"tcp://[::1]:{server.port}", "--quick").returncode == 0
+
+
+@pytest.mark.parametrize("mode", ["drop", "reorder"])
+def test_corrupting_servers_fail(broken, mode):
+    server = broken(mode)
+    code, report = probe_json(f"127.0.0.1:{server.port}", "--timeout", "2")
+    assert code == 1
+    failed = [s for s in report["steps"] if s["status"] == "fail"]
+    assert failed and any("differs" in s["detail"] or "byte" in s["detail"] for s in failed)
+
+
+def test_mute_server_fails(broken):
+    server = broken("mute")
+    code, report = probe_json(f"127.0.0.1:{server.port}", "--timeout", "0.3")
+    assert code == 1
+    assert report["steps"][0]["status"] == "fail"
+    assert "no answer" in report["steps"][0]["detail"]
+    assert tool("probe", f"127.0.0.1:{server.port}", "--quick", "--timeout", "0.3").returncode == 1
+
+
+def test_seed_like_server_passes_with_findings(broken):
+    server = broken("seed")
+    code, report = probe_json(f"127.0.0.1:{server.port}")
+    assert code == 0, [s for s in report["steps"] if s["status"] == "fail"]
+    findings = " | ".join(report["findings"])
+    assert "serves one client at a time" in findings
+    assert "Nagle" in findings
+    server = broken("seed")  # a fresh one: the last is still working through its backlog
+    code, report = probe_json(f"127.0.0.1:{server.port}", "--require-concurrency")
+    assert code == 1
+    failed_steps = [s for s in report["steps"] if s["status"] == "fail"]
+    assert len(failed_steps) == 1, failed_steps
+    (failed,) = failed_steps
+    assert "one client at a time" in failed["detail"]
+
+
+def test_unreachable_is_exit_2():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = tool("probe", f"127.0.0.1:{port}")
+    assert result.returncode == 2
+    assert b"unreachable" in result.stderr and b"Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1:99999", "http://x", "[::1", "::1:80"])
+def test_bad_target_is_exit_2_with_one_line(target):
+    result = tool("probe", target)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_udp_probe_good_lossy_and_mute(broken):
+    good = broken("udp")
+    code, report = probe_json(f"udp://127.0.0.1:{good.port}")
+    assert code == 0, report
+    names = [s["name"] for s in report["steps"]]
+    assert "udp: empty datagram" in names and "udp: datagram 1280 B" in names
+    lossy = broken("udp-lossy")  # every 2nd datagram lost: the retries cover it
+    code, report = probe_json(f"127.0.0.1:{lossy.port}", "--udp", "--timeout", "1.5")
+    assert code == 0, report
+    assert any("retr" in s["detail"] for s in report["steps"])
+    mute = broken("udp-mute")
+    code, _ = probe_json(f"udp://127.0.0.1:{mute.port}", "--timeout", "0.3")
+    assert code == 2
+
+
+def test_terminal_free_report_is_plain_text(start_server):
+    server = start_server()
+    result = tool("probe", f"127.0.0.1:{server.port}")
+    assert result.returncode == 0
+    text = result.stdout.decode()
+    assert "conforms" in text and "half-close" in text
