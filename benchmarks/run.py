@@ -157,6 +157,66 @@ def run_idle(argv: list[str], conns: int) -> dict[str, Any]:
     return r
 
 
+def run_generators(secs: float, runs: int) -> dict[str, list[dict[str, Any]]]:
+    """The C load generator and ``socket-echo bench --processes 1`` against the C reference
+    server, 50 x 64 B ping-pong, each on CPU 1, interleaved runs."""
+    out: dict[str, list[dict[str, Any]]] = {"C loadgen": [], "socket-echo bench -p 1": []}
+    ref = servers(sys.executable)[REFERENCE]
+    for _ in range(runs):
+        server = Server(ref)
+        try:
+            out["C loadgen"].append(loadgen("pingpong", server.port, 50, 64, secs))
+            cmd = [
+                sys.executable,
+                "-m",
+                "socket_echo",
+                "bench",
+                f"127.0.0.1:{server.port}",
+                "-c",
+                "50",
+                "-s",
+                "64",
+                "-d",
+                str(secs),
+                "-p",
+                "1",
+                "--json",
+                "-",
+            ]
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=secs + 60, preexec_fn=pinned(LOAD_CPU)
+            )
+            text = done.stdout
+            out["socket-echo bench -p 1"].append(json.loads(text[text.index("{") :]))
+        finally:
+            server.stop()
+    return out
+
+
+def generators_report(gen: dict[str, list[dict[str, Any]]]) -> str:
+    c, py = gen["C loadgen"], gen["socket-echo bench -p 1"]
+    ratio = paired_ratio(py, c, "requests_per_second")
+    lines = [
+        "",
+        "Load generators against the C reference server (50 x 64 B ping-pong, on CPU 1):",
+        "",
+        "| load generator | req/s | p99 µs | errors + mismatches |",
+        "|---|---|---|---|",
+        f"| C loadgen | {fmt(median(c, 'requests_per_second'))} | {fmt(median(c, 'p99_us'))} "
+        f"| {sum(r['errors'] + r['mismatches'] for r in c)} |",
+        f"| socket-echo bench --processes 1 | {fmt(median(py, 'requests_per_second'))} | "
+        f"{fmt(statistics.median(r['latency_us']['p99'] for r in py))} | "
+        f"{sum(r['errors'] + r['mismatches'] for r in py)} |",
+    ]
+    if ratio is not None:
+        lines += [
+            "",
+            f"socket-echo bench / C loadgen, req/s: {ratio:.2f}x (target ≥ 0.7x) "
+            f"{'✅' if ratio >= 0.7 else '❌'}",
+        ]
+    return "\n".join(lines)
+
+
 SCENARIOS = {
     "pingpong": (
         "50 conns x 64 B ping-pong",
@@ -296,11 +356,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--duration", type=float, default=5.0)
-    ap.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios")
+    ap.add_argument(
+        "--only",
+        default=",".join([*SCENARIOS, "generators"]),
+        help="comma-separated scenarios (and 'generators': bench vs C loadgen)",
+    )
     ap.add_argument("--servers", default="", help="comma-separated substrings of server names")
     args = ap.parse_args()
     compile_c()
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    with_generators = "generators" in chosen
+    chosen = [s for s in chosen if s != "generators"]
     unknown = set(chosen) - set(SCENARIOS)
     if unknown:
         ap.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
@@ -326,7 +392,11 @@ def main() -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-    text = report(results, args.runs, args.duration)
+    text = report(results, args.runs, args.duration) if results else ""
+    if with_generators:
+        gen = run_generators(args.duration, args.runs)
+        results["generators"] = {k: v for k, v in gen.items()}
+        text += "\n" + generators_report(gen)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=1))
     (RESULTS / "latest.md").write_text(text + "\n")
