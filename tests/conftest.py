@@ -68,13 +68,16 @@ class ServerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
+    def listener(self, scheme: str = "tcp") -> tuple[str, str, int]:
+        return next(entry for entry in self.listeners if entry[0] == scheme)
+
     @property
     def port(self) -> int:
-        return self.listeners[0][2]
+        return self.listener()[2]
 
     @property
     def host(self) -> str:
-        return self.listeners[0][1]
+        return self.listener()[1]
 
     @property
     def log(self) -> str:

@@ -100,3 +100,33 @@ def test_tls_client_and_probe_verify_the_certificate(tls_echo):
     assert b"certificate" in result.stderr and len(result.stderr.splitlines()) == 1
     result = tool("client", f"tls://127.0.0.1:{port}", "--insecure", stdin=b"insecure ok")
     assert result.returncode == 0 and result.stdout == b"insecure ok"
+
+
+def test_terminal_line_mode(start_server):
+    """On a terminal: lines typed go out, what comes back is printed (a real pty)."""
+    import pty
+    import subprocess
+    import sys
+    import time
+
+    server = start_server()
+    main, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "socket_echo", "client", f"127.0.0.1:{server.port}"],
+        stdin=secondary,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    os.close(secondary)
+    try:
+        os.write(main, b"hello over a terminal\n")
+        time.sleep(0.5)
+        os.write(main, b"\x04")  # Ctrl-D: end of input
+        out, err = proc.communicate(timeout=10)
+    finally:
+        os.close(main)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert b"hello over a terminal" in out
+    assert b"Connected" in err

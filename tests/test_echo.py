@@ -76,8 +76,8 @@ def test_default_listens_on_ipv4_and_ipv6_localhost_on_one_port(start_server):
 
 
 def test_any_address_is_one_dual_stack_socket_like_the_seed(start_server):
-    server = start_server("--host", "::")
-    assert len(server.listeners) == 1
+    server = start_server("--host", "::", expect_listeners=2)
+    assert sorted(scheme for scheme, _, _ in server.listeners) == ["tcp", "udp"]
     assert "dual-stack" in server.log
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         assert exchange(sock, b"via ipv4") == b"via ipv4"

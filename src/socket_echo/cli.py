@@ -89,7 +89,7 @@ def cli() -> None:
     """
 
 
-LISTEN, LIMITS, RUNTIME = "Listeners", "Limits", "Runtime and logging"
+LISTEN, LIMITS, UDP, RUNTIME = "Listeners", "Limits", "UDP", "Runtime and logging"
 
 
 @cli.command(cls=GroupedCommand)
@@ -114,8 +114,8 @@ LISTEN, LIMITS, RUNTIME = "Listeners", "Limits", "Runtime and logging"
     multiple=True,
     metavar="URL",
     help_group=LISTEN,
-    help="Listener URL, repeatable: tcp://HOST:PORT, tcp://[::1]:4242. "
-    "Replaces --host/--port when given.",
+    help="Listener URL, repeatable: tcp://HOST:PORT, udp://HOST:PORT, tcp://[::1]:4242, "
+    "unix:///path/to/socket. Replaces --host/--port (which give TCP and UDP) when given.",
 )
 @option(
     "--backlog",
@@ -158,6 +158,40 @@ LISTEN, LIMITS, RUNTIME = "Listeners", "Limits", "Runtime and logging"
     metavar="SECONDS",
     help_group=LIMITS,
     help="On SIGTERM/SIGINT, time open connections get to finish.",
+)
+@option(
+    "--udp-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=config.DEFAULT_UDP_RATE,
+    show_default=True,
+    metavar="PPS",
+    help_group=UDP,
+    help="Datagrams/s answered per source prefix (/24 IPv4, /56 IPv6); excess is dropped.",
+)
+@option(
+    "--udp-burst",
+    type=click.IntRange(min=1),
+    default=config.DEFAULT_UDP_BURST,
+    show_default=True,
+    metavar="N",
+    help_group=UDP,
+    help="Datagrams a source prefix may send at once above its rate.",
+)
+@option(
+    "--udp-max-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=config.DEFAULT_UDP_MAX_RATE,
+    show_default=True,
+    metavar="PPS",
+    help_group=UDP,
+    help="Datagrams/s answered over all sources.",
+)
+@option(
+    "--udp-allow-privileged-ports/--no-udp-allow-privileged-ports",
+    default=False,
+    show_default=True,
+    help_group=UDP,
+    help="Answer sources on ports below 1024 (labs only: a reflection risk).",
 )
 @option(
     "--loop",
@@ -208,6 +242,10 @@ def serve(
     idle_timeout: float,
     max_buffer: int,
     graceful_timeout: float,
+    udp_rate: float,
+    udp_burst: int,
+    udp_max_rate: float,
+    udp_allow_privileged_ports: bool,
     loop: str,
     engine: str,
     log_level: str,
@@ -221,7 +259,8 @@ def serve(
         else:
             listeners = config.listeners_from_hosts(host, port)
         for spec in listeners:
-            config.check_port(spec.port)
+            if spec.scheme != "unix":
+                config.check_port(spec.port)
         resolve_loop(loop)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
@@ -232,6 +271,10 @@ def serve(
         idle_timeout=idle_timeout,
         max_buffer=max_buffer,
         graceful_timeout=graceful_timeout,
+        udp_rate=udp_rate,
+        udp_burst=udp_burst,
+        udp_max_rate=udp_max_rate,
+        udp_allow_privileged_ports=udp_allow_privileged_ports,
         loop=loop,
         engine=engine,
         log_level=log_level.lower(),

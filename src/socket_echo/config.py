@@ -27,7 +27,10 @@ LOOPS = ("auto", "asyncio", "uvloop")
 ENGINES = ("auto", "epoll", "protocol")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
-SCHEMES = ("tcp",)
+SCHEMES = ("tcp", "udp", "unix")
+DEFAULT_UDP_RATE = 1000.0  # datagrams/s per source prefix (/24, /56)
+DEFAULT_UDP_BURST = 2000
+DEFAULT_UDP_MAX_RATE = 50_000.0  # datagrams/s over all sources
 
 
 class ConfigError(ValueError):
@@ -36,21 +39,26 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ListenerSpec:
-    """One address to listen on: ``tcp://HOST:PORT``."""
+    """One address to listen on: ``tcp://HOST:PORT``, ``udp://HOST:PORT``, ``unix:///PATH``."""
 
     scheme: str
     host: str
     port: int
+    path: str = ""
 
     @property
     def url(self) -> str:
+        if self.scheme == "unix":
+            return f"unix://{self.path}"
         return format_url(self.scheme, self.host, self.port)
 
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
     listeners: tuple[ListenerSpec, ...] = tuple(
-        ListenerSpec("tcp", host, DEFAULT_PORT) for host in DEFAULT_HOSTS
+        ListenerSpec(scheme, host, DEFAULT_PORT)
+        for scheme in ("tcp", "udp")
+        for host in DEFAULT_HOSTS
     )
     backlog: int = DEFAULT_BACKLOG
     max_connections: int = DEFAULT_MAX_CONNECTIONS
@@ -64,6 +72,10 @@ class ServerConfig:
     # Data path for plain TCP: "epoll" (engine.py, Linux), "protocol" (asyncio Protocol,
     # any platform), "auto" = epoll where the platform has it.
     engine: str = DEFAULT_ENGINE
+    udp_rate: float = DEFAULT_UDP_RATE
+    udp_burst: int = DEFAULT_UDP_BURST
+    udp_max_rate: float = DEFAULT_UDP_MAX_RATE
+    udp_allow_privileged_ports: bool = False
 
 
 def format_url(scheme: str, host: str, port: int) -> str:
@@ -86,6 +98,11 @@ def parse_bind_url(url: str) -> ListenerSpec:
     if parts.scheme not in SCHEMES:
         known = ", ".join(f"{s}://" for s in SCHEMES)
         raise ConfigError(f"malformed --bind {url!r}: unknown scheme (use {known})")
+    if parts.scheme == "unix":
+        path = parts.netloc + parts.path
+        if not path.startswith("/"):
+            raise ConfigError(f"malformed --bind {url!r}: use unix:///absolute/path")
+        return ListenerSpec("unix", "", 0, path)
     if not parts.hostname:
         raise ConfigError(f"malformed --bind {url!r}: no host (e.g. tcp://127.0.0.1:4242)")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
@@ -102,5 +119,10 @@ def parse_bind_url(url: str) -> ListenerSpec:
 
 
 def listeners_from_hosts(hosts: tuple[str, ...], port: int) -> tuple[ListenerSpec, ...]:
+    """TCP and UDP on each host, as RFC 862 and Zephyr's echo_server do."""
     check_port(port)
-    return tuple(ListenerSpec("tcp", host, port) for host in (hosts or DEFAULT_HOSTS))
+    return tuple(
+        ListenerSpec(scheme, host, port)
+        for scheme in ("tcp", "udp")
+        for host in (hosts or DEFAULT_HOSTS)
+    )

@@ -148,7 +148,8 @@ class EpollEngine:
             if not table.admit(conn, conn.opened_at):
                 sock.close()
                 continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.conn_id = table.opened
             self.conns[conn.fd] = conn
             self.epoll.register(conn.fd, EPOLLIN)

@@ -7,7 +7,6 @@ message: the data path only adds integers, and the sweep notices which counters 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -91,7 +90,6 @@ class ConnectionTable:
         )
         self.on_close: list[Callable[[], None]] = []
         self._sweeper: asyncio.TimerHandle | None = None
-        self.sweeps = 0
 
     def admit(self, conn: Sweepable, now: float) -> bool:
         if len(self.open) >= self.max_connections:
@@ -125,7 +123,6 @@ class ConnectionTable:
 
     def _sweep(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
         now = loop.time()
-        self.sweeps += 1
         expired = []
         for conn in self.open:
             seen = conn.activity()
@@ -140,7 +137,3 @@ class ConnectionTable:
             if log.pending:
                 log.note(0)
         self._sweeper = loop.call_later(interval, self._sweep, loop, interval)
-
-
-def level_for(access_log: bool) -> int:
-    return logging.INFO if access_log else logging.DEBUG

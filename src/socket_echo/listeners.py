@@ -11,7 +11,9 @@ import contextlib
 import dataclasses
 import errno
 import ipaddress
+import os
 import socket
+import stat
 
 from socket_echo.config import DEFAULT_HOSTS, ConfigError, ListenerSpec, format_url
 
@@ -25,16 +27,36 @@ class BoundListener:
     spec: ListenerSpec  # with the real port
     sock: socket.socket
     dual_stack: bool = False
+    inode: int = 0  # unix: the socket file we created, removed on close if still ours
 
     @property
     def url(self) -> str:
         return self.spec.url
+
+    @property
+    def scheme(self) -> str:
+        return self.spec.scheme
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        if self.spec.scheme == "unix" and self.inode:
+            with contextlib.suppress(OSError):
+                if os.stat(self.spec.path).st_ino == self.inode:
+                    os.unlink(self.spec.path)
+            self.inode = 0
 
 
 _HINTS = {
     errno.EADDRINUSE: "address already in use (is another server on this port?)",
     errno.EACCES: "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
     errno.EADDRNOTAVAIL: "address not available on this machine",
+}
+
+
+KINDS = {
+    "tcp": (socket.SOCK_STREAM, socket.IPPROTO_TCP),
+    "udp": (socket.SOCK_DGRAM, socket.IPPROTO_UDP),
 }
 
 
@@ -59,18 +81,27 @@ def _addresses(host: str, port: int) -> list[tuple[socket.AddressFamily, str]]:
 
 
 def _bind_one(
-    family: socket.AddressFamily, address: str, port: int, backlog: int, dual_stack: bool
+    family: socket.AddressFamily,
+    address: str,
+    port: int,
+    backlog: int,
+    dual_stack: bool,
+    scheme: str = "tcp",
 ) -> socket.socket:
     # proto=IPPROTO_TCP, not 0: accepted sockets inherit it, and the stdlib loop turns
     # TCP_NODELAY on only for sockets whose proto says TCP (base_events._set_nodelay).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    kind, proto = KINDS[scheme]
+    sock = socket.socket(family, kind, proto)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if kind == socket.SOCK_STREAM:
+            # Not for UDP: there SO_REUSEADDR lets a second server bind the same port.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             # The seed's "sharing same socket between IPv6 and IPv4": V6ONLY off on '::' only.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
         sock.bind((address, port))
-        sock.listen(backlog)
+        if kind == socket.SOCK_STREAM:
+            sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -78,29 +109,71 @@ def _bind_one(
     return sock
 
 
+def _bind_unix(spec: ListenerSpec, backlog: int) -> BoundListener:
+    """A stale socket file (nobody listening) is replaced; a live one is an error."""
+    path = spec.path
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise BindError(
+                errno.EEXIST, f"cannot listen on {spec.url}: the path exists and is not a socket"
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale: left by a server that is gone
+        except OSError as exc:
+            raise BindError(exc.errno, f"cannot listen on {spec.url}: {exc.strerror}") from None
+        else:
+            raise BindError(
+                errno.EADDRINUSE,
+                f"cannot listen on {spec.url}: another server is listening on this socket",
+            )
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        hint = _HINTS.get(exc.errno or 0, exc.strerror or str(exc))
+        raise BindError(exc.errno, f"cannot listen on {spec.url}: {hint}") from None
+    return BoundListener(spec, sock, inode=os.stat(path).st_ino)
+
+
 def _bind_spec(spec: ListenerSpec, port: int, backlog: int, optional: bool) -> list[BoundListener]:
+    if spec.scheme == "unix":
+        return [_bind_unix(spec, backlog)]
     bound: list[BoundListener] = []
     try:
         for family, address in _addresses(spec.host, port):
             real_port = bound[0].spec.port if bound else port
             if family == socket.AF_INET6 and address == "::":
                 try:
-                    sock = _bind_one(family, address, real_port, backlog, dual_stack=True)
+                    sock = _bind_one(family, address, real_port, backlog, True, spec.scheme)
                     dual = True
                 except OSError as exc:
                     if exc.errno not in (errno.ENOPROTOOPT, errno.EINVAL, errno.EOPNOTSUPP):
                         raise
                     # The OS refuses a dual-stack socket: two sockets, as echo_async does.
-                    sock = _bind_one(family, address, real_port, backlog, dual_stack=False)
+                    sock = _bind_one(family, address, real_port, backlog, False, spec.scheme)
                     dual = False
-                    v4 = _bind_one(socket.AF_INET, "0.0.0.0", real_port, backlog, False)
+                    v4 = _bind_one(
+                        socket.AF_INET, "0.0.0.0", real_port, backlog, False, spec.scheme
+                    )
                     bound.append(_listener(spec, v4))
                 bound.append(_listener(spec, sock, dual))
             else:
-                bound.append(_listener(spec, _bind_one(family, address, real_port, backlog, False)))
+                bound.append(
+                    _listener(
+                        spec, _bind_one(family, address, real_port, backlog, False, spec.scheme)
+                    )
+                )
     except OSError as exc:
         for b in bound:
-            b.sock.close()
+            b.close()
         if optional and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
             return []
         hint = _HINTS.get(exc.errno or 0, exc.strerror or str(exc))
@@ -134,7 +207,7 @@ def bind_all(specs: tuple[ListenerSpec, ...], backlog: int) -> list[BoundListene
                 bound.extend(got)
         except BindError as exc:
             for b in bound:
-                b.sock.close()
+                b.close()
             # A port picked by the kernel for the first address may be taken on another.
             if exc.errno == errno.EADDRINUSE and shared_port is not None and attempt < 19:
                 shared_port = None
@@ -148,5 +221,4 @@ def bind_all(specs: tuple[ListenerSpec, ...], backlog: int) -> list[BoundListene
 
 def close_all(listeners: list[BoundListener]) -> None:
     for b in listeners:
-        with contextlib.suppress(OSError):
-            b.sock.close()
+        b.close()

@@ -22,6 +22,8 @@ from socket_echo.listeners import BoundListener, close_all
 from socket_echo.logs import log_event, logger
 from socket_echo.loops import loop_factory, resolve_loop
 from socket_echo.protocols.tcp import ConnectionContext, EchoProtocol
+from socket_echo.protocols.udp import REPORT_EVERY, UdpEcho, UdpStats
+from socket_echo.udp_guard import UdpGuard
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 CLOSE_WAIT = 1.0  # after the graceful timeout: time to deliver what is owed before abort
@@ -51,6 +53,9 @@ class EchoServer:
         self.stopping = asyncio.Event()
         self.stop_signal = ""
         self.engine: EpollEngine | None = None
+        self.udp_stats = UdpStats()
+        self._udp: list[UdpEcho] = []
+        self._udp_report: asyncio.TimerHandle | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._readers: list[AcceptReader] = []
         self._contexts: list[ConnectionContext] = []
@@ -64,17 +69,32 @@ class EchoServer:
             self.engine = EpollEngine(
                 loop, self.table, self.config.max_buffer, self.config.access_log, self.exhausted
             )
+        own_ports = frozenset(b.spec.port for b in self.listeners if b.scheme != "unix")
+        guard = UdpGuard(
+            self.config.udp_rate,
+            self.config.udp_burst,
+            self.config.udp_max_rate,
+            self.config.udp_allow_privileged_ports,
+            own_ports,
+        )
         for bound in self.listeners:
-            await self._listen(loop, bound)
             kind = "dual-stack " if bound.dual_stack else ""
-            log_event(
-                logging.INFO,
-                "listening",
-                f"TCP echo server listening on {bound.url} ({kind}backlog "
-                f"{self.config.backlog}, up to {self.config.max_connections} clients)",
-                listener=bound.url,
-                port=bound.spec.port,
-            )
+            if bound.scheme == "udp":
+                self._udp.append(UdpEcho(loop, bound.sock, guard, self.udp_stats))
+                what = (
+                    f"UDP echo server listening on {bound.url} ({kind}up to "
+                    f"{self.config.udp_rate:g} datagrams/s per source prefix)"
+                )
+            else:
+                await self._listen(loop, bound)
+                name = "TCP" if bound.scheme == "tcp" else "Unix-socket"
+                what = (
+                    f"{name} echo server listening on {bound.url} ({kind}backlog "
+                    f"{self.config.backlog}, up to {self.config.max_connections} clients)"
+                )
+            log_event(logging.INFO, "listening", what, listener=bound.url, port=bound.spec.port)
+        if self._udp:
+            self._udp_report = loop.call_later(REPORT_EVERY, self._report_udp, loop)
         self.table.start_sweeping(loop)
 
     async def _listen(self, loop: asyncio.AbstractEventLoop, bound: BoundListener) -> None:
@@ -98,6 +118,10 @@ class EchoServer:
             reader.start()
             self._readers.append(reader)
             self.table.on_close.append(reader.resume_if_paused)
+
+    def _report_udp(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.udp_stats.report()
+        self._udp_report = loop.call_later(REPORT_EVERY, self._report_udp, loop)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self.stopping.is_set():
@@ -125,6 +149,11 @@ class EchoServer:
             server.close()
         for reader in self._readers:
             reader.close()
+        for udp in self._udp:
+            udp.close()
+        if self._udp_report is not None:
+            self._udp_report.cancel()
+            self.udp_stats.report()
         close_all(self.listeners)
         await asyncio.sleep(0)  # uvloop closes its listening handles on the next iteration
         await asyncio.sleep(0)
@@ -180,6 +209,17 @@ class EchoServer:
             bytes_in=self.table.bytes_in,
             bytes_out=self.table.bytes_out,
         )
+        if self._udp:
+            u = self.udp_stats
+            log_event(
+                logging.INFO,
+                "stopped_udp",
+                f"UDP: {u.datagrams_in} datagram(s) in, {u.datagrams_out} answered, "
+                f"{sum(u.dropped.values())} dropped",
+                datagrams_in=u.datagrams_in,
+                datagrams_out=u.datagrams_out,
+                dropped=dict(u.dropped),
+            )
 
 
 def run(config: ServerConfig, listeners: list[BoundListener]) -> int:

@@ -40,7 +40,7 @@ def format_peer(peer: Any) -> str:
         if host.startswith("::ffff:") and "." in host:
             host = host[7:]  # an IPv4 client on the dual-stack socket
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return str(peer) if peer else "unknown"
+    return str(peer) if peer else "local socket"  # a Unix-socket peer has no address
 
 
 class EchoProtocol(asyncio.Protocol):

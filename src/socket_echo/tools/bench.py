@@ -315,7 +315,8 @@ class Worker:
                         continue
                     conn.state = 1
                     conn.expected = self.patterns.message(res.requests + self.index)
-                    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    if conn.sock.family != socket.AF_UNIX:
+                        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     conn.sock.send(conn.expected)
                     self.epoll.modify(fd, select.EPOLLIN)
                     continue

@@ -1,0 +1,117 @@
+"""Who a UDP echo may answer, and how often: the reflection guard and the rate limits.
+
+UDP echo is a reflection vector (CVE-1999-0103, VU#417980): a spoofed source makes the server
+attack a third party, or two echo services ping-pong forever. As inetd on the BSDs does, never
+answer a datagram from port 0, a port below 1024 (unless allowed, for labs), 2049 (NFS), or a
+port this server listens on; nor from a multicast, broadcast, unspecified or otherwise martian
+address, IPv4-mapped forms included. Past that, a token bucket per source prefix (/24, /56)
+and a global one cap the rate; the bucket table is bounded (least recently used goes first), so
+a spoofed flood from many prefixes cannot grow memory. Excess is dropped, never queued.
+
+Everything here is pure (no I/O) so tests can drive it directly; per datagram the cost is a
+dict lookup (addresses are classified once and cached) and a little arithmetic.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+
+NFS_PORT = 2049
+ADDRESS_CACHE = 65536  # classified source addresses kept; cleared when full
+BUCKETS = 65536  # rate-limit buckets kept; least recently used goes first
+
+V4_MARTIANS = [
+    ipaddress.ip_network(n)
+    for n in ("0.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4", "255.255.255.255/32")
+]
+V6_MARTIANS = [ipaddress.ip_network(n) for n in ("::/128", "ff00::/8", "::/96")]
+
+
+def classify(host: str) -> tuple[str | None, str]:
+    """(drop reason or None, rate-limit prefix key) for a source address text."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return "martian source", host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:a.b.c.d is judged as a.b.c.d
+    if isinstance(ip, ipaddress.IPv4Address):
+        if ip.is_multicast:
+            return "multicast source", ""
+        if any(ip in net for net in V4_MARTIANS):
+            return (
+                "broadcast source"
+                if ip == ipaddress.IPv4Address("255.255.255.255")
+                else "martian source"
+            ), ""
+        return None, str(ipaddress.ip_network(f"{ip}/24", strict=False).network_address)
+    if ip.is_multicast:
+        return "multicast source", ""
+    if ip.is_unspecified or ip in V6_MARTIANS[2]:
+        return "martian source", ""
+    return None, str(ipaddress.ip_network(f"{ip}/56", strict=False).network_address)
+
+
+class TokenBucket:
+    __slots__ = ("burst", "last", "rate", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.last = now
+
+    def take(self, now: float) -> bool:
+        tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if tokens < 1.0:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - 1.0
+        return True
+
+
+class UdpGuard:
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        max_rate: float,
+        allow_privileged_ports: bool = False,
+        own_ports: frozenset[int] = frozenset(),
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.allow_privileged_ports = allow_privileged_ports
+        self.own_ports = own_ports
+        self.global_bucket = TokenBucket(max_rate, max(max_rate, burst), 0.0)
+        self.buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._addresses: dict[str, tuple[str | None, str]] = {}
+
+    def verdict(self, host: str, port: int, now: float) -> str | None:
+        """None to answer, else the reason to drop."""
+        if port == 0 or port == NFS_PORT or port in self.own_ports:
+            return "forbidden source port"
+        if port < 1024 and not self.allow_privileged_ports:
+            return "privileged source port"
+        known = self._addresses.get(host)
+        if known is None:
+            if len(self._addresses) >= ADDRESS_CACHE:
+                self._addresses.clear()
+            known = self._addresses[host] = classify(host)
+        reason, prefix = known
+        if reason is not None:
+            return reason
+        bucket = self.buckets.get(prefix)
+        if bucket is None:
+            if len(self.buckets) >= BUCKETS:
+                self.buckets.popitem(last=False)
+            bucket = self.buckets[prefix] = TokenBucket(self.rate, self.burst, now)
+        else:
+            self.buckets.move_to_end(prefix)
+        if not bucket.take(now):
+            return "source rate limit"
+        if not self.global_bucket.take(now):
+            return "global rate limit"
+        return None
