@@ -32,7 +32,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 def compile_c() -> None:
     BUILD.mkdir(exist_ok=True)
-    for name in ("echo_epoll", "loadgen"):
+    for name in ("echo_epoll", "loadgen", "udp_echo"):
         src, exe = HERE / "c" / f"{name}.c", BUILD / name
         if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
             subprocess.run(["cc", "-O2", "-Wall", "-o", str(exe), str(src)], check=True)
@@ -49,6 +49,33 @@ def servers(python: str) -> dict[str, list[str]]:
 
 
 REFERENCE = "C epoll (reference)"
+UDP_REFERENCE = "C recvfrom/sendto (reference)"
+
+
+def udp_servers(python: str) -> dict[str, list[str]]:
+    """UDP echo servers; socket-echo with its guard on and rate limits high enough that the
+    benchmark's single source prefix is not throttled (the limiting code still runs)."""
+    se = [
+        python,
+        "-m",
+        "socket_echo",
+        "serve",
+        "--log-level",
+        "warning",
+        "--bind",
+        "udp://127.0.0.1:{port}",
+        "--udp-rate",
+        "1e7",
+        "--udp-burst",
+        "100000",
+        "--udp-max-rate",
+        "1e7",
+    ]
+    return {
+        UDP_REFERENCE: [str(BUILD / "udp_echo"), "{port}"],
+        "socket-echo (uvloop)": [*se, "--loop", "uvloop"],
+        "socket-echo (asyncio)": [*se, "--loop", "asyncio"],
+    }
 
 
 def free_port() -> int:
@@ -57,12 +84,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def udp_ping(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.2)
+        s.sendto(b"ping", ("127.0.0.1", port))
+        s.recvfrom(10)
+
+
 def pinned(cpu: int):  # type: ignore[no-untyped-def]
     return lambda: os.sched_setaffinity(0, {cpu % os.cpu_count()})  # type: ignore[operator]
 
 
 class Server:
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], udp: bool = False) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
             [a.replace("{port}", str(self.port)) for a in argv],
@@ -73,7 +107,10 @@ class Server:
         deadline = time.monotonic() + 10
         while True:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                if udp:
+                    udp_ping(self.port)
+                else:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 break
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -128,6 +165,43 @@ def run_throughput(
     if r["total_requests"]:
         r["server_cpu_us_per_req"] = cpu / r["total_requests"] * 1e6
     return r
+
+
+def run_udp(argv: list[str], secs: float) -> dict[str, Any]:
+    server = Server(argv, udp=True)
+    try:
+        cpu0 = server.cpu_seconds()
+        r = loadgen("udp", server.port, 50, 64, secs)
+        cpu = server.cpu_seconds() - cpu0
+    finally:
+        server.stop()
+    r["server_cpu_s"] = cpu
+    if r["total_requests"]:
+        r["server_cpu_us_per_req"] = cpu / r["total_requests"] * 1e6
+    return r
+
+
+def udp_report(udp: dict[str, list[dict[str, Any]]]) -> str:
+    lines = [
+        "",
+        "UDP ping-pong, 50 sockets x 64 B (guard and rate limits on):",
+        "",
+        "| server | datagrams/s | server CPU µs/datagram | datagrams per CPU-second vs C |",
+        "|---|---|---|---|",
+    ]
+    ref = udp[UDP_REFERENCE]
+    for name, runs in udp.items():
+        if name == UDP_REFERENCE:
+            ratio = "1.00x"
+        else:
+            r = paired_ratio(ref, runs, "server_cpu_us_per_req")  # C cpu / our cpu
+            ok = r is not None and r >= 0.7
+            ratio = "—" if r is None else f"{r:.2f}x {'✅' if ok else '❌'} (target ≥ 0.7x)"
+        lines.append(
+            f"| {name} | {fmt(median(runs, 'requests_per_second'))} | "
+            f"{fmt(median(runs, 'server_cpu_us_per_req'))} | {ratio} |"
+        )
+    return "\n".join(lines)
 
 
 def run_idle(argv: list[str], conns: int) -> dict[str, Any]:
@@ -358,7 +432,7 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument(
         "--only",
-        default=",".join([*SCENARIOS, "generators"]),
+        default=",".join([*SCENARIOS, "udp", "generators"]),
         help="comma-separated scenarios (and 'generators': bench vs C loadgen)",
     )
     ap.add_argument("--servers", default="", help="comma-separated substrings of server names")
@@ -366,7 +440,8 @@ def main() -> int:
     compile_c()
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
     with_generators = "generators" in chosen
-    chosen = [s for s in chosen if s != "generators"]
+    with_udp = "udp" in chosen
+    chosen = [s for s in chosen if s not in ("generators", "udp")]
     unknown = set(chosen) - set(SCENARIOS)
     if unknown:
         ap.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
@@ -393,6 +468,20 @@ def main() -> int:
                     flush=True,
                 )
     text = report(results, args.runs, args.duration) if results else ""
+    if with_udp:
+        udp_table = udp_servers(sys.executable)
+        udp: dict[str, list[dict[str, Any]]] = {name: [] for name in udp_table}
+        for run in range(args.runs):
+            for name, argv in udp_table.items():
+                udp[name].append(run_udp(argv, args.duration))
+                print(
+                    f"[udp] run {run + 1}/{args.runs} {name}: "
+                    f"{udp[name][-1]['requests_per_second']:.0f} datagrams/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        results["udp"] = udp
+        text += "\n" + udp_report(udp)
     if with_generators:
         gen = run_generators(args.duration, args.runs)
         results["generators"] = {k: v for k, v in gen.items()}

@@ -18,7 +18,8 @@ import pytest
 from socket_echo.loops import uvloop_available
 
 LOOPS = ["asyncio", "uvloop"] if uvloop_available() else ["asyncio"]
-LISTEN_RE = re.compile(r"listening on (\w+)://(\[[^\]]+\]|[^:\s]+):(\d+)")
+LISTEN_RE = re.compile(r"listening on ([\w+]+)://(\[[^\]]+\]|[^:\s/]+):(\d+)")
+UNIX_RE = re.compile(r"listening on unix://(\S+)")
 
 
 class ServerProcess:
@@ -51,11 +52,7 @@ class ServerProcess:
                 raise RuntimeError("server did not start:\n" + self.log)
             with self._cond:
                 self._cond.wait(0.05)
-            self.listeners = [
-                (m.group(1), m.group(2).strip("[]"), int(m.group(3)))
-                for m in map(LISTEN_RE.search, list(self.lines))
-                if m
-            ]
+            self.listeners = self._parse_listeners()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -68,8 +65,27 @@ class ServerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
+    def _parse_listeners(self) -> list[tuple[str, str, int]]:
+        found: list[tuple[str, str, int]] = []
+        for line in list(self.lines):
+            m = LISTEN_RE.search(line)
+            if m:
+                found.append((m.group(1), m.group(2).strip("[]"), int(m.group(3))))
+            elif u := UNIX_RE.search(line):
+                found.append(("unix", u.group(1), 0))
+        return found
+
     def listener(self, scheme: str = "tcp") -> tuple[str, str, int]:
-        return next(entry for entry in self.listeners if entry[0] == scheme)
+        """The first listener of that scheme (waiting a little for its log line)."""
+        deadline = time.monotonic() + 10
+        while True:
+            self.listeners = self._parse_listeners()
+            for entry in self.listeners:
+                if entry[0] == scheme:
+                    return entry
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {scheme} listener in:\n{self.log}")
+            time.sleep(0.02)
 
     @property
     def port(self) -> int:

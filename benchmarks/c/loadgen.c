@@ -2,6 +2,8 @@
  *   loadgen pingpong HOST PORT CONNS SIZE SECONDS   closed loop, one message in flight per conn
  *   loadgen stream   HOST PORT CONNS SIZE SECONDS   continuous both ways, SIZE-byte writes
  *   loadgen churn    HOST PORT CONNS SIZE SECONDS   connect, echo SIZE bytes, close; CONNS slots
+ *   loadgen udp      HOST PORT CONNS SIZE SECONDS   UDP ping-pong: CONNS sockets, one datagram
+ *                                                   in flight each (resent after 200 ms)
  *   loadgen idle     HOST PORT CONNS 1    SECONDS   open CONNS, echo 1 byte each, print READY,
  *                                                   hold until stdin closes or SECONDS pass
  * Every byte that comes back is compared with what was sent. Prints one JSON object. */
@@ -63,7 +65,18 @@ static uint64_t pct(double p) {
     return HIST_US;
 }
 
+static int udp_mode;
+static uint64_t lost;
+
 static int open_conn(int ep, struct conn *c) {
+    if (udp_mode) {
+        c->fd = socket(addr.ss_family, SOCK_DGRAM | SOCK_NONBLOCK, 0);
+        connect(c->fd, (void *)&addr, addrlen);
+        c->state = 0; c->sent = c->got = 0;
+        struct epoll_event e = {.events = EPOLLOUT, .data.ptr = c};
+        epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &e);
+        return 0;
+    }
     c->fd = socket(addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK, 0);
     int one = 1;
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
@@ -111,6 +124,7 @@ int main(int argc, char **argv) {
     for (int i = 0; i < 2 * PAT; i++) pat[i] = (unsigned char)((i % PAT) * 2654435761u >> 13);
 
     int stream = !strcmp(mode, "stream"), churn = !strcmp(mode, "churn"), idle = !strcmp(mode, "idle");
+    udp_mode = !strcmp(mode, "udp");
     int ep = epoll_create1(0);
     struct conn *cs = calloc(nconn, sizeof *cs);
     static unsigned char buf[1 << 18];
@@ -134,7 +148,18 @@ int main(int argc, char **argv) {
             epoll_ctl(ep, EPOLL_CTL_ADD, 0, &e);
         }
         if (idle && !ready && t > start + 60) { errors += nconn - done_idle; break; }
-        int n = epoll_wait(ep, evs, 512, 100);
+        if (udp_mode) {
+            static double last_check;
+            if (t - last_check > 0.05) {
+                last_check = t;
+                for (int k = 0; k < nconn; k++)
+                    if (cs[k].state == 1 && t - cs[k].t0 > 0.2) {   /* lost: send anew */
+                        lost++; cs[k].got = 0; cs[k].t0 = t;
+                        if (write(cs[k].fd, cs[k].msg, size) != size) errors++;
+                    }
+            }
+        }
+        int n = epoll_wait(ep, evs, 512, udp_mode ? 20 : 100);
         int stop = 0;
         for (int i = 0; i < n; i++) {
             struct conn *c = evs[i].data.ptr;
@@ -183,6 +208,7 @@ int main(int argc, char **argv) {
                 done_idle++;
                 continue;
             }
+            if (udp_mode && (r != size || memcmp(buf, c->msg, r))) continue;  /* a late reply */
             if (c->got + r > (uint64_t)size || memcmp(buf, c->msg + c->got, r)) mismatches++;
             c->got += r;
             if (c->got < (uint64_t)size) continue;
@@ -205,12 +231,12 @@ int main(int argc, char **argv) {
     printf("{\"mode\":\"%s\",\"connections\":%d,\"size\":%d,\"seconds\":%.3f,\"requests\":%llu,"
            "\"requests_per_second\":%.1f,\"megabytes_per_second\":%.2f,\"connections_per_second\":%.1f,"
            "\"p50_us\":%llu,\"p90_us\":%llu,\"p99_us\":%llu,\"p999_us\":%llu,\"max_us\":%llu,"
-           "\"errors\":%llu,\"mismatches\":%llu,\"established\":%d,\"total_requests\":%llu}\n",
+           "\"errors\":%llu,\"mismatches\":%llu,\"established\":%d,\"total_requests\":%llu,\"lost\":%llu}\n",
            mode, nconn, size, elapsed, (unsigned long long)requests, requests / elapsed,
            bytes_back / elapsed / 1e6, churned / elapsed,
            (unsigned long long)pct(.5), (unsigned long long)pct(.9), (unsigned long long)pct(.99),
            (unsigned long long)pct(.999), (unsigned long long)max_us,
            (unsigned long long)errors, (unsigned long long)mismatches, done_idle,
-           (unsigned long long)total_requests);
+           (unsigned long long)total_requests, (unsigned long long)lost);
     return mismatches || errors ? 1 : 0;
 }

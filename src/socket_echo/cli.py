@@ -16,7 +16,7 @@ import click
 from socket_echo import __version__, config
 from socket_echo.config import ConfigError, ServerConfig
 from socket_echo.listeners import BindError, bind_all
-from socket_echo.logs import setup_logging
+from socket_echo.logs import logger, setup_logging
 from socket_echo.loops import resolve_loop
 from socket_echo.server import EXIT_FAILURE, EXIT_USAGE, run
 
@@ -89,7 +89,7 @@ def cli() -> None:
     """
 
 
-LISTEN, LIMITS, UDP, RUNTIME = "Listeners", "Limits", "UDP", "Runtime and logging"
+LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtime and logging"
 
 
 @cli.command(cls=GroupedCommand)
@@ -114,8 +114,9 @@ LISTEN, LIMITS, UDP, RUNTIME = "Listeners", "Limits", "UDP", "Runtime and loggin
     multiple=True,
     metavar="URL",
     help_group=LISTEN,
-    help="Listener URL, repeatable: tcp://HOST:PORT, udp://HOST:PORT, tcp://[::1]:4242, "
-    "unix:///path/to/socket. Replaces --host/--port (which give TCP and UDP) when given.",
+    help="Listener URL, repeatable: tcp://HOST:PORT, udp://HOST:PORT, tls://HOST:PORT, "
+    "tcp://[::1]:4242, unix:///path/to/socket. Replaces --host/--port (which give TCP and "
+    "UDP) when given.",
 )
 @option(
     "--backlog",
@@ -194,6 +195,43 @@ LISTEN, LIMITS, UDP, RUNTIME = "Listeners", "Limits", "UDP", "Runtime and loggin
     help="Answer sources on ports below 1024 (labs only: a reflection risk).",
 )
 @option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help_group=TLS,
+    help="Certificate chain (PEM) for tls:// listeners.",
+)
+@option(
+    "--tls-key",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help_group=TLS,
+    help="Private key (PEM) for --tls-cert.",
+)
+@option(
+    "--tls-client-ca",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help_group=TLS,
+    help="Mutual TLS: require client certificates signed by this CA (PEM).",
+)
+@option(
+    "--tls-self-signed/--no-tls-self-signed",
+    default=False,
+    help_group=TLS,
+    help="Make a certificate for localhost at start (in memory) and log its SHA-256 "
+    "fingerprint: a quick try without files.",
+)
+@option(
+    "--tls-handshake-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=config.DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+    show_default=True,
+    metavar="SECONDS",
+    help_group=TLS,
+    help="Close connections whose TLS handshake takes longer.",
+)
+@option(
     "--loop",
     type=click.Choice(config.LOOPS),
     default=config.DEFAULT_LOOP,
@@ -246,6 +284,11 @@ def serve(
     udp_burst: int,
     udp_max_rate: float,
     udp_allow_privileged_ports: bool,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_client_ca: str | None,
+    tls_self_signed: bool,
+    tls_handshake_timeout: float,
     loop: str,
     engine: str,
     log_level: str,
@@ -275,6 +318,11 @@ def serve(
         udp_burst=udp_burst,
         udp_max_rate=udp_max_rate,
         udp_allow_privileged_ports=udp_allow_privileged_ports,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
+        tls_self_signed=tls_self_signed,
+        tls_handshake_timeout=tls_handshake_timeout,
         loop=loop,
         engine=engine,
         log_level=log_level.lower(),
@@ -282,13 +330,34 @@ def serve(
         access_log=access_log and log_level.lower() in ("debug", "info"),
     )
     setup_logging(cfg.log_level, cfg.log_format)
+    sslcontext = _tls_context(cfg)
     try:
         bound = bind_all(cfg.listeners, cfg.backlog)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     except BindError as exc:
         raise click.ClickException(exc.strerror or str(exc)) from None
-    sys.exit(run(cfg, bound))
+    sys.exit(run(cfg, bound, sslcontext))
+
+
+def _tls_context(cfg: ServerConfig) -> Any:
+    """The server's SSLContext when a tls:// listener asks for one; errors are one line."""
+    from socket_echo.protocols.tls import TlsSetupError, self_signed_context, server_context
+
+    if not any(spec.scheme == "tls" for spec in cfg.listeners):
+        return None
+    if cfg.tls_self_signed:
+        ctx, fingerprint = self_signed_context()
+        logger.info("TLS: self-signed certificate for localhost, SHA-256 %s", fingerprint)
+        return ctx
+    if not (cfg.tls_cert and cfg.tls_key):
+        raise click.UsageError(
+            "a tls:// listener needs --tls-cert and --tls-key (or --tls-self-signed)"
+        )
+    try:
+        return server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+    except TlsSetupError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> None:

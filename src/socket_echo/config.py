@@ -27,7 +27,8 @@ LOOPS = ("auto", "asyncio", "uvloop")
 ENGINES = ("auto", "epoll", "protocol")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
-SCHEMES = ("tcp", "udp", "unix")
+SCHEMES = ("tcp", "udp", "tls", "unix", "tcp+proxy")
+DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_UDP_RATE = 1000.0  # datagrams/s per source prefix (/24, /56)
 DEFAULT_UDP_BURST = 2000
 DEFAULT_UDP_MAX_RATE = 50_000.0  # datagrams/s over all sources
@@ -76,6 +77,11 @@ class ServerConfig:
     udp_burst: int = DEFAULT_UDP_BURST
     udp_max_rate: float = DEFAULT_UDP_MAX_RATE
     udp_allow_privileged_ports: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    tls_self_signed: bool = False
+    tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT
 
 
 def format_url(scheme: str, host: str, port: int) -> str:

@@ -56,6 +56,8 @@ _HINTS = {
 
 KINDS = {
     "tcp": (socket.SOCK_STREAM, socket.IPPROTO_TCP),
+    "tls": (socket.SOCK_STREAM, socket.IPPROTO_TCP),
+    "tcp+proxy": (socket.SOCK_STREAM, socket.IPPROTO_TCP),
     "udp": (socket.SOCK_DGRAM, socket.IPPROTO_UDP),
 }
 
@@ -195,11 +197,15 @@ def bind_all(specs: tuple[ListenerSpec, ...], backlog: int) -> list[BoundListene
     shared_port: int | None = None
     for attempt in range(20):
         bound: list[BoundListener] = []
+        on_shared: set[tuple[int, str]] = set()  # (socket type, host) already on shared_port
         try:
             for spec in specs:
                 port = spec.port
-                if port == 0 and shared_port is not None:
+                kind = KINDS.get(spec.scheme, (0, 0))[0]
+                if port == 0 and shared_port is not None and (kind, spec.host) not in on_shared:
                     port = shared_port
+                if port == shared_port or (spec.port == 0 and shared_port is None):
+                    on_shared.add((kind, spec.host))
                 optional = spec.host in DEFAULT_HOSTS and spec.host == "::1"
                 got = _bind_spec(spec, port, backlog, optional)
                 if spec.port == 0 and shared_port is None and got:

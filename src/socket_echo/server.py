@@ -12,6 +12,8 @@ import logging
 import os
 import select
 import signal
+import ssl
+from collections.abc import Callable
 from typing import Any
 
 from socket_echo.accept import RESOURCE_ERRORS, AcceptReader, descriptor_log
@@ -21,7 +23,10 @@ from socket_echo.limits import ConnectionTable, descriptor_budget
 from socket_echo.listeners import BoundListener, close_all
 from socket_echo.logs import log_event, logger
 from socket_echo.loops import loop_factory, resolve_loop
+from socket_echo.protocols.proxy_gate import ProxyStats
+from socket_echo.protocols.proxy_gate import gate_factory as proxy_gate_factory
 from socket_echo.protocols.tcp import ConnectionContext, EchoProtocol
+from socket_echo.protocols.tls import TlsStats, gate_factory
 from socket_echo.protocols.udp import REPORT_EVERY, UdpEcho, UdpStats
 from socket_echo.udp_guard import UdpGuard
 
@@ -36,8 +41,16 @@ def use_epoll_engine(config: ServerConfig) -> bool:
 
 
 class EchoServer:
-    def __init__(self, config: ServerConfig, listeners: list[BoundListener]) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        listeners: list[BoundListener],
+        sslcontext: ssl.SSLContext | None = None,
+    ) -> None:
         self.config = config
+        self.sslcontext = sslcontext
+        self.tls_stats = TlsStats()
+        self.proxy_stats = ProxyStats()
         self.listeners = listeners
         budget = descriptor_budget(config.max_connections)
         self.table = ConnectionTable(config.max_connections, config.idle_timeout, budget)
@@ -87,7 +100,12 @@ class EchoServer:
                 )
             else:
                 await self._listen(loop, bound)
-                name = "TCP" if bound.scheme == "tcp" else "Unix-socket"
+                name = {
+                    "tcp": "TCP",
+                    "tls": "TLS",
+                    "unix": "Unix-socket",
+                    "tcp+proxy": "TCP (PROXY protocol)",
+                }[bound.scheme]
                 what = (
                     f"{name} echo server listening on {bound.url} ({kind}backlog "
                     f"{self.config.backlog}, up to {self.config.max_connections} clients)"
@@ -98,16 +116,44 @@ class EchoServer:
         self.table.start_sweeping(loop)
 
     async def _listen(self, loop: asyncio.AbstractEventLoop, bound: BoundListener) -> None:
-        if self.engine is not None:
+        if self.engine is not None and bound.scheme in ("tcp", "unix"):
             self.engine.add_listener(bound.sock, bound.url)
             return
         ctx = ConnectionContext(
             self.table, bound.url, self.config.max_buffer, self.config.access_log, loop
         )
         self._contexts.append(ctx)
+        factory: Callable[[], asyncio.Protocol]
+        if bound.scheme == "tls" and resolve_loop(self.config.loop) == "uvloop":
+            # uvloop's start_tls() hangs handshakes here (cf. MagicStack/uvloop#707), so TLS
+            # runs on its native server; its handshake failures reach no application code, so
+            # on uvloop they are not logged (the asyncio loop names each one, below).
+            assert self.sslcontext is not None
 
-        def factory() -> EchoProtocol:
-            return EchoProtocol(ctx)
+            def tls_echo() -> asyncio.Protocol:
+                return EchoProtocol(ctx)
+
+            self._servers.append(
+                await loop.create_server(
+                    tls_echo,
+                    sock=bound.sock,
+                    backlog=self.config.backlog,
+                    ssl=self.sslcontext,
+                    ssl_handshake_timeout=self.config.tls_handshake_timeout,
+                )
+            )
+            return
+        if bound.scheme == "tls":
+            assert self.sslcontext is not None
+            factory = gate_factory(
+                ctx, self.sslcontext, self.config.tls_handshake_timeout, self.tls_stats
+            )
+        elif bound.scheme == "tcp+proxy":
+            factory = proxy_gate_factory(ctx, self.proxy_stats)
+        else:
+
+            def factory() -> asyncio.Protocol:
+                return EchoProtocol(ctx)
 
         if resolve_loop(self.config.loop) == "uvloop":  # libuv copes with EMFILE itself
             self._servers.append(
@@ -222,11 +268,15 @@ class EchoServer:
             )
 
 
-def run(config: ServerConfig, listeners: list[BoundListener]) -> int:
+def run(
+    config: ServerConfig,
+    listeners: list[BoundListener],
+    sslcontext: ssl.SSLContext | None = None,
+) -> int:
     """Serve already-bound listeners until a signal; returns the exit code."""
     loop = loop_factory(config.loop)()
     asyncio.set_event_loop(loop)
-    server = EchoServer(config, listeners)
+    server = EchoServer(config, listeners, sslcontext)
     try:
         loop.run_until_complete(server.serve())
     except OSError as exc:

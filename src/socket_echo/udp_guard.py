@@ -48,7 +48,7 @@ def classify(host: str) -> tuple[str | None, str]:
         return None, str(ipaddress.ip_network(f"{ip}/24", strict=False).network_address)
     if ip.is_multicast:
         return "multicast source", ""
-    if ip.is_unspecified or ip in V6_MARTIANS[2]:
+    if ip.is_unspecified or (ip in V6_MARTIANS[2] and not ip.is_loopback):  # ::/96 but ::1
         return "martian source", ""
     return None, str(ipaddress.ip_network(f"{ip}/56", strict=False).network_address)
 
@@ -85,7 +85,7 @@ class UdpGuard:
         self.burst = burst
         self.allow_privileged_ports = allow_privileged_ports
         self.own_ports = own_ports
-        self.global_bucket = TokenBucket(max_rate, max(max_rate, burst), 0.0)
+        self.global_bucket = TokenBucket(max_rate, max(1.0, max_rate), 0.0)  # 1 s of burst
         self.buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._addresses: dict[str, tuple[str | None, str]] = {}
 

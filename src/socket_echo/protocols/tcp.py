@@ -59,8 +59,9 @@ class EchoProtocol(asyncio.Protocol):
         "writes_paused",
     )
 
-    def __init__(self, ctx: ConnectionContext) -> None:
+    def __init__(self, ctx: ConnectionContext, peer: Any = None) -> None:
         self.ctx = ctx
+        self.peer = peer  # given: the client address a PROXY header named
         self.conn_id = 0  # 0 = not admitted
         self.bytes_in = 0
         self.drains = 0
@@ -89,7 +90,8 @@ class EchoProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         ctx = self.ctx
         self.opened_at = now = ctx.loop.time()
-        self.peer = transport.get_extra_info("peername")
+        if self.peer is None:
+            self.peer = transport.get_extra_info("peername")
         if ctx.draining or not ctx.table.admit(self, now):
             self.transport.abort()
             return

@@ -1,0 +1,201 @@
+"""TLS listeners: the handshake, its failures named, then the ordinary echo protocol.
+
+Why not ``create_server(ssl=...)``: there a failed handshake never reaches the application
+(asyncio reports SSL errors only in debug mode; the protocol is never told), so nothing could
+log the reason. Here each TLS connection starts as plain TCP with reading paused (so no byte
+of the ClientHello is lost), ``loop.start_tls()`` runs the handshake with a timeout and raises
+the real reason on failure, and only a finished handshake hands the transport to
+:class:`EchoProtocol`. Works the same on uvloop and the stdlib loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import tempfile
+from collections import Counter
+from typing import Any, cast
+
+from socket_echo.logs import log_event
+from socket_echo.protocols.tcp import ConnectionContext, EchoProtocol, format_peer
+
+MIN_VERSION = ssl.TLSVersion.TLSv1_2
+
+
+class TlsSetupError(Exception):
+    """Certificate or key missing, unreadable or not matching: one line, exit 1."""
+
+
+def server_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = MIN_VERSION  # set explicitly, whatever the system default
+    try:
+        ctx.load_cert_chain(cert, key)
+    except FileNotFoundError as exc:
+        raise TlsSetupError(f"TLS: cannot read {exc.filename}: no such file") from None
+    except PermissionError as exc:
+        raise TlsSetupError(f"TLS: cannot read {exc.filename}: permission denied") from None
+    except ssl.SSLError as exc:
+        reason = exc.reason or str(exc)
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            reason = "the key does not match the certificate"
+        raise TlsSetupError(
+            f"TLS: cannot use --tls-cert {cert} / --tls-key {key}: {reason}"
+        ) from None
+    if client_ca:
+        try:
+            ctx.load_verify_locations(client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsSetupError(
+                f"TLS: cannot use --tls-client-ca {client_ca}: "
+                f"{getattr(exc, 'strerror', None) or exc}"
+            ) from None
+        ctx.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: a client certificate is required
+    return ctx
+
+
+def self_signed_context() -> tuple[ssl.SSLContext, str]:
+    """A certificate for localhost made at start, in memory (the PEM touches a private temp
+    file only long enough for OpenSSL to load it). Returns (context, SHA-256 fingerprint)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.ip_address("::1")),
+                ]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    fd, path = tempfile.mkstemp(suffix=".pem")  # mode 0600
+    try:
+        os.write(fd, pem)
+        os.close(fd)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = MIN_VERSION
+        ctx.load_cert_chain(path)
+    finally:
+        os.unlink(path)
+    fingerprint = cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    return ctx, fingerprint
+
+
+def failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or "taking longer" in str(exc):
+        return "handshake timeout"
+    if isinstance(exc, ssl.SSLError):
+        return (exc.reason or str(exc)).lower().replace("_", " ")
+    if isinstance(exc, (ConnectionError, EOFError)):
+        return "peer closed during the handshake"
+    return type(exc).__name__
+
+
+class TlsStats:
+    def __init__(self) -> None:
+        self.handshake_failures: Counter[str] = Counter()
+
+
+class TlsGate(asyncio.Protocol):
+    """Holds a new TCP connection (reading paused) until its TLS handshake is done."""
+
+    def __init__(
+        self,
+        ctx: ConnectionContext,
+        sslcontext: ssl.SSLContext,
+        handshake_timeout: float,
+        stats: TlsStats,
+    ) -> None:
+        self.ctx = ctx
+        self.sslcontext = sslcontext
+        self.handshake_timeout = handshake_timeout
+        self.stats = stats
+        self.task: asyncio.Task[None] | None = None
+        # Data (and EOF) the TLS layer may deliver between the end of the handshake and the
+        # hand-over to the echo protocol: kept, then passed on in order.
+        self.early: list[bytes] = []
+        self.early_eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tcp = cast(asyncio.Transport, transport)
+        tcp.pause_reading()  # the ClientHello waits in the kernel for start_tls
+        self.task = self.ctx.loop.create_task(self._handshake(tcp))
+
+    async def _handshake(self, tcp: asyncio.Transport) -> None:
+        peer = tcp.get_extra_info("peername")
+        try:
+            tls = await self.ctx.loop.start_tls(
+                tcp,
+                self,
+                self.sslcontext,
+                server_side=True,
+                ssl_handshake_timeout=self.handshake_timeout,
+            )
+        except (OSError, EOFError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            self._fail(tcp, peer, failure_reason(exc))
+            return
+        if tls is None:  # closed meanwhile
+            return
+        echo = EchoProtocol(self.ctx)
+        tls.set_protocol(echo)
+        echo.connection_made(tls)
+        for chunk in self.early:
+            echo.data_received(chunk)
+        if self.early_eof and not echo.eof_received():
+            tls.close()
+
+    def _fail(self, tcp: asyncio.Transport, peer: Any, reason: str) -> None:
+        self.stats.handshake_failures[reason] += 1
+        tcp.abort()
+        log_event(
+            logging.INFO if self.ctx.access_log else logging.DEBUG,
+            "tls_failed",
+            f"TLS handshake from {format_peer(peer)} failed: {reason}",
+            listener=self.ctx.listener,
+            peer=format_peer(peer),
+            reason=reason,
+        )
+
+    def data_received(self, data: bytes) -> None:
+        self.early.append(data)
+
+    def eof_received(self) -> bool:
+        self.early_eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+def gate_factory(
+    ctx: ConnectionContext, sslcontext: ssl.SSLContext, timeout: float, stats: TlsStats
+) -> Any:
+    def factory() -> TlsGate:
+        return TlsGate(ctx, sslcontext, timeout, stats)
+
+    return factory

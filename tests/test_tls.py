@@ -1,0 +1,234 @@
+"""TLS listeners: echo, mutual TLS, failed handshakes named in the log, bad files at start."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+import pytest
+import trustme
+from conftest import exchange, recv_until_eof
+from tools_helpers import tool
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A CA, a server certificate for 127.0.0.1/localhost, and a client certificate."""
+    d = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost", "::1")
+    client = ca.issue_cert("client.example")
+    other_ca = trustme.CA()
+    files = {
+        "ca": d / "ca.pem",
+        "cert": d / "cert.pem",
+        "key": d / "key.pem",
+        "client": d / "client.pem",
+        "stranger": d / "stranger.pem",
+    }
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    server.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    server.private_key_pem.write_to_path(str(files["key"]))
+    client.private_key_and_cert_chain_pem.write_to_path(str(files["client"]))
+    other_ca.issue_cert("stranger.example").private_key_and_cert_chain_pem.write_to_path(
+        str(files["stranger"])
+    )
+    return {k: str(v) for k, v in files.items()}
+
+
+def client_context(pki, cert: str | None = None) -> ssl.SSLContext:  # type: ignore[no-untyped-def]
+    ctx = ssl.create_default_context(cafile=pki["ca"])
+    if cert:
+        ctx.load_cert_chain(cert)
+    return ctx
+
+
+def tls_connect(port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def start_tls(start_server, pki, *extra: str, loop_flags=("--loop", "asyncio")):  # type: ignore[no-untyped-def]
+    """On the asyncio loop by default: there every failed handshake is logged with its
+    reason (on uvloop, TLS runs on uvloop's own server, whose failures stay silent)."""
+    return start_server(
+        *loop_flags,
+        "--bind",
+        "tls://127.0.0.1:0",
+        "--tls-cert",
+        pki["cert"],
+        "--tls-key",
+        pki["key"],
+        *extra,
+    )
+
+
+def test_tls_echo_on_both_loops(start_server, pki, loop_name):
+    server = start_tls(start_server, pki, loop_flags=("--loop", loop_name))
+    _, _, port = server.listener("tls")
+    data = os.urandom(2 << 20)
+    with tls_connect(port, client_context(pki)) as sock:
+        assert sock.version() in ("TLSv1.2", "TLSv1.3")
+        assert exchange(sock, data) == data
+    server.wait_for_log(r"connection #1 from 127\.0\.0\.1:\d+ closed")
+    result = tool("probe", f"tls://127.0.0.1:{port}", "--ca", pki["ca"], "--json")
+    assert result.returncode == 0, result.stdout
+
+
+def test_minimum_version_is_tls_1_2(start_server, pki):
+    server = start_tls(start_server, pki)
+    _, _, port = server.listener("tls")
+    ctx = client_context(pki)
+    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        tls_connect(port, ctx).close()
+    server.wait_for_log(r"TLS handshake from .* failed: ")
+
+
+def test_plain_text_and_garbage_fail_with_a_named_reason_and_the_server_goes_on(start_server, pki):
+    server = start_tls(start_server, pki)
+    _, _, port = server.listener("tls")
+    for junk in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", os.urandom(300), b"hello\n"):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(junk)
+            with contextlib.suppress(ConnectionResetError):
+                assert recv_until_eof(raw) is not None
+    failures = server.wait_for_log(r"TLS handshake from 127\.0\.0\.1:\d+ failed: (.+)$")
+    assert failures.group(1)
+    time.sleep(0.3)
+    assert len(re.findall(r"TLS handshake from .* failed", server.log)) == 3
+    with tls_connect(port, client_context(pki)) as sock:  # the server goes on
+        assert exchange(sock, b"still fine") == b"still fine"
+
+
+def test_handshake_timeout(start_server, pki):
+    server = start_tls(start_server, pki, "--tls-handshake-timeout", "0.5")
+    _, _, port = server.listener("tls")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        started = time.monotonic()
+        assert recv_until_eof(raw) == b""  # closed by the server, we sent nothing
+        assert time.monotonic() - started < 5
+    server.wait_for_log(r"failed: handshake timeout")
+
+
+def test_mutual_tls_requires_a_trusted_client_certificate(start_server, pki):
+    server = start_tls(start_server, pki, "--tls-client-ca", pki["ca"])
+    _, _, port = server.listener("tls")
+    with tls_connect(port, client_context(pki, pki["client"])) as sock:
+        assert exchange(sock, b"with a certificate") == b"with a certificate"
+    for cert in (None, pki["stranger"]):
+        try:
+            with tls_connect(port, client_context(pki, cert)) as sock:
+                sock.sendall(b"x")  # TLS 1.3: the server's verdict arrives after the handshake
+                assert sock.recv(10) == b""
+        except (ssl.SSLError, ConnectionError):
+            pass
+    server.wait_for_log(r"failed: .*(certificate|cert)")
+
+
+def test_self_signed_prints_its_fingerprint(start_server, loop_name):
+    server = start_server("--loop", loop_name, "--bind", "tls://127.0.0.1:0", "--tls-self-signed")
+    m = server.wait_for_log(r"SHA-256 ((?:[0-9A-F]{2}:){31}[0-9A-F]{2})")
+    _, _, port = server.listener("tls")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with tls_connect(port, ctx) as sock:
+        der = sock.getpeercert(binary_form=True)
+        import hashlib
+
+        assert hashlib.sha256(der).hexdigest().upper() == m.group(1).replace(":", "")
+        assert exchange(sock, b"quick try") == b"quick try"
+
+
+@pytest.mark.parametrize(
+    "which, words",
+    [
+        ("missing", ["no such file"]),
+        ("mismatch", ["does not match"]),
+        ("garbage", ["cannot use"]),
+    ],
+)
+def test_bad_certificate_files_are_one_line_and_exit_1(pki, tmp_path, which, words):
+    cert, key = pki["cert"], pki["key"]
+    if which == "missing":
+        cert = str(tmp_path / "nope.pem")
+    elif which == "mismatch":
+        key = str(tmp_path / "other-key.pem")
+        trustme.CA().issue_cert("x.example").private_key_pem.write_to_path(key)
+    else:
+        (tmp_path / "junk.pem").write_text("not a certificate")
+        cert = str(tmp_path / "junk.pem")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "socket_echo",
+            "--bind",
+            "tls://127.0.0.1:0",
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert result.returncode == 1, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for word in words:
+        assert word in result.stderr
+
+
+def test_tls_listener_without_certificate_is_bad_usage():
+    result = subprocess.run(
+        [sys.executable, "-m", "socket_echo", "--bind", "tls://127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert result.returncode == 2 and "--tls-cert" in result.stderr
+
+
+@pytest.mark.skipif(not __import__("shutil").which("openssl"), reason="openssl not installed")
+def test_openssl_s_client_gets_its_echo(start_server, pki):
+    import select
+
+    server = start_tls(start_server, pki)
+    _, _, port = server.listener("tls")
+    proc = subprocess.Popen(
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-CAfile",
+            pki["ca"],
+            "-verify_return_error",
+            "-quiet",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(b"hello from openssl\n")
+        proc.stdin.flush()
+        got = b""
+        deadline = time.monotonic() + 10
+        while b"hello from openssl\n" not in got and time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+            if ready:
+                got += os.read(proc.stdout.fileno(), 4096)
+        assert b"hello from openssl\n" in got
+    finally:
+        proc.kill()
+        proc.wait(5)

@@ -1,0 +1,223 @@
+"""UDP echo (RFC 862) and its reflection guard, over real sockets."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import socket
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from tools_helpers import tool
+
+from socket_echo.payloads import NET_TOOLS_PAYLOADS
+from socket_echo.udp_guard import BUCKETS, UdpGuard, classify
+
+
+def udp_client(host: str = "127.0.0.1", port: int = 0, timeout: float = 2.0) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind((host, port))
+    sock.settimeout(timeout)
+    return sock
+
+
+def answered(sock: socket.socket, target: tuple[str, int], payload: bytes) -> bytes | None:
+    sock.sendto(payload, target)
+    try:
+        data, peer = sock.recvfrom(65535)
+    except TimeoutError:
+        return None
+    assert peer[1] == target[1]
+    return data
+
+
+def bind_low_port(host: str, candidates: range) -> socket.socket | None:
+    for port in candidates:
+        try:
+            return udp_client(host, port, timeout=0.5)
+        except OSError:
+            continue
+    return None
+
+
+def test_every_datagram_size_comes_back_over_ipv4_and_ipv6(start_server):
+    server = start_server(host="", expect_listeners=4)
+    _, _, port = server.listener("udp")
+    for host, largest in (("127.0.0.1", 65507), ("::1", 65527)):
+        with udp_client(host) as sock:
+            for size in (0, 1, 64, 1472, 9000, largest):
+                payload = os.urandom(size)
+                assert answered(sock, (host, port), payload) == payload, (host, size)
+
+
+def test_zephyr_echo_client_payloads_from_its_source_port_8484(start_server):
+    server = start_server()
+    _, host, port = server.listener("udp")
+    sock = bind_low_port(host, range(8484, 8485)) or udp_client(host)
+    with sock:
+        for name, payload in NET_TOOLS_PAYLOADS:
+            assert answered(sock, (host, port), payload) == payload, name
+
+
+def test_dual_stack_udp_answers_ipv4_clients(start_server):
+    server = start_server("--host", "::", expect_listeners=2)
+    _, _, port = server.listener("udp")
+    with udp_client("127.0.0.1") as sock:
+        assert answered(sock, ("127.0.0.1", port), b"mapped") == b"mapped"
+
+
+def test_guard_ignores_forbidden_source_ports_and_answers_normal_ones(start_server):
+    server = start_server("--log-format", "text")
+    _, host, port = server.listener("udp")
+    forbidden = [
+        bind_low_port(host, range(700, 1000)),  # privileged (needs root to bind: else skipped)
+        bind_low_port(host, range(2049, 2050)),  # NFS
+        bind_low_port("127.0.0.2", range(port, port + 1)),  # this server's own port
+    ]
+    usable = [s for s in forbidden if s is not None]
+    if not usable:
+        pytest.skip("cannot bind any forbidden source port here")
+    for sock in usable:
+        with sock:
+            assert answered(sock, (host, port), b"reflect me") is None, sock.getsockname()
+    with udp_client(host) as normal:
+        assert answered(normal, (host, port), b"fine") == b"fine"
+    server.signal(signal.SIGTERM)
+    server.wait_for_log(r"UDP datagrams dropped: .*source port")
+
+
+def test_privileged_ports_allowed_for_labs(start_server):
+    server = start_server("--udp-allow-privileged-ports")
+    _, host, port = server.listener("udp")
+    sock = bind_low_port(host, range(700, 1000))
+    if sock is None:
+        pytest.skip("cannot bind a port below 1024 here")
+    with sock:
+        assert answered(sock, (host, port), b"lab") == b"lab"
+    nfs = bind_low_port(host, range(2049, 2050))
+    if nfs is not None:
+        with nfs:  # the flag lifts the below-1024 rule only
+            assert answered(nfs, (host, port), b"nfs") is None
+
+
+def test_rate_limit_per_prefix_drops_excess_and_spares_other_prefixes(start_server):
+    server = start_server("--udp-rate", "20", "--udp-burst", "10")
+    _, host, port = server.listener("udp")
+    with udp_client("127.0.0.1", timeout=0.2) as flood:
+        flood.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        started = time.monotonic()
+        for i in range(300):
+            flood.sendto(i.to_bytes(4, "big"), (host, port))
+        replies = 0
+        try:
+            while True:
+                flood.recvfrom(100)
+                replies += 1
+        except TimeoutError:
+            pass
+        elapsed = time.monotonic() - started
+    assert 10 <= replies <= 10 + 20 * elapsed + 5, replies
+    with udp_client("127.0.1.1") as other:  # another /24: its own bucket
+        assert answered(other, (host, port), b"other prefix") == b"other prefix"
+    server.wait_for_log(r"UDP datagrams dropped: \d+ source rate limit", timeout=15)
+    lines = [ln for ln in server.lines if "UDP datagrams dropped" in ln]
+    assert len(lines) == 1, "drops are reported at most once per 10 s"
+
+
+def test_global_rate_cap(start_server):
+    server = start_server("--udp-max-rate", "5", "--udp-burst", "1000")
+    _, host, port = server.listener("udp")
+    total = 0
+    started = time.monotonic()
+    for source in ("127.0.2.1", "127.0.3.1", "127.0.4.1"):
+        with udp_client(source, timeout=0.2) as sock:
+            for _i in range(100):
+                sock.sendto(b"x", (host, port))
+            try:
+                while True:
+                    sock.recvfrom(10)
+                    total += 1
+            except TimeoutError:
+                pass
+    assert total <= 5 + 5 * (time.monotonic() - started) + 2, total  # 1 s of burst, then 5/s
+
+
+def test_probe_and_bench_pass_over_udp(start_server):
+    server = start_server(
+        "--udp-rate", "100000", "--udp-burst", "100000", "--udp-max-rate", "1000000"
+    )
+    _, host, port = server.listener("udp")
+    result = tool("probe", f"udp://{host}:{port}")
+    assert result.returncode == 0, result.stdout
+    result = tool("bench", f"udp://{host}:{port}", "-c", "4", "-d", "0.5", "-p", "1")
+    assert result.returncode == 0, result.stdout
+
+
+# -- the guard as a pure function --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "host, reason",
+    [
+        ("224.0.0.1", "multicast source"),
+        ("239.255.255.250", "multicast source"),
+        ("255.255.255.255", "broadcast source"),
+        ("0.0.0.0", "martian source"),
+        ("0.1.2.3", "martian source"),
+        ("240.0.0.1", "martian source"),
+        ("::", "martian source"),
+        ("ff02::1", "multicast source"),
+        ("::ffff:224.0.0.1", "multicast source"),
+        ("::ffff:255.255.255.255", "broadcast source"),
+        ("::ffff:0.0.0.0", "martian source"),
+        ("::1.2.3.4", "martian source"),
+        ("not an address", "martian source"),
+    ],
+)
+def test_martian_sources_are_never_answered(host, reason):
+    assert classify(host)[0] == reason
+
+
+@pytest.mark.parametrize(
+    "host, prefix",
+    [
+        ("127.0.0.1", "127.0.0.0"),
+        ("192.0.2.77", "192.0.2.0"),
+        ("::ffff:192.0.2.77", "192.0.2.0"),
+        ("2001:db8:1:2ff::1", "2001:db8:1:200::"),
+        ("::1", "::"),
+    ],
+)
+def test_rate_limit_prefixes(host, prefix):
+    assert classify(host) == (None, prefix)
+
+
+@given(st.ip_addresses())
+def test_classify_any_address(ip):
+    reason, prefix = classify(str(ip))
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    judged = mapped or ip
+    if judged.is_multicast:
+        assert reason == "multicast source"
+    if reason is None:
+        assert ipaddress.ip_address(prefix) in ipaddress.ip_network(
+            f"{judged}/{24 if judged.version == 4 else 56}", strict=False
+        )
+
+
+def test_bucket_table_is_bounded_under_a_spoofed_flood():
+    guard = UdpGuard(rate=1, burst=1, max_rate=1e9)
+    for i in range(BUCKETS + 5000):
+        guard.verdict(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 40000, now=i * 1e-6)
+    assert len(guard.buckets) <= BUCKETS
+
+
+def test_never_answers_forbidden_ports():
+    guard = UdpGuard(rate=1e9, burst=1e9, max_rate=1e9, own_ports=frozenset({4242}))
+    for port in (0, 7, 19, 53, 123, 1023, 2049, 4242):
+        assert guard.verdict("127.0.0.1", port, 0.0) is not None, port
+    assert guard.verdict("127.0.0.1", 8484, 0.0) is None

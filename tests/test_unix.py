@@ -1,0 +1,85 @@
+"""Unix-socket listeners: echo, stale files replaced, live ones refused, removed on exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from conftest import exchange
+from tools_helpers import tool
+
+
+def unix_connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(path)
+    return sock
+
+
+def test_unix_socket_echo_on_every_engine(start_server, server_flags, tmp_path):
+    path = str(tmp_path / "echo.sock")
+    server = start_server(*server_flags, "--bind", f"unix://{path}")
+    data = os.urandom(1 << 20)
+    with unix_connect(path) as sock:
+        assert exchange(sock, data) == data
+    server.wait_for_log(r"connection #1 from local socket closed: peer closed")
+    result = tool("probe", f"unix://{path}", "--json")
+    assert result.returncode == 0, result.stdout
+    server.signal(signal.SIGTERM)
+    assert server.wait(10) == 0
+    assert not os.path.exists(path), "the socket file is removed on exit"
+
+
+def test_stale_socket_file_is_replaced(start_server, tmp_path):
+    path = str(tmp_path / "stale.sock")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.close()  # the file stays, nobody listens: stale
+    assert os.path.exists(path)
+    start_server("--bind", f"unix://{path}")
+    with unix_connect(path) as sock:
+        assert exchange(sock, b"fresh") == b"fresh"
+
+
+def test_socket_somebody_listens_on_is_an_error(tmp_path):
+    path = str(tmp_path / "live.sock")
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(path)
+    live.listen()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "socket_echo", "--bind", f"unix://{path}"],
+            capture_output=True,
+            text=True,
+            timeout=15,
+        )
+    finally:
+        live.close()
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "another server is listening" in result.stderr
+
+
+def test_path_that_is_not_a_socket_is_an_error(tmp_path):
+    path = tmp_path / "plain.txt"
+    path.write_text("keep me")
+    result = subprocess.run(
+        [sys.executable, "-m", "socket_echo", "--bind", f"unix://{path}"],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert result.returncode == 1 and "not a socket" in result.stderr
+    assert path.read_text() == "keep me"
+
+
+def test_relative_unix_path_is_bad_usage():
+    result = subprocess.run(
+        [sys.executable, "-m", "socket_echo", "--bind", "unix://relative"],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert result.returncode == 2 and "absolute" in result.stderr
