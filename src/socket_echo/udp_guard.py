@@ -15,7 +15,6 @@ dict lookup (addresses are classified once and cached) and a little arithmetic.
 from __future__ import annotations
 
 import ipaddress
-from collections import OrderedDict
 
 NFS_PORT = 2049
 ADDRESS_CACHE = 65536  # classified source addresses kept; cleared when full
@@ -73,6 +72,11 @@ class TokenBucket:
 
 
 class UdpGuard:
+    """Per datagram: the port checks, one dict lookup (source address -> its prefix's bucket,
+    or the reason it is never answered) and the token arithmetic, inlined. The tables are
+    bounded without per-datagram bookkeeping: when one is full, the least recently used
+    tenth goes (amortized over thousands of datagrams)."""
+
     def __init__(
         self,
         rate: float,
@@ -83,35 +87,53 @@ class UdpGuard:
     ) -> None:
         self.rate = rate
         self.burst = burst
-        self.allow_privileged_ports = allow_privileged_ports
-        self.own_ports = own_ports
+        self.min_port = 1 if allow_privileged_ports else 1024
+        self.forbidden_ports = frozenset({0, NFS_PORT, *own_ports})
         self.global_bucket = TokenBucket(max_rate, max(1.0, max_rate), 0.0)  # 1 s of burst
-        self.buckets: OrderedDict[str, TokenBucket] = OrderedDict()
-        self._addresses: dict[str, tuple[str | None, str]] = {}
+        self.buckets: dict[str, TokenBucket] = {}  # prefix -> bucket
+        self._sources: dict[str, TokenBucket | str] = {}  # address -> bucket or drop reason
 
     def verdict(self, host: str, port: int, now: float) -> str | None:
         """None to answer, else the reason to drop."""
-        if port == 0 or port == NFS_PORT or port in self.own_ports:
+        if port in self.forbidden_ports:
             return "forbidden source port"
-        if port < 1024 and not self.allow_privileged_ports:
+        if port < self.min_port:
             return "privileged source port"
-        known = self._addresses.get(host)
-        if known is None:
-            if len(self._addresses) >= ADDRESS_CACHE:
-                self._addresses.clear()
-            known = self._addresses[host] = classify(host)
-        reason, prefix = known
+        bucket = self._sources.get(host)
+        if bucket is None:
+            bucket = self._learn(host, now)
+        if isinstance(bucket, str):
+            return bucket
+        tokens = bucket.tokens + (now - bucket.last) * bucket.rate
+        bucket.last = now
+        if tokens > bucket.burst:
+            tokens = bucket.burst
+        if tokens < 1.0:
+            bucket.tokens = tokens
+            return "source rate limit"
+        bucket.tokens = tokens - 1.0
+        if not self.global_bucket.take(now):
+            return "global rate limit"
+        return None
+
+    def _learn(self, host: str, now: float) -> TokenBucket | str:
+        reason, prefix = classify(host)
+        if len(self._sources) >= ADDRESS_CACHE:
+            self._sources.clear()
         if reason is not None:
+            self._sources[host] = reason
             return reason
         bucket = self.buckets.get(prefix)
         if bucket is None:
             if len(self.buckets) >= BUCKETS:
-                self.buckets.popitem(last=False)
+                self._evict()
             bucket = self.buckets[prefix] = TokenBucket(self.rate, self.burst, now)
-        else:
-            self.buckets.move_to_end(prefix)
-        if not bucket.take(now):
-            return "source rate limit"
-        if not self.global_bucket.take(now):
-            return "global rate limit"
-        return None
+        self._sources[host] = bucket
+        return bucket
+
+    def _evict(self) -> None:
+        """Drop the least recently used tenth of the buckets (and the addresses on them)."""
+        oldest = sorted(self.buckets.items(), key=lambda item: item[1].last)
+        gone = {id(b) for _, b in oldest[: max(1, len(oldest) // 10)]}
+        self.buckets = {p: b for p, b in self.buckets.items() if id(b) not in gone}
+        self._sources = {h: b for h, b in self._sources.items() if id(b) not in gone}
