@@ -54,9 +54,7 @@ def tls_connect(port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
     return ctx.wrap_socket(raw, server_hostname="127.0.0.1")
 
 
-def start_tls(start_server, pki, *extra: str, loop_flags=("--loop", "asyncio")):  # type: ignore[no-untyped-def]
-    """On the asyncio loop by default: there every failed handshake is logged with its
-    reason (on uvloop, TLS runs on uvloop's own server, whose failures stay silent)."""
+def start_tls(start_server, pki, *extra: str, loop_flags=()):  # type: ignore[no-untyped-def]
     return start_server(
         *loop_flags,
         "--bind",
@@ -81,8 +79,8 @@ def test_tls_echo_on_both_loops(start_server, pki, loop_name):
     assert result.returncode == 0, result.stdout
 
 
-def test_minimum_version_is_tls_1_2(start_server, pki):
-    server = start_tls(start_server, pki)
+def test_minimum_version_is_tls_1_2(start_server, pki, loop_name):
+    server = start_tls(start_server, pki, loop_flags=("--loop", loop_name))
     _, _, port = server.listener("tls")
     ctx = client_context(pki)
     ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_1
@@ -91,8 +89,10 @@ def test_minimum_version_is_tls_1_2(start_server, pki):
     server.wait_for_log(r"TLS handshake from .* failed: ")
 
 
-def test_plain_text_and_garbage_fail_with_a_named_reason_and_the_server_goes_on(start_server, pki):
-    server = start_tls(start_server, pki)
+def test_plain_text_and_garbage_fail_with_a_named_reason_and_the_server_goes_on(
+    start_server, pki, loop_name
+):
+    server = start_tls(start_server, pki, loop_flags=("--loop", loop_name))
     _, _, port = server.listener("tls")
     for junk in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", os.urandom(300), b"hello\n"):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
@@ -107,8 +107,10 @@ def test_plain_text_and_garbage_fail_with_a_named_reason_and_the_server_goes_on(
         assert exchange(sock, b"still fine") == b"still fine"
 
 
-def test_handshake_timeout(start_server, pki):
-    server = start_tls(start_server, pki, "--tls-handshake-timeout", "0.5")
+def test_handshake_timeout(start_server, pki, loop_name):
+    server = start_tls(
+        start_server, pki, "--tls-handshake-timeout", "0.5", loop_flags=("--loop", loop_name)
+    )
     _, _, port = server.listener("tls")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         started = time.monotonic()
@@ -117,8 +119,10 @@ def test_handshake_timeout(start_server, pki):
     server.wait_for_log(r"failed: handshake timeout")
 
 
-def test_mutual_tls_requires_a_trusted_client_certificate(start_server, pki):
-    server = start_tls(start_server, pki, "--tls-client-ca", pki["ca"])
+def test_mutual_tls_requires_a_trusted_client_certificate(start_server, pki, loop_name):
+    server = start_tls(
+        start_server, pki, "--tls-client-ca", pki["ca"], loop_flags=("--loop", loop_name)
+    )
     _, _, port = server.listener("tls")
     with tls_connect(port, client_context(pki, pki["client"])) as sock:
         assert exchange(sock, b"with a certificate") == b"with a certificate"
@@ -232,3 +236,66 @@ def test_openssl_s_client_gets_its_echo(start_server, pki):
     finally:
         proc.kill()
         proc.wait(5)
+
+
+def pump_handshake(
+    raw: socket.socket, obj: ssl.SSLObject, inc: ssl.MemoryBIO, out: ssl.MemoryBIO
+) -> None:
+    while True:
+        try:
+            obj.do_handshake()
+            raw.sendall(out.read())
+            return
+        except ssl.SSLWantReadError:
+            raw.sendall(out.read())
+            data = raw.recv(65536)
+            assert data, "server closed during the handshake"
+            inc.write(data)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_tls_behind_proxy_header_in_the_same_segment_as_the_client_hello(
+    start_server, pki, loop_name, version
+):
+    from socket_echo.protocols.proxy import build_v1, build_v2
+
+    server = start_server(
+        "--loop",
+        loop_name,
+        "--bind",
+        "tls+proxy://127.0.0.1:0",
+        "--tls-cert",
+        pki["cert"],
+        "--tls-key",
+        pki["key"],
+    )
+    _, host, port = server.listener("tls+proxy")
+    src, dst = ("198.51.100.9", 40000 + version), ("192.0.2.1", 4443)
+    header = build_v1(src, dst) if version == 1 else build_v2(src, dst)
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = client_context(pki).wrap_bio(inc, out, server_hostname="127.0.0.1")
+    with socket.create_connection((host, port), timeout=10) as raw:
+        with contextlib.suppress(ssl.SSLWantReadError):
+            obj.do_handshake()
+        raw.sendall(header + out.read())  # PROXY header and ClientHello in one send
+        pump_handshake(raw, obj, inc, out)
+        obj.write(b"through the proxy")
+        raw.sendall(out.read())
+        got = b""
+        while len(got) < 17:
+            try:
+                got += obj.read(100)
+            except ssl.SSLWantReadError:
+                inc.write(raw.recv(65536))
+        assert got == b"through the proxy"
+    server.wait_for_log(rf"connection #1 from 198\.51\.100\.9:{40000 + version} closed")
+
+
+def test_tls_proxy_listener_rejects_a_missing_header(start_server, pki):
+    server = start_server(
+        "--bind", "tls+proxy://127.0.0.1:0", "--tls-cert", pki["cert"], "--tls-key", pki["key"]
+    )
+    _, _, port = server.listener("tls+proxy")
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        tls_connect(port, client_context(pki)).close()  # a ClientHello is no PROXY header
+    server.wait_for_log(r"PROXY header from .* rejected: no PROXY protocol header")

@@ -34,18 +34,21 @@ def descriptor_log() -> RateLimitedLog:
 
 
 class AcceptReader:
-    """Accepts from one listening socket into ``protocol_factory`` on a selector loop."""
+    """Accepts from one listening socket and hands each new socket to ``on_accept`` (by
+    default: into ``protocol_factory`` through the loop's transports)."""
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         sock: socket.socket,
-        protocol_factory: Callable[[], asyncio.Protocol],
+        protocol_factory: Callable[[], asyncio.Protocol] | None,
         exhausted: RateLimitedLog,
+        on_accept: Callable[[socket.socket], None] | None = None,
     ) -> None:
         self.loop = loop
         self.sock = sock
         self.protocol_factory = protocol_factory
+        self.on_accept = on_accept or self._to_transport
         self.exhausted = exhausted
         self.watching = False
         self.closed = False
@@ -89,10 +92,14 @@ class AcceptReader:
                 self.exhausted.note()
                 return
             conn.setblocking(False)
-            self.loop.create_task(self._connect(conn))
+            self.on_accept(conn)
+
+    def _to_transport(self, conn: socket.socket) -> None:
+        self.loop.create_task(self._connect(conn))
 
     async def _connect(self, conn: socket.socket) -> None:
         try:
+            assert self.protocol_factory is not None
             await self.loop.connect_accepted_socket(self.protocol_factory, conn)
         except OSError:
             conn.close()

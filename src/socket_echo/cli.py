@@ -114,9 +114,9 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
     multiple=True,
     metavar="URL",
     help_group=LISTEN,
-    help="Listener URL, repeatable: tcp://HOST:PORT, udp://HOST:PORT, tls://HOST:PORT, "
-    "tcp://[::1]:4242, unix:///path/to/socket. Replaces --host/--port (which give TCP and "
-    "UDP) when given.",
+    help="Listener URL, repeatable: tcp://HOST:PORT, udp://, tls://, tcp+proxy://, "
+    "tls+proxy:// (PROXY protocol first), tcp://[::1]:4242, unix:///path/to/socket. "
+    "Replaces --host/--port (which give TCP and UDP) when given.",
 )
 @option(
     "--backlog",
@@ -344,7 +344,7 @@ def _tls_context(cfg: ServerConfig) -> Any:
     """The server's SSLContext when a tls:// listener asks for one; errors are one line."""
     from socket_echo.protocols.tls import TlsSetupError, self_signed_context, server_context
 
-    if not any(spec.scheme == "tls" for spec in cfg.listeners):
+    if not any(spec.scheme in ("tls", "tls+proxy") for spec in cfg.listeners):
         return None
     if cfg.tls_self_signed:
         ctx, fingerprint = self_signed_context()

@@ -58,6 +58,7 @@ KINDS = {
     "tcp": (socket.SOCK_STREAM, socket.IPPROTO_TCP),
     "tls": (socket.SOCK_STREAM, socket.IPPROTO_TCP),
     "tcp+proxy": (socket.SOCK_STREAM, socket.IPPROTO_TCP),
+    "tls+proxy": (socket.SOCK_STREAM, socket.IPPROTO_TCP),
     "udp": (socket.SOCK_DGRAM, socket.IPPROTO_UDP),
 }
 

@@ -12,6 +12,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -23,10 +24,10 @@ from socket_echo.limits import ConnectionTable, descriptor_budget
 from socket_echo.listeners import BoundListener, close_all
 from socket_echo.logs import log_event, logger
 from socket_echo.loops import loop_factory, resolve_loop
-from socket_echo.protocols.proxy_gate import ProxyStats
+from socket_echo.protocols.proxy_gate import HeaderPreReader, ProxyStats
 from socket_echo.protocols.proxy_gate import gate_factory as proxy_gate_factory
 from socket_echo.protocols.tcp import ConnectionContext, EchoProtocol
-from socket_echo.protocols.tls import TlsStats, gate_factory
+from socket_echo.protocols.tls import TlsStats, gate_factory, native_handshake
 from socket_echo.protocols.udp import REPORT_EVERY, UdpEcho, UdpStats
 from socket_echo.udp_guard import UdpGuard
 
@@ -105,6 +106,7 @@ class EchoServer:
                     "tls": "TLS",
                     "unix": "Unix-socket",
                     "tcp+proxy": "TCP (PROXY protocol)",
+                    "tls+proxy": "TLS (PROXY protocol)",
                 }[bound.scheme]
                 what = (
                     f"{name} echo server listening on {bound.url} ({kind}backlog "
@@ -124,31 +126,10 @@ class EchoServer:
         )
         self._contexts.append(ctx)
         factory: Callable[[], asyncio.Protocol]
-        if bound.scheme == "tls" and resolve_loop(self.config.loop) == "uvloop":
-            # uvloop's start_tls() hangs handshakes here (cf. MagicStack/uvloop#707), so TLS
-            # runs on its native server; its handshake failures reach no application code, so
-            # on uvloop they are not logged (the asyncio loop names each one, below).
-            assert self.sslcontext is not None
-
-            def tls_echo() -> asyncio.Protocol:
-                return EchoProtocol(ctx)
-
-            self._servers.append(
-                await loop.create_server(
-                    tls_echo,
-                    sock=bound.sock,
-                    backlog=self.config.backlog,
-                    ssl=self.sslcontext,
-                    ssl_handshake_timeout=self.config.tls_handshake_timeout,
-                )
-            )
+        if bound.scheme in ("tls", "tls+proxy"):
+            self._listen_tls(loop, bound, ctx)
             return
-        if bound.scheme == "tls":
-            assert self.sslcontext is not None
-            factory = gate_factory(
-                ctx, self.sslcontext, self.config.tls_handshake_timeout, self.tls_stats
-            )
-        elif bound.scheme == "tcp+proxy":
+        if bound.scheme == "tcp+proxy":
             factory = proxy_gate_factory(ctx, self.proxy_stats)
         else:
 
@@ -164,6 +145,54 @@ class EchoServer:
             reader.start()
             self._readers.append(reader)
             self.table.on_close.append(reader.resume_if_paused)
+
+    def _listen_tls(
+        self, loop: asyncio.AbstractEventLoop, bound: BoundListener, ctx: ConnectionContext
+    ) -> None:
+        """TLS listeners accept raw sockets themselves: tls+proxy must read the PROXY header
+        before the handshake, and a handshake's failure must reach us to be named. uvloop does
+        the TLS itself (connect_accepted_socket); the stdlib loop goes through the gate."""
+        assert self.sslcontext is not None
+        sslcontext, timeout = self.sslcontext, self.config.tls_handshake_timeout
+        native = resolve_loop(self.config.loop) == "uvloop"
+
+        def handshake(sock: socket.socket, peer: Any = None) -> None:
+            if native:
+                loop.create_task(
+                    native_handshake(ctx, sock, sslcontext, timeout, self.tls_stats, peer)
+                )
+            else:
+                factory = gate_factory(ctx, sslcontext, timeout, self.tls_stats, peer)
+                loop.create_task(self._adopt(loop, factory, sock))
+
+        def accepted(sock: socket.socket) -> None:
+            if bound.scheme == "tls+proxy":
+                HeaderPreReader(
+                    loop,
+                    sock,
+                    bound.url,
+                    self.proxy_stats,
+                    self.config.access_log,
+                    lambda s, header: handshake(s, header.source),
+                )
+            else:
+                handshake(sock)
+
+        reader = AcceptReader(loop, bound.sock, None, self.exhausted, on_accept=accepted)
+        reader.start()
+        self._readers.append(reader)
+        self.table.on_close.append(reader.resume_if_paused)
+
+    @staticmethod
+    async def _adopt(
+        loop: asyncio.AbstractEventLoop,
+        factory: Callable[[], asyncio.Protocol],
+        sock: socket.socket,
+    ) -> None:
+        try:
+            await loop.connect_accepted_socket(factory, sock)
+        except OSError:
+            sock.close()
 
     def _report_udp(self, loop: asyncio.AbstractEventLoop) -> None:
         self.udp_stats.report()

@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, cast
 
 from socket_echo.logs import log_event
-from socket_echo.protocols.proxy import HEADER_TIMEOUT, V2_MAX, ProxyHeaderError, parse
+from socket_echo.protocols.proxy import (
+    HEADER_TIMEOUT,
+    V1_MAX,
+    V2_MAX,
+    ProxyHeader,
+    ProxyHeaderError,
+    parse,
+)
 from socket_echo.protocols.tcp import ConnectionContext, EchoProtocol, format_peer
 
 
@@ -89,3 +98,89 @@ def gate_factory(ctx: ConnectionContext, stats: ProxyStats) -> Any:
         return ProxyGate(ctx, stats)
 
     return factory
+
+
+class HeaderPreReader:
+    """``tls+proxy://``: reads exactly the PROXY header from a raw accepted socket, never a
+    byte of what follows (the TLS ClientHello must reach the TLS layer intact), then hands the
+    socket and the header on. A transport cannot do this: it reads whatever has arrived.
+
+    How many bytes are safe to take is known from a peek: everything before v1's CRLF, and
+    v2's 16 + length bytes, is header by definition."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        listener: str,
+        stats: ProxyStats,
+        access_log: bool,
+        on_header: Callable[[socket.socket, ProxyHeader], None],
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.listener = listener
+        self.stats = stats
+        self.access_log = access_log
+        self.on_header = on_header
+        self.buf = b""
+        self.fd = sock.fileno()
+        loop.add_reader(self.fd, self._readable)
+        self.timer = loop.call_later(
+            HEADER_TIMEOUT, self._reject, f"no PROXY header within {HEADER_TIMEOUT:g} s"
+        )
+
+    def _safe_to_take(self) -> int:
+        head = self.buf[:1] or self.sock.recv(1, socket.MSG_PEEK)
+        if head == b"\r":  # v2: 16 bytes, then the length they announce
+            if len(self.buf) < 16:
+                return 16 - len(self.buf)
+            return 16 + int.from_bytes(self.buf[14:16], "big") - len(self.buf)
+        if head == b"P":  # v1: up to and including CRLF
+            peek = self.sock.recv(V1_MAX - len(self.buf), socket.MSG_PEEK)
+            end = (self.buf + peek).find(b"\r\n")
+            return (end + 2 - len(self.buf)) if end >= 0 else max(1, len(peek))
+        return 1  # not a header: one byte is enough for parse() to say so
+
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(max(1, min(self._safe_to_take(), V2_MAX)))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._reject(f"error: {exc.strerror or exc}")
+            return
+        if not data:
+            self._reject("closed before a complete PROXY header")
+            return
+        self.buf += data
+        try:
+            header = parse(self.buf)
+        except ProxyHeaderError as exc:
+            self._reject(str(exc))
+            return
+        if header is None:
+            return
+        self._stop()
+        self.on_header(self.sock, header)
+
+    def _stop(self) -> None:
+        self.timer.cancel()
+        self.loop.remove_reader(self.fd)
+
+    def _reject(self, reason: str) -> None:
+        self._stop()
+        self.stats.rejected[reason.split(":")[0]] += 1
+        try:
+            peer = format_peer(self.sock.getpeername())
+        except OSError:
+            peer = "unknown"
+        self.sock.close()
+        log_event(
+            logging.INFO if self.access_log else logging.DEBUG,
+            "proxy_rejected",
+            f"PROXY header from {peer} rejected: {reason}",
+            listener=self.listener,
+            peer=peer,
+            reason=reason,
+        )

@@ -116,13 +116,55 @@ def failure_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def report_failure(ctx: ConnectionContext, stats: TlsStats, peer: Any, reason: str) -> None:
+    stats.handshake_failures[reason] += 1
+    log_event(
+        logging.INFO if ctx.access_log else logging.DEBUG,
+        "tls_failed",
+        f"TLS handshake from {format_peer(peer)} failed: {reason}",
+        listener=ctx.listener,
+        peer=format_peer(peer),
+        reason=reason,
+    )
+
+
+async def native_handshake(
+    ctx: ConnectionContext,
+    sock: Any,
+    sslcontext: ssl.SSLContext,
+    timeout: float,
+    stats: TlsStats,
+    peer: Any = None,
+) -> None:
+    """uvloop: TLS by uvloop itself on an accepted socket (its start_tls() hangs handshakes
+    here, cf. MagicStack/uvloop#707); a failed handshake raises here, so it is named too."""
+    shown = peer
+    if shown is None:
+        try:
+            shown = sock.getpeername()
+        except OSError:
+            shown = None
+
+    def echo() -> EchoProtocol:
+        return EchoProtocol(ctx, peer=peer)
+
+    try:
+        await ctx.loop.connect_accepted_socket(
+            echo, sock, ssl=sslcontext, ssl_handshake_timeout=timeout
+        )
+    except (OSError, EOFError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        sock.close()
+        report_failure(ctx, stats, shown, failure_reason(exc))
+
+
 class TlsStats:
     def __init__(self) -> None:
         self.handshake_failures: Counter[str] = Counter()
 
 
 class TlsGate(asyncio.Protocol):
-    """Holds a new TCP connection (reading paused) until its TLS handshake is done."""
+    """Holds a new TCP connection (reading paused) until its TLS handshake is done. Used on
+    the stdlib loop; uvloop runs TLS on its own server (see server.py)."""
 
     def __init__(
         self,
@@ -130,8 +172,10 @@ class TlsGate(asyncio.Protocol):
         sslcontext: ssl.SSLContext,
         handshake_timeout: float,
         stats: TlsStats,
+        peer: Any = None,
     ) -> None:
         self.ctx = ctx
+        self.peer = peer  # the client a PROXY header named (tls+proxy), else None
         self.sslcontext = sslcontext
         self.handshake_timeout = handshake_timeout
         self.stats = stats
@@ -161,7 +205,7 @@ class TlsGate(asyncio.Protocol):
             return
         if tls is None:  # closed meanwhile
             return
-        echo = EchoProtocol(self.ctx)
+        echo = EchoProtocol(self.ctx, peer=self.peer)
         tls.set_protocol(echo)
         echo.connection_made(tls)
         for chunk in self.early:
@@ -170,16 +214,8 @@ class TlsGate(asyncio.Protocol):
             tls.close()
 
     def _fail(self, tcp: asyncio.Transport, peer: Any, reason: str) -> None:
-        self.stats.handshake_failures[reason] += 1
         tcp.abort()
-        log_event(
-            logging.INFO if self.ctx.access_log else logging.DEBUG,
-            "tls_failed",
-            f"TLS handshake from {format_peer(peer)} failed: {reason}",
-            listener=self.ctx.listener,
-            peer=format_peer(peer),
-            reason=reason,
-        )
+        report_failure(self.ctx, self.stats, peer, reason)
 
     def data_received(self, data: bytes) -> None:
         self.early.append(data)
@@ -193,9 +229,13 @@ class TlsGate(asyncio.Protocol):
 
 
 def gate_factory(
-    ctx: ConnectionContext, sslcontext: ssl.SSLContext, timeout: float, stats: TlsStats
+    ctx: ConnectionContext,
+    sslcontext: ssl.SSLContext,
+    timeout: float,
+    stats: TlsStats,
+    peer: Any = None,
 ) -> Any:
     def factory() -> TlsGate:
-        return TlsGate(ctx, sslcontext, timeout, stats)
+        return TlsGate(ctx, sslcontext, timeout, stats, peer)
 
     return factory
