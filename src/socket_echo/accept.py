@@ -4,7 +4,9 @@ Why not ``loop.create_server`` there: in CPython's selector loop, ``_accept_conn
 EMFILE schedules a retry timer and then goes on looping (no ``return``), so each readiness
 event schedules up to ``backlog`` timers, each of which does the same again; measured here the
 server stops answering even its open connections and never recovers (DESIGN.md section 6).
-uvloop (libuv) handles EMFILE itself, so there we use its native server.
+uvloop (libuv) handles EMFILE itself, so plain listeners use its native server there.
+TLS listeners use this reader on both loops: they need the raw socket first (tls+proxy reads
+the PROXY header before the handshake; a handshake's failure must reach us to be named).
 
 Here: accept in a bounded batch per readiness event; on EMFILE/ENFILE/ENOBUFS/ENOMEM stop
 watching the listener, log (rate-limited), and start again when a connection closes or after

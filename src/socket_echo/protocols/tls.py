@@ -1,11 +1,16 @@
 """TLS listeners: the handshake, its failures named, then the ordinary echo protocol.
 
 Why not ``create_server(ssl=...)``: there a failed handshake never reaches the application
-(asyncio reports SSL errors only in debug mode; the protocol is never told), so nothing could
-log the reason. Here each TLS connection starts as plain TCP with reading paused (so no byte
-of the ClientHello is lost), ``loop.start_tls()`` runs the handshake with a timeout and raises
-the real reason on failure, and only a finished handshake hands the transport to
-:class:`EchoProtocol`. Works the same on uvloop and the stdlib loop.
+(asyncio and uvloop report SSL errors only in debug mode; the protocol is never told), so
+nothing could log the reason. Our accept reader hands each raw socket over instead:
+
+- stdlib loop: the socket becomes a plain transport whose reading is paused at once (no byte
+  of the ClientHello is lost), ``loop.start_tls()`` runs the handshake with a timeout and raises
+  the real reason on failure, and only a finished handshake hands the transport to
+  :class:`EchoProtocol` (:class:`TlsGate`);
+- uvloop: its ``start_tls()`` hung handshakes here (cf. MagicStack/uvloop#707), so uvloop does
+  the TLS itself via ``connect_accepted_socket(ssl=...)``, which raises the failure to us just
+  the same (:func:`native_handshake`).
 """
 
 from __future__ import annotations
