@@ -60,32 +60,42 @@ class UdpEcho:
         loop.add_reader(sock.fileno(), self._ready)
 
     def _ready(self) -> None:
-        sock, view, stats, verdict = self.sock, self._view, self.stats, self.guard.verdict
+        view, buf, verdict = self._view, self._buf, self.guard.verdict
+        recvfrom_into, sendto = self.sock.recvfrom_into, self.sock.sendto
+        dropped = self.stats.dropped
         now = self.loop.time()
-        for _ in range(BATCH):
-            try:
-                n, addr = sock.recvfrom_into(self._buf)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:  # e.g. an ICMP error reported on the socket: nothing to answer
-                stats.dropped["receive error"] += 1
-                continue
-            stats.datagrams_in += 1
-            stats.bytes_in += n
-            reason = verdict(addr[0], addr[1], now)
-            if reason is not None:
-                stats.dropped[reason] += 1
-                continue
-            try:
-                sock.sendto(view[:n], addr)
-            except (BlockingIOError, InterruptedError):
-                stats.dropped["send buffer full"] += 1
-                continue
-            except OSError:
-                stats.dropped["send error"] += 1
-                continue
-            stats.datagrams_out += 1
-            stats.bytes_out += n
+        n_in = b_in = n_out = b_out = 0  # added to the stats once per batch
+        try:
+            for _ in range(BATCH):
+                try:
+                    n, addr = recvfrom_into(buf)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:  # e.g. an ICMP error reported on the socket
+                    dropped["receive error"] += 1
+                    continue
+                n_in += 1
+                b_in += n
+                reason = verdict(addr[0], addr[1], now)
+                if reason is not None:
+                    dropped[reason] += 1
+                    continue
+                try:
+                    sendto(view[:n], addr)
+                except (BlockingIOError, InterruptedError):
+                    dropped["send buffer full"] += 1
+                    continue
+                except OSError:
+                    dropped["send error"] += 1
+                    continue
+                n_out += 1
+                b_out += n
+        finally:
+            stats = self.stats
+            stats.datagrams_in += n_in
+            stats.bytes_in += b_in
+            stats.datagrams_out += n_out
+            stats.bytes_out += b_out
 
     def close(self) -> None:
         self.loop.remove_reader(self.sock.fileno())
