@@ -21,6 +21,26 @@ def test_pipe_round_trips_arbitrary_binary(start_server):
     assert result.stdout == data
 
 
+def test_stdin_from_a_regular_file(start_server, tmp_path):
+    """`socket-echo client HOST < file | cmp - file`: epoll cannot watch a regular file."""
+    import subprocess
+    import sys
+
+    server = start_server()
+    data = os.urandom(2 << 20)
+    path = tmp_path / "payload.bin"
+    path.write_bytes(data)
+    with path.open("rb") as stdin:
+        result = subprocess.run(
+            [sys.executable, "-m", "socket_echo", "client", f"127.0.0.1:{server.port}"],
+            stdin=stdin,
+            capture_output=True,
+            timeout=60,
+        )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == data
+
+
 def test_pipe_over_ipv6_and_empty_input(start_server):
     server = start_server(host="::1")
     result = tool("client", f"[::1]:{server.port}", stdin=b"")

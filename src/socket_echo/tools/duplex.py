@@ -12,6 +12,7 @@ import os
 import selectors
 import socket
 import ssl
+import stat
 import time
 from collections.abc import Callable
 
@@ -41,7 +42,10 @@ def duplex(
     eof = shut = False
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
-    if fd_source is not None:
+    # A regular file (``client HOST < file``) is always readable and epoll refuses it (EPERM):
+    # read it directly whenever there is nothing left to send.
+    file_source = fd_source is not None and stat.S_ISREG(os.fstat(fd_source).st_mode)
+    if fd_source is not None and not file_source:
         os.set_blocking(fd_source, False)
         sel.register(fd_source, selectors.EVENT_READ)
     last_progress = time.monotonic()
@@ -55,6 +59,12 @@ def duplex(
             if source_done and not outgoing and half_close and not shut:
                 _half_close(sock)
                 shut = True
+            if file_source and not outgoing and not source_done:
+                assert fd_source is not None
+                block = os.read(fd_source, CHUNK)
+                source_done = not block
+                outgoing = memoryview(block)
+                continue
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if outgoing else 0)
             sel.modify(sock, events)
             ready = sel.select(0 if isinstance(sock, ssl.SSLSocket) and sock.pending() else 0.2)
@@ -78,7 +88,12 @@ def duplex(
                         outgoing = outgoing[n:]
                         sent += n
                         progressed = True
-                        if not outgoing and fd_source is not None and not source_done:
+                        if (
+                            not outgoing
+                            and fd_source is not None
+                            and not source_done
+                            and not file_source
+                        ):
                             sel.register(fd_source, selectors.EVENT_READ)
             if isinstance(sock, ssl.SSLSocket) or any(m & selectors.EVENT_READ for _, m in ready):
                 while True:
@@ -105,7 +120,7 @@ def duplex(
                 )
     finally:
         sel.close()
-        if fd_source is not None:
+        if fd_source is not None and not file_source:
             os.set_blocking(fd_source, True)
 
 
