@@ -249,6 +249,12 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
     "auto = epoll where available.",
 )
 @option(
+    "--metrics",
+    metavar="HOST:PORT",
+    help_group=RUNTIME,
+    help="Serve /metrics (Prometheus), /healthz and /readyz over HTTP here. Off by default.",
+)
+@option(
     "--log-level",
     type=click.Choice(config.LOG_LEVELS, case_sensitive=False),
     default=config.DEFAULT_LOG_LEVEL,
@@ -291,6 +297,7 @@ def serve(
     tls_handshake_timeout: float,
     loop: str,
     engine: str,
+    metrics: str | None,
     log_level: str,
     log_format: str,
     access_log: bool,
@@ -304,6 +311,7 @@ def serve(
         for spec in listeners:
             if spec.scheme != "unix":
                 config.check_port(spec.port)
+        metrics_spec = config.parse_metrics_address(metrics) if metrics else None
         resolve_loop(loop)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
@@ -325,6 +333,7 @@ def serve(
         tls_handshake_timeout=tls_handshake_timeout,
         loop=loop,
         engine=engine,
+        metrics=metrics_spec,
         log_level=log_level.lower(),
         log_format=log_format,
         access_log=access_log and log_level.lower() in ("debug", "info"),
@@ -333,11 +342,12 @@ def serve(
     sslcontext = _tls_context(cfg)
     try:
         bound = bind_all(cfg.listeners, cfg.backlog)
+        metrics_bound = bind_all((cfg.metrics,), 64) if cfg.metrics else []
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     except BindError as exc:
         raise click.ClickException(exc.strerror or str(exc)) from None
-    sys.exit(run(cfg, bound, sslcontext))
+    sys.exit(run(cfg, bound, sslcontext, metrics_bound))
 
 
 def _tls_context(cfg: ServerConfig) -> Any:

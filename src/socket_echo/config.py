@@ -82,6 +82,7 @@ class ServerConfig:
     tls_client_ca: str | None = None
     tls_self_signed: bool = False
     tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT
+    metrics: ListenerSpec | None = None  # HTTP /metrics /healthz /readyz; None = off
 
 
 def format_url(scheme: str, host: str, port: int) -> str:
@@ -132,3 +133,14 @@ def listeners_from_hosts(hosts: tuple[str, ...], port: int) -> tuple[ListenerSpe
         for scheme in ("tcp", "udp")
         for host in (hosts or DEFAULT_HOSTS)
     )
+
+
+def parse_metrics_address(text: str) -> ListenerSpec:
+    """``HOST:PORT`` or ``[V6]:PORT`` for the metrics and health endpoint (port required)."""
+    if not text.rsplit("]", 1)[-1].count(":"):
+        raise ConfigError(f"--metrics {text!r}: give HOST:PORT (e.g. 127.0.0.1:9100)")
+    try:
+        spec = parse_bind_url(f"tcp://{text}")
+    except ConfigError:
+        raise ConfigError(f"--metrics {text!r}: give HOST:PORT (e.g. 127.0.0.1:9100)") from None
+    return spec

@@ -145,7 +145,7 @@ class EpollEngine:
                 raise
             sock.setblocking(False)
             conn = Connection(self, sock, peer, url, self.loop.time())
-            if not table.admit(conn, conn.opened_at):
+            if not table.admit(conn, conn.opened_at, url):
                 sock.close()
                 continue
             if sock.family != socket.AF_UNIX:
@@ -260,11 +260,13 @@ class EpollEngine:
         reason = conn.close_reason or reason
         unsent = len(conn.pending) if conn.pending is not None else 0
         bytes_out = conn.bytes_in - unsent
-        self.table.release(conn, reason.split(":")[0], conn.bytes_in, bytes_out)
+        duration = self.loop.time() - conn.opened_at
+        self.table.release(
+            conn, reason.split(":")[0], conn.bytes_in, bytes_out, conn.listener, duration
+        )
         if self._accept_retry is not None:
             self._resume_accepting()  # a descriptor just came free
         if self.access_log:
-            duration = self.loop.time() - conn.opened_at
             peer = format_peer(conn.peer)
             log_event(
                 logging.INFO,

@@ -7,6 +7,7 @@ message: the data path only adds integers, and the sweep notices which counters 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -29,6 +30,7 @@ def sweep_interval(idle_timeout: float) -> float:
     return max(0.05, min(1.0, idle_timeout / 8))
 
 
+DURATION_BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 3600.0)  # seconds
 FD_RESERVE = 16  # descriptors kept free for listeners, logs, accept() itself
 
 
@@ -79,6 +81,12 @@ class ConnectionTable:
         self.closed: Counter[str] = Counter()  # by reason
         self.bytes_in = 0
         self.bytes_out = 0
+        # For metrics, all counted per connection (never per message):
+        self.opened_by: Counter[str] = Counter()  # listener
+        self.closed_by: Counter[tuple[str, str]] = Counter()  # (listener, reason)
+        self.bytes_by: Counter[tuple[str, str]] = Counter()  # (listener, "in"/"out")
+        self.durations = [0] * (len(DURATION_BUCKETS) + 1)  # histogram counts
+        self.duration_sum = 0.0
         self.rejected = RateLimitedLog(
             "connection_rejected",
             f"connection limit ({max_connections}) reached: closed {{count}} new connection(s)",
@@ -91,7 +99,7 @@ class ConnectionTable:
         self.on_close: list[Callable[[], None]] = []
         self._sweeper: asyncio.TimerHandle | None = None
 
-    def admit(self, conn: Sweepable, now: float) -> bool:
+    def admit(self, conn: Sweepable, now: float, listener: str = "") -> bool:
         if len(self.open) >= self.max_connections:
             self.rejected.note()
             return False
@@ -101,13 +109,27 @@ class ConnectionTable:
         conn.active_since = now
         self.open.add(conn)
         self.opened += 1
+        self.opened_by[listener] += 1
         return True
 
-    def release(self, conn: Sweepable, reason: str, bytes_in: int, bytes_out: int) -> None:
+    def release(
+        self,
+        conn: Sweepable,
+        reason: str,
+        bytes_in: int,
+        bytes_out: int,
+        listener: str = "",
+        duration: float = 0.0,
+    ) -> None:
         self.open.discard(conn)
         self.closed[reason] += 1
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
+        self.closed_by[listener, reason] += 1
+        self.bytes_by[listener, "in"] += bytes_in
+        self.bytes_by[listener, "out"] += bytes_out
+        self.durations[bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
+        self.duration_sum += duration
         for callback in self.on_close:
             callback()
 

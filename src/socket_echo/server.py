@@ -24,6 +24,7 @@ from socket_echo.limits import ConnectionTable, descriptor_budget
 from socket_echo.listeners import BoundListener, close_all
 from socket_echo.logs import log_event, logger
 from socket_echo.loops import loop_factory, resolve_loop
+from socket_echo.metrics import HealthHttp, registry_for
 from socket_echo.protocols.proxy_gate import HeaderPreReader, ProxyStats
 from socket_echo.protocols.proxy_gate import gate_factory as proxy_gate_factory
 from socket_echo.protocols.tcp import ConnectionContext, EchoProtocol
@@ -67,6 +68,9 @@ class EchoServer:
         self.stopping = asyncio.Event()
         self.stop_signal = ""
         self.engine: EpollEngine | None = None
+        self.accepting = False  # /readyz: true from start until a drain begins
+        self.metrics_listeners: list[BoundListener] = []
+        self._metrics_servers: list[asyncio.AbstractServer] = []
         self.udp_stats = UdpStats()
         self._udp: list[UdpEcho] = []
         self._udp_report: asyncio.TimerHandle | None = None
@@ -116,6 +120,27 @@ class EchoServer:
         if self._udp:
             self._udp_report = loop.call_later(REPORT_EVERY, self._report_udp, loop)
         self.table.start_sweeping(loop)
+        await self._serve_metrics(loop)
+        self.accepting = True
+
+    async def _serve_metrics(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self.metrics_listeners:
+            return
+        registry = registry_for(self)
+
+        def health() -> asyncio.Protocol:
+            return HealthHttp(registry, lambda: self.accepting, loop)
+
+        for bound in self.metrics_listeners:
+            self._metrics_servers.append(await loop.create_server(health, sock=bound.sock))
+            url = bound.url.replace("tcp://", "http://")
+            log_event(
+                logging.INFO,
+                "metrics",
+                f"metrics and health on {url} (/metrics, /healthz, /readyz)",
+                listener=url,
+                port=bound.spec.port,
+            )
 
     async def _listen(self, loop: asyncio.AbstractEventLoop, bound: BoundListener) -> None:
         if self.engine is not None and bound.scheme in ("tcp", "unix"):
@@ -216,6 +241,7 @@ class EchoServer:
         loop.default_exception_handler(context)
 
     async def stop_accepting(self) -> None:
+        self.accepting = False  # /readyz answers 503 from now on; /metrics keeps serving
         if self.engine is not None:
             self.engine.stop_accepting()
         for ctx in self._contexts:
@@ -284,6 +310,9 @@ class EchoServer:
             bytes_in=self.table.bytes_in,
             bytes_out=self.table.bytes_out,
         )
+        for metrics_server in self._metrics_servers:
+            metrics_server.close()
+        close_all(self.metrics_listeners)
         if self._udp:
             u = self.udp_stats
             log_event(
@@ -301,11 +330,13 @@ def run(
     config: ServerConfig,
     listeners: list[BoundListener],
     sslcontext: ssl.SSLContext | None = None,
+    metrics_listeners: list[BoundListener] | None = None,
 ) -> int:
     """Serve already-bound listeners until a signal; returns the exit code."""
     loop = loop_factory(config.loop)()
     asyncio.set_event_loop(loop)
     server = EchoServer(config, listeners, sslcontext)
+    server.metrics_listeners = metrics_listeners or []
     try:
         loop.run_until_complete(server.serve())
     except OSError as exc:
@@ -313,5 +344,6 @@ def run(
         return EXIT_FAILURE
     finally:
         close_all(listeners)
+        close_all(metrics_listeners or [])
         loop.close()
     return EXIT_OK

@@ -92,7 +92,7 @@ class EchoProtocol(asyncio.Protocol):
         self.opened_at = now = ctx.loop.time()
         if self.peer is None:
             self.peer = transport.get_extra_info("peername")
-        if ctx.draining or not ctx.table.admit(self, now):
+        if ctx.draining or not ctx.table.admit(self, now, ctx.listener):
             self.transport.abort()
             return
         self.conn_id = ctx.table.opened
@@ -118,9 +118,11 @@ class EchoProtocol(asyncio.Protocol):
         reason = self.close_reason or (f"error: {exc}" if exc else "peer closed")
         bytes_out = self.bytes_in - self.unsent
         ctx = self.ctx
-        ctx.table.release(self, reason.split(":")[0], self.bytes_in, bytes_out)
+        duration = ctx.loop.time() - self.opened_at
+        ctx.table.release(
+            self, reason.split(":")[0], self.bytes_in, bytes_out, ctx.listener, duration
+        )
         if ctx.access_log:
-            duration = ctx.loop.time() - self.opened_at
             log_event(
                 logging.INFO,
                 "connection_close",
@@ -135,6 +137,10 @@ class EchoProtocol(asyncio.Protocol):
 
     def _fields(self) -> dict[str, Any]:
         return {"conn": self.conn_id, "listener": self.ctx.listener, "peer": format_peer(self.peer)}
+
+    @property
+    def listener(self) -> str:
+        return self.ctx.listener
 
     # -- called by the sweep and by shutdown -------------------------------------------
     def activity(self) -> int:

@@ -1,0 +1,91 @@
+"""--metrics: Prometheus /metrics, /healthz, /readyz (503 from the moment a drain starts)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import urllib.error
+import urllib.request
+
+from conftest import exchange
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def metrics_port(server) -> int:  # type: ignore[no-untyped-def]
+    return int(server.wait_for_log(r"metrics and health on http://127\.0\.0\.1:(\d+)").group(1))
+
+
+def sample(body: str, name: str, **labels: str) -> float:
+    for line in body.splitlines():
+        if line.startswith((name + "{", name + " ")) and all(
+            f'{k}="{v}"' in line for k, v in labels.items()
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} {labels} in:\n{body}")
+
+
+def test_metrics_count_connections_bytes_and_datagrams(start_server, server_flags):
+    server = start_server(*server_flags, "--metrics", "127.0.0.1:0", expect_listeners=2)
+    mport = metrics_port(server)
+    tcp = f"tcp://127.0.0.1:{server.port}"
+    for _ in range(3):
+        with server.connect() as sock:
+            assert exchange(sock, b"x" * 1000) == b"x" * 1000
+    held = server.connect()
+    assert exchange(held, b"12345") == b"12345"
+    _, host, uport = server.listener("udp")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.settimeout(2)
+        u.sendto(b"dgram", (host, uport))
+        assert u.recv(10) == b"dgram"
+    server.wait_for_log(r"connection #3 from .* closed")
+    status, body = get(mport, "/metrics")
+    assert status == 200
+    assert sample(body, "socket_echo_connections_opened_total", listener=tcp) == 4
+    assert (
+        sample(body, "socket_echo_connections_closed_total", listener=tcp, reason="peer closed")
+        == 3
+    )
+    assert sample(body, "socket_echo_connections_active") == 1
+    assert sample(body, "socket_echo_bytes_total", listener=tcp, direction="in") == 3005
+    assert sample(body, "socket_echo_udp_datagrams_total", direction="in") == 1
+    assert sample(body, "socket_echo_udp_datagrams_total", direction="out") == 1
+    assert sample(body, "socket_echo_connection_duration_seconds_count") == 3
+    held.close()
+    assert "connection #" not in "".join(ln for ln in server.lines if "/metrics" in ln)
+
+
+def test_readyz_turns_503_when_the_drain_starts_healthz_stays_200(start_server):
+    server = start_server("--metrics", "127.0.0.1:0", "--graceful-timeout", "30")
+    mport = metrics_port(server)
+    assert get(mport, "/healthz") == (200, "ok\n")
+    assert get(mport, "/readyz") == (200, "ready\n")
+    held = server.connect()
+    assert exchange(held, b"hold") == b"hold"
+    server.signal(signal.SIGTERM)
+    server.wait_for_log(r"no longer accepting")
+    assert get(mport, "/readyz") == (503, "draining\n")
+    assert get(mport, "/healthz") == (200, "ok\n")
+    assert get(mport, "/nope")[0] == 404
+    held.close()
+    assert server.wait(10) == 0
+
+
+def test_bad_metrics_address_is_usage_error():
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "socket_echo", "--metrics", "9100"],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert result.returncode == 2 and "HOST:PORT" in result.stderr
