@@ -154,7 +154,8 @@ def loadgen(mode: str, port: int, conns: int, size: int, seconds: float) -> dict
 def run_throughput(
     argv: list[str], mode: str, conns: int, size: int, secs: float
 ) -> dict[str, Any]:
-    server = Server(argv)
+    """One load run against a fresh server; adds its CPU time per request (or datagram)."""
+    server = Server(argv, udp=mode == "udp")
     try:
         cpu0 = server.cpu_seconds()
         r = loadgen(mode, server.port, conns, size, secs)
@@ -168,17 +169,7 @@ def run_throughput(
 
 
 def run_udp(argv: list[str], secs: float) -> dict[str, Any]:
-    server = Server(argv, udp=True)
-    try:
-        cpu0 = server.cpu_seconds()
-        r = loadgen("udp", server.port, 50, 64, secs)
-        cpu = server.cpu_seconds() - cpu0
-    finally:
-        server.stop()
-    r["server_cpu_s"] = cpu
-    if r["total_requests"]:
-        r["server_cpu_us_per_req"] = cpu / r["total_requests"] * 1e6
-    return r
+    return run_throughput(argv, "udp", 50, 64, secs)
 
 
 def udp_report(udp: dict[str, list[dict[str, Any]]]) -> str:

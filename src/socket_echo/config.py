@@ -49,9 +49,7 @@ class ListenerSpec:
 
     @property
     def url(self) -> str:
-        if self.scheme == "unix":
-            return f"unix://{self.path}"
-        return format_url(self.scheme, self.host, self.port)
+        return format_url(self.scheme, self.host, self.port, self.path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +83,10 @@ class ServerConfig:
     metrics: ListenerSpec | None = None  # HTTP /metrics /healthz /readyz; None = off
 
 
-def format_url(scheme: str, host: str, port: int) -> str:
+def format_url(scheme: str, host: str, port: int, path: str = "") -> str:
+    """The one way addresses are written: tcp://h:p, tcp://[v6]:p, unix:///path."""
+    if scheme == "unix":
+        return f"unix://{path}"
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 

@@ -37,9 +37,7 @@ class Target:
 
     @property
     def url(self) -> str:
-        if self.scheme == "unix":
-            return f"unix://{self.path}"
-        return format_url(self.scheme, self.host, self.port)
+        return format_url(self.scheme, self.host, self.port, self.path)
 
     @property
     def stream(self) -> bool:
