@@ -62,6 +62,16 @@ def descriptor_budget(max_connections: int) -> int:
     return max(1, limit - in_use - FD_RESERVE)
 
 
+class ListenerCounters:
+    __slots__ = ("bytes_in", "bytes_out", "closed", "opened")
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.closed: Counter[str] = Counter()  # by reason
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+
 class ConnectionTable:
     """The open connections, the limits on their number, and the counters about them.
 
@@ -77,14 +87,9 @@ class ConnectionTable:
         self.fd_budget = max_connections if fd_budget is None else fd_budget
         self.idle_timeout = idle_timeout
         self.open: set[Sweepable] = set()
-        self.opened = 0
-        self.closed: Counter[str] = Counter()  # by reason
-        self.bytes_in = 0
-        self.bytes_out = 0
-        # For metrics, all counted per connection (never per message):
-        self.opened_by: Counter[str] = Counter()  # listener
-        self.closed_by: Counter[tuple[str, str]] = Counter()  # (listener, reason)
-        self.bytes_by: Counter[tuple[str, str]] = Counter()  # (listener, "in"/"out")
+        self.opened = 0  # also the id of the newest connection
+        # Counted once per connection, never per message; totals are summed when asked.
+        self.by_listener: dict[str, ListenerCounters] = {}
         self.durations = [0] * (len(DURATION_BUCKETS) + 1)  # histogram counts
         self.duration_sum = 0.0
         self.rejected = RateLimitedLog(
@@ -109,7 +114,10 @@ class ConnectionTable:
         conn.active_since = now
         self.open.add(conn)
         self.opened += 1
-        self.opened_by[listener] += 1
+        counters = self.by_listener.get(listener)
+        if counters is None:
+            counters = self.by_listener[listener] = ListenerCounters()
+        counters.opened += 1
         return True
 
     def release(
@@ -122,16 +130,29 @@ class ConnectionTable:
         duration: float = 0.0,
     ) -> None:
         self.open.discard(conn)
-        self.closed[reason] += 1
-        self.bytes_in += bytes_in
-        self.bytes_out += bytes_out
-        self.closed_by[listener, reason] += 1
-        self.bytes_by[listener, "in"] += bytes_in
-        self.bytes_by[listener, "out"] += bytes_out
+        counters = self.by_listener[listener]
+        counters.closed[reason] += 1
+        counters.bytes_in += bytes_in
+        counters.bytes_out += bytes_out
         self.durations[bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
         self.duration_sum += duration
         for callback in self.on_close:
             callback()
+
+    @property
+    def closed(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for counters in self.by_listener.values():
+            total.update(counters.closed)
+        return total
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(c.bytes_in for c in self.by_listener.values())
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(c.bytes_out for c in self.by_listener.values())
 
     def start_sweeping(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.idle_timeout > 0:

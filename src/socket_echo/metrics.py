@@ -42,16 +42,17 @@ class ServerCollector:
             "Connections admitted, by listener.",
             labels=["listener"],
         )
-        for listener, n in table.opened_by.items():
-            opened.add_metric([listener], n)
+        for listener, counters in table.by_listener.items():
+            opened.add_metric([listener], counters.opened)
         yield opened
         closed = CounterMetricFamily(
             "socket_echo_connections_closed",
             "Connections closed, by listener and reason.",
             labels=["listener", "reason"],
         )
-        for (listener, reason), n in table.closed_by.items():
-            closed.add_metric([listener, reason], n)
+        for listener, counters in table.by_listener.items():
+            for reason, n in counters.closed.items():
+                closed.add_metric([listener, reason], n)
         yield closed
         yield GaugeMetricFamily(
             "socket_echo_connections_active", "Open connections.", value=len(table.open)
@@ -78,12 +79,12 @@ class ServerCollector:
             "Bytes echoed, by listener and direction.",
             labels=["listener", "direction"],
         )
-        for listener in set(table.opened_by) | set(live):
-            for direction in ("in", "out"):
-                moved.add_metric(
-                    [listener, direction],
-                    table.bytes_by[listener, direction] + live.get(listener, 0),
-                )
+        for listener in set(table.by_listener) | set(live):
+            done = table.by_listener.get(listener)
+            done_in = done.bytes_in if done else 0
+            done_out = done.bytes_out if done else 0
+            moved.add_metric([listener, "in"], done_in + live.get(listener, 0))
+            moved.add_metric([listener, "out"], done_out + live.get(listener, 0))
         yield moved
         cumulative, buckets = 0, []
         for bound, count in zip(DURATION_BUCKETS, table.durations, strict=False):
