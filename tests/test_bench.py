@@ -116,3 +116,14 @@ def test_plot_draws_a_png(start_server, tmp_path):
     )
     assert code == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unwritable_result_files_are_one_line_before_the_run(start_server, tmp_path):
+    server = start_server()
+    for flag in ("--json", "--plot"):
+        result = tool(
+            "bench", f"127.0.0.1:{server.port}", "-d", "5", flag, str(tmp_path / "missing" / "out")
+        )
+        assert result.returncode == 2
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert b"not a writable folder" in result.stderr

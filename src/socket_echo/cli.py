@@ -564,7 +564,6 @@ def bench(
     plot_file: str | None,
 ) -> None:
     """Load any echo server and verify every byte. Exit 1 on errors or mismatches."""
-    import json
     import os
 
     from socket_echo.tools import bench as tool
@@ -580,6 +579,11 @@ def bench(
         raise click.UsageError("bench over TLS is not supported yet (probe and client are)")
     if mode == "udp" and size > 65507:
         raise click.UsageError("--size is at most 65507 for UDP (the largest IPv4 datagram)")
+    for out in (json_file, plot_file):  # fail before the run, not after it
+        if out and out != "-":
+            folder = os.path.dirname(os.path.abspath(out))
+            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                raise click.UsageError(f"cannot write {out}: {folder} is not a writable folder")
     if plot_file:
         try:
             import matplotlib  # noqa: F401
@@ -600,6 +604,18 @@ def bench(
         progress.stop()
     summary = tool.summarize(cfg, results)
     report.bench_table(summary)
+    try:
+        _write_results(summary, json_file, plot_file)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write results: {exc.strerror or exc}") from None
+    sys.exit(EXIT_FAILURE if summary["errors"] or summary["mismatches"] else 0)
+
+
+def _write_results(summary: dict[str, Any], json_file: str | None, plot_file: str | None) -> None:
+    import json
+
+    from socket_echo.tools import bench as tool
+
     if plot_file:
         tool.plot(summary, plot_file)
     if json_file:
@@ -609,4 +625,3 @@ def bench(
         else:
             with open(json_file, "w") as f:
                 f.write(text + "\n")
-    sys.exit(EXIT_FAILURE if summary["errors"] or summary["mismatches"] else 0)
