@@ -22,20 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import LOAD_CPU, SERVER_CPU, free_port, pinned
-
-
-def wait_listening(port: int) -> None:
-    import socket
-
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
+from run import LOAD_CPU, SERVER_CPU, Server, pinned
 
 
 def handshakes_per_second(port: int, seconds: int) -> float:
@@ -118,20 +105,12 @@ def main() -> int:
     results: dict[str, dict[str, list[float]]] = {n: {"hs": [], "mb": []} for n in servers}
     for _ in range(args.runs):
         for name, argv in servers.items():
-            port = free_port()
-            proc = subprocess.Popen(
-                [a.replace("{port}", str(port)) for a in argv],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                preexec_fn=pinned(SERVER_CPU),
-            )
+            server = Server(argv)  # the runner's: pinned to the server CPU, waits for it
             try:
-                wait_listening(port)
-                results[name]["hs"].append(handshakes_per_second(port, args.seconds))
-                results[name]["mb"].append(bulk_mb_per_second(port, payload))
+                results[name]["hs"].append(handshakes_per_second(server.port, args.seconds))
+                results[name]["mb"].append(bulk_mb_per_second(server.port, payload))
             finally:
-                proc.terminate()
-                proc.wait(10)
+                server.stop()
     print(
         f"\nTLS, medians of {args.runs} runs (server on CPU {SERVER_CPU}, client on CPU "
         f"{LOAD_CPU}):\n"

@@ -23,14 +23,13 @@ import select
 import socket
 import struct
 
-from socket_echo.accept import RESOURCE_ERRORS, RETRY_DELAY
+from socket_echo.accept import ACCEPT_BATCH, RESOURCE_ERRORS, RETRY_DELAY
 from socket_echo.limits import ConnectionTable
 from socket_echo.logs import RateLimitedLog, log_event
 from socket_echo.protocols.tcp import format_peer
 
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 READ_CHUNK = 64 * 1024  # measured: 256 KiB reads end in partial sends and stream slower
-ACCEPT_BATCH = 128
 LINGER_ABORT = struct.pack("ii", 1, 0)  # close() sends RST at once
 
 

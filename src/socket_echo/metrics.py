@@ -10,7 +10,7 @@ not log per request (health probes would flood the log).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -104,28 +104,24 @@ class ServerCollector:
         datagrams.add_metric(["in"], u.datagrams_in)
         datagrams.add_metric(["out"], u.datagrams_out)
         yield datagrams
-        dropped = CounterMetricFamily(
-            "socket_echo_udp_dropped", "UDP datagrams dropped, by reason.", labels=["reason"]
-        )
-        for reason, n in u.dropped.items():
-            dropped.add_metric([reason], n)
-        yield dropped
-        tls = CounterMetricFamily(
+        yield by_reason("socket_echo_udp_dropped", "UDP datagrams dropped, by reason.", u.dropped)
+        yield by_reason(
             "socket_echo_tls_handshake_failures",
             "Failed TLS handshakes, by reason.",
-            labels=["reason"],
+            s.tls_stats.handshake_failures,
         )
-        for reason, n in s.tls_stats.handshake_failures.items():
-            tls.add_metric([reason], n)
-        yield tls
-        proxy = CounterMetricFamily(
+        yield by_reason(
             "socket_echo_proxy_rejected",
             "Connections closed for their PROXY header, by reason.",
-            labels=["reason"],
+            s.proxy_stats.rejected,
         )
-        for reason, n in s.proxy_stats.rejected.items():
-            proxy.add_metric([reason], n)
-        yield proxy
+
+
+def by_reason(name: str, doc: str, counts: Mapping[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=["reason"])
+    for reason, n in counts.items():
+        family.add_metric([reason], n)
+    return family
 
 
 def registry_for(server: EchoServer) -> CollectorRegistry:

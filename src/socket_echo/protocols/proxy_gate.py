@@ -31,6 +31,18 @@ class ProxyStats:
     def __init__(self) -> None:
         self.rejected: Counter[str] = Counter()
 
+    def reject(self, listener: str, access_log: bool, peer: str, reason: str) -> None:
+        """Count a refused header by reason and say so in the log (both gates)."""
+        self.rejected[reason.split(":")[0]] += 1
+        log_event(
+            logging.INFO if access_log else logging.DEBUG,
+            "proxy_rejected",
+            f"PROXY header from {peer} rejected: {reason}",
+            listener=listener,
+            peer=peer,
+            reason=reason,
+        )
+
 
 class ProxyGate(asyncio.Protocol):
     def __init__(self, ctx: ConnectionContext, stats: ProxyStats) -> None:
@@ -79,18 +91,10 @@ class ProxyGate(asyncio.Protocol):
     def _reject(self, reason: str) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        self.stats.rejected[reason.split(":")[0]] += 1
         assert self.transport is not None
         peer = format_peer(self.transport.get_extra_info("peername"))
         self.transport.abort()
-        log_event(
-            logging.INFO if self.ctx.access_log else logging.DEBUG,
-            "proxy_rejected",
-            f"PROXY header from {peer} rejected: {reason}",
-            listener=self.ctx.listener,
-            peer=peer,
-            reason=reason,
-        )
+        self.stats.reject(self.ctx.listener, self.ctx.access_log, peer, reason)
 
 
 def gate_factory(ctx: ConnectionContext, stats: ProxyStats) -> Any:
@@ -170,17 +174,9 @@ class HeaderPreReader:
 
     def _reject(self, reason: str) -> None:
         self._stop()
-        self.stats.rejected[reason.split(":")[0]] += 1
         try:
             peer = format_peer(self.sock.getpeername())
         except OSError:
             peer = "unknown"
         self.sock.close()
-        log_event(
-            logging.INFO if self.access_log else logging.DEBUG,
-            "proxy_rejected",
-            f"PROXY header from {peer} rejected: {reason}",
-            listener=self.listener,
-            peer=peer,
-            reason=reason,
-        )
+        self.stats.reject(self.listener, self.access_log, peer, reason)
