@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import time
 import urllib.error
 import urllib.request
 
@@ -59,7 +60,19 @@ def test_metrics_count_connections_bytes_and_datagrams(start_server, server_flag
     assert sample(body, "socket_echo_udp_datagrams_total", direction="out") == 1
     assert sample(body, "socket_echo_connection_duration_seconds_count") == 3
     held.close()
-    assert "connection #" not in "".join(ln for ln in server.lines if "/metrics" in ln)
+    server.wait_for_log(r"connection #4 from .* closed")
+
+
+def test_health_probes_never_write_to_the_log(start_server):
+    server = start_server("--metrics", "127.0.0.1:0")
+    mport = metrics_port(server)
+    time.sleep(0.3)
+    before = len(server.lines)
+    for _ in range(20):
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert get(mport, path)[0] == 200
+    time.sleep(0.3)
+    assert server.lines[before:] == []
 
 
 def test_readyz_turns_503_when_the_drain_starts_healthz_stays_200(start_server):
