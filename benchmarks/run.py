@@ -75,6 +75,7 @@ def udp_servers(python: str) -> dict[str, list[str]]:
         UDP_REFERENCE: [str(BUILD / "udp_echo"), "{port}"],
         "socket-echo (uvloop)": [*se, "--loop", "uvloop"],
         "socket-echo (asyncio)": [*se, "--loop", "asyncio"],
+        "socket-echo (uvloop, --udp-io loop)": [*se, "--loop", "uvloop", "--udp-io", "loop"],
     }
 
 

@@ -17,6 +17,12 @@ from socket_echo.payloads import NET_TOOLS_PAYLOADS
 from socket_echo.udp_guard import BUCKETS, UdpGuard, classify
 
 
+@pytest.fixture(params=["mmsg", "loop"])
+def udp_io(request: pytest.FixtureRequest) -> list[str]:
+    """Both UDP data paths: recvmmsg/sendmmsg batches and the portable recvfrom/sendto loop."""
+    return ["--udp-io", request.param]
+
+
 def udp_client(host: str = "127.0.0.1", port: int = 0, timeout: float = 2.0) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -44,8 +50,8 @@ def bind_low_port(host: str, candidates: range) -> socket.socket | None:
     return None
 
 
-def test_every_datagram_size_comes_back_over_ipv4_and_ipv6(start_server):
-    server = start_server(host="", expect_listeners=4)
+def test_every_datagram_size_comes_back_over_ipv4_and_ipv6(start_server, udp_io):
+    server = start_server(*udp_io, host="", expect_listeners=4)
     _, _, port = server.listener("udp")
     for host, largest in (("127.0.0.1", 65507), ("::1", 65527)):
         with udp_client(host) as sock:
@@ -54,8 +60,8 @@ def test_every_datagram_size_comes_back_over_ipv4_and_ipv6(start_server):
                 assert answered(sock, (host, port), payload) == payload, (host, size)
 
 
-def test_zephyr_echo_client_payloads_from_its_source_port_8484(start_server):
-    server = start_server()
+def test_zephyr_echo_client_payloads_from_its_source_port_8484(start_server, udp_io):
+    server = start_server(*udp_io)
     _, host, port = server.listener("udp")
     sock = bind_low_port(host, range(8484, 8485)) or udp_client(host)
     with sock:
@@ -63,15 +69,15 @@ def test_zephyr_echo_client_payloads_from_its_source_port_8484(start_server):
             assert answered(sock, (host, port), payload) == payload, name
 
 
-def test_dual_stack_udp_answers_ipv4_clients(start_server):
-    server = start_server("--host", "::", expect_listeners=2)
+def test_dual_stack_udp_answers_ipv4_clients(start_server, udp_io):
+    server = start_server(*udp_io, "--host", "::", expect_listeners=2)
     _, _, port = server.listener("udp")
     with udp_client("127.0.0.1") as sock:
         assert answered(sock, ("127.0.0.1", port), b"mapped") == b"mapped"
 
 
-def test_guard_ignores_forbidden_source_ports_and_answers_normal_ones(start_server):
-    server = start_server("--log-format", "text")
+def test_guard_ignores_forbidden_source_ports_and_answers_normal_ones(start_server, udp_io):
+    server = start_server(*udp_io, "--log-format", "text")
     _, host, port = server.listener("udp")
     forbidden = [
         bind_low_port(host, range(700, 1000)),  # privileged (needs root to bind: else skipped)
@@ -90,8 +96,8 @@ def test_guard_ignores_forbidden_source_ports_and_answers_normal_ones(start_serv
     server.wait_for_log(r"UDP datagrams dropped: .*source port")
 
 
-def test_privileged_ports_allowed_for_labs(start_server):
-    server = start_server("--udp-allow-privileged-ports")
+def test_privileged_ports_allowed_for_labs(start_server, udp_io):
+    server = start_server(*udp_io, "--udp-allow-privileged-ports")
     _, host, port = server.listener("udp")
     sock = bind_low_port(host, range(700, 1000))
     if sock is None:
@@ -104,8 +110,8 @@ def test_privileged_ports_allowed_for_labs(start_server):
             assert answered(nfs, (host, port), b"nfs") is None
 
 
-def test_rate_limit_per_prefix_drops_excess_and_spares_other_prefixes(start_server):
-    server = start_server("--udp-rate", "20", "--udp-burst", "10")
+def test_rate_limit_per_prefix_drops_excess_and_spares_other_prefixes(start_server, udp_io):
+    server = start_server(*udp_io, "--udp-rate", "20", "--udp-burst", "10")
     _, host, port = server.listener("udp")
     with udp_client("127.0.0.1", timeout=0.2) as flood:
         flood.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
@@ -128,8 +134,8 @@ def test_rate_limit_per_prefix_drops_excess_and_spares_other_prefixes(start_serv
     assert len(lines) == 1, "drops are reported at most once per 10 s"
 
 
-def test_global_rate_cap(start_server):
-    server = start_server("--udp-max-rate", "5", "--udp-burst", "1000")
+def test_global_rate_cap(start_server, udp_io):
+    server = start_server(*udp_io, "--udp-max-rate", "5", "--udp-burst", "1000")
     _, host, port = server.listener("udp")
     total = 0
     started = time.monotonic()
@@ -146,9 +152,9 @@ def test_global_rate_cap(start_server):
     assert total <= 5 + 5 * (time.monotonic() - started) + 2, total  # 1 s of burst, then 5/s
 
 
-def test_probe_and_bench_pass_over_udp(start_server):
+def test_probe_and_bench_pass_over_udp(start_server, udp_io):
     server = start_server(
-        "--udp-rate", "100000", "--udp-burst", "100000", "--udp-max-rate", "1000000"
+        *udp_io, "--udp-rate", "100000", "--udp-burst", "100000", "--udp-max-rate", "1000000"
     )
     _, host, port = server.listener("udp")
     result = tool("probe", f"udp://{host}:{port}")

@@ -249,6 +249,15 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
     "auto = epoll where available.",
 )
 @option(
+    "--udp-io",
+    type=click.Choice(config.UDP_IO),
+    default=config.DEFAULT_UDP_IO,
+    show_default=True,
+    help_group=RUNTIME,
+    help="UDP data path: mmsg (recvmmsg/sendmmsg batches, Linux, fastest), loop "
+    "(recvfrom/sendto, any OS); auto = mmsg where available.",
+)
+@option(
     "--metrics",
     metavar="HOST:PORT",
     help_group=RUNTIME,
@@ -297,6 +306,7 @@ def serve(
     tls_handshake_timeout: float,
     loop: str,
     engine: str,
+    udp_io: str,
     metrics: str | None,
     log_level: str,
     log_format: str,
@@ -333,6 +343,7 @@ def serve(
         tls_handshake_timeout=tls_handshake_timeout,
         loop=loop,
         engine=engine,
+        udp_io=udp_io,
         metrics=metrics_spec,
         log_level=log_level.lower(),
         log_format=log_format,

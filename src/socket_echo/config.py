@@ -20,6 +20,8 @@ DEFAULT_MAX_BUFFER = 256 * 1024
 DEFAULT_GRACEFUL_TIMEOUT = 10.0
 DEFAULT_LOOP = "auto"
 DEFAULT_ENGINE = "auto"
+UDP_IO = ("auto", "mmsg", "loop")
+DEFAULT_UDP_IO = "auto"
 DEFAULT_LOG_LEVEL = "info"
 DEFAULT_LOG_FORMAT = "text"
 
@@ -75,6 +77,9 @@ class ServerConfig:
     udp_burst: int = DEFAULT_UDP_BURST
     udp_max_rate: float = DEFAULT_UDP_MAX_RATE
     udp_allow_privileged_ports: bool = False
+    # UDP data path: "mmsg" (recvmmsg/sendmmsg batches, Linux), "loop" (recvfrom/sendto,
+    # any platform), "auto" = mmsg where the platform has it.
+    udp_io: str = DEFAULT_UDP_IO
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None

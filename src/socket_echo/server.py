@@ -29,7 +29,7 @@ from socket_echo.protocols.proxy_gate import HeaderPreReader, ProxyStats
 from socket_echo.protocols.proxy_gate import gate_factory as proxy_gate_factory
 from socket_echo.protocols.tcp import ConnectionContext, EchoProtocol
 from socket_echo.protocols.tls import TlsStats, gate_factory, native_handshake
-from socket_echo.protocols.udp import REPORT_EVERY, UdpEcho, UdpStats
+from socket_echo.protocols.udp import REPORT_EVERY, UdpServing, UdpStats, serve_udp
 from socket_echo.udp_guard import UdpGuard
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -72,7 +72,7 @@ class EchoServer:
         self.metrics_listeners: list[BoundListener] = []
         self._metrics_servers: list[asyncio.AbstractServer] = []
         self.udp_stats = UdpStats()
-        self._udp: list[UdpEcho] = []
+        self._udp: list[UdpServing] = []
         self._udp_report: asyncio.TimerHandle | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._readers: list[AcceptReader] = []
@@ -98,7 +98,9 @@ class EchoServer:
         for bound in self.listeners:
             kind = "dual-stack " if bound.dual_stack else ""
             if bound.scheme == "udp":
-                self._udp.append(UdpEcho(loop, bound.sock, guard, self.udp_stats))
+                self._udp.append(
+                    serve_udp(loop, bound.sock, guard, self.udp_stats, self.config.udp_io)
+                )
                 what = (
                     f"UDP echo server listening on {bound.url} ({kind}up to "
                     f"{self.config.udp_rate:g} datagrams/s per source prefix)"

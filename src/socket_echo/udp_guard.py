@@ -53,6 +53,9 @@ def classify(host: str) -> tuple[str | None, str]:
 
 
 class TokenBucket:
+    """Tokens refill continuously at ``rate`` up to ``burst``. Callers refill only when the
+    clock moved (``last != now``): within one batch of datagrams a take is one subtraction."""
+
     __slots__ = ("burst", "last", "rate", "tokens")
 
     def __init__(self, rate: float, burst: float, now: float) -> None:
@@ -61,21 +64,21 @@ class TokenBucket:
         self.tokens = burst
         self.last = now
 
-    def take(self, now: float) -> bool:
-        tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+    def refill(self, now: float) -> None:
+        tokens = self.tokens + (now - self.last) * self.rate
+        self.tokens = self.burst if tokens > self.burst else tokens
         self.last = now
-        if tokens < 1.0:
-            self.tokens = tokens
-            return False
-        self.tokens = tokens - 1.0
-        return True
 
 
 class UdpGuard:
     """Per datagram: the port checks, one dict lookup (source address -> its prefix's bucket,
-    or the reason it is never answered) and the token arithmetic, inlined. The tables are
-    bounded without per-datagram bookkeeping: when one is full, the least recently used
-    tenth goes (amortized over thousands of datagrams)."""
+    or the reason it is never answered) and a token subtraction. The tables are bounded
+    without per-datagram bookkeeping: when one is full, the least recently used tenth goes
+    (amortized over thousands of datagrams).
+
+    Source addresses are cached under any hashable key: the text form (``verdict``) or the raw
+    address bytes (the batched Linux path in protocols/udp_mmsg.py, which never builds text
+    for a known source)."""
 
     def __init__(
         self,
@@ -91,44 +94,52 @@ class UdpGuard:
         self.forbidden_ports = frozenset({0, NFS_PORT, *own_ports})
         self.global_bucket = TokenBucket(max_rate, max(1.0, max_rate), 0.0)  # 1 s of burst
         self.buckets: dict[str, TokenBucket] = {}  # prefix -> bucket
-        self._sources: dict[str, TokenBucket | str] = {}  # address -> bucket or drop reason
+        self.sources: dict[object, TokenBucket | str] = {}  # address -> bucket or drop reason
 
-    def verdict(self, host: str, port: int, now: float) -> str | None:
-        """None to answer, else the reason to drop."""
+    def port_verdict(self, port: int) -> str | None:
         if port in self.forbidden_ports:
             return "forbidden source port"
         if port < self.min_port:
             return "privileged source port"
-        bucket = self._sources.get(host)
-        if bucket is None:
-            bucket = self._learn(host, now)
-        if isinstance(bucket, str):
-            return bucket
-        tokens = bucket.tokens + (now - bucket.last) * bucket.rate
-        bucket.last = now
-        if tokens > bucket.burst:
-            tokens = bucket.burst
-        if tokens < 1.0:
-            bucket.tokens = tokens
-            return "source rate limit"
-        bucket.tokens = tokens - 1.0
-        if not self.global_bucket.take(now):
-            return "global rate limit"
         return None
 
-    def _learn(self, host: str, now: float) -> TokenBucket | str:
-        reason, prefix = classify(host)
-        if len(self._sources) >= ADDRESS_CACHE:
-            self._sources.clear()
+    def verdict(self, host: str, port: int, now: float) -> str | None:
+        """One datagram from (host, port) at ``now``: None to answer, else the reason to drop."""
+        reason = self.port_verdict(port)
         if reason is not None:
-            self._sources[host] = reason
+            return reason
+        bucket = self.sources.get(host)
+        if bucket is None:
+            bucket = self.learn(host, host, now)
+        if isinstance(bucket, str):
+            return bucket
+        if bucket.last != now:
+            bucket.refill(now)
+        if bucket.tokens < 1.0:
+            return "source rate limit"
+        total = self.global_bucket
+        if total.last != now:
+            total.refill(now)
+        if total.tokens < 1.0:
+            return "global rate limit"
+        bucket.tokens -= 1.0
+        total.tokens -= 1.0
+        return None
+
+    def learn(self, key: object, host: str, now: float) -> TokenBucket | str:
+        """Classify a new source address and cache the outcome under ``key``."""
+        reason, prefix = classify(host)
+        if len(self.sources) >= ADDRESS_CACHE:
+            self.sources.clear()
+        if reason is not None:
+            self.sources[key] = reason
             return reason
         bucket = self.buckets.get(prefix)
         if bucket is None:
             if len(self.buckets) >= BUCKETS:
                 self._evict()
             bucket = self.buckets[prefix] = TokenBucket(self.rate, self.burst, now)
-        self._sources[host] = bucket
+        self.sources[key] = bucket
         return bucket
 
     def _evict(self) -> None:
@@ -136,4 +147,4 @@ class UdpGuard:
         oldest = sorted(self.buckets.items(), key=lambda item: item[1].last)
         gone = {id(b) for _, b in oldest[: max(1, len(oldest) // 10)]}
         self.buckets = {p: b for p, b in self.buckets.items() if id(b) not in gone}
-        self._sources = {h: b for h, b in self._sources.items() if id(b) not in gone}
+        self.sources = {h: b for h, b in self.sources.items() if id(b) not in gone}

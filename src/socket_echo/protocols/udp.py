@@ -1,7 +1,8 @@
 """UDP echo (RFC 862): each datagram answered by one datagram with the same bytes.
 
-A ``recvfrom_into``/``sendto`` loop on the event loop's ``add_reader``: measured here it costs
-less server CPU per datagram than a ``DatagramProtocol`` (uvloop's or the stdlib's). The guard
+A ``recvfrom_into``/``sendto`` loop on the event loop's ``add_reader``, the portable path:
+measured here it costs less server CPU per datagram than a ``DatagramProtocol`` (uvloop's or
+the stdlib's). On Linux, udp_mmsg.py batches the same work into recvmmsg/sendmmsg. The guard
 (udp_guard.py) decides per datagram; a datagram that cannot be sent at once (kernel buffer
 full) is dropped and counted, never queued. Drops are counted by reason and logged at most
 once per ``REPORT_EVERY`` seconds.
@@ -13,7 +14,9 @@ import asyncio
 import logging
 import socket
 from collections import Counter
+from typing import Protocol
 
+from socket_echo.config import ConfigError
 from socket_echo.logs import log_event
 from socket_echo.udp_guard import UdpGuard
 
@@ -99,3 +102,24 @@ class UdpEcho:
 
     def close(self) -> None:
         self.loop.remove_reader(self.sock.fileno())
+
+
+class UdpServing(Protocol):
+    def close(self) -> None: ...
+
+
+def serve_udp(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    guard: UdpGuard,
+    stats: UdpStats,
+    io: str = "auto",
+) -> UdpServing:
+    """Serve one UDP socket with the batched Linux path (udp_mmsg.py) or this portable loop."""
+    from socket_echo.protocols import udp_mmsg  # it imports this module
+
+    if io == "mmsg" and not udp_mmsg.available():
+        raise ConfigError("--udp-io mmsg: this platform has no recvmmsg (use --udp-io loop)")
+    if io != "loop" and udp_mmsg.available():
+        return udp_mmsg.MmsgUdpEcho(loop, sock, guard, stats)
+    return UdpEcho(loop, sock, guard, stats)
