@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import psutil
 import pytest
 
 from socket_echo.loops import uvloop_available
@@ -31,6 +33,7 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         preexec_fn: Callable[[], Any] | None = None,
         expect_listeners: int = 1,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
@@ -39,6 +42,7 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             env=full_env,
             preexec_fn=preexec_fn,
+            pass_fds=pass_fds,
             text=True,
         )
         self.lines: list[str] = []
@@ -121,10 +125,22 @@ class ServerProcess:
     def wait(self, timeout: float = 20.0) -> int:
         return self.proc.wait(timeout)
 
+    def children(self) -> list[psutil.Process]:
+        """Worker processes (--workers), oldest first."""
+        try:
+            kids = psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+        return sorted(kids, key=lambda p: p.create_time())
+
     def kill(self) -> None:
+        kids = self.children()
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+        for kid in kids:  # workers of a killed supervisor: do not leave them behind
+            with contextlib.suppress(psutil.NoSuchProcess):
+                kid.kill()
 
 
 @pytest.fixture

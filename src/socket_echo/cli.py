@@ -15,10 +15,11 @@ import click
 
 from socket_echo import __version__, config
 from socket_echo.config import ConfigError, ServerConfig
-from socket_echo.listeners import BindError, bind_all
+from socket_echo.listeners import REUSE_PORT, BindError, BindOptions, adopt_fd, bind_all
 from socket_echo.logs import logger, setup_logging
 from socket_echo.loops import resolve_loop
 from socket_echo.server import EXIT_FAILURE, EXIT_USAGE, run
+from socket_echo.supervisor import Supervisor, worker_count
 
 ENV_PREFIX = "SOCKET_ECHO_"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -117,6 +118,16 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
     help="Listener URL, repeatable: tcp://HOST:PORT, udp://, tls://, tcp+proxy://, "
     "tls+proxy:// (PROXY protocol first), tcp://[::1]:4242, unix:///path/to/socket. "
     "Replaces --host/--port (which give TCP and UDP) when given.",
+)
+@option(
+    "--fd",
+    "fds",
+    type=click.IntRange(min=0),
+    multiple=True,
+    metavar="N",
+    help_group=LISTEN,
+    help="Serve an inherited socket (systemd socket activation: 3, 4, ...); repeatable. "
+    "TCP, UDP or Unix stream, as the socket is. Replaces --host/--port unless --bind is given.",
 )
 @option(
     "--backlog",
@@ -249,6 +260,15 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
     "auto = epoll where available.",
 )
 @option(
+    "--workers",
+    default=config.DEFAULT_WORKERS,
+    show_default=True,
+    metavar="N|auto",
+    help_group=RUNTIME,
+    help="Worker processes sharing the listeners (SO_REUSEPORT), restarted if they die; "
+    "auto = one per core.",
+)
+@option(
     "--udp-io",
     type=click.Choice(config.UDP_IO),
     default=config.DEFAULT_UDP_IO,
@@ -290,6 +310,7 @@ def serve(
     host: tuple[str, ...],
     port: int,
     bind: tuple[str, ...],
+    fds: tuple[int, ...],
     backlog: int,
     max_connections: int,
     idle_timeout: float,
@@ -306,6 +327,7 @@ def serve(
     tls_handshake_timeout: float,
     loop: str,
     engine: str,
+    workers: str,
     udp_io: str,
     metrics: str | None,
     log_level: str,
@@ -316,6 +338,8 @@ def serve(
     try:
         if bind:
             listeners = tuple(config.parse_bind_url(url) for url in bind)
+        elif fds:
+            listeners = ()
         else:
             listeners = config.listeners_from_hosts(host, port)
         for spec in listeners:
@@ -323,6 +347,7 @@ def serve(
                 config.check_port(spec.port)
         metrics_spec = config.parse_metrics_address(metrics) if metrics else None
         resolve_loop(loop)
+        worker_total = worker_count(workers)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     cfg = ServerConfig(
@@ -344,6 +369,8 @@ def serve(
         loop=loop,
         engine=engine,
         udp_io=udp_io,
+        workers=worker_total,
+        fds=fds,
         metrics=metrics_spec,
         log_level=log_level.lower(),
         log_format=log_format,
@@ -351,14 +378,26 @@ def serve(
     )
     setup_logging(cfg.log_level, cfg.log_format)
     sslcontext = _tls_context(cfg)
+    # With workers and SO_REUSEPORT, this process only holds the addresses (TCP bound, not
+    # listening); each worker binds its own sockets. See supervisor.py.
+    reuse = cfg.workers > 1 and REUSE_PORT
     try:
-        bound = bind_all(cfg.listeners, cfg.backlog)
+        fd_bound = [adopt_fd(fd) for fd in cfg.fds]
+        bound = (
+            bind_all(cfg.listeners, BindOptions(cfg.backlog, reuse_port=reuse, listen=not reuse))
+            if cfg.listeners
+            else []
+        )
         metrics_bound = bind_all((cfg.metrics,), 64) if cfg.metrics else []
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     except BindError as exc:
         raise click.ClickException(exc.strerror or str(exc)) from None
-    sys.exit(run(cfg, bound, sslcontext, metrics_bound))
+    if cfg.workers == 1:
+        sys.exit(run(cfg, bound + fd_bound, sslcontext, metrics_bound))
+    own = [b for b in bound if reuse and b.scheme != "unix"]
+    shared = [b for b in bound if b not in own] + fd_bound
+    sys.exit(Supervisor(cfg, cfg.workers, shared, own, metrics_bound, sslcontext).run())
 
 
 def _tls_context(cfg: ServerConfig) -> Any:

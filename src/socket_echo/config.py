@@ -23,6 +23,7 @@ DEFAULT_ENGINE = "auto"
 UDP_IO = ("auto", "mmsg", "loop")
 DEFAULT_UDP_IO = "auto"
 DEFAULT_LOG_LEVEL = "info"
+DEFAULT_WORKERS = "1"  # or "auto": one per core
 DEFAULT_LOG_FORMAT = "text"
 
 LOOPS = ("auto", "asyncio", "uvloop")
@@ -86,6 +87,8 @@ class ServerConfig:
     tls_self_signed: bool = False
     tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT
     metrics: ListenerSpec | None = None  # HTTP /metrics /healthz /readyz; None = off
+    workers: int = 1  # processes serving the listeners (supervisor.py when > 1)
+    fds: tuple[int, ...] = ()  # inherited listening sockets (--fd, socket activation)
 
 
 def format_url(scheme: str, host: str, port: int, path: str = "") -> str:

@@ -83,14 +83,29 @@ def _addresses(host: str, port: int) -> list[tuple[socket.AddressFamily, str]]:
     return seen
 
 
+REUSE_PORT = hasattr(socket, "SO_REUSEPORT")  # Linux, the BSDs, macOS
+
+
+@dataclasses.dataclass(frozen=True)
+class BindOptions:
+    """How sockets are made: ``reuse_port`` lets several processes (``--workers``) bind the
+    same address; ``listen=False`` binds a stream socket without listening, so the kernel's
+    SO_REUSEPORT group (listening sockets only) never hands it a connection."""
+
+    backlog: int
+    reuse_port: bool = False
+    listen: bool = True
+
+
 def _bind_one(
     family: socket.AddressFamily,
     address: str,
     port: int,
-    backlog: int,
+    backlog: int | BindOptions,
     dual_stack: bool,
     scheme: str = "tcp",
 ) -> socket.socket:
+    opts = backlog if isinstance(backlog, BindOptions) else BindOptions(backlog)
     # proto=IPPROTO_TCP, not 0: accepted sockets inherit it, and the stdlib loop turns
     # TCP_NODELAY on only for sockets whose proto says TCP (base_events._set_nodelay).
     kind, proto = KINDS[scheme]
@@ -99,12 +114,14 @@ def _bind_one(
         if kind == socket.SOCK_STREAM:
             # Not for UDP: there SO_REUSEADDR lets a second server bind the same port.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if opts.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # The seed's "sharing same socket between IPv6 and IPv4": V6ONLY off on '::' only.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
         sock.bind((address, port))
-        if kind == socket.SOCK_STREAM:
-            sock.listen(backlog)
+        if kind == socket.SOCK_STREAM and opts.listen:
+            sock.listen(opts.backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -146,9 +163,11 @@ def _bind_unix(spec: ListenerSpec, backlog: int) -> BoundListener:
     return BoundListener(spec, sock, inode=os.stat(path).st_ino)
 
 
-def _bind_spec(spec: ListenerSpec, port: int, backlog: int, optional: bool) -> list[BoundListener]:
+def _bind_spec(
+    spec: ListenerSpec, port: int, backlog: BindOptions, optional: bool
+) -> list[BoundListener]:
     if spec.scheme == "unix":
-        return [_bind_unix(spec, backlog)]
+        return [_bind_unix(spec, backlog.backlog)]
     bound: list[BoundListener] = []
     try:
         for family, address in _addresses(spec.host, port):
@@ -191,10 +210,12 @@ def _listener(spec: ListenerSpec, sock: socket.socket, dual: bool = False) -> Bo
     return BoundListener(ListenerSpec(spec.scheme, host, port), sock, dual)
 
 
-def bind_all(specs: tuple[ListenerSpec, ...], backlog: int) -> list[BoundListener]:
+def bind_all(specs: tuple[ListenerSpec, ...], backlog: int | BindOptions) -> list[BoundListener]:
     """Bind every spec. Specs that ask for port 0 share the first free port found, so that
     the default pair 127.0.0.1 + ::1 answers on one port; ``::1`` where the machine has no
     IPv6 is skipped when it came from the defaults."""
+    if not isinstance(backlog, BindOptions):
+        backlog = BindOptions(backlog)
     shared_port: int | None = None
     for attempt in range(20):
         bound: list[BoundListener] = []
@@ -229,3 +250,51 @@ def bind_all(specs: tuple[ListenerSpec, ...], backlog: int) -> list[BoundListene
 def close_all(listeners: list[BoundListener]) -> None:
     for b in listeners:
         b.close()
+
+
+def rebind(bound: BoundListener, backlog: int) -> BoundListener:
+    """A worker's own socket on a listener's address (SO_REUSEPORT): same family, scheme,
+    port and dual-stack setting; listening."""
+    family = socket.AddressFamily(bound.sock.family)
+    opts = BindOptions(backlog, reuse_port=True)
+    try:
+        sock = _bind_one(
+            family, bound.spec.host, bound.spec.port, opts, bound.dual_stack, bound.scheme
+        )
+    except OSError as exc:
+        hint = _HINTS.get(exc.errno or 0, exc.strerror or str(exc))
+        raise BindError(exc.errno, f"cannot listen on {bound.url}: {hint}") from None
+    return BoundListener(bound.spec, sock, bound.dual_stack)
+
+
+def adopt_fd(fd: int) -> BoundListener:
+    """An inherited socket (``--fd N``: systemd socket activation, other supervisors).
+    Stream sockets must already listen; the scheme follows the socket: tcp, udp or unix."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise BindError(exc.errno, f"--fd {fd}: not an open socket ({exc.strerror})") from None
+    if sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX) or sock.type not in (
+        socket.SOCK_STREAM,
+        socket.SOCK_DGRAM,
+    ):
+        sock.detach()
+        raise BindError(errno.EINVAL, f"--fd {fd}: not a TCP, UDP or Unix stream socket")
+    if sock.type == socket.SOCK_STREAM and not sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+    ):
+        sock.detach()
+        raise BindError(errno.EINVAL, f"--fd {fd}: the socket is not listening")
+    if sock.family == socket.AF_UNIX:
+        if sock.type != socket.SOCK_STREAM:
+            sock.detach()
+            raise BindError(errno.EINVAL, f"--fd {fd}: Unix datagram sockets are not served")
+        spec = ListenerSpec("unix", "", 0, str(sock.getsockname()))
+    else:
+        host, port = sock.getsockname()[:2]
+        spec = ListenerSpec("udp" if sock.type == socket.SOCK_DGRAM else "tcp", host, port)
+    dual = sock.family == socket.AF_INET6 and not sock.getsockopt(
+        socket.IPPROTO_IPV6, socket.IPV6_V6ONLY
+    )
+    sock.setblocking(False)
+    return BoundListener(spec, sock, dual)  # inode 0: never unlink a file we did not make

@@ -13,6 +13,8 @@ import time
 from typing import Any
 
 logger = logging.getLogger("socket_echo")
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
+_worker: int | None = None  # set in a --workers process: every line says which worker
 
 
 class JsonFormatter(logging.Formatter):
@@ -24,6 +26,8 @@ class JsonFormatter(logging.Formatter):
             "event": getattr(record, "event", "log"),
             "message": record.getMessage(),
         }
+        if _worker is not None:
+            obj["worker"] = _worker
         obj.update(getattr(record, "fields", {}))
         if record.exc_info:
             obj["exception"] = self.formatException(record.exc_info)
@@ -35,12 +39,22 @@ def setup_logging(level: str, fmt: str) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
+        tag = "" if _worker is None else f"[worker {_worker}] "
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S")
+            logging.Formatter(
+                TEXT_FORMAT.replace("%(message)s", tag + "%(message)s"), "%Y-%m-%d %H:%M:%S"
+            )
         )
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False
+
+
+def set_worker(index: int, level: str, fmt: str) -> None:
+    """In a worker process: tag every line with the worker's number."""
+    global _worker
+    _worker = index
+    setup_logging(level, fmt)
 
 
 def log_event(level: int, event: str, message: str, **fields: Any) -> None:

@@ -137,7 +137,7 @@ class EchoServer:
             self._metrics_servers.append(await loop.create_server(health, sock=bound.sock))
             url = bound.url.replace("tcp://", "http://")
             log_event(
-                logging.INFO,
+                logging.DEBUG if bound.scheme == "unix" else logging.INFO,  # a worker's own
                 "metrics",
                 f"metrics and health on {url} (/metrics, /healthz, /readyz)",
                 listener=url,

@@ -1,0 +1,392 @@
+"""``--workers N``: one supervisor process and N worker processes sharing the listeners.
+
+The supervisor binds every listener first (so a bad address is one error line and exit 1,
+before any worker exists) and resolves ``--port 0`` to a real port. Then, where the OS has
+SO_REUSEPORT, each worker binds its own socket on that address and the kernel spreads
+connections and datagrams over them; the supervisor keeps its TCP sockets bound but not
+listening (the kernel hands connections to listening sockets only), which holds the port for
+restarts, and closes its UDP sockets once the workers are up (a bound UDP socket would get
+its share of datagrams). Unix sockets, ``--fd`` sockets and every socket on an OS without
+SO_REUSEPORT are inherited: all workers accept on the one listening socket.
+
+Workers are forked from the supervisor's (stdlib) event loop with signals blocked around the
+fork; a child resets them and starts its own loop, exactly as a single-process server. Each
+worker tells the supervisor it is ready through a pipe (whose EOF also says it is gone) and
+serves its metrics on a private Unix socket; the supervisor's ``--metrics`` endpoint sums them.
+
+A worker that dies is restarted after a delay that doubles with each quick death (logged);
+SIGTERM/SIGINT are forwarded for a graceful drain, and the supervisor exits when all workers
+have stopped. A second SIGINT is forwarded too: workers then exit at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import socket
+import ssl
+import sys
+import tempfile
+import traceback
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from socket_echo.config import ConfigError, ListenerSpec, ServerConfig
+from socket_echo.listeners import BindError, BoundListener, bind_all, close_all, rebind
+from socket_echo.logs import log_event, logger, set_worker
+from socket_echo.metrics import HealthHttp
+from socket_echo.server import EXIT_FAILURE, EXIT_OK, run
+
+RESTART_DELAY = 0.5  # first restart; doubles with each quick death
+RESTART_MAX_DELAY = 30.0
+STABLE_AFTER = 30.0  # a worker that lived this long starts the doubling afresh
+READY_TIMEOUT = 15.0  # first workers to come up before the UDP sockets are handed over
+SCRAPE_TIMEOUT = 2.0
+SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
+
+
+def worker_count(text: str) -> int:
+    """``auto`` = the number of cores; else a positive integer."""
+    if text == "auto":
+        return (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1)
+        )
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"--workers {text!r}: expected a positive number or 'auto'")
+    return n
+
+
+@dataclasses.dataclass
+class Worker:
+    index: int
+    metrics_path: str
+    pid: int = 0
+    ready: bool = False
+    ever_ready: bool = False
+    started_at: float = 0.0
+    quick_deaths: int = 0
+    ready_fd: int = -1
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: ServerConfig,
+        count: int,
+        shared: list[BoundListener],
+        placeholders: list[BoundListener],
+        metrics_listeners: list[BoundListener],
+        sslcontext: ssl.SSLContext | None = None,
+    ) -> None:
+        self.config = config
+        self.shared = shared  # inherited by every worker
+        self.placeholders = placeholders  # re-bound by every worker (SO_REUSEPORT)
+        self.metrics_listeners = metrics_listeners
+        self.sslcontext = sslcontext
+        self.rundir = tempfile.mkdtemp(prefix="socket-echo-")
+        self.workers = [
+            Worker(i, os.path.join(self.rundir, f"worker-{i}.sock")) for i in range(1, count + 1)
+        ]
+        self.stopping = False
+        self.restarts = 0
+        self.exit_code = EXIT_OK
+        self._finished: asyncio.Event | None = None
+        self._all_ready: asyncio.Event | None = None
+        self._metrics_servers: list[asyncio.AbstractServer] = []
+
+    # -- the supervisor's side --------------------------------------------------------------
+    def run(self) -> int:
+        loop = asyncio.new_event_loop()  # the stdlib loop: workers are forked from it
+        asyncio.set_event_loop(loop)
+        try:
+            return loop.run_until_complete(self._main(loop))
+        finally:
+            for server in self._metrics_servers:
+                server.close()
+            close_all(self.metrics_listeners)
+            close_all(self.placeholders)
+            close_all(self.shared)  # removes the Unix socket files this process made
+            shutil.rmtree(self.rundir, ignore_errors=True)
+            loop.close()
+
+    async def _main(self, loop: asyncio.AbstractEventLoop) -> int:
+        self._finished, self._all_ready = asyncio.Event(), asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGCHLD, self._reap, loop)
+        how = "SO_REUSEPORT" if self.placeholders else "one inherited socket per listener"
+        log_event(
+            logging.INFO,
+            "workers",
+            f"supervisor (pid {os.getpid()}): starting {len(self.workers)} workers sharing "
+            f"{', '.join(b.url for b in self.placeholders + self.shared)} ({how})",
+            workers=len(self.workers),
+        )
+        for worker in self.workers:
+            self._spawn(loop, worker)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._all_ready.wait(), READY_TIMEOUT)
+        self._release_udp()
+        await self._serve_metrics(loop)
+        await self._finished.wait()
+        log_event(
+            logging.INFO,
+            "stopped",
+            f"supervisor: all workers stopped ({self.restarts} restart(s))",
+            restarts=self.restarts,
+        )
+        return self.exit_code
+
+    def _release_udp(self) -> None:
+        """The workers have their own UDP sockets now: ours would take a share of datagrams."""
+        for bound in [b for b in self.placeholders if b.scheme == "udp"]:
+            bound.close()
+            self.placeholders.remove(bound)
+
+    async def _serve_metrics(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self.metrics_listeners:
+            return
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(WorkersCollector(self))
+
+        def ready() -> bool:
+            return not self.stopping and any(w.ready for w in self.workers)
+
+        for bound in self.metrics_listeners:
+            self._metrics_servers.append(
+                await loop.create_server(lambda: HealthHttp(registry, ready, loop), sock=bound.sock)
+            )
+            url = bound.url.replace("tcp://", "http://")
+            log_event(
+                logging.INFO,
+                "metrics",
+                f"metrics and health on {url} (/metrics sums the workers, /healthz, /readyz)",
+                listener=url,
+                port=bound.spec.port,
+            )
+
+    def _spawn(self, loop: asyncio.AbstractEventLoop, worker: Worker) -> None:
+        ready_r, ready_w = os.pipe()
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:  # the worker: never returns into the supervisor's code
+                code = EXIT_FAILURE
+                try:
+                    os.close(ready_r)
+                    code = self._worker_main(worker, ready_w)
+                except BaseException:  # a bug, not a user's mistake: show it
+                    traceback.print_exc()
+                finally:
+                    logging.shutdown()
+                    os._exit(code)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.close(ready_w)
+        worker.pid, worker.ready, worker.ready_fd = pid, False, ready_r
+        worker.started_at = loop.time()
+        loop.add_reader(ready_r, self._on_ready_pipe, loop, worker)
+        log_event(
+            logging.INFO,
+            "worker_start",
+            f"worker {worker.index} started (pid {pid})",
+            worker=worker.index,
+            pid=pid,
+        )
+
+    def _on_ready_pipe(self, loop: asyncio.AbstractEventLoop, worker: Worker) -> None:
+        try:
+            data = os.read(worker.ready_fd, 64)
+        except OSError:
+            data = b""
+        if data:
+            worker.ready = worker.ever_ready = True
+            if all(w.ever_ready for w in self.workers) and self._all_ready is not None:
+                self._all_ready.set()
+            return
+        self._close_pipe(loop, worker)  # EOF: the worker is gone
+
+    @staticmethod
+    def _close_pipe(loop: asyncio.AbstractEventLoop, worker: Worker) -> None:
+        worker.ready = False
+        if worker.ready_fd >= 0:
+            loop.remove_reader(worker.ready_fd)
+            os.close(worker.ready_fd)
+            worker.ready_fd = -1
+
+    def _reap(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            worker = next((w for w in self.workers if w.pid == pid), None)
+            if worker is None:
+                continue
+            worker.pid = 0
+            self._close_pipe(loop, worker)
+            self._on_exit(loop, worker, os.waitstatus_to_exitcode(status))
+        if self.stopping and not any(w.pid for w in self.workers) and self._finished:
+            self._finished.set()
+
+    def _on_exit(self, loop: asyncio.AbstractEventLoop, worker: Worker, code: int) -> None:
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited ({code})"
+        if self.stopping:
+            log_event(logging.DEBUG, "worker_exit", f"worker {worker.index} {how}")
+            return
+        if not worker.ever_ready:  # it could not even start: restarting would loop
+            log_event(
+                logging.ERROR,
+                "worker_failed",
+                f"worker {worker.index} {how} before it was ready: stopping",
+                worker=worker.index,
+            )
+            self.exit_code = EXIT_FAILURE
+            self._on_signal(signal.SIGTERM)
+            return
+        lived = loop.time() - worker.started_at
+        worker.quick_deaths = 0 if lived >= STABLE_AFTER else worker.quick_deaths + 1
+        delay = min(RESTART_MAX_DELAY, RESTART_DELAY * 2 ** max(0, worker.quick_deaths - 1))
+        log_event(
+            logging.WARNING,
+            "worker_restart",
+            f"worker {worker.index} {how} after {lived:.1f} s; restarting in {delay:g} s",
+            worker=worker.index,
+            code=code,
+            delay=delay,
+        )
+        loop.call_later(delay, self._restart, loop, worker)
+
+    def _restart(self, loop: asyncio.AbstractEventLoop, worker: Worker) -> None:
+        if self.stopping or worker.pid:
+            return
+        self.restarts += 1
+        self._spawn(loop, worker)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self.stopping and sig != signal.SIGINT:
+            return
+        if not self.stopping:
+            log_event(
+                logging.INFO,
+                "shutdown",
+                f"supervisor: {sig.name}: draining {sum(1 for w in self.workers if w.pid)} "
+                "worker(s)",
+            )
+        self.stopping = True
+        for worker in self.workers:
+            if worker.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, sig)
+        if not any(w.pid for w in self.workers) and self._finished is not None:
+            self._finished.set()
+
+    # -- the worker's side --------------------------------------------------------------------
+    def _worker_main(self, worker: Worker, ready_w: int) -> int:
+        supervisor = os.getppid()
+        die_with_parent()
+        if os.getppid() != supervisor:  # it died before we asked to be told
+            return EXIT_FAILURE
+        signal.set_wakeup_fd(-1)  # that was the supervisor loop's pipe
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        asyncio.events._set_running_loop(None)  # the supervisor's loop is not ours
+        asyncio.set_event_loop(None)
+        set_worker(worker.index, self.config.log_level, self.config.log_format)
+        for other in self.workers:
+            if other.ready_fd >= 0:
+                os.close(other.ready_fd)
+        for bound in self.metrics_listeners:
+            bound.sock.close()
+        shared = [dataclasses.replace(b, inode=0) for b in self.shared]  # never unlink them
+        try:
+            own = [rebind(b, self.config.backlog) for b in self.placeholders]
+            private = bind_all((ListenerSpec("unix", "", 0, worker.metrics_path),), 16)
+        except BindError as exc:
+            logger.error("%s", exc.strerror or exc)
+            return EXIT_FAILURE
+        finally:
+            for bound in self.placeholders:
+                bound.sock.close()
+        os.write(ready_w, b"r")  # the write end stays open until this process exits
+        return run(self.config, own + shared, self.sslcontext, private)
+
+
+def die_with_parent() -> None:
+    """Linux: SIGTERM (a graceful drain) when the supervisor dies, even by SIGKILL, so
+    workers are never left behind unsupervised."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def scrape(path: str) -> str:
+    """One worker's /metrics text over its private Unix socket; "" if it does not answer."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(SCRAPE_TIMEOUT)
+            sock.connect(path)
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    except OSError:
+        return ""
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    return body.decode() if head.startswith(b"HTTP/1.1 200") else ""
+
+
+class WorkersCollector:
+    """The sum over workers of every series (counters, gauges and histogram buckets alike:
+    each is a sum over connections), plus the supervisor's own worker counts."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def collect(self) -> Iterator[Metric]:
+        workers = self.supervisor.workers
+        yield GaugeMetricFamily(
+            "socket_echo_workers", "Worker processes ready.", value=sum(w.ready for w in workers)
+        )
+        yield CounterMetricFamily(
+            "socket_echo_worker_restarts",
+            "Worker processes restarted after they died.",
+            value=self.supervisor.restarts,
+        )
+        families: dict[str, Metric] = {}
+        sums: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        for worker in workers:
+            if worker.pid == 0:
+                continue
+            for family in text_string_to_metric_families(scrape(worker.metrics_path)):
+                if family.name not in families:
+                    families[family.name] = Metric(family.name, family.documentation, family.type)
+                    sums[family.name] = {}
+                acc = sums[family.name]
+                for sample in family.samples:
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    acc[key] = acc.get(key, 0.0) + sample.value
+        for name, metric in families.items():
+            for (sample_name, labels), value in sums[name].items():
+                metric.add_sample(sample_name, dict(labels), value)
+            yield metric

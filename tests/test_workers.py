@@ -1,0 +1,271 @@
+"""--workers and --fd: a supervisor, worker processes sharing the listeners, socket activation."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="workers need fork()")
+
+WORKER_RE = re.compile(r"\[worker (\d+)\] connection #\d+ from [^:]+:(\d+)")
+
+
+def metrics(port: int) -> dict[str, float]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def readyz(port: int) -> int:
+    try:
+        return int(urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def metrics_port(server) -> int:  # type: ignore[no-untyped-def]
+    return int(server.wait_for_log(r"metrics and health on http://127\.0\.0\.1:(\d+)").group(1))
+
+
+def start_workers(start_server, *args: str):  # type: ignore[no-untyped-def]
+    server = start_server("--workers", "2", "--metrics", "127.0.0.1:0", *args, expect_listeners=2)
+    deadline = time.monotonic() + 15
+    while len(server.children()) < 2 or len(server.listeners) < 4:  # tcp + udp per worker
+        assert time.monotonic() < deadline, server.log
+        time.sleep(0.05)
+        server.listeners = server._parse_listeners()
+    return server
+
+
+def echo_ok(sock: socket.socket, payload: bytes) -> bool:
+    try:
+        sock.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            chunk = sock.recv(65536)
+            if not chunk:
+                return False
+            got += chunk
+        return got == payload
+    except OSError:
+        return False
+
+
+def owners(server, clients: list[socket.socket]) -> dict[int, int]:  # type: ignore[no-untyped-def]
+    """Client local port -> worker number, from the access log."""
+    ports = {c.getsockname()[1] for c in clients}
+    deadline = time.monotonic() + 10
+    while True:
+        found = {int(m.group(2)): int(m.group(1)) for m in map(WORKER_RE.search, server.lines) if m}
+        if ports <= found.keys():
+            return {p: found[p] for p in ports}
+        assert time.monotonic() < deadline, server.log
+        time.sleep(0.05)
+
+
+def test_connections_land_on_both_workers_and_metrics_sum_them(start_server):
+    server = start_workers(start_server)
+    clients = [server.connect() for _ in range(40)]
+    for i, c in enumerate(clients):
+        assert echo_ok(c, b"x" * (i + 1))
+    assert set(owners(server, clients).values()) == {1, 2}
+    m = metrics(metrics_port(server))
+    assert m["socket_echo_workers"] == 2
+    assert m["socket_echo_connections_active"] == 40
+    assert m[
+        f'socket_echo_bytes_total{{direction="in",listener="tcp://127.0.0.1:{server.port}"}}'
+    ] == sum(range(1, 41))
+    for c in clients:
+        c.close()
+
+
+def test_udp_is_shared_and_every_datagram_answered_once(start_server):
+    server = start_workers(start_server)
+    _, host, port = server.listener("udp")
+    socks = []
+    for i in range(40):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(2)
+        s.sendto(i.to_bytes(2, "big"), (host, port))
+        socks.append(s)
+    for i, s in enumerate(socks):
+        assert s.recvfrom(10)[0] == i.to_bytes(2, "big")
+        s.settimeout(0.05)
+        with pytest.raises(TimeoutError):
+            s.recvfrom(10)  # exactly one answer
+        s.close()
+    m = metrics(metrics_port(server))
+    assert m['socket_echo_udp_datagrams_total{direction="out"}'] == 40
+
+
+def test_killing_a_worker_loses_no_other_connection_and_it_comes_back(start_server):
+    server = start_workers(start_server)
+    clients = [server.connect() for _ in range(30)]
+    for c in clients:
+        assert echo_ok(c, b"before")
+    owner = owners(server, clients)
+    assert set(owner.values()) == {1, 2}
+    victim = server.children()[0]
+    victim_worker = int(server.wait_for_log(rf"worker (\d+) started \(pid {victim.pid}\)").group(1))
+    victim.kill()
+    server.wait_for_log(rf"worker {victim_worker} was killed by SIGKILL .*restarting in")
+    for c in clients:
+        ok = echo_ok(c, b"after the kill")
+        if owner[c.getsockname()[1]] != victim_worker:
+            assert ok, "a connection on the surviving worker was lost"
+    deadline = time.monotonic() + 15
+    while len(server.children()) < 2 or victim.pid in [p.pid for p in server.children()]:
+        assert time.monotonic() < deadline, server.log
+        time.sleep(0.1)
+    mport = metrics_port(server)
+    while metrics(mport)["socket_echo_workers"] < 2:
+        assert time.monotonic() < deadline, server.log
+        time.sleep(0.1)
+    assert metrics(mport)["socket_echo_worker_restarts_total"] == 1
+    fresh = [server.connect() for _ in range(30)]
+    for c in fresh:
+        assert echo_ok(c, b"new")
+    assert victim_worker in set(owners(server, fresh).values()), "the restarted worker serves"
+    for c in clients + fresh:
+        c.close()
+
+
+def test_sigterm_drains_every_worker(start_server):
+    server = start_workers(start_server, "--graceful-timeout", "20")
+    mport = metrics_port(server)
+    clients = [server.connect() for _ in range(20)]
+    for c in clients:
+        assert echo_ok(c, b"hi")
+    assert set(owners(server, clients).values()) == {1, 2}
+    assert readyz(mport) == 200
+    server.signal(signal.SIGTERM)
+    server.wait_for_log(r"supervisor: SIGTERM: draining 2 worker")
+    assert readyz(mport) == 503
+    time.sleep(0.3)
+    for c in clients:  # both workers still serve their open connections while draining
+        assert echo_ok(c, b"still here")
+    with pytest.raises(OSError):
+        server.connect(timeout=1)
+    for c in clients:
+        c.close()
+    assert server.wait(30) == 0
+    assert "all workers stopped (0 restart(s))" in server.log
+    assert server.log.count("stopped: ") >= 2  # each worker's own summary
+
+
+def test_worker_count_is_checked(start_server):
+    result = subprocess.run(
+        [sys.executable, "-m", "socket_echo", "--workers", "none"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "socket-echo: error: --workers 'none': expected a positive number or 'auto'"
+    ]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_inherited_sockets_are_served(start_server, workers):
+    """--fd: a TCP and a UDP socket made by us (as systemd would) and passed in."""
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(16)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    fds = (tcp.fileno(), udp.fileno())
+    server = start_server(
+        "--fd",
+        str(fds[0]),
+        "--fd",
+        str(fds[1]),
+        "--workers",
+        workers,
+        host="",
+        pass_fds=fds,
+        expect_listeners=2,
+    )
+    port = tcp.getsockname()[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        assert echo_ok(c, b"activated")
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.settimeout(2)
+    probe.sendto(b"dgram", udp.getsockname())
+    assert probe.recvfrom(10)[0] == b"dgram"
+    probe.close()
+    tcp.close()
+    udp.close()
+    server.signal(signal.SIGTERM)
+    assert server.wait(30) == 0
+
+
+def test_fd_that_is_not_a_listening_socket_is_one_line(tmp_path):
+    with open(tmp_path / "file", "w") as f:
+        fd = f.fileno()
+        result = subprocess.run(
+            [sys.executable, "-m", "socket_echo", "--fd", str(fd)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            pass_fds=(f.fileno(),),
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"socket-echo: error: --fd {fd}: not an open socket (Socket operation on non-socket)"
+    )
+    idle = socket.socket()
+    idle.bind(("127.0.0.1", 0))
+    result = subprocess.run(
+        [sys.executable, "-m", "socket_echo", "--fd", str(idle.fileno())],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        pass_fds=(idle.fileno(),),
+    )
+    idle.close()
+    assert result.returncode == 1
+    assert "the socket is not listening" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_workers_die_with_a_killed_supervisor(start_server):
+    server = start_workers(start_server)
+    kids = server.children()
+    server.proc.kill()
+    server.proc.wait(5)
+    _, alive = psutil.wait_procs(kids, timeout=15)
+    assert not alive, "workers outlived their supervisor"
+
+
+def test_unix_listener_is_inherited_by_workers_and_removed_by_the_supervisor(
+    start_server, tmp_path
+):
+    path = tmp_path / "echo.sock"
+    server = start_server(
+        "--workers", "2", "--log-format", "json", "--bind", f"unix://{path}", expect_listeners=2
+    )
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(5)
+        c.connect(str(path))
+        assert echo_ok(c, b"over unix")
+    line = server.wait_for_log(r'"event":"connection_open".*')
+    assert '"worker":' in line.group(0)
+    server.signal(signal.SIGTERM)
+    assert server.wait(30) == 0
+    assert not path.exists()
