@@ -39,7 +39,9 @@ def compile_c() -> None:
 
 
 def servers(python: str) -> dict[str, list[str]]:
+    # --metrics on: the targets must hold with the metrics endpoint serving (issue #6).
     se = [python, "-m", "socket_echo", "serve", "--host", "127.0.0.1", "--log-level", "warning"]
+    se += ["--metrics", "127.0.0.1:0"]
     return {
         "C epoll (reference)": [str(BUILD / "echo_epoll"), "{port}"],
         "socket-echo (uvloop)": [*se, "--loop", "uvloop", "--port", "{port}"],

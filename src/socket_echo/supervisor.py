@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import signal
@@ -55,14 +56,37 @@ SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
+def cpu_count() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a
+    container's ``--cpus`` or a Kubernetes CPU limit), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = _cgroup_quota()
+    return max(1, min(cores or 1, math.ceil(quota) if quota else cores or 1))
+
+
+def _cgroup_quota() -> float | None:
+    for path, parse in (
+        ("/sys/fs/cgroup/cpu.max", lambda text: text.split()),  # cgroup v2: "QUOTA PERIOD"
+        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", lambda text: [text.strip(), "100000"]),
+    ):
+        try:
+            with open(path) as f:
+                quota, period = parse(f.read())[:2]
+            if quota in ("max", "-1"):
+                return None
+            if path.endswith("cfs_quota_us"):
+                with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+                    period = f.read().strip()
+            return int(quota) / int(period)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def worker_count(text: str) -> int:
-    """``auto`` = the number of cores; else a positive integer."""
+    """``auto`` = the usable cores (cpu_count); else a positive integer."""
     if text == "auto":
-        return (
-            len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity")
-            else (os.cpu_count() or 1)
-        )
+        return cpu_count()
     try:
         n = int(text)
     except ValueError:

@@ -1,0 +1,363 @@
+"""Deployment files (Dockerfile, Kubernetes, systemd): their flags are the CLI's, their ports,
+probes and timeouts agree with each other, and what they run works on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+
+from socket_echo.cli import cli
+from socket_echo.config import parse_metrics_address
+from socket_echo.server import CLOSE_WAIT
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "kubernetes"
+SYSTEMD = ROOT / "deploy" / "systemd"
+PY = [sys.executable, "-m", "socket_echo"]
+
+
+def parse(command: str, args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The parameters the real CLI makes of these arguments (and SOCKET_ECHO_* variables)."""
+    old = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        sub = cli.commands[command]
+        return dict(sub.make_context(command, list(args)).params)
+    except click.ClickException as exc:  # the assertion names the flag
+        raise AssertionError(f"{command} {args}: {exc.format_message()}") from None
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+def http_status(port: int, path: str) -> int:
+    try:
+        return int(urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5).status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def start(argv: list[str], env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        **kw,
+    )
+
+
+def wait_lines(proc: subprocess.Popen[str], *patterns: str) -> list[re.Match[str]]:
+    """Read the server's log until every pattern matched once (in any order)."""
+    assert proc.stdout is not None
+    found: dict[str, re.Match[str]] = {}
+    seen = []
+    deadline = time.monotonic() + 20
+    while len(found) < len(patterns):
+        assert time.monotonic() < deadline and proc.poll() is None, "\n".join(seen)
+        line = proc.stdout.readline()
+        seen.append(line)
+        for p in patterns:
+            m = re.search(p, line)
+            if m and p not in found:
+                found[p] = m
+    return [found[p] for p in patterns]
+
+
+def stop(proc: subprocess.Popen[str]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# -- Dockerfile ----------------------------------------------------------------------------
+
+
+def dockerfile() -> dict[str, list[str]]:
+    """Instruction -> its arguments (continuation lines joined), in order."""
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "Dockerfile").read_text())
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            word, _, rest = line.strip().partition(" ")
+            out.setdefault(word.upper(), []).append(rest.strip())
+    return out
+
+
+def docker_env(instructions: dict[str, list[str]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for line in instructions["ENV"]:
+        for item in shlex.split(line):
+            key, _, value = item.partition("=")
+            env[key] = value
+    return env
+
+
+def test_dockerfile_runs_non_root_exposes_tcp_and_udp_and_binds_all_addresses():
+    d = dockerfile()
+    final_stage = d["USER"][-1]
+    assert final_stage.split(":")[0] not in ("root", "0")
+    env = docker_env(d)
+    params = parse("serve", [], env)  # the ENTRYPOINT is `socket-echo serve` plus these
+    assert json.loads(d["ENTRYPOINT"][-1]) == ["socket-echo", "serve"]
+    assert params["host"] == ("::",)
+    exposed = set(" ".join(d["EXPOSE"]).split())
+    metrics_port = parse_metrics_address(params["metrics"]).port
+    assert {f"{params['port']}/tcp", f"{params['port']}/udp", f"{metrics_port}/tcp"} <= exposed
+    health = json.loads(d["HEALTHCHECK"][-1].split(" CMD ", 1)[1])
+    assert health[:3] == ["socket-echo", "probe", "--quick"]
+    probe = parse("probe", health[2:])
+    assert probe["target"].endswith(f":{params['port']}")
+
+
+def test_dockerfile_command_and_healthcheck_work_here():
+    """The image's server (its environment, on loopback and a free port) and its HEALTHCHECK."""
+    d = dockerfile()
+    env = {
+        **docker_env(d),
+        "SOCKET_ECHO_HOST": "127.0.0.1",
+        "SOCKET_ECHO_PORT": "0",
+        "SOCKET_ECHO_METRICS": "127.0.0.1:0",
+    }
+    proc = start([*PY, "serve"], env)
+    try:
+        (listening,) = wait_lines(proc, r'"listener":"tcp://127\.0\.0\.1:(\d+)"')
+        port = listening.group(1)
+        health = json.loads(d["HEALTHCHECK"][-1].split(" CMD ", 1)[1])
+        argv = [*PY, *health[1:-1], re.sub(r":\d+$", f":{port}", health[-1])]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stdout + result.stderr
+        result = subprocess.run(
+            [*PY, "serve", "--workers", "0"], capture_output=True, text=True, timeout=30
+        )
+        assert result.returncode == 2  # sanity: the same CLI refuses what it should
+    finally:
+        assert stop(proc) == 0
+
+
+# -- Kubernetes -----------------------------------------------------------------------------
+
+
+def manifests() -> dict[str, dict[str, Any]]:
+    docs: dict[str, dict[str, Any]] = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                docs[doc["kind"]] = doc
+    return docs
+
+
+def flag_args(args: list[str]) -> list[str]:
+    return [part for a in args for part in (a.split("=", 1) if a.startswith("--") else [a])]
+
+
+def test_kubernetes_manifests_agree_with_the_cli_and_each_other():
+    m = manifests()
+    assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= set(m)
+    assert set(m["Kustomization"]["resources"]) == {
+        p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"
+    }
+    deploy = m["Deployment"]
+    pod = deploy["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert deploy["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (container,) = pod["spec"]["containers"]
+    params = parse("serve", flag_args(container["args"]))
+    assert params["host"] == ("::",)
+    ports = {p["name"]: p for p in container["ports"]}
+    assert (ports["echo-tcp"]["containerPort"], ports["echo-tcp"]["protocol"]) == (
+        params["port"],
+        "TCP",
+    )
+    assert (ports["echo-udp"]["containerPort"], ports["echo-udp"]["protocol"]) == (
+        params["port"],
+        "UDP",
+    )
+    assert ports["metrics"]["containerPort"] == parse_metrics_address(params["metrics"]).port
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    annotations = pod["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) == ports["metrics"]["containerPort"]
+    # Shutdown: preStop pause, then SIGTERM, then the drain; all inside the grace period.
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    budget = float(pre_stop[1]) + params["graceful_timeout"] + CLOSE_WAIT
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= budget + 2
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["resources"]["requests"]["cpu"]  # the HPA's utilization needs it
+
+    service = m["Service"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    by_proto = {p["protocol"]: p for p in service["spec"]["ports"]}
+    assert set(by_proto) == {"TCP", "UDP"}
+    for proto, port in by_proto.items():
+        assert ports[port["targetPort"]]["protocol"] == proto
+    pdb = m["PodDisruptionBudget"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["spec"]["minAvailable"] < deploy["spec"]["replicas"]
+    hpa = m["HorizontalPodAutoscaler"]
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deploy["metadata"]["name"])
+    assert hpa["spec"]["minReplicas"] >= pdb["spec"]["minAvailable"] + 1
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+
+
+def test_kubernetes_container_answers_its_probes_and_turns_unready_on_sigterm():
+    (container,) = manifests()["Deployment"]["spec"]["template"]["spec"]["containers"]
+    args = flag_args(container["args"])
+    args[args.index("--host") + 1] = "127.0.0.1"  # loopback and free ports here
+    args[args.index("--port") + 1] = "0"
+    args[args.index("--metrics") + 1] = "127.0.0.1:0"
+    args[args.index("--graceful-timeout") + 1] = "5"
+    proc = start([*PY, "serve", *args])
+    try:
+        (metrics, listening) = wait_lines(
+            proc,
+            r'"listener":"http://127\.0\.0\.1:(\d+)"',
+            r'"listener":"tcp://127\.0\.0\.1:(\d+)"',
+        )
+        mport = int(metrics.group(1))
+        ready = container["readinessProbe"]["httpGet"]["path"]
+        live = container["livenessProbe"]["httpGet"]["path"]
+        assert http_status(mport, ready) == 200
+        assert http_status(mport, live) == 200
+        held = socket.create_connection(("127.0.0.1", int(listening.group(1))), timeout=5)
+        proc.send_signal(signal.SIGTERM)  # what Kubernetes sends after preStop
+        deadline = time.monotonic() + 10
+        while http_status(mport, ready) != 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert http_status(mport, live) == 200  # alive while it drains: no restart
+        held.close()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# -- systemd -------------------------------------------------------------------------------
+
+
+def unit(path: Path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def exec_start() -> list[str]:
+    return shlex.split(unit(SYSTEMD / "socket-echo.service")["ExecStart"][0])
+
+
+def test_systemd_units_agree_with_the_cli_and_sandbox_the_service():
+    service, sock = unit(SYSTEMD / "socket-echo.service"), unit(SYSTEMD / "socket-echo.socket")
+    argv = exec_start()
+    assert argv[0].endswith("/socket-echo") and argv[1] == "serve"
+    params = parse("serve", argv[2:])
+    listen = sock.get("ListenStream", []) + sock.get("ListenDatagram", [])
+    assert list(params["fds"]) == list(range(3, 3 + len(listen)))  # systemd's order
+    assert sock["ListenStream"] == sock["ListenDatagram"]  # TCP and UDP on one port
+    assert float(service["TimeoutStopSec"][0]) > params["graceful_timeout"] + CLOSE_WAIT
+    for key, value in {
+        "DynamicUser": "yes",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "CapabilityBoundingSet": "",
+        "KillMode": "mixed",
+    }.items():
+        assert service[key] == [value], key
+    assert "socket-echo.socket" in service["Requires"][0]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_systemd_analyze_verify(tmp_path):
+    binary = shutil.which("socket-echo") or str(Path(sys.executable).parent / "socket-echo")
+    for name in ("socket-echo.service", "socket-echo.socket"):
+        text = (SYSTEMD / name).read_text().replace(exec_start()[0], binary)
+        (tmp_path / name).write_text(text)
+    result = subprocess.run(
+        [
+            "systemd-analyze",
+            "verify",
+            str(tmp_path / "socket-echo.socket"),
+            str(tmp_path / "socket-echo.service"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 0, output
+    assert "socket-echo" not in output, output  # no warning about our units
+
+
+def test_systemd_socket_activation_as_the_units_describe_it():
+    """Sockets made as socket-echo.socket says, passed as descriptors 3 and 4 to ExecStart."""
+    tcp = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    for s in (tcp, udp):  # BindIPv6Only=both, but on ::1 (loopback only here)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    tcp.bind(("::1", 0))
+    tcp.listen(16)
+    udp.bind(("::1", tcp.getsockname()[1]))
+    argv = exec_start()
+    args = argv[2:]
+    args[args.index("--workers") + 1] = "2"
+    args[args.index("--metrics") + 1] = "127.0.0.1:0"
+    # Put the sockets on 3 and 4, as systemd does, then exec the unit's command line.
+    shim = (
+        "import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'socket_echo', *sys.argv[3:]])"
+    )
+    proc = start(
+        [sys.executable, "-c", shim, str(tcp.fileno()), str(udp.fileno()), "serve", *args],
+        pass_fds=(tcp.fileno(), udp.fileno()),
+    )
+    port = tcp.getsockname()[1]
+    tcp.close()
+    udp.close()
+    try:
+        wait_lines(
+            proc, r'"event":"worker_start".*"worker":1', r'"event":"worker_start".*"worker":2'
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                c = socket.create_connection(("::1", port), timeout=5)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        with c:
+            c.sendall(b"activated")
+            assert c.recv(100) == b"activated"
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as d:
+            d.settimeout(5)
+            d.sendto(b"datagram", ("::1", port))
+            assert d.recvfrom(100)[0] == b"datagram"
+    finally:
+        assert stop(proc) == 0
