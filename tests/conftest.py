@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -232,3 +233,57 @@ def is_closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+# -- metrics and figures ------------------------------------------------------------------
+
+
+def metrics_port(server: ServerProcess) -> int:
+    """The --metrics port a server logged."""
+    m = server.wait_for_log(r"metrics and health on http://127\.0\.0\.1:(\d+)")
+    return int(m.group(1))
+
+
+def scrape(port: int) -> dict[str, float]:
+    """/metrics as {'name{labels}': value}, label order as the server writes it."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    body = urllib.request.urlopen(url, timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def total(samples: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of a series over the labels not given."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(
+        v
+        for k, v in samples.items()
+        if (k == name or k.startswith(name + "{")) and all(w in k for w in want)
+    )
+
+
+@pytest.fixture
+def figure(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """Record a measured figure; the run's summary lists them (README: Reliability)."""
+
+    def note(text: str) -> None:
+        request.node.user_properties.append(("figure", f"{request.node.name}: {text}"))
+
+    return note
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    lines = [
+        value
+        for report in terminalreporter.stats.get("passed", [])
+        for key, value in getattr(report, "user_properties", [])
+        if key == "figure"
+    ]
+    if lines:
+        terminalreporter.section("figures measured by the tests")
+        for line in sorted(lines):
+            terminalreporter.line(line)

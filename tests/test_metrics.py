@@ -8,7 +8,7 @@ import time
 import urllib.error
 import urllib.request
 
-from conftest import exchange
+from conftest import exchange, metrics_port
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -17,10 +17,6 @@ def get(port: int, path: str) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
-
-
-def metrics_port(server) -> int:  # type: ignore[no-untyped-def]
-    return int(server.wait_for_log(r"metrics and health on http://127\.0\.0\.1:(\d+)").group(1))
 
 
 def sample(body: str, name: str, **labels: str) -> float:

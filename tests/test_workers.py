@@ -14,20 +14,11 @@ import urllib.request
 
 import psutil
 import pytest
+from conftest import metrics_port, scrape
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="workers need fork()")
 
 WORKER_RE = re.compile(r"\[worker (\d+)\] connection #\d+ from [^:]+:(\d+)")
-
-
-def metrics(port: int) -> dict[str, float]:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out: dict[str, float] = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 def readyz(port: int) -> int:
@@ -35,10 +26,6 @@ def readyz(port: int) -> int:
         return int(urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).status)
     except urllib.error.HTTPError as exc:
         return exc.code
-
-
-def metrics_port(server) -> int:  # type: ignore[no-untyped-def]
-    return int(server.wait_for_log(r"metrics and health on http://127\.0\.0\.1:(\d+)").group(1))
 
 
 def start_workers(start_server, *args: str):  # type: ignore[no-untyped-def]
@@ -83,7 +70,7 @@ def test_connections_land_on_both_workers_and_metrics_sum_them(start_server):
     for i, c in enumerate(clients):
         assert echo_ok(c, b"x" * (i + 1))
     assert set(owners(server, clients).values()) == {1, 2}
-    m = metrics(metrics_port(server))
+    m = scrape(metrics_port(server))
     assert m["socket_echo_workers"] == 2
     assert m["socket_echo_connections_active"] == 40
     assert m[
@@ -109,7 +96,7 @@ def test_udp_is_shared_and_every_datagram_answered_once(start_server):
         with pytest.raises(TimeoutError):
             s.recvfrom(10)  # exactly one answer
         s.close()
-    m = metrics(metrics_port(server))
+    m = scrape(metrics_port(server))
     assert m['socket_echo_udp_datagrams_total{direction="out"}'] == 40
 
 
@@ -133,10 +120,10 @@ def test_killing_a_worker_loses_no_other_connection_and_it_comes_back(start_serv
         assert time.monotonic() < deadline, server.log
         time.sleep(0.1)
     mport = metrics_port(server)
-    while metrics(mport)["socket_echo_workers"] < 2:
+    while scrape(mport)["socket_echo_workers"] < 2:
         assert time.monotonic() < deadline, server.log
         time.sleep(0.1)
-    assert metrics(mport)["socket_echo_worker_restarts_total"] == 1
+    assert scrape(mport)["socket_echo_worker_restarts_total"] == 1
     fresh = [server.connect() for _ in range(30)]
     for c in fresh:
         assert echo_ok(c, b"new")

@@ -199,6 +199,16 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
     help="Datagrams/s answered over all sources.",
 )
 @option(
+    "--udp-max-sources",
+    type=click.IntRange(min=16),
+    default=config.DEFAULT_UDP_MAX_SOURCES,
+    show_default=True,
+    metavar="N",
+    help_group=UDP,
+    help="Source prefixes whose rate is tracked at once; the least recently seen go first "
+    "(bounds memory under a spoofed flood).",
+)
+@option(
     "--udp-allow-privileged-ports/--no-udp-allow-privileged-ports",
     default=False,
     show_default=True,
@@ -319,6 +329,7 @@ def serve(
     udp_rate: float,
     udp_burst: int,
     udp_max_rate: float,
+    udp_max_sources: int,
     udp_allow_privileged_ports: bool,
     tls_cert: str | None,
     tls_key: str | None,
@@ -360,6 +371,7 @@ def serve(
         udp_rate=udp_rate,
         udp_burst=udp_burst,
         udp_max_rate=udp_max_rate,
+        udp_max_sources=udp_max_sources,
         udp_allow_privileged_ports=udp_allow_privileged_ports,
         tls_cert=tls_cert,
         tls_key=tls_key,

@@ -35,6 +35,7 @@ DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_UDP_RATE = 1000.0  # datagrams/s per source prefix (/24, /56)
 DEFAULT_UDP_BURST = 2000
 DEFAULT_UDP_MAX_RATE = 50_000.0  # datagrams/s over all sources
+DEFAULT_UDP_MAX_SOURCES = 65536  # rate-limit buckets (source prefixes) kept in memory
 
 
 class ConfigError(ValueError):
@@ -78,6 +79,7 @@ class ServerConfig:
     udp_burst: int = DEFAULT_UDP_BURST
     udp_max_rate: float = DEFAULT_UDP_MAX_RATE
     udp_allow_privileged_ports: bool = False
+    udp_max_sources: int = DEFAULT_UDP_MAX_SOURCES
     # UDP data path: "mmsg" (recvmmsg/sendmmsg batches, Linux), "loop" (recvfrom/sendto,
     # any platform), "auto" = mmsg where the platform has it.
     udp_io: str = DEFAULT_UDP_IO

@@ -65,6 +65,12 @@ class ServerCollector:
         rejected.add_metric(["max_connections"], table.rejected.count)
         rejected.add_metric(["descriptors"], table.out_of_descriptors.count)
         yield rejected
+        tasks, timers = loop_load(s)
+        yield GaugeMetricFamily("socket_echo_tasks", "asyncio tasks alive.", value=tasks)
+        if timers is not None:  # uvloop does not tell
+            yield GaugeMetricFamily(
+                "socket_echo_timers", "Timers scheduled on the event loop.", value=timers
+            )
         yield CounterMetricFamily(
             "socket_echo_accept_paused",
             "Times accepting paused on EMFILE/ENFILE/ENOBUFS/ENOMEM.",
@@ -104,6 +110,17 @@ class ServerCollector:
         datagrams.add_metric(["in"], u.datagrams_in)
         datagrams.add_metric(["out"], u.datagrams_out)
         yield datagrams
+        udp_bytes = CounterMetricFamily(
+            "socket_echo_udp_bytes", "UDP payload bytes.", labels=["direction"]
+        )
+        udp_bytes.add_metric(["in"], u.bytes_in)
+        udp_bytes.add_metric(["out"], u.bytes_out)
+        yield udp_bytes
+        yield GaugeMetricFamily(
+            "socket_echo_udp_rate_buckets",
+            "Source prefixes whose UDP rate is tracked (at most --udp-max-sources).",
+            value=len(s.udp_guard.buckets) if s.udp_guard else 0,
+        )
         yield by_reason("socket_echo_udp_dropped", "UDP datagrams dropped, by reason.", u.dropped)
         yield by_reason(
             "socket_echo_tls_handshake_failures",
@@ -115,6 +132,16 @@ class ServerCollector:
             "Connections closed for their PROXY header, by reason.",
             s.proxy_stats.rejected,
         )
+
+
+def loop_load(server: EchoServer) -> tuple[int, int | None]:
+    """Tasks alive and timers scheduled on the server's loop (the soak test watches them
+    for leaks); None for the timers where the loop does not expose them (uvloop)."""
+    loop = server.loop
+    if loop is None:
+        return 0, None
+    timers = getattr(loop, "_scheduled", None)
+    return len(asyncio.all_tasks(loop)), None if timers is None else len(timers)
 
 
 def by_reason(name: str, doc: str, counts: Mapping[str, int]) -> CounterMetricFamily:

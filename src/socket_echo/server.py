@@ -72,6 +72,8 @@ class EchoServer:
         self.metrics_listeners: list[BoundListener] = []
         self._metrics_servers: list[asyncio.AbstractServer] = []
         self.udp_stats = UdpStats()
+        self.udp_guard: UdpGuard | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._udp: list[UdpServing] = []
         self._udp_report: asyncio.TimerHandle | None = None
         self._servers: list[asyncio.AbstractServer] = []
@@ -79,7 +81,7 @@ class EchoServer:
         self._contexts: list[ConnectionContext] = []
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
@@ -88,12 +90,13 @@ class EchoServer:
                 loop, self.table, self.config.max_buffer, self.config.access_log, self.exhausted
             )
         own_ports = frozenset(b.spec.port for b in self.listeners if b.scheme != "unix")
-        guard = UdpGuard(
+        guard = self.udp_guard = UdpGuard(
             self.config.udp_rate,
             self.config.udp_burst,
             self.config.udp_max_rate,
             self.config.udp_allow_privileged_ports,
             own_ports,
+            self.config.udp_max_sources,
         )
         for bound in self.listeners:
             kind = "dual-stack " if bound.dual_stack else ""

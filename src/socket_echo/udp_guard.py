@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import ipaddress
 
+from socket_echo.config import DEFAULT_UDP_MAX_SOURCES
+
 NFS_PORT = 2049
-ADDRESS_CACHE = 65536  # classified source addresses kept; cleared when full
-BUCKETS = 65536  # rate-limit buckets kept; least recently used goes first
+BUCKETS = DEFAULT_UDP_MAX_SOURCES  # rate-limit buckets kept; least recently used go first
 
 V4_MARTIANS = [
     ipaddress.ip_network(n)
@@ -87,7 +88,9 @@ class UdpGuard:
         max_rate: float,
         allow_privileged_ports: bool = False,
         own_ports: frozenset[int] = frozenset(),
+        max_sources: int = BUCKETS,
     ) -> None:
+        self.max_sources = max_sources  # buckets kept; as many source addresses cached
         self.rate = rate
         self.burst = burst
         self.min_port = 1 if allow_privileged_ports else 1024
@@ -129,14 +132,14 @@ class UdpGuard:
     def learn(self, key: object, host: str, now: float) -> TokenBucket | str:
         """Classify a new source address and cache the outcome under ``key``."""
         reason, prefix = classify(host)
-        if len(self.sources) >= ADDRESS_CACHE:
+        if len(self.sources) >= self.max_sources:
             self.sources.clear()
         if reason is not None:
             self.sources[key] = reason
             return reason
         bucket = self.buckets.get(prefix)
         if bucket is None:
-            if len(self.buckets) >= BUCKETS:
+            if len(self.buckets) >= self.max_sources:
                 self._evict()
             bucket = self.buckets[prefix] = TokenBucket(self.rate, self.burst, now)
         self.sources[key] = bucket

@@ -50,6 +50,8 @@ class WorkerResult:
     bytes: int = 0
     mismatches: int = 0
     lost: int = 0
+    duplicates: int = 0  # UDP: a second answer to a datagram already answered
+    late: int = 0  # UDP: an answer that came after its datagram was counted lost
     errors: Counter[str] = dataclasses.field(default_factory=Counter)
     latency_us: Counter[int] = dataclasses.field(default_factory=Counter)
     cpu_seconds: float = 0.0
@@ -57,7 +59,7 @@ class WorkerResult:
 
 
 class _Conn:
-    __slots__ = ("expected", "got", "intended", "seq", "sock", "state", "t0")
+    __slots__ = ("expected", "got", "intended", "lost", "seq", "sock", "state", "t0")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -67,6 +69,7 @@ class _Conn:
         self.intended = 0.0
         self.seq = 0
         self.state = 0
+        self.lost: set[int] = set()  # UDP: sequence numbers counted lost, for late answers
 
 
 def _cpu() -> float:
@@ -403,8 +406,9 @@ class Worker:
                     res.errors["port unreachable"] += 1
                     continue
                 if data != conn.expected:
-                    if data[:8] != conn.expected[:8]:
-                        continue  # a late answer to a datagram already counted as lost
+                    if len(data) >= 8 and data[:8] != conn.expected[:8]:
+                        self._old_answer(conn, data)
+                        continue
                     res.mismatches += 1
                 else:
                     res.latency_us[int((time.perf_counter() - conn.t0) * 1e6)] += 1
@@ -416,14 +420,32 @@ class Worker:
                 for conn in self.conns.values():
                     if now - conn.t0 > UDP_TIMEOUT:
                         res.lost += 1
+                        if len(conn.lost) > 1024:  # bounded: very late answers then count
+                            conn.lost.clear()  # as duplicates
+                        conn.lost.add(conn.seq)
                         self._send_datagram(conn)
             self.progress.value = res.requests
         res.bytes = res.requests * cfg.size * 2
 
+    def _datagram(self, seq: int) -> bytes:
+        header = (seq * 1000 + self.index).to_bytes(8, "big")
+        return (header + self.patterns.message(seq))[: max(self.cfg.size, 8)]
+
+    def _old_answer(self, conn: _Conn, data: bytes) -> None:
+        """An answer to an earlier datagram: late (it was counted lost), or a duplicate.
+        Its bytes are checked all the same."""
+        seq = int.from_bytes(data[:8], "big") // 1000
+        if not 0 < seq < conn.seq or data != self._datagram(seq):
+            self.result.mismatches += 1
+        elif seq in conn.lost:
+            conn.lost.discard(seq)
+            self.result.late += 1
+        else:
+            self.result.duplicates += 1
+
     def _send_datagram(self, conn: _Conn) -> None:
         conn.seq += 1
-        header = (conn.seq * 1000 + self.index).to_bytes(8, "big")
-        conn.expected = (header + self.patterns.message(conn.seq))[: max(self.cfg.size, 8)]
+        conn.expected = self._datagram(conn.seq)
         conn.t0 = time.perf_counter()
         try:
             conn.sock.send(conn.expected)
@@ -519,6 +541,8 @@ def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> dict[str, Any]:
         "error_kinds": dict(errors),
         "mismatches": sum(r.mismatches for r in results),
         "lost_datagrams": sum(r.lost for r in results),
+        "late_datagrams": sum(r.late for r in results),
+        "duplicate_datagrams": sum(r.duplicates for r in results),
         "client_cpu_percent": 100 * cpu / elapsed / max(1, len(results)),  # per process
         "client_saturated": busiest >= SATURATED,
         "parameters": {

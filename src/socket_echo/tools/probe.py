@@ -92,6 +92,7 @@ class Probe:
         self.tls = tls
         self.require_concurrency = require_concurrency
         self.steps: list[Step] = []
+        self._udp_sent: set[bytes] = set()  # payloads already sent: to tell stale answers
 
     def connect(self) -> socket.socket:
         return connect(self.target, self.timeout, self.tls)
@@ -295,7 +296,7 @@ class Probe:
             answered = 0
             for name, payload in payloads:
                 step = self.step(f"udp: {name}", functools.partial(self._datagram, sock, payload))
-                answered += step.status == PASS
+                answered += step.status in (PASS, FINDING)
             if answered == 0:
                 raise Unreachable(f"{self.target.url}: no datagram was answered")
         finally:
@@ -303,24 +304,40 @@ class Probe:
         return self.steps
 
     def _datagram(self, sock: socket.socket, payload: bytes) -> tuple[str, str]:
-        for attempt in range(UDP_TRIES):
-            sock.send(payload)
-            deadline = time.monotonic() + self.timeout / UDP_TRIES
-            while time.monotonic() < deadline:
-                try:
-                    reply = sock.recv(65535)
-                except TimeoutError:
-                    break
-                except ConnectionRefusedError:
-                    raise StepFailed("port unreachable (ICMP): nothing listens there") from None
-                if reply == payload:
-                    retried = (
-                        f", after {attempt} retr{'y' if attempt == 1 else 'ies'}" if attempt else ""
-                    )
-                    return PASS, f"{len(payload)} B{retried}"
-                if len(reply) != len(payload) or attempt == UDP_TRIES - 1:
-                    return FAIL, f"reply differs: {first_difference(payload, reply)}"
-        return FAIL, f"no reply after {UDP_TRIES} tries"
+        """One datagram, answered within its tries. Answers to earlier datagrams (a path
+        that duplicates or delays) are set aside and reported, not taken for this one."""
+        stale = 0
+        try:
+            for attempt in range(UDP_TRIES):
+                sock.send(payload)
+                deadline = time.monotonic() + self.timeout / UDP_TRIES
+                while time.monotonic() < deadline:
+                    try:
+                        reply = sock.recv(65535)
+                    except TimeoutError:
+                        break
+                    except ConnectionRefusedError:
+                        raise StepFailed("port unreachable (ICMP): nothing listens there") from None
+                    if reply == payload:
+                        retried = (
+                            f", after {attempt} retr{'y' if attempt == 1 else 'ies'}"
+                            if attempt
+                            else ""
+                        )
+                        if stale:
+                            return FINDING, (
+                                f"{len(payload)} B{retried}; {stale} late or duplicate "
+                                "answer(s) to earlier datagrams came first"
+                            )
+                        return PASS, f"{len(payload)} B{retried}"
+                    if reply in self._udp_sent:
+                        stale += 1
+                        continue
+                    if len(reply) != len(payload) or attempt == UDP_TRIES - 1:
+                        return FAIL, f"reply differs: {first_difference(payload, reply)}"
+            return FAIL, f"no reply after {UDP_TRIES} tries"
+        finally:
+            self._udp_sent.add(payload)
 
     def quick(self) -> bool:
         """One short round trip: fit for a container health check."""

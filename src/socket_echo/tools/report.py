@@ -87,6 +87,8 @@ def bench_lines(summary: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     if summary["mode"] == "udp":
         rows.append(("lost datagrams", str(summary["lost_datagrams"])))
+        rows.append(("late answers", str(summary["late_datagrams"])))
+        rows.append(("duplicate answers", str(summary["duplicate_datagrams"])))
     return rows
 
 
