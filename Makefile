@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 DURATION ?= 60
+FUZZ_SECONDS ?= 300
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench soak fuzz clean
 
 install: $(VENV)/.installed
 
@@ -29,5 +30,14 @@ test: lint
 bench: install
 	$(BIN)/python benchmarks/run.py $(ARGS)
 
+# Mixed traffic for DURATION seconds; fails on a wrong byte or growth after warm-up.
+soak: install
+	$(BIN)/python tests/soak.py --duration $(DURATION) --json soak-result.json
+
+# The PROXY header parser under libFuzzer for FUZZ_SECONDS; the corpus persists.
+fuzz: install
+	$(BIN)/python tests/fuzz_proxy.py --write-seeds .fuzz-corpus
+	$(BIN)/python tests/fuzz_proxy.py .fuzz-corpus -max_total_time=$(FUZZ_SECONDS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache benchmarks/build
+	rm -rf $(VENV) build *.egg-info .fuzz-corpus soak-result.json src/*.egg-info .pytest_cache .mypy_cache .ruff_cache benchmarks/build

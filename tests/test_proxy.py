@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import exchange, is_closed_by_peer
@@ -154,3 +157,19 @@ def test_header_must_arrive_in_time(start_server):
         assert is_closed_by_peer(sock, timeout=10)
         assert 4 < time.monotonic() - started < 9
     server.wait_for_log(r"rejected: no PROXY header within 5 s")
+
+
+def test_atheris_fuzz_target_runs_clean(tmp_path):
+    """The libFuzzer target `make fuzz` runs for long, here for a few thousand inputs."""
+    pytest.importorskip("atheris")
+    target = Path(__file__).resolve().parent / "fuzz_proxy.py"
+    corpus = tmp_path / "corpus"
+    subprocess.run([sys.executable, str(target), "--write-seeds", str(corpus)], check=True)
+    result = subprocess.run(
+        [sys.executable, str(target), str(corpus), "-runs=20000"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Done 20000 runs" in result.stderr
