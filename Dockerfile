@@ -24,8 +24,9 @@ ENV SOCKET_ECHO_HOST="::" \
     SOCKET_ECHO_LOG_FORMAT=json \
     PYTHONUNBUFFERED=1
 EXPOSE 4242/tcp 4242/udp 9100/tcp
+# Shell form, so that a port changed with SOCKET_ECHO_PORT is the one checked.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=5s --retries=3 \
-    CMD ["socket-echo", "probe", "--quick", "--timeout", "3", "127.0.0.1:4242"]
+    CMD socket-echo probe --quick --timeout 3 "127.0.0.1:${SOCKET_ECHO_PORT}"
 # SIGTERM starts the graceful drain (--graceful-timeout, 10 s): give `docker stop -t 15`.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["socket-echo", "serve"]

@@ -113,6 +113,14 @@ def docker_env(instructions: dict[str, list[str]]) -> dict[str, str]:
     return env
 
 
+def healthcheck(instructions: dict[str, list[str]], env: dict[str, str]) -> list[str]:
+    """The HEALTHCHECK command as the shell inside the image would run it."""
+    command = instructions["HEALTHCHECK"][-1].split(" CMD ", 1)[1]
+    if command.startswith("["):
+        return list(json.loads(command))
+    return shlex.split(re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], command))
+
+
 def test_dockerfile_runs_non_root_exposes_tcp_and_udp_and_binds_all_addresses():
     d = dockerfile()
     final_stage = d["USER"][-1]
@@ -124,7 +132,7 @@ def test_dockerfile_runs_non_root_exposes_tcp_and_udp_and_binds_all_addresses():
     exposed = set(" ".join(d["EXPOSE"]).split())
     metrics_port = parse_metrics_address(params["metrics"]).port
     assert {f"{params['port']}/tcp", f"{params['port']}/udp", f"{metrics_port}/tcp"} <= exposed
-    health = json.loads(d["HEALTHCHECK"][-1].split(" CMD ", 1)[1])
+    health = healthcheck(d, env)
     assert health[:3] == ["socket-echo", "probe", "--quick"]
     probe = parse("probe", health[2:])
     assert probe["target"].endswith(f":{params['port']}")
@@ -143,8 +151,8 @@ def test_dockerfile_command_and_healthcheck_work_here():
     try:
         (listening,) = wait_lines(proc, r'"listener":"tcp://127\.0\.0\.1:(\d+)"')
         port = listening.group(1)
-        health = json.loads(d["HEALTHCHECK"][-1].split(" CMD ", 1)[1])
-        argv = [*PY, *health[1:-1], re.sub(r":\d+$", f":{port}", health[-1])]
+        health = healthcheck(d, {**env, "SOCKET_ECHO_PORT": port})
+        argv = [*PY, *health[1:]]
         result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, result.stdout + result.stderr
         result = subprocess.run(
