@@ -409,7 +409,11 @@ def serve(
         sys.exit(run(cfg, bound + fd_bound, sslcontext, metrics_bound))
     own = [b for b in bound if reuse and b.scheme != "unix"]
     shared = [b for b in bound if b not in own] + fd_bound
-    sys.exit(Supervisor(cfg, cfg.workers, shared, own, metrics_bound, sslcontext).run())
+    try:
+        supervisor = Supervisor(cfg, cfg.workers, shared, own, metrics_bound, sslcontext)
+    except OSError as exc:  # its run directory (TMPDIR)
+        raise click.ClickException(f"--workers: {exc.strerror or exc}: {exc.filename}") from None
+    sys.exit(supervisor.run())
 
 
 def _tls_context(cfg: ServerConfig) -> Any:
