@@ -185,3 +185,28 @@ def test_log_level_warning_hides_connection_lines(start_server):
     assert server.wait(10) == 0
     assert "connection #" not in server.log
     assert "listening" not in server.log
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--udp-io", "mmsg"], "--udp-io mmsg: this platform has no recvmmsg (use --udp-io loop)"),
+        (
+            ["--engine", "epoll"],
+            "--engine epoll: this platform has no epoll (use --engine protocol)",
+        ),
+    ],
+)
+def test_a_data_path_this_platform_lacks_is_one_line(monkeypatch, capsys, flags, message):
+    """As on macOS: no recvmmsg, no epoll. The server must say so before it binds anything."""
+    import select as select_module
+
+    from socket_echo import cli
+    from socket_echo.protocols import udp_mmsg
+
+    monkeypatch.setattr(udp_mmsg, "LIBC", None)
+    monkeypatch.delattr(select_module, "epoll")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", "--host", "127.0.0.1", "--port", "0", *flags])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == f"socket-echo: error: {message}"

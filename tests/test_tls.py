@@ -302,3 +302,13 @@ def test_tls_proxy_listener_rejects_a_missing_header(start_server, pki):
     with pytest.raises((ssl.SSLError, ConnectionError)):
         tls_connect(port, client_context(pki)).close()  # a ClientHello is no PROXY header
     server.wait_for_log(r"PROXY header from .* rejected: no PROXY protocol header")
+
+
+def test_server_contexts_refuse_renegotiation_whatever_the_openssl(pki):
+    """OpenSSL 3 refuses client renegotiation by default, 1.1.1 does not: the flag is ours
+    (the behaviour itself is tested with openssl s_client in test_abuse.py)."""
+    from socket_echo.protocols.tls import self_signed_context, server_context
+
+    for ctx in (server_context(pki["cert"], pki["key"], None), self_signed_context()[0]):
+        assert ctx.options & ssl.OP_NO_RENEGOTIATION
+        assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2

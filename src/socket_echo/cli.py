@@ -18,7 +18,8 @@ from socket_echo.config import ConfigError, ServerConfig
 from socket_echo.listeners import REUSE_PORT, BindError, BindOptions, adopt_fd, bind_all
 from socket_echo.logs import logger, setup_logging
 from socket_echo.loops import resolve_loop
-from socket_echo.server import EXIT_FAILURE, EXIT_USAGE, run
+from socket_echo.protocols.udp import use_mmsg
+from socket_echo.server import EXIT_FAILURE, EXIT_USAGE, run, use_epoll_engine
 from socket_echo.supervisor import Supervisor, worker_count
 
 ENV_PREFIX = "SOCKET_ECHO_"
@@ -358,6 +359,8 @@ def serve(
                 config.check_port(spec.port)
         metrics_spec = config.parse_metrics_address(metrics) if metrics else None
         resolve_loop(loop)
+        use_epoll_engine(engine)  # a data path this platform lacks: one line, exit 2
+        use_mmsg(udp_io)
         worker_total = worker_count(workers)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None

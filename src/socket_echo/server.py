@@ -36,10 +36,11 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 CLOSE_WAIT = 1.0  # after the graceful timeout: time to deliver what is owed before abort
 
 
-def use_epoll_engine(config: ServerConfig) -> bool:
-    if config.engine == "epoll" and not hasattr(select, "epoll"):
+def use_epoll_engine(engine: str) -> bool:
+    """``--engine``: whether the epoll engine serves TCP; ConfigError if it cannot here."""
+    if engine == "epoll" and not hasattr(select, "epoll"):
         raise ConfigError("--engine epoll: this platform has no epoll (use --engine protocol)")
-    return config.engine == "epoll" or (config.engine == "auto" and hasattr(select, "epoll"))
+    return engine == "epoll" or (engine == "auto" and hasattr(select, "epoll"))
 
 
 class EchoServer:
@@ -85,7 +86,7 @@ class EchoServer:
         loop.set_exception_handler(self._loop_exception)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        if use_epoll_engine(self.config):
+        if use_epoll_engine(self.config.engine):
             self.engine = EpollEngine(
                 loop, self.table, self.config.max_buffer, self.config.access_log, self.exhausted
             )

@@ -118,8 +118,15 @@ def serve_udp(
     """Serve one UDP socket with the batched Linux path (udp_mmsg.py) or this portable loop."""
     from socket_echo.protocols import udp_mmsg  # it imports this module
 
-    if io == "mmsg" and not udp_mmsg.available():
-        raise ConfigError("--udp-io mmsg: this platform has no recvmmsg (use --udp-io loop)")
-    if io != "loop" and udp_mmsg.available():
+    if use_mmsg(io):
         return udp_mmsg.MmsgUdpEcho(loop, sock, guard, stats)
     return UdpEcho(loop, sock, guard, stats)
+
+
+def use_mmsg(io: str) -> bool:
+    """``--udp-io``: whether recvmmsg/sendmmsg serve UDP; ConfigError if they cannot here."""
+    from socket_echo.protocols import udp_mmsg
+
+    if io == "mmsg" and not udp_mmsg.available():
+        raise ConfigError("--udp-io mmsg: this platform has no recvmmsg (use --udp-io loop)")
+    return io != "loop" and udp_mmsg.available()
