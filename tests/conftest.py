@@ -26,7 +26,8 @@ UNIX_RE = re.compile(r"listening on unix://(\S+)")
 
 
 class ServerProcess:
-    """``python -m socket_echo serve ARGS`` with its stderr collected line by line."""
+    """``python -m socket_echo serve ARGS`` (or ``LAUNCHER serve ARGS``) with its stderr
+    collected line by line."""
 
     def __init__(
         self,
@@ -35,10 +36,11 @@ class ServerProcess:
         preexec_fn: Callable[[], Any] | None = None,
         expect_listeners: int = 1,
         pass_fds: tuple[int, ...] = (),
+        launcher: list[str] | None = None,
     ) -> None:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "socket_echo", "serve", *args],
+            [*(launcher or [sys.executable, "-m", "socket_echo"]), "serve", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=full_env,

@@ -21,6 +21,7 @@ from typing import Any
 import click
 import pytest
 import yaml
+from conftest import exchange, metrics_port
 
 from socket_echo.cli import cli
 from socket_echo.config import parse_metrics_address
@@ -51,43 +52,6 @@ def http_status(port: int, path: str) -> int:
         return int(urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5).status)
     except urllib.error.HTTPError as exc:
         return exc.code
-
-
-def start(argv: list[str], env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        **kw,
-    )
-
-
-def wait_lines(proc: subprocess.Popen[str], *patterns: str) -> list[re.Match[str]]:
-    """Read the server's log until every pattern matched once (in any order)."""
-    assert proc.stdout is not None
-    found: dict[str, re.Match[str]] = {}
-    seen = []
-    deadline = time.monotonic() + 20
-    while len(found) < len(patterns):
-        assert time.monotonic() < deadline and proc.poll() is None, "\n".join(seen)
-        line = proc.stdout.readline()
-        seen.append(line)
-        for p in patterns:
-            m = re.search(p, line)
-            if m and p not in found:
-                found[p] = m
-    return [found[p] for p in patterns]
-
-
-def stop(proc: subprocess.Popen[str]) -> int:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 # -- Dockerfile ----------------------------------------------------------------------------
@@ -138,7 +102,7 @@ def test_dockerfile_runs_non_root_exposes_tcp_and_udp_and_binds_all_addresses():
     assert probe["target"].endswith(f":{params['port']}")
 
 
-def test_dockerfile_command_and_healthcheck_work_here():
+def test_dockerfile_command_and_healthcheck_work_here(start_server):
     """The image's server (its environment, on loopback and a free port) and its HEALTHCHECK."""
     d = dockerfile()
     env = {
@@ -147,20 +111,13 @@ def test_dockerfile_command_and_healthcheck_work_here():
         "SOCKET_ECHO_PORT": "0",
         "SOCKET_ECHO_METRICS": "127.0.0.1:0",
     }
-    proc = start([*PY, "serve"], env)
-    try:
-        (listening,) = wait_lines(proc, r'"listener":"tcp://127\.0\.0\.1:(\d+)"')
-        port = listening.group(1)
-        health = healthcheck(d, {**env, "SOCKET_ECHO_PORT": port})
-        argv = [*PY, *health[1:]]
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-        assert result.returncode == 0, result.stdout + result.stderr
-        result = subprocess.run(
-            [*PY, "serve", "--workers", "0"], capture_output=True, text=True, timeout=30
-        )
-        assert result.returncode == 2  # sanity: the same CLI refuses what it should
-    finally:
-        assert stop(proc) == 0
+    server = start_server(host="", env=env)
+    assert '"level":"info"' in server.lines[0]  # the image's JSON logs
+    health = healthcheck(d, {**env, "SOCKET_ECHO_PORT": str(server.port)})
+    result = subprocess.run([*PY, *health[1:]], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    server.signal(signal.SIGTERM)  # docker stop
+    assert server.wait(30) == 0
 
 
 # -- Kubernetes -----------------------------------------------------------------------------
@@ -230,37 +187,28 @@ def test_kubernetes_manifests_agree_with_the_cli_and_each_other():
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
 
 
-def test_kubernetes_container_answers_its_probes_and_turns_unready_on_sigterm():
+def test_kubernetes_container_answers_its_probes_and_turns_unready_on_sigterm(start_server):
     (container,) = manifests()["Deployment"]["spec"]["template"]["spec"]["containers"]
     args = flag_args(container["args"])
     args[args.index("--host") + 1] = "127.0.0.1"  # loopback and free ports here
     args[args.index("--port") + 1] = "0"
     args[args.index("--metrics") + 1] = "127.0.0.1:0"
     args[args.index("--graceful-timeout") + 1] = "5"
-    proc = start([*PY, "serve", *args])
-    try:
-        (metrics, listening) = wait_lines(
-            proc,
-            r'"listener":"http://127\.0\.0\.1:(\d+)"',
-            r'"listener":"tcp://127\.0\.0\.1:(\d+)"',
-        )
-        mport = int(metrics.group(1))
-        ready = container["readinessProbe"]["httpGet"]["path"]
-        live = container["livenessProbe"]["httpGet"]["path"]
-        assert http_status(mport, ready) == 200
-        assert http_status(mport, live) == 200
-        held = socket.create_connection(("127.0.0.1", int(listening.group(1))), timeout=5)
-        proc.send_signal(signal.SIGTERM)  # what Kubernetes sends after preStop
-        deadline = time.monotonic() + 10
-        while http_status(mport, ready) != 503:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        assert http_status(mport, live) == 200  # alive while it drains: no restart
-        held.close()
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    server = start_server(*args)
+    mport = metrics_port(server)
+    ready = container["readinessProbe"]["httpGet"]["path"]
+    live = container["livenessProbe"]["httpGet"]["path"]
+    assert http_status(mport, ready) == 200
+    assert http_status(mport, live) == 200
+    held = server.connect()
+    server.signal(signal.SIGTERM)  # what Kubernetes sends after preStop
+    deadline = time.monotonic() + 10
+    while http_status(mport, ready) != 503:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert http_status(mport, live) == 200  # alive while it drains: no restart
+    held.close()
+    assert server.wait(30) == 0
 
 
 # -- systemd -------------------------------------------------------------------------------
@@ -323,7 +271,7 @@ def test_systemd_analyze_verify(tmp_path):
     assert "socket-echo" not in output, output  # no warning about our units
 
 
-def test_systemd_socket_activation_as_the_units_describe_it():
+def test_systemd_socket_activation_as_the_units_describe_it(start_server):
     """Sockets made as socket-echo.socket says, passed as descriptors 3 and 4 to ExecStart."""
     tcp = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -341,31 +289,23 @@ def test_systemd_socket_activation_as_the_units_describe_it():
         "import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); "
         "os.execv(sys.executable, [sys.executable, '-m', 'socket_echo', *sys.argv[3:]])"
     )
-    proc = start(
-        [sys.executable, "-c", shim, str(tcp.fileno()), str(udp.fileno()), "serve", *args],
+    launcher = [sys.executable, "-c", shim, str(tcp.fileno()), str(udp.fileno())]
+    server = start_server(
+        *args,
+        host="",
+        launcher=launcher,
         pass_fds=(tcp.fileno(), udp.fileno()),
+        expect_listeners=4,  # TCP and UDP in each of the two workers
     )
     port = tcp.getsockname()[1]
     tcp.close()
     udp.close()
-    try:
-        wait_lines(
-            proc, r'"event":"worker_start".*"worker":1', r'"event":"worker_start".*"worker":2'
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                c = socket.create_connection(("::1", port), timeout=5)
-                break
-            except ConnectionRefusedError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-        with c:
-            c.sendall(b"activated")
-            assert c.recv(100) == b"activated"
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as d:
-            d.settimeout(5)
-            d.sendto(b"datagram", ("::1", port))
-            assert d.recvfrom(100)[0] == b"datagram"
-    finally:
-        assert stop(proc) == 0
+    assert {entry[2] for entry in server.listeners} == {port}
+    with server.connect("::1") as c:
+        assert exchange(c, b"activated") == b"activated"
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as d:
+        d.settimeout(5)
+        d.sendto(b"datagram", ("::1", port))
+        assert d.recvfrom(100)[0] == b"datagram"
+    server.signal(signal.SIGTERM)  # systemctl stop
+    assert server.wait(30) == 0
