@@ -124,6 +124,8 @@ def test_killing_a_worker_loses_no_other_connection_and_it_comes_back(start_serv
         assert time.monotonic() < deadline, server.log
         time.sleep(0.1)
     assert scrape(mport)["socket_echo_worker_restarts_total"] == 1
+    udp_lines = rf"\[worker {victim_worker}\] UDP echo server listening"
+    assert len(re.findall(udp_lines, server.log)) == 2, "the restarted worker serves UDP too"
     fresh = [server.connect() for _ in range(30)]
     for c in fresh:
         assert echo_ok(c, b"new")

@@ -255,7 +255,7 @@ def close_all(listeners: list[BoundListener]) -> None:
 def rebind(bound: BoundListener, backlog: int) -> BoundListener:
     """A worker's own socket on a listener's address (SO_REUSEPORT): same family, scheme,
     port and dual-stack setting; listening."""
-    family = socket.AddressFamily(bound.sock.family)
+    family = socket.AddressFamily(bound.sock.family)  # known even once the socket is closed
     opts = BindOptions(backlog, reuse_port=True)
     try:
         sock = _bind_one(

@@ -120,7 +120,8 @@ class Supervisor:
     ) -> None:
         self.config = config
         self.shared = shared  # inherited by every worker
-        self.placeholders = placeholders  # re-bound by every worker (SO_REUSEPORT)
+        self.rebound = list(placeholders)  # every worker binds its own socket on these
+        self.placeholders = placeholders  # what this process holds of them (no UDP, later)
         self.metrics_listeners = metrics_listeners
         self.sslcontext = sslcontext
         self.rundir = tempfile.mkdtemp(prefix="socket-echo-")
@@ -154,18 +155,20 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGCHLD, self._reap, loop)
-        how = "SO_REUSEPORT" if self.placeholders else "one inherited socket per listener"
+        how = "SO_REUSEPORT" if self.rebound else "one inherited socket per listener"
         log_event(
             logging.INFO,
             "workers",
             f"supervisor (pid {os.getpid()}): starting {len(self.workers)} workers sharing "
-            f"{', '.join(b.url for b in self.placeholders + self.shared)} ({how})",
+            f"{', '.join(b.url for b in self.rebound + self.shared)} ({how})",
             workers=len(self.workers),
         )
         for worker in self.workers:
             self._spawn(loop, worker)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._all_ready.wait(), READY_TIMEOUT)
+        waits = [loop.create_task(e.wait()) for e in (self._all_ready, self._finished)]
+        await asyncio.wait(waits, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
         self._release_udp()
         await self._serve_metrics(loop)
         await self._finished.wait()
@@ -343,7 +346,7 @@ class Supervisor:
             bound.sock.close()
         shared = [dataclasses.replace(b, inode=0) for b in self.shared]  # never unlink them
         try:
-            own = [rebind(b, self.config.backlog) for b in self.placeholders]
+            own = [rebind(b, self.config.backlog) for b in self.rebound]
             private = bind_all((ListenerSpec("unix", "", 0, worker.metrics_path),), 16)
         except BindError as exc:
             logger.error("%s", exc.strerror or exc)
