@@ -14,6 +14,7 @@ import ipaddress
 import os
 import socket
 import stat
+import sys
 
 from socket_echo.config import DEFAULT_HOSTS, ConfigError, ListenerSpec, format_url
 
@@ -83,7 +84,10 @@ def _addresses(host: str, port: int) -> list[tuple[socket.AddressFamily, str]]:
     return seen
 
 
-REUSE_PORT = hasattr(socket, "SO_REUSEPORT")  # Linux, the BSDs, macOS
+# Several processes binding one address, the kernel spreading connections and datagrams over
+# them: Linux's SO_REUSEPORT. macOS and the BSDs have the option but do not balance with it
+# (the newest socket gets everything), so there the workers share one inherited socket.
+REUSE_PORT = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
 @dataclasses.dataclass(frozen=True)

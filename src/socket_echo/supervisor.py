@@ -6,8 +6,9 @@ SO_REUSEPORT, each worker binds its own socket on that address and the kernel sp
 connections and datagrams over them; the supervisor keeps its TCP sockets bound but not
 listening (the kernel hands connections to listening sockets only), which holds the port for
 restarts, and closes its UDP sockets once the workers are up (a bound UDP socket would get
-its share of datagrams). Unix sockets, ``--fd`` sockets and every socket on an OS without
-SO_REUSEPORT are inherited: all workers accept on the one listening socket.
+its share of datagrams). Unix sockets, ``--fd`` sockets and every socket where SO_REUSEPORT
+does not balance (anywhere but Linux: listeners.REUSE_PORT) are inherited: all workers accept
+on the one listening socket.
 
 Workers are forked from the supervisor's (stdlib) event loop with signals blocked around the
 fork; a child resets them and starts its own loop, exactly as a single-process server. Each
