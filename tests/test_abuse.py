@@ -216,12 +216,23 @@ def test_slowloris_is_reclaimed_by_the_idle_timeout(start_server, figure):
     )
 
 
+def kernel_send_buffer_max() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+            return int(f.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 4 * MiB
+
+
 def test_stalled_readers_in_bulk_stay_bounded_and_are_closed(start_server, figure):
     """500 clients send 1 MiB each and never read. On loopback the kernel absorbs about
     3 MiB of echo per connection, so they stall in kernel buffers and the sweep closes them as
     idle; 20 heavier ones push until the server itself holds echo it cannot send, and are
     closed as 'write stalled'. What the server holds in user space stays bounded."""
-    count, each, heavy_count, heavy_each = 500, MiB, 20, 16 * MiB
+    # The heavy ones must outgrow the server's kernel send buffer (autotuned up to the third
+    # field of tcp_wmem, 4 MiB here) before the server itself holds echo.
+    heavy_each = 4 * kernel_send_buffer_max()
+    count, each, heavy_count = 500, MiB, 20
     server = start_server("--idle-timeout", "3", "--metrics", "127.0.0.1:0", "--no-access-log")
     mport = metrics_port(server)
     bound_mib = (count + heavy_count) * 64 * 1024 / MiB  # one 64 KiB read held at most each
@@ -255,7 +266,7 @@ def test_stalled_readers_in_bulk_stay_bounded_and_are_closed(start_server, figur
     for s in quota:
         s.close()
     figure(
-        f"{count} clients x 1 MiB + {heavy_count} x up to 16 MiB, never reading "
+        f"{count} clients x 1 MiB + {heavy_count} x up to {heavy_each // MiB} MiB, never reading "
         f"({sum(sent.values()) / MiB:.0f} MiB sent): {stalled:.0f} closed as 'write stalled', "
         f"{idle:.0f} as idle, {waited:.1f} s after the load (--idle-timeout 3); server RSS "
         f"+{mem.growth_mib:.1f} MiB (bound {bound_mib:.0f} MiB + 16); a 64 KiB echo client "
