@@ -120,6 +120,43 @@ def test_dockerfile_command_and_healthcheck_work_here(start_server):
     assert server.wait(30) == 0
 
 
+def test_dockerfile_build_steps_make_a_working_install(start_server, tmp_path):
+    """No Docker engine here: run the Dockerfile's own pip steps in a fresh virtual
+    environment instead (wheels of the package and its dependencies, then an install from
+    them alone), and serve from that install: a non-editable install is what the image has."""
+    d = dockerfile()
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    wheels = tmp_path / "wheels"
+    steps = [p.strip() for run in d["RUN"] for p in run.split("&&") if p.strip().startswith("pip ")]
+    assert [s.split()[:2] for s in steps] == [["pip", "wheel"], ["pip", "install"]]
+    for step in steps:
+        argv: list[str] = []
+        for word in shlex.split(step.replace("/wheels", str(wheels))):
+            argv += sorted(map(str, wheels.glob("*.whl"))) if word.endswith("*.whl") else [word]
+        result = subprocess.run(
+            [str(venv / "bin" / "python"), "-m", *argv],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+    installed = venv / "bin" / "socket-echo"
+    env = {
+        **docker_env(d),
+        "SOCKET_ECHO_HOST": "127.0.0.1",
+        "SOCKET_ECHO_PORT": "0",
+        "SOCKET_ECHO_METRICS": "127.0.0.1:0",
+    }
+    server = start_server(host="", env=env, launcher=[str(installed)])
+    health = healthcheck(d, {**env, "SOCKET_ECHO_PORT": str(server.port)})
+    result = subprocess.run([str(installed), *health[1:]], capture_output=True, timeout=30)
+    assert result.returncode == 0, result
+    server.signal(signal.SIGTERM)
+    assert server.wait(30) == 0
+
+
 # -- Kubernetes -----------------------------------------------------------------------------
 
 
