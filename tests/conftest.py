@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -147,6 +148,30 @@ class ServerProcess:
                 kid.kill()
 
 
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    """``python -m socket_echo ARGS`` to completion, as a user would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "socket_echo", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        **kwargs,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    """A user's mistake: this exit code, one line on stderr naming the cause, no traceback."""
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
 @pytest.fixture
 def start_server() -> Iterator[Callable[..., ServerProcess]]:
     started: list[ServerProcess] = []
@@ -270,6 +295,14 @@ def scrape(port: int) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
+
+
+def http_status(port: int, path: str) -> int:
+    """The status of GET http://127.0.0.1:PORT/PATH (health and readiness probes)."""
+    try:
+        return int(urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5).status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def total(samples: dict[str, float], name: str, **labels: str) -> float:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import psutil
 import pytest
-from conftest import exchange, metrics_port, scrape, total
+from conftest import exchange, metrics_port, recv_exactly, scrape, total
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -103,14 +103,9 @@ class Steady:
 
 
 def _ping(sock: socket.socket, payload: bytes) -> bytes:
+    """A small round trip in this thread (exchange()'s sender thread would weigh on the RTT)."""
     sock.sendall(payload)
-    got = b""
-    while len(got) < len(payload):
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionResetError("closed by the server")
-        got += chunk
-    return got
+    return recv_exactly(sock, len(payload))
 
 
 def nonblocking_connects(

@@ -12,31 +12,9 @@ import sys
 import time
 
 import pytest
-from conftest import exchange
+from conftest import assert_one_line_error, exchange, run_cli
 
 PY = [sys.executable, "-m", "socket_echo"]
-
-
-def run(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 15, preexec_fn=None
-) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
-    return subprocess.run(
-        [*PY, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-        preexec_fn=preexec_fn,
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *words: str):
-    assert result.returncode == code, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def test_port_in_use_is_one_line_and_exit_1():
@@ -44,7 +22,7 @@ def test_port_in_use_is_one_line_and_exit_1():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run("--host", "127.0.0.1", "--port", str(port))
+        result = run_cli("--host", "127.0.0.1", "--port", str(port))
     assert_one_line_error(result, 1, "address already in use", str(port))
 
 
@@ -70,11 +48,11 @@ def test_port_in_use_is_one_line_and_exit_1():
     ],
 )
 def test_bad_usage_is_one_line_and_exit_2(args, words):
-    assert_one_line_error(run(*args), 2, *words)
+    assert_one_line_error(run_cli(*args), 2, *words)
 
 
 def test_bad_environment_value_names_the_variable():
-    result = run(env={"SOCKET_ECHO_PORT": "forty-two"})
+    result = run_cli(env={"SOCKET_ECHO_PORT": "forty-two"})
     assert_one_line_error(result, 2, "SOCKET_ECHO_PORT", "forty-two")
 
 
@@ -110,7 +88,7 @@ def test_environment_variables_configure_and_the_command_line_wins(start_server)
 
 
 def test_help_lists_every_flag_with_its_environment_variable():
-    result = run("serve", "--help")
+    result = run_cli("serve", "--help")
     assert result.returncode == 0
     for flag in (
         "host",
@@ -129,8 +107,8 @@ def test_help_lists_every_flag_with_its_environment_variable():
         assert "SOCKET_ECHO_" + flag.upper().replace("-", "_") in result.stdout
     for heading in ("Listeners:", "Limits:", "Runtime and logging:"):
         assert heading in result.stdout
-    assert run("--help").returncode == 0
-    assert run("--version").stdout.strip().startswith("socket-echo")
+    assert run_cli("--help").returncode == 0
+    assert run_cli("--version").stdout.strip().startswith("socket-echo")
 
 
 def test_console_script_alone_means_serve(tmp_path):

@@ -13,15 +13,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import click
 import pytest
 import yaml
-from conftest import exchange, metrics_port
+from conftest import exchange, http_status, metrics_port
 
 from socket_echo.cli import cli
 from socket_echo.config import parse_metrics_address
@@ -45,13 +43,6 @@ def parse(command: str, args: list[str], env: dict[str, str] | None = None) -> d
     finally:
         os.environ.clear()
         os.environ.update(old)
-
-
-def http_status(port: int, path: str) -> int:
-    try:
-        return int(urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5).status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
 
 
 # -- Dockerfile ----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import time
 import urllib.error
 import urllib.request
 
-from conftest import exchange, metrics_port
+from conftest import assert_one_line_error, exchange, metrics_port, run_cli
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -88,13 +88,4 @@ def test_readyz_turns_503_when_the_drain_starts_healthz_stays_200(start_server):
 
 
 def test_bad_metrics_address_is_usage_error():
-    import subprocess
-    import sys
-
-    result = subprocess.run(
-        [sys.executable, "-m", "socket_echo", "--metrics", "9100"],
-        capture_output=True,
-        text=True,
-        timeout=15,
-    )
-    assert result.returncode == 2 and "HOST:PORT" in result.stderr
+    assert_one_line_error(run_cli("--metrics", "9100"), 2, "HOST:PORT")

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import trustme
-from conftest import exchange, recv_until_eof
+from conftest import assert_one_line_error, exchange, recv_until_eof, run_cli
 from tools_helpers import tool
 
 
@@ -195,13 +195,7 @@ def test_bad_certificate_files_are_one_line_and_exit_1(pki, tmp_path, which, wor
 
 
 def test_tls_listener_without_certificate_is_bad_usage():
-    result = subprocess.run(
-        [sys.executable, "-m", "socket_echo", "--bind", "tls://127.0.0.1:0"],
-        capture_output=True,
-        text=True,
-        timeout=15,
-    )
-    assert result.returncode == 2 and "--tls-cert" in result.stderr
+    assert_one_line_error(run_cli("--bind", "tls://127.0.0.1:0"), 2, "--tls-cert")
 
 
 @pytest.mark.skipif(not __import__("shutil").which("openssl"), reason="openssl not installed")

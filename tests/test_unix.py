@@ -5,10 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 
-from conftest import exchange
+from conftest import assert_one_line_error, exchange, run_cli
 from tools_helpers import tool
 
 
@@ -50,36 +48,18 @@ def test_socket_somebody_listens_on_is_an_error(tmp_path):
     live.bind(path)
     live.listen()
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "socket_echo", "--bind", f"unix://{path}"],
-            capture_output=True,
-            text=True,
-            timeout=15,
-        )
+        result = run_cli("--bind", f"unix://{path}")
     finally:
         live.close()
-    assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and "another server is listening" in result.stderr
+    assert_one_line_error(result, 1, "another server is listening")
 
 
 def test_path_that_is_not_a_socket_is_an_error(tmp_path):
     path = tmp_path / "plain.txt"
     path.write_text("keep me")
-    result = subprocess.run(
-        [sys.executable, "-m", "socket_echo", "--bind", f"unix://{path}"],
-        capture_output=True,
-        text=True,
-        timeout=15,
-    )
-    assert result.returncode == 1 and "not a socket" in result.stderr
+    assert_one_line_error(run_cli("--bind", f"unix://{path}"), 1, "not a socket")
     assert path.read_text() == "keep me"
 
 
 def test_relative_unix_path_is_bad_usage():
-    result = subprocess.run(
-        [sys.executable, "-m", "socket_echo", "--bind", "unix://relative"],
-        capture_output=True,
-        text=True,
-        timeout=15,
-    )
-    assert result.returncode == 2 and "absolute" in result.stderr
+    assert_one_line_error(run_cli("--bind", "unix://relative"), 2, "absolute")

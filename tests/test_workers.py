@@ -6,26 +6,22 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 
 import psutil
 import pytest
-from conftest import metrics_port, scrape
+from conftest import (
+    assert_one_line_error,
+    exchange,
+    http_status,
+    metrics_port,
+    run_cli,
+    scrape,
+)
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="workers need fork()")
 
 WORKER_RE = re.compile(r"\[worker (\d+)\] connection #\d+ from [^:]+:(\d+)")
-
-
-def readyz(port: int) -> int:
-    try:
-        return int(urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
 
 
 def start_workers(start_server, *args: str):  # type: ignore[no-untyped-def]
@@ -39,15 +35,9 @@ def start_workers(start_server, *args: str):  # type: ignore[no-untyped-def]
 
 
 def echo_ok(sock: socket.socket, payload: bytes) -> bool:
+    """The echo came back whole; False if the connection failed (a killed worker's)."""
     try:
-        sock.sendall(payload)
-        got = b""
-        while len(got) < len(payload):
-            chunk = sock.recv(65536)
-            if not chunk:
-                return False
-            got += chunk
-        return got == payload
+        return exchange(sock, payload) == payload
     except OSError:
         return False
 
@@ -141,10 +131,10 @@ def test_sigterm_drains_every_worker(start_server):
     for c in clients:
         assert echo_ok(c, b"hi")
     assert set(owners(server, clients).values()) == {1, 2}
-    assert readyz(mport) == 200
+    assert http_status(mport, "/readyz") == 200
     server.signal(signal.SIGTERM)
     server.wait_for_log(r"supervisor: SIGTERM: draining 2 worker")
-    assert readyz(mport) == 503
+    assert http_status(mport, "/readyz") == 503
     time.sleep(0.3)
     for c in clients:  # both workers still serve their open connections while draining
         assert echo_ok(c, b"still here")
@@ -157,17 +147,10 @@ def test_sigterm_drains_every_worker(start_server):
     assert server.log.count("stopped: ") >= 2  # each worker's own summary
 
 
-def test_worker_count_is_checked(start_server):
-    result = subprocess.run(
-        [sys.executable, "-m", "socket_echo", "--workers", "none"],
-        capture_output=True,
-        text=True,
-        timeout=30,
+def test_worker_count_is_checked():
+    assert_one_line_error(
+        run_cli("--workers", "none"), 2, "--workers 'none': expected a positive number or 'auto'"
     )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "socket-echo: error: --workers 'none': expected a positive number or 'auto'"
-    ]
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -207,30 +190,13 @@ def test_inherited_sockets_are_served(start_server, workers):
 def test_fd_that_is_not_a_listening_socket_is_one_line(tmp_path):
     with open(tmp_path / "file", "w") as f:
         fd = f.fileno()
-        result = subprocess.run(
-            [sys.executable, "-m", "socket_echo", "--fd", str(fd)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            pass_fds=(f.fileno(),),
-        )
-    assert result.returncode == 1
-    assert result.stderr.strip() == (
-        f"socket-echo: error: --fd {fd}: not an open socket (Socket operation on non-socket)"
-    )
+        result = run_cli("--fd", str(fd), pass_fds=(fd,))
+    assert_one_line_error(result, 1, f"--fd {fd}: not an open socket (Socket operation on")
     idle = socket.socket()
     idle.bind(("127.0.0.1", 0))
-    result = subprocess.run(
-        [sys.executable, "-m", "socket_echo", "--fd", str(idle.fileno())],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        pass_fds=(idle.fileno(),),
-    )
-    idle.close()
-    assert result.returncode == 1
-    assert "the socket is not listening" in result.stderr
-    assert "Traceback" not in result.stderr
+    with idle:
+        result = run_cli("--fd", str(idle.fileno()), pass_fds=(idle.fileno(),))
+    assert_one_line_error(result, 1, "the socket is not listening")
 
 
 def test_workers_die_with_a_killed_supervisor(start_server):
