@@ -38,10 +38,14 @@ def compile_c() -> None:
             subprocess.run(["cc", "-O2", "-Wall", "-o", str(exe), str(src)], check=True)
 
 
+def socket_echo(python: str, *flags: str) -> list[str]:
+    """socket-echo as every benchmark runs it: quiet logs (no per-connection lines)."""
+    return [python, "-m", "socket_echo", "serve", "--log-level", "warning", *flags]
+
+
 def servers(python: str) -> dict[str, list[str]]:
     # --metrics on: the targets must hold with the metrics endpoint serving (issue #6).
-    se = [python, "-m", "socket_echo", "serve", "--host", "127.0.0.1", "--log-level", "warning"]
-    se += ["--metrics", "127.0.0.1:0"]
+    se = socket_echo(python, "--host", "127.0.0.1", "--metrics", "127.0.0.1:0")
     return {
         "C epoll (reference)": [str(BUILD / "echo_epoll"), "{port}"],
         "socket-echo (uvloop)": [*se, "--loop", "uvloop", "--port", "{port}"],
@@ -57,13 +61,8 @@ UDP_REFERENCE = "C recvfrom/sendto (reference)"
 def udp_servers(python: str) -> dict[str, list[str]]:
     """UDP echo servers; socket-echo with its guard on and rate limits high enough that the
     benchmark's single source prefix is not throttled (the limiting code still runs)."""
-    se = [
+    se = socket_echo(
         python,
-        "-m",
-        "socket_echo",
-        "serve",
-        "--log-level",
-        "warning",
         "--bind",
         "udp://127.0.0.1:{port}",
         "--udp-rate",
@@ -72,7 +71,7 @@ def udp_servers(python: str) -> dict[str, list[str]]:
         "100000",
         "--udp-max-rate",
         "1e7",
-    ]
+    )
     return {
         UDP_REFERENCE: [str(BUILD / "udp_echo"), "{port}"],
         "socket-echo (uvloop)": [*se, "--loop", "uvloop"],

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import LOAD_CPU, SERVER_CPU, Server, pinned
+from run import LOAD_CPU, SERVER_CPU, Server, pinned, socket_echo
 
 
 def handshakes_per_second(port: int, seconds: int) -> float:
@@ -78,20 +78,15 @@ def main() -> int:
     payload = tmp / "payload.bin"
     payload.write_bytes(os.urandom(64 << 20))
     servers = {
-        "socket-echo (uvloop)": [
+        "socket-echo (uvloop)": socket_echo(
             sys.executable,
-            "-m",
-            "socket_echo",
-            "serve",
-            "--log-level",
-            "warning",
             "--bind",
             "tls://127.0.0.1:{port}",
             "--tls-cert",
             str(tmp / "cert.pem"),
             "--tls-key",
             str(tmp / "key.pem"),
-        ],
+        ),
     }
     if shutil.which("socat"):
         servers["socat OPENSSL-LISTEN fork PIPE"] = [
