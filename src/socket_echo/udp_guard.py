@@ -15,6 +15,7 @@ dict lookup (addresses are classified once and cached) and a little arithmetic.
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 from socket_echo.config import DEFAULT_UDP_MAX_SOURCES
 
@@ -99,21 +100,22 @@ class UdpGuard:
         self.buckets: dict[str, TokenBucket] = {}  # prefix -> bucket
         self.sources: dict[object, TokenBucket | str] = {}  # address -> bucket or drop reason
 
-    def port_verdict(self, port: int) -> str | None:
+    def verdict(self, host: str, port: int, now: float) -> str | None:
+        """One datagram from (host, port) at ``now``: None to answer, else the reason to drop."""
+        return self.check(host, port, now)
+
+    def check(self, key: str | bytes, port: int, now: float, family: int = 0) -> str | None:
+        """``verdict`` for a source given as text, or as raw address bytes of ``family`` (the
+        batched path: a known source is never turned into text). The one place the rules are
+        applied, for both UDP data paths."""
         if port in self.forbidden_ports:
             return "forbidden source port"
         if port < self.min_port:
             return "privileged source port"
-        return None
-
-    def verdict(self, host: str, port: int, now: float) -> str | None:
-        """One datagram from (host, port) at ``now``: None to answer, else the reason to drop."""
-        reason = self.port_verdict(port)
-        if reason is not None:
-            return reason
-        bucket = self.sources.get(host)
+        bucket = self.sources.get(key)
         if bucket is None:
-            bucket = self.learn(host, host, now)
+            host = key if isinstance(key, str) else socket.inet_ntop(family, key)
+            bucket = self.learn(key, host, now)
         if isinstance(bucket, str):
             return bucket
         if bucket.last != now:
