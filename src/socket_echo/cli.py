@@ -415,7 +415,10 @@ def serve(
     try:
         supervisor = Supervisor(cfg, cfg.workers, shared, own, metrics_bound, sslcontext)
     except OSError as exc:  # its run directory (TMPDIR)
-        raise click.ClickException(f"--workers: {exc.strerror or exc}: {exc.filename}") from None
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise click.ClickException(
+            f"--workers: no run directory: {exc.strerror or exc}{where}"
+        ) from None
     sys.exit(supervisor.run())
 
 
