@@ -4,7 +4,8 @@
 
 tcp modes: good, drop (loses one byte in every 3000), reorder (swaps two bytes in every 7th
 read), mute (reads, never answers), seed (one client at a time, 128-byte recv/send, Nagle on:
-the Zephyr sample's design). udp modes: udp (good), udp-lossy (ignores every 2nd datagram),
+the Zephyr sample's design), once (echoes one read, then resets the connection), deaf (never
+reads, with a 4 KiB receive buffer: a client's send stays partial). udp modes: udp (good), udp-lossy (ignores every 2nd datagram),
 udp-mute.
 """
 
@@ -12,13 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import sys
 import threading
 
 
-def serve_tcp(handler, one_at_a_time: bool = False, nodelay: bool = True) -> None:  # type: ignore[no-untyped-def]
+def serve_tcp(handler, one_at_a_time: bool = False, nodelay: bool = True, rcvbuf: int = 0) -> None:  # type: ignore[no-untyped-def]
     ls = socket.socket()
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if rcvbuf:  # accepted sockets inherit it
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     ls.bind(("127.0.0.1", 0))
     ls.listen(64 if not one_at_a_time else 5)
     print("PORT", ls.getsockname()[1], flush=True)
@@ -65,6 +69,18 @@ def mute(conn: socket.socket) -> None:
             pass
 
 
+def once(conn: socket.socket) -> None:
+    """Echo one read, then RST: the client's next send (or read) fails."""
+    with conn, contextlib.suppress(OSError):
+        conn.sendall(conn.recv(65536))
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def deaf(conn: socket.socket) -> None:
+    """Never reads: once its small receive buffer is full, a client's sends stall."""
+    threading.Event().wait()
+
+
 def seed_like(conn: socket.socket) -> None:
     with conn:
         while data := conn.recv(128):
@@ -97,5 +113,8 @@ if __name__ == "__main__":
         serve_udp(mode)
     elif mode == "seed":
         serve_tcp(seed_like, one_at_a_time=True, nodelay=False)
+    elif mode == "deaf":
+        serve_tcp(deaf, rcvbuf=4096)
     else:
-        serve_tcp({"good": good, "drop": dropping, "reorder": reordering, "mute": mute}[mode])
+        handlers = {"good": good, "drop": dropping, "reorder": reordering, "mute": mute}
+        serve_tcp({**handlers, "once": once}[mode])

@@ -17,7 +17,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from socket_echo.protocols.proxy import ProxyHeaderError, build_v1, build_v2, parse
+    from socket_echo.gates.proxy import ProxyHeaderError, build_v1, build_v2, parse
 
 
 def check(data: bytes) -> None:

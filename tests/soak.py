@@ -28,8 +28,8 @@ import urllib.request
 from collections import Counter
 from typing import Any
 
-SAMPLE_EVERY = 2.0
-WARM_UP = 0.2  # of the duration, at least 10 s
+SAMPLE_EVERY = 2.0  # seconds; a short run (make test's) samples every duration/15 s
+WARM_UP = 0.2  # of the duration, at least 10 s (a third of a run shorter than 30 s)
 BOUNDS = {  # growth allowed after warm-up, last third vs first third (medians)
     "rss_mib": 8.0,
     "fds": 16,
@@ -42,6 +42,7 @@ LISTEN_RE = re.compile(r'"listener":"(tcp|udp|tls|http)://127\.0\.0\.1:(\d+)"')
 class Soak:
     def __init__(self, duration: float) -> None:
         self.duration = duration
+        self.sample_every = min(SAMPLE_EVERY, duration / 15)
         self.deadline = 0.0
         self.counts: Counter[str] = Counter()  # operations done, by kind
         self.problems: list[str] = []
@@ -248,7 +249,7 @@ class Soak:
             w.start()
         while self.running():
             self.samples.append(self.sample())
-            time.sleep(min(SAMPLE_EVERY, max(0.0, self.deadline - time.monotonic())))
+            time.sleep(min(self.sample_every, max(0.0, self.deadline - time.monotonic())))
         for w in workers:
             w.join(30)
         self.samples.append(self.sample())
@@ -258,7 +259,7 @@ class Soak:
         return self.verdict()
 
     def verdict(self) -> dict[str, Any]:
-        warm = max(10.0, self.duration * WARM_UP)
+        warm = max(min(10.0, self.duration / 3), self.duration * WARM_UP)
         settled = [s for s in self.samples if s["t"] >= warm]
         growth: dict[str, float] = {}
         if len(settled) >= 3:

@@ -25,7 +25,7 @@ from conftest import exchange, metrics_port, recv_exactly, scrape, total
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from socket_echo.protocols.proxy import ProxyHeader, ProxyHeaderError, build_v1, build_v2, parse
+from socket_echo.gates.proxy import ProxyHeader, ProxyHeaderError, build_v1, build_v2, parse
 
 MiB = 1024 * 1024
 

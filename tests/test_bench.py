@@ -127,3 +127,51 @@ def test_unwritable_result_files_are_one_line_before_the_run(start_server, tmp_p
         assert result.returncode == 2
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert b"not a writable folder" in result.stderr
+
+
+def test_a_failed_send_keeps_the_connection_count(start_server):
+    """Each connection is reset after one echo: the replacement must get a message too,
+    or with -c 1 the load stops after the first failure."""
+    server = Broken("once")
+    try:
+        code, report, _ = bench(f"127.0.0.1:{server.port}", "-c", "1", "-d", "1", "-p", "1")
+    finally:
+        server.close()
+    assert code == 1 and report["errors"] > 0
+    assert report["requests_per_second"] >= 20, report  # ~1 before the fix
+
+
+def test_a_send_the_server_never_takes_ends_on_time():
+    """A server that never reads, and a send buffer too small for one message: the rest of
+    the message must not block past the timeout (it was a blocking sendall, no timeout).
+    In-process, to give the load generator's sockets a 4 KiB send buffer."""
+    import socket
+    import time
+    import types
+
+    from socket_echo.tools import bench as tool
+    from socket_echo.tools.target import parse_target
+
+    server = Broken("deaf")
+    try:
+        cfg = tool.BenchConfig(
+            parse_target(f"127.0.0.1:{server.port}"), size=65536, duration=1.0, timeout=0.5
+        )
+        worker = tool.Worker(cfg, 2, 0, types.SimpleNamespace(value=0))
+        plain_open = worker._open
+
+        def small_buffer_open():  # type: ignore[no-untyped-def]
+            conn = plain_open()
+            if conn is not None:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            return conn
+
+        worker._open = small_buffer_open  # type: ignore[method-assign]
+        started = time.monotonic()
+        result = worker.run()
+        elapsed = time.monotonic() - started
+    finally:
+        server.close()
+    assert elapsed < 3, elapsed  # the run's duration and one timeout, not for ever
+    assert result.requests == 0
+    assert result.errors["no complete answer within the timeout"] >= 2

@@ -180,7 +180,7 @@ def test_a_data_path_this_platform_lacks_is_one_line(monkeypatch, capsys, flags,
     import select as select_module
 
     from socket_echo import cli
-    from socket_echo.protocols import udp_mmsg
+    from socket_echo.udp import mmsg as udp_mmsg
 
     monkeypatch.setattr(udp_mmsg, "LIBC", None)
     monkeypatch.delattr(select_module, "epoll")

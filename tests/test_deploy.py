@@ -22,8 +22,7 @@ import yaml
 from conftest import exchange, http_status, metrics_port
 
 from socket_echo.cli import cli
-from socket_echo.config import parse_metrics_address
-from socket_echo.server import CLOSE_WAIT
+from socket_echo.config import CLOSE_WAIT, parse_metrics_address
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"

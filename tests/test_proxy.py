@@ -14,7 +14,7 @@ from conftest import exchange, is_closed_by_peer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from socket_echo.protocols.proxy import (
+from socket_echo.gates.proxy import (
     V1_MAX,
     ProxyHeader,
     ProxyHeaderError,

@@ -254,7 +254,7 @@ def pump_handshake(
 def test_tls_behind_proxy_header_in_the_same_segment_as_the_client_hello(
     start_server, pki, loop_name, version
 ):
-    from socket_echo.protocols.proxy import build_v1, build_v2
+    from socket_echo.gates.proxy import build_v1, build_v2
 
     server = start_server(
         "--loop",
@@ -301,7 +301,7 @@ def test_tls_proxy_listener_rejects_a_missing_header(start_server, pki):
 def test_server_contexts_refuse_renegotiation_whatever_the_openssl(pki):
     """OpenSSL 3 refuses client renegotiation by default, 1.1.1 does not: the flag is ours
     (the behaviour itself is tested with openssl s_client in test_abuse.py)."""
-    from socket_echo.protocols.tls import self_signed_context, server_context
+    from socket_echo.gates.tls import self_signed_context, server_context
 
     for ctx in (server_context(pki["cert"], pki["key"], None), self_signed_context()[0]):
         assert ctx.options & ssl.OP_NO_RENEGOTIATION

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tools_helpers import tool
 
 from socket_echo.payloads import NET_TOOLS_PAYLOADS
-from socket_echo.udp_guard import BUCKETS, UdpGuard, classify
+from socket_echo.udp.guard import BUCKETS, UdpGuard, classify
 
 
 @pytest.fixture(params=["mmsg", "loop"])

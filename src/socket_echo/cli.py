@@ -15,12 +15,10 @@ import click
 
 from socket_echo import __version__, config
 from socket_echo.config import ConfigError, ServerConfig
-from socket_echo.listeners import REUSE_PORT, BindError, BindOptions, adopt_fd, bind_all
-from socket_echo.logs import logger, setup_logging
-from socket_echo.loops import resolve_loop
-from socket_echo.protocols.udp import use_mmsg
-from socket_echo.server import EXIT_FAILURE, EXIT_USAGE, run, use_epoll_engine
-from socket_echo.supervisor import Supervisor, worker_count
+from socket_echo.main import StartError, check_choices
+from socket_echo.main import serve as serve_config
+from socket_echo.server import EXIT_FAILURE, EXIT_USAGE
+from socket_echo.supervisors.cpu import worker_count
 
 ENV_PREFIX = "SOCKET_ECHO_"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -161,7 +159,9 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
     default=config.DEFAULT_MAX_BUFFER,
     show_default=True,
     help_group=LIMITS,
-    help="Echo bytes held per connection before reading from it pauses.",
+    help="High-water mark of echo bytes held for a peer that is not reading: past it the "
+    "server stops reading from that peer until they drain (every data path; at most one "
+    "more read, <= 256 KiB, is held beyond it).",
 )
 @option(
     "--graceful-timeout",
@@ -272,7 +272,7 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
 )
 @option(
     "--workers",
-    default=config.DEFAULT_WORKERS,
+    default=str(config.DEFAULT_WORKERS),
     show_default=True,
     metavar="N|auto",
     help_group=RUNTIME,
@@ -358,9 +358,7 @@ def serve(
             if spec.scheme != "unix":
                 config.check_port(spec.port)
         metrics_spec = config.parse_metrics_address(metrics) if metrics else None
-        resolve_loop(loop)
-        use_epoll_engine(engine)  # a data path this platform lacks: one line, exit 2
-        use_mmsg(udp_io)
+        check_choices(loop, engine, udp_io)  # a data path this platform lacks: exit 2
         worker_total = worker_count(workers)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
@@ -391,55 +389,13 @@ def serve(
         log_format=log_format,
         access_log=access_log and log_level.lower() in ("debug", "info"),
     )
-    setup_logging(cfg.log_level, cfg.log_format)
-    sslcontext = _tls_context(cfg)
-    # With workers and SO_REUSEPORT, this process only holds the addresses (TCP bound, not
-    # listening); each worker binds its own sockets. See supervisor.py.
-    reuse = cfg.workers > 1 and REUSE_PORT
     try:
-        fd_bound = [adopt_fd(fd) for fd in cfg.fds]
-        bound = (
-            bind_all(cfg.listeners, BindOptions(cfg.backlog, reuse_port=reuse, listen=not reuse))
-            if cfg.listeners
-            else []
-        )
-        metrics_bound = bind_all((cfg.metrics,), 64) if cfg.metrics else []
+        code = serve_config(cfg)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    except BindError as exc:
-        raise click.ClickException(exc.strerror or str(exc)) from None
-    if cfg.workers == 1:
-        sys.exit(run(cfg, bound + fd_bound, sslcontext, metrics_bound))
-    own = [b for b in bound if reuse and b.scheme != "unix"]
-    shared = [b for b in bound if b not in own] + fd_bound
-    try:
-        supervisor = Supervisor(cfg, cfg.workers, shared, own, metrics_bound, sslcontext)
-    except OSError as exc:  # its run directory (TMPDIR)
-        where = f" ({exc.filename})" if exc.filename else ""
-        raise click.ClickException(
-            f"--workers: no run directory: {exc.strerror or exc}{where}"
-        ) from None
-    sys.exit(supervisor.run())
-
-
-def _tls_context(cfg: ServerConfig) -> Any:
-    """The server's SSLContext when a tls:// listener asks for one; errors are one line."""
-    from socket_echo.protocols.tls import TlsSetupError, self_signed_context, server_context
-
-    if not any(spec.scheme in ("tls", "tls+proxy") for spec in cfg.listeners):
-        return None
-    if cfg.tls_self_signed:
-        ctx, fingerprint = self_signed_context()
-        logger.info("TLS: self-signed certificate for localhost, SHA-256 %s", fingerprint)
-        return ctx
-    if not (cfg.tls_cert and cfg.tls_key):
-        raise click.UsageError(
-            "a tls:// listener needs --tls-cert and --tls-key (or --tls-self-signed)"
-        )
-    try:
-        return server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
-    except TlsSetupError as exc:
+    except StartError as exc:
         raise click.ClickException(str(exc)) from None
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,26 +16,57 @@ DEFAULT_HOSTS = ("127.0.0.1", "::1")  # localhost only: safe on a laptop
 DEFAULT_BACKLOG = 4096
 DEFAULT_MAX_CONNECTIONS = 10_000
 DEFAULT_IDLE_TIMEOUT = 300.0
+# --max-buffer, on every stream data path: the high-water mark of echo bytes held for one
+# connection whose peer has not read them yet. Past it the server reads nothing more from
+# that peer until they drain, so at most one read more is ever held: the epoll path reads at
+# most min(READ_CHUNK, max_buffer) at a time and stops as soon as anything is held; the
+# Protocol path's reads are at most LOOP_READ_SIZE (tcp/protocol.py).
 DEFAULT_MAX_BUFFER = 256 * 1024
 DEFAULT_GRACEFUL_TIMEOUT = 10.0
-DEFAULT_LOOP = "auto"
-DEFAULT_ENGINE = "auto"
-UDP_IO = ("auto", "mmsg", "loop")
-DEFAULT_UDP_IO = "auto"
 DEFAULT_LOG_LEVEL = "info"
-DEFAULT_WORKERS = "1"  # or "auto": one per core
+DEFAULT_WORKERS = 1  # --workers N|auto ("auto": one per usable core)
 DEFAULT_LOG_FORMAT = "text"
-
-LOOPS = ("auto", "asyncio", "uvloop")
-ENGINES = ("auto", "epoll", "protocol")
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-LOG_FORMATS = ("text", "json")
-SCHEMES = ("tcp", "udp", "tls", "unix", "tcp+proxy", "tls+proxy")
 DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_UDP_RATE = 1000.0  # datagrams/s per source prefix (/24, /56)
 DEFAULT_UDP_BURST = 2000
 DEFAULT_UDP_MAX_RATE = 50_000.0  # datagrams/s over all sources
 DEFAULT_UDP_MAX_SOURCES = 65536  # rate-limit buckets (source prefixes) kept in memory
+
+# -- choices: the event loops and the data paths, each with what "auto" picks ----------------
+# name -> (choices, default). "auto" resolves where the choice is made (loops.py,
+# tcp/__init__.py, udp/__init__.py): the fastest the platform has, else the portable one.
+CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
+    "loop": (("auto", "asyncio", "uvloop"), "auto"),  # auto: uvloop where installed
+    "engine": (("auto", "epoll", "protocol"), "auto"),  # TCP data path; auto: epoll on Linux
+    "udp_io": (("auto", "mmsg", "loop"), "auto"),  # UDP data path; auto: mmsg on Linux
+    "log_level": (("debug", "info", "warning", "error", "critical"), DEFAULT_LOG_LEVEL),
+    "log_format": (("text", "json"), DEFAULT_LOG_FORMAT),
+}
+LOOPS, DEFAULT_LOOP = CHOICES["loop"]
+ENGINES, DEFAULT_ENGINE = CHOICES["engine"]
+UDP_IO, DEFAULT_UDP_IO = CHOICES["udp_io"]
+LOG_LEVELS = CHOICES["log_level"][0]
+LOG_FORMATS = CHOICES["log_format"][0]
+SCHEMES = ("tcp", "udp", "tls", "unix", "tcp+proxy", "tls+proxy")
+
+# -- tunables: fixed values the code relies on, kept here so each is set in one place ---------
+READ_CHUNK = 64 * 1024  # epoll path: bytes per recv (256 KiB reads stream slower, measured)
+LOOP_READ_SIZE = 256 * 1024  # Protocol path: the most one read of either event loop delivers
+ACCEPT_BATCH = 128  # accept() calls per readiness event at most
+ACCEPT_RETRY_DELAY = 0.25  # out of descriptors: look again after this long (or on a close)
+CLOSE_WAIT = 1.0  # after the graceful timeout: time to deliver what is owed before a reset
+PROXY_HEADER_TIMEOUT = 5.0  # a PROXY header must be complete within this many seconds
+UDP_BATCH = 64  # datagrams per readiness event (and per recvmmsg) at most
+UDP_REPORT_EVERY = 10.0  # UDP drops are logged at most this often, as one line
+METRICS_BACKLOG = 64  # listen() backlog of the metrics endpoint
+WORKER_METRICS_BACKLOG = 16  # ... of each worker's private metrics socket
+HTTP_MAX_REQUEST = 8192  # metrics endpoint: bytes of request head at most
+HTTP_REQUEST_TIMEOUT = 5.0  # ... and seconds for it to arrive
+RESTART_DELAY = 0.5  # --workers: first restart of a dead worker; doubles with each quick death
+RESTART_MAX_DELAY = 30.0
+STABLE_AFTER = 30.0  # a worker that lived this long starts the doubling afresh
+READY_TIMEOUT = 15.0  # how long the supervisor waits for its first workers to be ready
+SCRAPE_TIMEOUT = 2.0  # the supervisor's /metrics waits this long for each worker at most
 
 
 class ConfigError(ValueError):
@@ -72,16 +103,12 @@ class ServerConfig:
     log_level: str = DEFAULT_LOG_LEVEL
     log_format: str = DEFAULT_LOG_FORMAT
     access_log: bool = True
-    # Data path for plain TCP: "epoll" (engine.py, Linux), "protocol" (asyncio Protocol,
-    # any platform), "auto" = epoll where the platform has it.
     engine: str = DEFAULT_ENGINE
     udp_rate: float = DEFAULT_UDP_RATE
     udp_burst: int = DEFAULT_UDP_BURST
     udp_max_rate: float = DEFAULT_UDP_MAX_RATE
     udp_allow_privileged_ports: bool = False
     udp_max_sources: int = DEFAULT_UDP_MAX_SOURCES
-    # UDP data path: "mmsg" (recvmmsg/sendmmsg batches, Linux), "loop" (recvfrom/sendto,
-    # any platform), "auto" = mmsg where the platform has it.
     udp_io: str = DEFAULT_UDP_IO
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -89,7 +116,7 @@ class ServerConfig:
     tls_self_signed: bool = False
     tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT
     metrics: ListenerSpec | None = None  # HTTP /metrics /healthz /readyz; None = off
-    workers: int = 1  # processes serving the listeners (supervisor.py when > 1)
+    workers: int = DEFAULT_WORKERS  # processes serving the listeners (supervisors/ when > 1)
     fds: tuple[int, ...] = ()  # inherited listening sockets (--fd, socket activation)
 
 

@@ -16,12 +16,21 @@ from typing import Protocol
 from socket_echo.logs import RateLimitedLog
 
 
-class Sweepable(Protocol):
-    def activity(self) -> int: ...
-    def idle_expired(self) -> None: ...
+class Tracked(Protocol):
+    """What the table, its sweep, the drain and the metrics need of a connection
+    (tcp/lifecycle.py's Connection)."""
 
     seen_activity: int
     active_since: float
+    bytes_in: int
+
+    @property
+    def listener(self) -> str: ...
+    def activity(self) -> int: ...
+    def held(self) -> int: ...
+    def idle_expired(self) -> None: ...
+    def close(self, reason: str) -> None: ...
+    def abort(self, reason: str) -> None: ...
 
 
 def sweep_interval(idle_timeout: float) -> float:
@@ -86,7 +95,7 @@ class ConnectionTable:
         self.max_connections = max_connections
         self.fd_budget = max_connections if fd_budget is None else fd_budget
         self.idle_timeout = idle_timeout
-        self.open: set[Sweepable] = set()
+        self.open: set[Tracked] = set()
         self.opened = 0  # also the id of the newest connection
         # Counted once per connection, never per message; totals are summed when asked.
         self.by_listener: dict[str, ListenerCounters] = {}
@@ -104,7 +113,7 @@ class ConnectionTable:
         self.on_close: list[Callable[[], None]] = []
         self._sweeper: asyncio.TimerHandle | None = None
 
-    def admit(self, conn: Sweepable, now: float, listener: str = "") -> bool:
+    def admit(self, conn: Tracked, now: float, listener: str = "") -> bool:
         if len(self.open) >= self.max_connections:
             self.rejected.note()
             return False
@@ -122,7 +131,7 @@ class ConnectionTable:
 
     def release(
         self,
-        conn: Sweepable,
+        conn: Tracked,
         reason: str,
         bytes_in: int,
         bytes_out: int,
@@ -165,7 +174,12 @@ class ConnectionTable:
             self._sweeper = None
 
     def _sweep(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
-        now = loop.time()
+        self.sweep(loop.time())
+        self._sweeper = loop.call_later(interval, self._sweep, loop, interval)
+
+    def sweep(self, now: float) -> None:
+        """One look at every open connection: those whose activity counter has not moved
+        for ``idle_timeout`` are told so (they close, or abort if their echo is stuck)."""
         expired = []
         for conn in self.open:
             seen = conn.activity()
@@ -179,4 +193,3 @@ class ConnectionTable:
         for log in (self.rejected, self.out_of_descriptors):
             if log.pending:
                 log.note(0)
-        self._sweeper = loop.call_later(interval, self._sweep, loop, interval)

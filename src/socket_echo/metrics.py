@@ -10,8 +10,8 @@ not log per request (health probes would flood the log).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -21,21 +21,21 @@ from prometheus_client.core import (
     Metric,
 )
 
+from socket_echo.config import HTTP_MAX_REQUEST, HTTP_REQUEST_TIMEOUT
 from socket_echo.limits import DURATION_BUCKETS
+from socket_echo.state import ServerState
 
-if TYPE_CHECKING:
-    from socket_echo.server import EchoServer
-
-MAX_REQUEST = 8192
-REQUEST_TIMEOUT = 5.0
+Render = Callable[[], Awaitable[bytes]]  # the /metrics body, made when asked
 
 
 class ServerCollector:
-    def __init__(self, server: EchoServer) -> None:
-        self.server = server
+    """Reads :class:`ServerState` at scrape time: nothing else of the server."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
 
     def collect(self) -> Iterator[Metric]:
-        s = self.server
+        s = self.state
         table = s.table
         opened = CounterMetricFamily(
             "socket_echo_connections_opened",
@@ -65,21 +65,13 @@ class ServerCollector:
         rejected.add_metric(["max_connections"], table.rejected.count)
         rejected.add_metric(["descriptors"], table.out_of_descriptors.count)
         yield rejected
-        tasks, timers = loop_load(s)
-        yield GaugeMetricFamily("socket_echo_tasks", "asyncio tasks alive.", value=tasks)
-        if timers is not None:  # uvloop does not tell
-            yield GaugeMetricFamily(
-                "socket_echo_timers", "Timers scheduled on the event loop.", value=timers
-            )
+        yield GaugeMetricFamily("socket_echo_tasks", "asyncio tasks alive.", value=s.tasks())
         yield CounterMetricFamily(
             "socket_echo_accept_paused",
             "Times accepting paused on EMFILE/ENFILE/ENOBUFS/ENOMEM.",
-            value=s.exhausted.count,
+            value=s.accept_paused.count,
         )
-        live: dict[str, int] = {}
-        for conn in table.open:  # bytes of open connections, read at scrape time
-            name = cast(Any, conn).listener
-            live[name] = live.get(name, 0) + cast(Any, conn).bytes_in
+        live = s.live_bytes()  # bytes of open connections, read at scrape time
         moved = CounterMetricFamily(
             "socket_echo_bytes",
             "Bytes echoed, by listener and direction.",
@@ -89,8 +81,9 @@ class ServerCollector:
             done = table.by_listener.get(listener)
             done_in = done.bytes_in if done else 0
             done_out = done.bytes_out if done else 0
-            moved.add_metric([listener, "in"], done_in + live.get(listener, 0))
-            moved.add_metric([listener, "out"], done_out + live.get(listener, 0))
+            live_in, live_out = live.get(listener, (0, 0))
+            moved.add_metric([listener, "in"], done_in + live_in)
+            moved.add_metric([listener, "out"], done_out + live_out)
         yield moved
         cumulative, buckets = 0, []
         for bound, count in zip(DURATION_BUCKETS, table.durations, strict=False):
@@ -103,7 +96,7 @@ class ServerCollector:
             buckets=buckets,
             sum_value=table.duration_sum,
         )
-        u = s.udp_stats
+        u = s.udp
         datagrams = CounterMetricFamily(
             "socket_echo_udp_datagrams", "UDP datagrams.", labels=["direction"]
         )
@@ -125,23 +118,13 @@ class ServerCollector:
         yield by_reason(
             "socket_echo_tls_handshake_failures",
             "Failed TLS handshakes, by reason.",
-            s.tls_stats.handshake_failures,
+            s.tls.handshake_failures,
         )
         yield by_reason(
             "socket_echo_proxy_rejected",
             "Connections closed for their PROXY header, by reason.",
-            s.proxy_stats.rejected,
+            s.proxy.rejected,
         )
-
-
-def loop_load(server: EchoServer) -> tuple[int, int | None]:
-    """Tasks alive and timers scheduled on the server's loop (the soak test watches them
-    for leaks); None for the timers where the loop does not expose them (uvloop)."""
-    loop = server.loop
-    if loop is None:
-        return 0, None
-    timers = getattr(loop, "_scheduled", None)
-    return len(asyncio.all_tasks(loop)), None if timers is None else len(timers)
 
 
 def by_reason(name: str, doc: str, counts: Mapping[str, int]) -> CounterMetricFamily:
@@ -151,42 +134,56 @@ def by_reason(name: str, doc: str, counts: Mapping[str, int]) -> CounterMetricFa
     return family
 
 
-def registry_for(server: EchoServer) -> CollectorRegistry:
+def registry_for(state: ServerState) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServerCollector(server))
+    registry.register(ServerCollector(state))
     return registry
 
 
+def render_registry(registry: CollectorRegistry) -> Render:
+    async def render() -> bytes:
+        return generate_latest(registry)
+
+    return render
+
+
 class HealthHttp(asyncio.Protocol):
-    """One GET per connection, answered and closed."""
+    """One GET per connection, answered and closed. ``/metrics`` comes from ``render`` (a
+    registry, or the supervisor's sum over its workers, made without blocking the loop)."""
 
     def __init__(
         self,
-        registry: CollectorRegistry,
+        registry: CollectorRegistry | Render,
         ready: Callable[[], bool],
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        self.registry = registry
+        self.render = (
+            render_registry(registry) if isinstance(registry, CollectorRegistry) else registry
+        )
         self.ready = ready
         self.loop = loop
         self.buf = b""
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.answering = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.timer = self.loop.call_later(REQUEST_TIMEOUT, self.transport.abort)
+        self.timer = self.loop.call_later(HTTP_REQUEST_TIMEOUT, self.transport.abort)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        if b"\r\n\r\n" in self.buf or b"\n\n" in self.buf or len(self.buf) > MAX_REQUEST:
-            self._answer()
+        if self.answering:
+            return
+        if b"\r\n\r\n" in self.buf or b"\n\n" in self.buf or len(self.buf) > HTTP_MAX_REQUEST:
+            self.answering = True
+            self.loop.create_task(self._answer())
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
 
-    def _answer(self) -> None:
+    async def _answer(self) -> None:
         assert self.transport is not None
         parts = self.buf.split(b"\r\n", 1)[0].split()
         path = parts[1].split(b"?", 1)[0] if len(parts) >= 2 else b""
@@ -194,7 +191,7 @@ class HealthHttp(asyncio.Protocol):
         if len(parts) < 2 or parts[0] not in (b"GET", b"HEAD"):
             code, body = "405 Method Not Allowed", b"GET only\n"
         elif path == b"/metrics":
-            code, body, ctype = "200 OK", generate_latest(self.registry), CONTENT_TYPE_LATEST
+            code, body, ctype = "200 OK", await self.render(), CONTENT_TYPE_LATEST
         elif path == b"/healthz":
             code, body = "200 OK", b"ok\n"
         elif path == b"/readyz":
@@ -209,6 +206,8 @@ class HealthHttp(asyncio.Protocol):
             f"HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n"
         ).encode()
+        if self.transport.is_closing():
+            return
         self.transport.write(head + (b"" if parts[:1] == [b"HEAD"] else body))
         self.transport.close()
         self.buf = b""

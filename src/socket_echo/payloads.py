@@ -1,4 +1,4 @@
-"""The payload set Zephyr's net-tools ``echo-client`` sends, as DESIGN.md section 1 describes it
+"""The payload set Zephyr's net-tools ``echo-client`` sends, as Zephyr documents it
 (same shapes and sizes: one letter, a word, four bytes with 0xff and NUL inside, a 25-byte
 sentence, 1500 bytes of text, one NUL byte, 256 bytes of binary). Used by ``probe`` and the
 tests, so a server that passes here passes the tool embedded developers already use."""

@@ -10,37 +10,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import select
 import signal
-import socket
 import ssl
-from collections.abc import Callable
 from typing import Any
 
-from socket_echo.accept import RESOURCE_ERRORS, AcceptReader, descriptor_log
-from socket_echo.config import ConfigError, ServerConfig
-from socket_echo.engine import EpollEngine
+from socket_echo.config import CLOSE_WAIT, UDP_REPORT_EVERY, ServerConfig
+from socket_echo.gates.wiring import Listening, StreamSetup, serve_stream_listener
 from socket_echo.limits import ConnectionTable, descriptor_budget
 from socket_echo.listeners import BoundListener, close_all
 from socket_echo.logs import log_event, logger
 from socket_echo.loops import loop_factory, resolve_loop
 from socket_echo.metrics import HealthHttp, registry_for
-from socket_echo.protocols.proxy_gate import HeaderPreReader, ProxyStats
-from socket_echo.protocols.proxy_gate import gate_factory as proxy_gate_factory
-from socket_echo.protocols.tcp import ConnectionContext, EchoProtocol
-from socket_echo.protocols.tls import TlsStats, gate_factory, native_handshake
-from socket_echo.protocols.udp import REPORT_EVERY, UdpServing, UdpStats, serve_udp
-from socket_echo.udp_guard import UdpGuard
+from socket_echo.state import ServerState
+from socket_echo.tcp import resolve_engine
+from socket_echo.tcp.accept import RESOURCE_ERRORS
+from socket_echo.tcp.epoll import EpollEngine
+from socket_echo.tcp.lifecycle import SHUTDOWN, ListenerContext
+from socket_echo.udp import UdpServing, resolve_udp_io, serve_udp
+from socket_echo.udp.guard import UdpGuard
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-CLOSE_WAIT = 1.0  # after the graceful timeout: time to deliver what is owed before abort
-
-
-def use_epoll_engine(engine: str) -> bool:
-    """``--engine``: whether the epoll engine serves TCP; ConfigError if it cannot here."""
-    if engine == "epoll" and not hasattr(select, "epoll"):
-        raise ConfigError("--engine epoll: this platform has no epoll (use --engine protocol)")
-    return engine == "epoll" or (engine == "auto" and hasattr(select, "epoll"))
+STREAM_NAMES = {
+    "tcp": "TCP",
+    "tls": "TLS",
+    "unix": "Unix-socket",
+    "tcp+proxy": "TCP (PROXY protocol)",
+    "tls+proxy": "TLS (PROXY protocol)",
+}
 
 
 class EchoServer:
@@ -52,11 +48,10 @@ class EchoServer:
     ) -> None:
         self.config = config
         self.sslcontext = sslcontext
-        self.tls_stats = TlsStats()
-        self.proxy_stats = ProxyStats()
         self.listeners = listeners
         budget = descriptor_budget(config.max_connections)
         self.table = ConnectionTable(config.max_connections, config.idle_timeout, budget)
+        self.state = ServerState(self.table)
         if budget < config.max_connections:
             log_event(
                 logging.WARNING,
@@ -65,77 +60,78 @@ class EchoServer:
                 f"--max-connections {config.max_connections}: raise it (ulimit -n)",
                 budget=budget,
             )
-        self.exhausted = descriptor_log()
         self.stopping = asyncio.Event()
         self.stop_signal = ""
         self.engine: EpollEngine | None = None
-        self.accepting = False  # /readyz: true from start until a drain begins
         self.metrics_listeners: list[BoundListener] = []
         self._metrics_servers: list[asyncio.AbstractServer] = []
-        self.udp_stats = UdpStats()
-        self.udp_guard: UdpGuard | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
         self._udp: list[UdpServing] = []
         self._udp_report: asyncio.TimerHandle | None = None
-        self._servers: list[asyncio.AbstractServer] = []
-        self._readers: list[AcceptReader] = []
-        self._contexts: list[ConnectionContext] = []
+        self._listening: list[Listening] = []
+        self._contexts: list[ListenerContext] = []
 
     async def start(self) -> None:
-        loop = self.loop = asyncio.get_running_loop()
+        loop = self.state.loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        if use_epoll_engine(self.config.engine):
-            self.engine = EpollEngine(
-                loop, self.table, self.config.max_buffer, self.config.access_log, self.exhausted
-            )
+        cfg = self.config
+        engine = resolve_engine(cfg.engine)
+        if engine == "epoll":
+            self.engine = EpollEngine(loop, cfg.max_buffer, self.state.accept_paused)
         own_ports = frozenset(b.spec.port for b in self.listeners if b.scheme != "unix")
-        guard = self.udp_guard = UdpGuard(
-            self.config.udp_rate,
-            self.config.udp_burst,
-            self.config.udp_max_rate,
-            self.config.udp_allow_privileged_ports,
+        guard = self.state.udp_guard = UdpGuard(
+            cfg.udp_rate,
+            cfg.udp_burst,
+            cfg.udp_max_rate,
+            cfg.udp_allow_privileged_ports,
             own_ports,
-            self.config.udp_max_sources,
+            cfg.udp_max_sources,
+        )
+        setup = StreamSetup(
+            loop,
+            self.state,
+            resolve_loop(cfg.loop) == "uvloop",
+            cfg.backlog,
+            cfg.tls_handshake_timeout,
+            self.sslcontext,
+            self.engine,
         )
         for bound in self.listeners:
             kind = "dual-stack " if bound.dual_stack else ""
             if bound.scheme == "udp":
-                self._udp.append(
-                    serve_udp(loop, bound.sock, guard, self.udp_stats, self.config.udp_io)
-                )
+                self._udp.append(serve_udp(loop, bound.sock, guard, self.state.udp, cfg.udp_io))
                 what = (
                     f"UDP echo server listening on {bound.url} ({kind}up to "
-                    f"{self.config.udp_rate:g} datagrams/s per source prefix)"
+                    f"{cfg.udp_rate:g} datagrams/s per source prefix; "
+                    f"{resolve_udp_io(cfg.udp_io)} path)"
                 )
             else:
-                await self._listen(loop, bound)
-                name = {
-                    "tcp": "TCP",
-                    "tls": "TLS",
-                    "unix": "Unix-socket",
-                    "tcp+proxy": "TCP (PROXY protocol)",
-                    "tls+proxy": "TLS (PROXY protocol)",
-                }[bound.scheme]
+                ctx = ListenerContext(self.table, bound.url, cfg.max_buffer, cfg.access_log, loop)
+                self._contexts.append(ctx)
+                self._listening.append(
+                    await serve_stream_listener(setup, bound.scheme, bound.sock, ctx)
+                )
+                path = engine if bound.scheme in ("tcp", "unix") else "protocol"
                 what = (
-                    f"{name} echo server listening on {bound.url} ({kind}backlog "
-                    f"{self.config.backlog}, up to {self.config.max_connections} clients)"
+                    f"{STREAM_NAMES[bound.scheme]} echo server listening on {bound.url} "
+                    f"({kind}backlog {cfg.backlog}, up to {cfg.max_connections} clients; "
+                    f"{path} path)"
                 )
             log_event(logging.INFO, "listening", what, listener=bound.url, port=bound.spec.port)
         if self._udp:
-            self._udp_report = loop.call_later(REPORT_EVERY, self._report_udp, loop)
+            self._udp_report = loop.call_later(UDP_REPORT_EVERY, self._report_udp, loop)
         self.table.start_sweeping(loop)
         await self._serve_metrics(loop)
-        self.accepting = True
+        self.state.accepting = True
 
     async def _serve_metrics(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self.metrics_listeners:
             return
-        registry = registry_for(self)
+        registry = registry_for(self.state)
 
         def health() -> asyncio.Protocol:
-            return HealthHttp(registry, lambda: self.accepting, loop)
+            return HealthHttp(registry, lambda: self.state.accepting, loop)
 
         for bound in self.metrics_listeners:
             self._metrics_servers.append(await loop.create_server(health, sock=bound.sock))
@@ -148,86 +144,9 @@ class EchoServer:
                 port=bound.spec.port,
             )
 
-    async def _listen(self, loop: asyncio.AbstractEventLoop, bound: BoundListener) -> None:
-        if self.engine is not None and bound.scheme in ("tcp", "unix"):
-            self.engine.add_listener(bound.sock, bound.url)
-            return
-        ctx = ConnectionContext(
-            self.table, bound.url, self.config.max_buffer, self.config.access_log, loop
-        )
-        self._contexts.append(ctx)
-        factory: Callable[[], asyncio.Protocol]
-        if bound.scheme in ("tls", "tls+proxy"):
-            self._listen_tls(loop, bound, ctx)
-            return
-        if bound.scheme == "tcp+proxy":
-            factory = proxy_gate_factory(ctx, self.proxy_stats)
-        else:
-
-            def factory() -> asyncio.Protocol:
-                return EchoProtocol(ctx)
-
-        if resolve_loop(self.config.loop) == "uvloop":  # libuv copes with EMFILE itself
-            self._servers.append(
-                await loop.create_server(factory, sock=bound.sock, backlog=self.config.backlog)
-            )
-        else:
-            reader = AcceptReader(loop, bound.sock, factory, self.exhausted)
-            reader.start()
-            self._readers.append(reader)
-            self.table.on_close.append(reader.resume_if_paused)
-
-    def _listen_tls(
-        self, loop: asyncio.AbstractEventLoop, bound: BoundListener, ctx: ConnectionContext
-    ) -> None:
-        """TLS listeners accept raw sockets themselves: tls+proxy must read the PROXY header
-        before the handshake, and a handshake's failure must reach us to be named. uvloop does
-        the TLS itself (connect_accepted_socket); the stdlib loop goes through the gate."""
-        assert self.sslcontext is not None
-        sslcontext, timeout = self.sslcontext, self.config.tls_handshake_timeout
-        native = resolve_loop(self.config.loop) == "uvloop"
-
-        def handshake(sock: socket.socket, peer: Any = None) -> None:
-            if native:
-                loop.create_task(
-                    native_handshake(ctx, sock, sslcontext, timeout, self.tls_stats, peer)
-                )
-            else:
-                factory = gate_factory(ctx, sslcontext, timeout, self.tls_stats, peer)
-                loop.create_task(self._adopt(loop, factory, sock))
-
-        def accepted(sock: socket.socket) -> None:
-            if bound.scheme == "tls+proxy":
-                HeaderPreReader(
-                    loop,
-                    sock,
-                    bound.url,
-                    self.proxy_stats,
-                    self.config.access_log,
-                    lambda s, header: handshake(s, header.source),
-                )
-            else:
-                handshake(sock)
-
-        reader = AcceptReader(loop, bound.sock, None, self.exhausted, on_accept=accepted)
-        reader.start()
-        self._readers.append(reader)
-        self.table.on_close.append(reader.resume_if_paused)
-
-    @staticmethod
-    async def _adopt(
-        loop: asyncio.AbstractEventLoop,
-        factory: Callable[[], asyncio.Protocol],
-        sock: socket.socket,
-    ) -> None:
-        try:
-            await loop.connect_accepted_socket(factory, sock)
-        except OSError:
-            sock.close()
-
     def _report_udp(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.udp_stats.report()
-        self._udp_report = loop.call_later(REPORT_EVERY, self._report_udp, loop)
+        self.state.udp.report()
+        self._udp_report = loop.call_later(UDP_REPORT_EVERY, self._report_udp, loop)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self.stopping.is_set():
@@ -242,35 +161,30 @@ class EchoServer:
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRORS:
-            self.exhausted.note()
+            self.state.accept_paused.note()
             return
         loop.default_exception_handler(context)
 
     async def stop_accepting(self) -> None:
-        self.accepting = False  # /readyz answers 503 from now on; /metrics keeps serving
+        self.state.accepting = False  # /readyz answers 503 from now on; /metrics serves on
         if self.engine is not None:
             self.engine.stop_accepting()
         for ctx in self._contexts:
             ctx.draining = True
-        for server in self._servers:
-            server.close()
-        for reader in self._readers:
-            reader.close()
+        for listening in self._listening:
+            listening.close()
         for udp in self._udp:
             udp.close()
         if self._udp_report is not None:
             self._udp_report.cancel()
-            self.udp_stats.report()
+            self.state.udp.report()
         close_all(self.listeners)
         await asyncio.sleep(0)  # uvloop closes its listening handles on the next iteration
         await asyncio.sleep(0)
 
-    def _close_all(self, reason: str, abort: bool) -> None:
-        if self.engine is not None:
-            (self.engine.abort_all if abort else self.engine.close_all)(reason)
+    def _close_all(self, abort: bool) -> None:
         for conn in list(self.table.open):
-            if isinstance(conn, EchoProtocol):
-                (conn.abort if abort else conn.close)(reason)
+            (conn.abort if abort else conn.close)(SHUTDOWN)
 
     async def _wait_closed(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
@@ -288,9 +202,9 @@ class EchoServer:
                 "shutdown",
                 f"graceful timeout: closing {len(self.table.open)} connection(s)",
             )
-            self._close_all("shutdown", abort=False)
+            self._close_all(abort=False)
             await self._wait_closed(CLOSE_WAIT)
-            self._close_all("shutdown", abort=True)
+            self._close_all(abort=True)
         self.table.stop_sweeping()
         if self.engine is not None:
             self.engine.shutdown()
@@ -320,7 +234,7 @@ class EchoServer:
             metrics_server.close()
         close_all(self.metrics_listeners)
         if self._udp:
-            u = self.udp_stats
+            u = self.state.udp
             log_event(
                 logging.INFO,
                 "stopped_udp",

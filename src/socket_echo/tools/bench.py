@@ -59,11 +59,12 @@ class WorkerResult:
 
 
 class _Conn:
-    __slots__ = ("expected", "got", "intended", "lost", "seq", "sock", "state", "t0")
+    __slots__ = ("expected", "got", "intended", "lost", "out", "seq", "sock", "state", "t0")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.expected = b""
+        self.out: memoryview | None = None  # the rest of a message the kernel did not take
         self.got = b""
         self.t0 = 0.0
         self.intended = 0.0
@@ -87,6 +88,10 @@ class Worker:
         self.epoll = select.epoll()
         self.conns: dict[int, _Conn] = {}
         self.patterns = Patterns(cfg.size)
+        # pingpong: connections waiting for their intended send time (open loop), and the
+        # interval between one connection's requests (0: closed loop, send on each answer)
+        self.due: list[tuple[float, int]] = []
+        self.interval = 0.0
 
     def run(self) -> WorkerResult:
         cpu0 = _cpu()
@@ -113,7 +118,8 @@ class Worker:
         return conn
 
     def _drop(self, conn: _Conn, reason: str) -> _Conn | None:
-        """An error on one connection: count it, replace the connection."""
+        """An error on one connection: count it, replace the connection (the caller gives
+        the new one its first message: :meth:`_restart`)."""
         self.result.errors[reason] += 1
         fd = conn.sock.fileno()
         self.conns.pop(fd, None)
@@ -130,23 +136,37 @@ class Worker:
         conn.t0 = intended
         try:
             sent = conn.sock.send(conn.expected)
+        except BlockingIOError:
+            sent = 0
         except OSError as exc:
-            self._drop(conn, f"send: {exc.strerror or exc}")
+            self._restart(conn, f"send: {exc.strerror or exc}")
             return
-        if sent < len(conn.expected):
-            conn.sock.setblocking(True)
-            conn.sock.sendall(conn.expected[sent:])
-            conn.sock.setblocking(False)
+        if sent < len(conn.expected):  # the rest goes when the socket is writable again;
+            conn.out = memoryview(conn.expected)[sent:]  # a stall is caught by the timeout
+            self.epoll.modify(conn.sock.fileno(), select.EPOLLIN | select.EPOLLOUT)
+
+    def _send_rest(self, conn: _Conn) -> None:
+        assert conn.out is not None
+        try:
+            sent = conn.sock.send(conn.out)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._restart(conn, f"send: {exc.strerror or exc}")
+            return
+        conn.out = conn.out[sent:] if sent < len(conn.out) else None
+        if conn.out is None:
+            self.epoll.modify(conn.sock.fileno(), select.EPOLLIN)
 
     # -- pingpong (closed or open loop) -----------------------------------------------
     def _run_pingpong(self) -> None:
         cfg, res = self.cfg, self.result
         for _ in range(self.n):
             self._open()
-        interval = (cfg.connections / cfg.rate) if cfg.rate else 0.0
+        interval = self.interval = (cfg.connections / cfg.rate) if cfg.rate else 0.0
         start = time.perf_counter()
         deadline = start + cfg.duration
-        due: list[tuple[float, int]] = []
+        due = self.due
         for i, first in enumerate(list(self.conns.values())):
             if interval:
                 first.intended = start + interval * i / max(1, self.n)
@@ -170,7 +190,7 @@ class Worker:
                         and late.t0 < now - cfg.timeout
                         and (not interval or late.intended <= now)
                     ):
-                        self._restart(late, "no complete answer within the timeout", due, interval)
+                        self._restart(late, "no complete answer within the timeout")
             while due and due[0][0] <= now:
                 intended, fd = heapq.heappop(due)
                 conn = conns.get(fd)
@@ -179,19 +199,24 @@ class Worker:
             wait = deadline - now
             if due:
                 wait = min(wait, max(0.0, due[0][0] - now))
-            for fd, _ in self.epoll.poll(min(wait, 0.1)):
+            for fd, events in self.epoll.poll(min(wait, 0.1)):
                 conn = conns.get(fd)
                 if conn is None:
                     continue
+                if conn.out is not None:
+                    if events & select.EPOLLOUT:
+                        self._send_rest(conn)
+                    if not events & select.EPOLLIN:
+                        continue
                 try:
                     data = conn.sock.recv(65536)
                 except BlockingIOError:
                     continue
                 except OSError as exc:
-                    self._restart(conn, f"recv: {exc.strerror or exc}", due, interval)
+                    self._restart(conn, f"recv: {exc.strerror or exc}")
                     continue
                 if not data:
-                    self._restart(conn, "closed by server", due, interval)
+                    self._restart(conn, "closed by server")
                     continue
                 got = conn.got + data if conn.got else data
                 if len(got) < size:
@@ -200,7 +225,7 @@ class Worker:
                 t = time.perf_counter()
                 if got != conn.expected:
                     res.mismatches += 1
-                    self._restart(conn, None, due, interval)  # out of step: a new connection
+                    self._restart(conn, None)  # out of step: a new connection
                     continue
                 latency[int((t - conn.t0) * 1e6)] += 1
                 res.requests += 1
@@ -220,19 +245,17 @@ class Worker:
                 res.errors["no answer within the timeout"] += 1
         res.bytes = res.requests * size * 2
 
-    def _restart(
-        self, conn: _Conn, reason: str | None, due: list[tuple[float, int]], interval: float
-    ) -> None:
-        """Replace a connection; ``reason`` None = already counted (a mismatch)."""
+    def _restart(self, conn: _Conn, reason: str | None) -> None:
+        """Replace a connection and give the new one its first message, so the number of
+        connections at work stays as asked; ``reason`` None = already counted (a mismatch)."""
+        if self.conns.get(conn.sock.fileno()) is not conn:
+            return  # already replaced (an error seen twice in one round)
         new = self._drop(conn, reason) if reason else self._replace(conn)
         if new is None:
             return
-        now = time.perf_counter()
-        if interval:
-            new.intended = now
-            heapq.heappush(due, (now, new.sock.fileno()))
-        else:
-            self._send_next(new, now, now)
+        now = time.perf_counter()  # sent by the main loop, never from here: no recursion
+        new.intended = now
+        heapq.heappush(self.due, (now, new.sock.fileno()))
 
     def _replace(self, conn: _Conn) -> _Conn | None:
         fd = conn.sock.fileno()

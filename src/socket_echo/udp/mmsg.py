@@ -13,7 +13,7 @@ Memory: ``SLOTS`` slots of 64 KiB in one anonymous mapping; the kernel backs onl
 a datagram touches, so small datagrams keep the resident size small.
 
 The layout below is the x86-64/aarch64 Linux ABI; ``available()`` checks it and the portable
-loop (protocols/udp.py) serves everywhere else.
+loop (udp/loop.py) serves everywhere else.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ import mmap
 import socket
 import sys
 
-from socket_echo.protocols.udp import MAX_DATAGRAM, UdpStats
-from socket_echo.udp_guard import UdpGuard
+from socket_echo.config import UDP_BATCH
+from socket_echo.state import UdpStats
+from socket_echo.udp.guard import UdpGuard
+from socket_echo.udp.loop import MAX_DATAGRAM
 
-SLOTS = 64  # datagrams per recvmmsg call
+SLOTS = UDP_BATCH  # datagrams per recvmmsg call
 SLOT_SIZE = MAX_DATAGRAM  # no UDP payload is larger: nothing is ever truncated
 NAME_SIZE = 28  # sizeof(struct sockaddr_in6), which also holds a sockaddr_in
 MMSG_SIZE = 64  # sizeof(struct mmsghdr) on 64-bit Linux

@@ -27,74 +27,40 @@ import contextlib
 import ctypes
 import dataclasses
 import logging
-import math
 import os
 import shutil
 import signal
-import socket
 import ssl
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterator
+from collections.abc import Awaitable
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.parser import text_string_to_metric_families
-
-from socket_echo.config import ConfigError, ListenerSpec, ServerConfig
+from socket_echo.config import (
+    READY_TIMEOUT,
+    RESTART_DELAY,
+    RESTART_MAX_DELAY,
+    STABLE_AFTER,
+    WORKER_METRICS_BACKLOG,
+    ListenerSpec,
+    ServerConfig,
+)
 from socket_echo.listeners import BindError, BoundListener, bind_all, close_all, rebind
 from socket_echo.logs import log_event, logger, set_worker
 from socket_echo.metrics import HealthHttp
 from socket_echo.server import EXIT_FAILURE, EXIT_OK, run
+from socket_echo.supervisors import metrics_sum
 
-RESTART_DELAY = 0.5  # first restart; doubles with each quick death
-RESTART_MAX_DELAY = 30.0
-STABLE_AFTER = 30.0  # a worker that lived this long starts the doubling afresh
-READY_TIMEOUT = 15.0  # first workers to come up before the UDP sockets are handed over
-SCRAPE_TIMEOUT = 2.0
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
-def cpu_count() -> int:
-    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a
-    container's ``--cpus`` or a Kubernetes CPU limit), at least 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    quota = _cgroup_quota()
-    return max(1, min(cores or 1, math.ceil(quota) if quota else cores or 1))
-
-
-def _cgroup_quota() -> float | None:
-    for path, parse in (
-        ("/sys/fs/cgroup/cpu.max", lambda text: text.split()),  # cgroup v2: "QUOTA PERIOD"
-        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", lambda text: [text.strip(), "100000"]),
-    ):
-        try:
-            with open(path) as f:
-                quota, period = parse(f.read())[:2]
-            if quota in ("max", "-1"):
-                return None
-            if path.endswith("cfs_quota_us"):
-                with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
-                    period = f.read().strip()
-            return int(quota) / int(period)
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def worker_count(text: str) -> int:
-    """``auto`` = the usable cores (cpu_count); else a positive integer."""
-    if text == "auto":
-        return cpu_count()
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ConfigError(f"--workers {text!r}: expected a positive number or 'auto'")
-    return n
+def restart_delay(quick_deaths: int, lived: float) -> tuple[int, float]:
+    """After a worker died having lived ``lived`` seconds: (quick deaths now, seconds to wait
+    before restarting it). The delay doubles with each quick death, from RESTART_DELAY up
+    to RESTART_MAX_DELAY; a worker that lived STABLE_AFTER seconds starts afresh."""
+    quick = 0 if lived >= STABLE_AFTER else quick_deaths + 1
+    return quick, min(RESTART_MAX_DELAY, RESTART_DELAY * 2 ** max(0, quick - 1))
 
 
 @dataclasses.dataclass
@@ -190,15 +156,20 @@ class Supervisor:
     async def _serve_metrics(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self.metrics_listeners:
             return
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(WorkersCollector(self))
+
+        def render() -> Awaitable[bytes]:
+            return metrics_sum.render(
+                sum(w.ready for w in self.workers),
+                self.restarts,
+                [w.metrics_path for w in self.workers if w.pid],
+            )
 
         def ready() -> bool:
             return not self.stopping and any(w.ready for w in self.workers)
 
         for bound in self.metrics_listeners:
             self._metrics_servers.append(
-                await loop.create_server(lambda: HealthHttp(registry, ready, loop), sock=bound.sock)
+                await loop.create_server(lambda: HealthHttp(render, ready, loop), sock=bound.sock)
             )
             url = bound.url.replace("tcp://", "http://")
             log_event(
@@ -291,8 +262,7 @@ class Supervisor:
             self._on_signal(signal.SIGTERM)
             return
         lived = loop.time() - worker.started_at
-        worker.quick_deaths = 0 if lived >= STABLE_AFTER else worker.quick_deaths + 1
-        delay = min(RESTART_MAX_DELAY, RESTART_DELAY * 2 ** max(0, worker.quick_deaths - 1))
+        worker.quick_deaths, delay = restart_delay(worker.quick_deaths, lived)
         log_event(
             logging.WARNING,
             "worker_restart",
@@ -348,7 +318,9 @@ class Supervisor:
         shared = [dataclasses.replace(b, inode=0) for b in self.shared]  # never unlink them
         try:
             own = [rebind(b, self.config.backlog) for b in self.rebound]
-            private = bind_all((ListenerSpec("unix", "", 0, worker.metrics_path),), 16)
+            private = bind_all(
+                (ListenerSpec("unix", "", 0, worker.metrics_path),), WORKER_METRICS_BACKLOG
+            )
         except BindError as exc:
             logger.error("%s", exc.strerror or exc)
             return EXIT_FAILURE
@@ -366,55 +338,3 @@ def die_with_parent() -> None:
         return
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def scrape(path: str) -> str:
-    """One worker's /metrics text over its private Unix socket; "" if it does not answer."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(SCRAPE_TIMEOUT)
-            sock.connect(path)
-            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-    except OSError:
-        return ""
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    return body.decode() if head.startswith(b"HTTP/1.1 200") else ""
-
-
-class WorkersCollector:
-    """The sum over workers of every series (counters, gauges and histogram buckets alike:
-    each is a sum over connections), plus the supervisor's own worker counts."""
-
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.supervisor = supervisor
-
-    def collect(self) -> Iterator[Metric]:
-        workers = self.supervisor.workers
-        yield GaugeMetricFamily(
-            "socket_echo_workers", "Worker processes ready.", value=sum(w.ready for w in workers)
-        )
-        yield CounterMetricFamily(
-            "socket_echo_worker_restarts",
-            "Worker processes restarted after they died.",
-            value=self.supervisor.restarts,
-        )
-        families: dict[str, Metric] = {}
-        sums: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-        for worker in workers:
-            if worker.pid == 0:
-                continue
-            for family in text_string_to_metric_families(scrape(worker.metrics_path)):
-                if family.name not in families:
-                    families[family.name] = Metric(family.name, family.documentation, family.type)
-                    sums[family.name] = {}
-                acc = sums[family.name]
-                for sample in family.samples:
-                    key = (sample.name, tuple(sorted(sample.labels.items())))
-                    acc[key] = acc.get(key, 0.0) + sample.value
-        for name, metric in families.items():
-            for (sample_name, labels), value in sums[name].items():
-                metric.add_sample(sample_name, dict(labels), value)
-            yield metric

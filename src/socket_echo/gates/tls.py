@@ -20,11 +20,12 @@ import logging
 import os
 import ssl
 import tempfile
-from collections import Counter
 from typing import Any, cast
 
 from socket_echo.logs import log_event
-from socket_echo.protocols.tcp import ConnectionContext, EchoProtocol, format_peer
+from socket_echo.state import TlsStats
+from socket_echo.tcp.lifecycle import ListenerContext, format_peer
+from socket_echo.tcp.protocol import EchoProtocol
 
 MIN_VERSION = ssl.TLSVersion.TLSv1_2
 
@@ -130,7 +131,7 @@ def failure_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def report_failure(ctx: ConnectionContext, stats: TlsStats, peer: Any, reason: str) -> None:
+def report_failure(ctx: ListenerContext, stats: TlsStats, peer: Any, reason: str) -> None:
     stats.handshake_failures[reason] += 1
     log_event(
         logging.INFO if ctx.access_log else logging.DEBUG,
@@ -143,7 +144,7 @@ def report_failure(ctx: ConnectionContext, stats: TlsStats, peer: Any, reason: s
 
 
 async def native_handshake(
-    ctx: ConnectionContext,
+    ctx: ListenerContext,
     sock: Any,
     sslcontext: ssl.SSLContext,
     timeout: float,
@@ -171,18 +172,13 @@ async def native_handshake(
         report_failure(ctx, stats, shown, failure_reason(exc))
 
 
-class TlsStats:
-    def __init__(self) -> None:
-        self.handshake_failures: Counter[str] = Counter()
-
-
 class TlsGate(asyncio.Protocol):
     """Holds a new TCP connection (reading paused) until its TLS handshake is done. Used on
     the stdlib loop; uvloop runs TLS on its own server (see server.py)."""
 
     def __init__(
         self,
-        ctx: ConnectionContext,
+        ctx: ListenerContext,
         sslcontext: ssl.SSLContext,
         handshake_timeout: float,
         stats: TlsStats,
@@ -224,8 +220,8 @@ class TlsGate(asyncio.Protocol):
         echo.connection_made(tls)
         for chunk in self.early:
             echo.data_received(chunk)
-        if self.early_eof and not echo.eof_received():
-            tls.close()
+        if self.early_eof:
+            echo.eof_received()
 
     def _fail(self, tcp: asyncio.Transport, peer: Any, reason: str) -> None:
         tcp.abort()
@@ -234,16 +230,15 @@ class TlsGate(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.early.append(data)
 
-    def eof_received(self) -> bool:
-        self.early_eof = True
-        return True
+    def eof_received(self) -> None:
+        self.early_eof = True  # passed on after the hand-over; None: no stderr warning (TLS)
 
     def connection_lost(self, exc: Exception | None) -> None:
         pass
 
 
 def gate_factory(
-    ctx: ConnectionContext,
+    ctx: ListenerContext,
     sslcontext: ssl.SSLContext,
     timeout: float,
     stats: TlsStats,

@@ -9,8 +9,10 @@ the loop, and the same code runs on uvloop and on the stdlib loop.
 
 Per connection the rules are the Protocol path's: bytes go back as they arrive; while an echo
 cannot be sent in full the rest is held and reading from that peer stops (level-triggered
-EPOLLOUT until it drains, so a connection holds at most one read of ``--max-buffer`` bytes);
-EOF closes once everything was sent; the table's sweep closes idle and stalled ones.
+EPOLLOUT until it drains). A read takes at most ``min(READ_CHUNK, --max-buffer)`` bytes, so a
+connection never holds more than ``--max-buffer``. EOF closes once everything was sent; the
+table's sweep closes idle and stalled ones. Admission, reasons, counters and log records are
+the one lifecycle of tcp/lifecycle.py.
 """
 
 from __future__ import annotations
@@ -18,84 +20,55 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import logging
 import select
 import socket
 import struct
+from typing import Any
 
-from socket_echo.accept import ACCEPT_BATCH, RESOURCE_ERRORS, RETRY_DELAY
-from socket_echo.limits import ConnectionTable
-from socket_echo.logs import RateLimitedLog, log_event
-from socket_echo.protocols.tcp import format_peer
+from socket_echo.config import ACCEPT_RETRY_DELAY, READ_CHUNK
+from socket_echo.logs import RateLimitedLog
+from socket_echo.tcp.accept import accept_batch
+from socket_echo.tcp.lifecycle import ERROR, PEER_CLOSED, RESET, Connection, ListenerContext
 
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
-READ_CHUNK = 64 * 1024  # measured: 256 KiB reads end in partial sends and stream slower
 LINGER_ABORT = struct.pack("ii", 1, 0)  # close() sends RST at once
 
 
-class Connection:
-    __slots__ = (
-        "active_since",
-        "bytes_in",
-        "close_reason",
-        "closing",
-        "conn_id",
-        "drains",
-        "engine",
-        "fd",
-        "listener",
-        "opened_at",
-        "peer",
-        "pending",
-        "seen_activity",
-        "sock",
-    )
+def available() -> bool:
+    return hasattr(select, "epoll")
+
+
+class EpollConnection(Connection):
+    __slots__ = ("engine", "fd", "pending", "sock")
 
     def __init__(
-        self, engine: EpollEngine, sock: socket.socket, peer: object, listener: str, now: float
+        self, engine: EpollEngine, sock: socket.socket, peer: Any, ctx: ListenerContext
     ) -> None:
+        super().__init__(ctx, peer)
         self.engine = engine
         self.sock = sock
         self.fd = sock.fileno()
-        self.peer = peer
-        self.listener = listener
-        self.opened_at = now
-        self.conn_id = 0
-        self.bytes_in = 0
-        self.drains = 0
-        self.seen_activity = 0
-        self.active_since = now
         self.pending: memoryview | None = None  # echo bytes the kernel would not take yet
-        self.closing = False  # shutting down: read nothing more, flush, then FIN
-        self.close_reason = ""
 
-    # called by the table's sweep
-    def activity(self) -> int:
-        return self.bytes_in + self.drains
+    def held(self) -> int:
+        return len(self.pending) if self.pending is not None else 0
 
-    def idle_expired(self) -> None:
-        if self.pending is not None or self.closing:
-            self.engine.abort(self, "write stalled")  # the peer stopped reading
-        else:
-            self.engine.close(self, "idle timeout")
+    def close(self, reason: str) -> None:
+        self.engine.close(self, reason)
+
+    def abort(self, reason: str) -> None:
+        self.engine.abort(self, reason)
 
 
 class EpollEngine:
     def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        table: ConnectionTable,
-        max_buffer: int,
-        access_log: bool,
-        exhausted: RateLimitedLog,
+        self, loop: asyncio.AbstractEventLoop, max_buffer: int, exhausted: RateLimitedLog
     ) -> None:
         self.loop = loop
-        self.table = table
-        self.access_log = access_log
         self.exhausted = exhausted
         self.epoll = select.epoll()
-        self.conns: dict[int, Connection] = {}
-        self.listeners: dict[int, tuple[socket.socket, str]] = {}
+        self.conns: dict[int, EpollConnection] = {}
+        self.listeners: dict[int, tuple[socket.socket, ListenerContext]] = {}
         self.accepting = True
         self._accept_retry: asyncio.TimerHandle | None = None
         self._buf = bytearray(max(1, min(READ_CHUNK, max_buffer)))
@@ -103,9 +76,10 @@ class EpollEngine:
         loop.add_reader(self.epoll.fileno(), self._ready)
 
     # -- listeners ----------------------------------------------------------------------
-    def add_listener(self, sock: socket.socket, url: str) -> None:
-        self.listeners[sock.fileno()] = (sock, url)
+    def add_listener(self, sock: socket.socket, ctx: ListenerContext) -> None:
+        self.listeners[sock.fileno()] = (sock, ctx)
         self.epoll.register(sock.fileno(), EPOLLIN)
+        ctx.table.on_close.append(self._resume_accepting)  # a descriptor just came free
 
     def stop_accepting(self) -> None:
         self.accepting = False
@@ -118,7 +92,7 @@ class EpollEngine:
     def _pause_accepting(self) -> None:
         for fd in self.listeners:
             self.epoll.modify(fd, 0)
-        self._accept_retry = self.loop.call_later(RETRY_DELAY, self._resume_accepting)
+        self._accept_retry = self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting)
         self.exhausted.note()
 
     def _resume_accepting(self) -> None:
@@ -128,39 +102,19 @@ class EpollEngine:
             for fd in self.listeners:
                 self.epoll.modify(fd, EPOLLIN)
 
-    def _accept(self, lsock: socket.socket, url: str) -> None:
-        table = self.table
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, peer = lsock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue
-            except OSError as exc:
-                if exc.errno in RESOURCE_ERRORS:
-                    self._pause_accepting()
-                    return
-                raise
-            sock.setblocking(False)
-            conn = Connection(self, sock, peer, url, self.loop.time())
-            if not table.admit(conn, conn.opened_at, url):
+    def _accept(self, lsock: socket.socket, ctx: ListenerContext) -> None:
+        def take(sock: socket.socket, peer: Any) -> None:
+            conn = EpollConnection(self, sock, peer, ctx)
+            if not conn.admit():
                 sock.close()
-                continue
+                return
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.conn_id = table.opened
             self.conns[conn.fd] = conn
             self.epoll.register(conn.fd, EPOLLIN)
-            if self.access_log:
-                log_event(
-                    logging.INFO,
-                    "connection_open",
-                    f"connection #{conn.conn_id} from {format_peer(peer)}",
-                    conn=conn.conn_id,
-                    listener=url,
-                    peer=format_peer(peer),
-                )
+
+        if not accept_batch(lsock, take):
+            self._pause_accepting()
 
     # -- the data path ------------------------------------------------------------------
     def _ready(self) -> None:
@@ -186,7 +140,7 @@ class EpollEngine:
                 self._lost(conn, exc)
                 continue
             if not n:
-                self._finish(conn, "peer closed")
+                self._finish(conn, PEER_CLOSED)
                 continue
             if conn.closing:
                 continue  # shutting down: what arrives now is not echoed
@@ -202,7 +156,7 @@ class EpollEngine:
                 conn.pending = memoryview(bytes(view[sent:n]))
                 self.epoll.modify(fd, EPOLLOUT)  # stop reading until the echo drains
 
-    def _flush(self, conn: Connection) -> None:
+    def _flush(self, conn: EpollConnection) -> None:
         pending = conn.pending
         assert pending is not None
         try:
@@ -223,7 +177,7 @@ class EpollEngine:
             self.epoll.modify(conn.fd, EPOLLIN)
 
     # -- closing ------------------------------------------------------------------------
-    def _half_close(self, conn: Connection) -> None:
+    def _half_close(self, conn: EpollConnection) -> None:
         """Everything echoed: send FIN, then wait for the peer's close (reads are dropped)."""
         try:
             conn.sock.shutdown(socket.SHUT_WR)
@@ -231,65 +185,36 @@ class EpollEngine:
         except OSError as exc:
             self._lost(conn, exc)
 
-    def close(self, conn: Connection, reason: str) -> None:
+    def close(self, conn: EpollConnection, reason: str) -> None:
         """Stop echoing, deliver what is already owed, then close (used by idle and drain)."""
         if conn.closing:
             return
-        conn.close_reason = reason
+        conn.give_reason(reason)
         conn.closing = True
         if conn.pending is None:
             self._half_close(conn)
 
-    def abort(self, conn: Connection, reason: str) -> None:
+    def abort(self, conn: EpollConnection, reason: str) -> None:
         with contextlib.suppress(OSError):
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ABORT)
         self._finish(conn, reason)
 
-    def _lost(self, conn: Connection, exc: OSError) -> None:
+    def _lost(self, conn: EpollConnection, exc: OSError) -> None:
         if exc.errno in (errno.ECONNRESET, errno.EPIPE):
-            self._finish(conn, "reset by peer")
+            self._finish(conn, RESET)
         else:
-            self._finish(conn, f"error: {exc.strerror or exc}")
+            self._finish(conn, ERROR, exc.strerror or str(exc))
 
-    def _finish(self, conn: Connection, reason: str) -> None:
-        self.conns.pop(conn.fd, None)
+    def _finish(self, conn: EpollConnection, reason: str, detail: str = "") -> None:
+        if self.conns.pop(conn.fd, None) is None:
+            return  # already finished
         with contextlib.suppress(OSError, ValueError):
             self.epoll.unregister(conn.fd)
         conn.sock.close()
-        reason = conn.close_reason or reason
-        unsent = len(conn.pending) if conn.pending is not None else 0
-        bytes_out = conn.bytes_in - unsent
-        duration = self.loop.time() - conn.opened_at
-        self.table.release(
-            conn, reason.split(":")[0], conn.bytes_in, bytes_out, conn.listener, duration
-        )
-        if self._accept_retry is not None:
-            self._resume_accepting()  # a descriptor just came free
-        if self.access_log:
-            peer = format_peer(conn.peer)
-            log_event(
-                logging.INFO,
-                "connection_close",
-                f"connection #{conn.conn_id} from {peer} closed: {reason}; "
-                f"in {conn.bytes_in} B, out {bytes_out} B, {duration:.3f} s",
-                conn=conn.conn_id,
-                listener=conn.listener,
-                peer=peer,
-                bytes_in=conn.bytes_in,
-                bytes_out=bytes_out,
-                duration=round(duration, 6),
-                reason=reason,
-            )
+        conn.give_reason(reason, detail)
+        conn.released(conn.held())
 
     # -- shutdown -----------------------------------------------------------------------
-    def close_all(self, reason: str) -> None:
-        for conn in list(self.conns.values()):
-            self.close(conn, reason)
-
-    def abort_all(self, reason: str) -> None:
-        for conn in list(self.conns.values()):
-            self.abort(conn, reason)
-
     def shutdown(self) -> None:
         self.loop.remove_reader(self.epoll.fileno())
         self.epoll.close()

@@ -79,7 +79,7 @@ class UdpGuard:
     (amortized over thousands of datagrams).
 
     Source addresses are cached under any hashable key: the text form (``verdict``) or the raw
-    address bytes (the batched Linux path in protocols/udp_mmsg.py, which never builds text
+    address bytes (the batched Linux path in udp/mmsg.py, which never builds text
     for a known source)."""
 
     def __init__(

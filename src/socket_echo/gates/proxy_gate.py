@@ -1,51 +1,38 @@
-"""``tcp+proxy://`` listeners: read the PROXY header, then echo as the real client's address.
+"""PROXY-protocol gates: read the header, then echo as the real client's address.
 
-The header must arrive within ``HEADER_TIMEOUT`` seconds (one timer per connection, cancelled
-when the header is complete: not per message); a malformed, oversized or missing one closes
-the connection, is counted by reason and logged. Bytes that came with the header go to the
-echo, in order.
+The header must arrive within ``PROXY_HEADER_TIMEOUT`` seconds (config.py; one timer per
+connection, cancelled when the header is complete: not per message); a malformed, oversized
+or missing one closes the connection, is counted by reason and logged. Bytes that came with
+the header go to the echo, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
-from collections import Counter
 from collections.abc import Callable
 from typing import Any, cast
 
-from socket_echo.logs import log_event
-from socket_echo.protocols.proxy import (
-    HEADER_TIMEOUT,
+from socket_echo.config import PROXY_HEADER_TIMEOUT
+from socket_echo.gates.proxy import (
+    CLOSED_EARLY,
+    OVERSIZED,
+    TIMEOUT,
     V1_MAX,
     V2_MAX,
     ProxyHeader,
     ProxyHeaderError,
     parse,
 )
-from socket_echo.protocols.tcp import ConnectionContext, EchoProtocol, format_peer
+from socket_echo.state import ProxyStats
+from socket_echo.tcp.lifecycle import ERROR, ListenerContext, format_peer
+from socket_echo.tcp.protocol import EchoProtocol
 
-
-class ProxyStats:
-    def __init__(self) -> None:
-        self.rejected: Counter[str] = Counter()
-
-    def reject(self, listener: str, access_log: bool, peer: str, reason: str) -> None:
-        """Count a refused header by reason and say so in the log (both gates)."""
-        self.rejected[reason.split(":")[0]] += 1
-        log_event(
-            logging.INFO if access_log else logging.DEBUG,
-            "proxy_rejected",
-            f"PROXY header from {peer} rejected: {reason}",
-            listener=listener,
-            peer=peer,
-            reason=reason,
-        )
+NO_HEADER_IN_TIME = f"no PROXY header within {PROXY_HEADER_TIMEOUT:g} s"
 
 
 class ProxyGate(asyncio.Protocol):
-    def __init__(self, ctx: ConnectionContext, stats: ProxyStats) -> None:
+    def __init__(self, ctx: ListenerContext, stats: ProxyStats) -> None:
         self.ctx = ctx
         self.stats = stats
         self.buffer = b""
@@ -55,7 +42,7 @@ class ProxyGate(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.timer = self.ctx.loop.call_later(
-            HEADER_TIMEOUT, self._reject, f"no PROXY header within {HEADER_TIMEOUT:g} s"
+            PROXY_HEADER_TIMEOUT, self._reject, TIMEOUT, NO_HEADER_IN_TIME
         )
 
     def data_received(self, data: bytes) -> None:
@@ -63,11 +50,11 @@ class ProxyGate(asyncio.Protocol):
         try:
             header = parse(self.buffer)
         except ProxyHeaderError as exc:
-            self._reject(str(exc))
+            self._reject(exc.reason, str(exc))
             return
         if header is None:
             if len(self.buffer) > V2_MAX:  # parse() bounds both versions; belt and braces
-                self._reject("oversized PROXY header")
+                self._reject(OVERSIZED, "oversized PROXY header")
             return
         if self.timer is not None:
             self.timer.cancel()
@@ -81,23 +68,23 @@ class ProxyGate(asyncio.Protocol):
             echo.data_received(rest)
 
     def eof_received(self) -> bool:
-        self._reject("closed before a complete PROXY header")
+        self._reject(CLOSED_EARLY, "closed before a complete PROXY header")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
 
-    def _reject(self, reason: str) -> None:
+    def _reject(self, reason: str, detail: str) -> None:
         if self.timer is not None:
             self.timer.cancel()
         assert self.transport is not None
         peer = format_peer(self.transport.get_extra_info("peername"))
         self.transport.abort()
-        self.stats.reject(self.ctx.listener, self.ctx.access_log, peer, reason)
+        self.stats.reject(self.ctx.listener, self.ctx.access_log, peer, reason, detail)
 
 
-def gate_factory(ctx: ConnectionContext, stats: ProxyStats) -> Any:
+def gate_factory(ctx: ListenerContext, stats: ProxyStats) -> Any:
     def factory() -> ProxyGate:
         return ProxyGate(ctx, stats)
 
@@ -130,9 +117,7 @@ class HeaderPreReader:
         self.buf = b""
         self.fd = sock.fileno()
         loop.add_reader(self.fd, self._readable)
-        self.timer = loop.call_later(
-            HEADER_TIMEOUT, self._reject, f"no PROXY header within {HEADER_TIMEOUT:g} s"
-        )
+        self.timer = loop.call_later(PROXY_HEADER_TIMEOUT, self._reject, TIMEOUT, NO_HEADER_IN_TIME)
 
     def _safe_to_take(self) -> int:
         head = self.buf[:1] or self.sock.recv(1, socket.MSG_PEEK)
@@ -152,16 +137,16 @@ class HeaderPreReader:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._reject(f"error: {exc.strerror or exc}")
+            self._reject(ERROR, exc.strerror or str(exc))
             return
         if not data:
-            self._reject("closed before a complete PROXY header")
+            self._reject(CLOSED_EARLY, "closed before a complete PROXY header")
             return
         self.buf += data
         try:
             header = parse(self.buf)
         except ProxyHeaderError as exc:
-            self._reject(str(exc))
+            self._reject(exc.reason, str(exc))
             return
         if header is None:
             return
@@ -172,11 +157,11 @@ class HeaderPreReader:
         self.timer.cancel()
         self.loop.remove_reader(self.fd)
 
-    def _reject(self, reason: str) -> None:
+    def _reject(self, reason: str, detail: str) -> None:
         self._stop()
         try:
             peer = format_peer(self.sock.getpeername())
         except OSError:
             peer = "unknown"
         self.sock.close()
-        self.stats.reject(self.listener, self.access_log, peer, reason)
+        self.stats.reject(self.listener, self.access_log, peer, reason, detail)

@@ -23,8 +23,20 @@ V2_MAX = 16 + 2048  # header plus addresses and TLVs: more is refused as oversiz
 V2_ADDRESS_SIZES = {0x1: 12, 0x2: 36, 0x3: 216}  # INET, INET6, UNIX
 
 
+# Why a header was refused: the label of socket_echo_proxy_rejected_total.
+NOT_PROXY = "no PROXY header"  # the first bytes are not a PROXY header at all
+MALFORMED = "malformed header"
+OVERSIZED = "oversized header"
+TIMEOUT = "header timeout"  # set by the gates, which own the clock
+CLOSED_EARLY = "closed before header"  # set by the gates, which see the EOF
+
+
 class ProxyHeaderError(ValueError):
-    """Malformed or oversized header; the message names the cause."""
+    """Malformed or oversized header; the message names the cause, ``reason`` its kind."""
+
+    def __init__(self, message: str, reason: str = MALFORMED) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,16 +55,16 @@ def parse(data: bytes) -> ProxyHeader | None:
         return _parse_v2(data)
     if not data:
         return None
-    raise ProxyHeaderError("no PROXY protocol header")
+    raise ProxyHeaderError("no PROXY protocol header", NOT_PROXY)
 
 
 def _parse_v1(data: bytes) -> ProxyHeader | None:
     if not data.startswith(V1_PREFIX[: len(data)]):
-        raise ProxyHeaderError("no PROXY protocol header")
+        raise ProxyHeaderError("no PROXY protocol header", NOT_PROXY)
     end = data.find(b"\r\n", 0, V1_MAX)
     if end < 0:
         if len(data) >= V1_MAX:
-            raise ProxyHeaderError(f"v1 header longer than {V1_MAX} bytes")
+            raise ProxyHeaderError(f"v1 header longer than {V1_MAX} bytes", OVERSIZED)
         if b"\n" in data:
             raise ProxyHeaderError("v1 header not ended by CRLF")
         return None
@@ -92,7 +104,7 @@ def _v1_port(text: str) -> int:
 
 def _parse_v2(data: bytes) -> ProxyHeader | None:
     if not data.startswith(V2_SIGNATURE[: len(data)]):
-        raise ProxyHeaderError("no PROXY protocol header")
+        raise ProxyHeaderError("no PROXY protocol header", NOT_PROXY)
     if len(data) < 16:
         return None
     version, command = data[12] >> 4, data[12] & 0x0F
@@ -105,7 +117,9 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
         raise ProxyHeaderError("v2 header: unknown address family or transport")
     length = 16 + int.from_bytes(data[14:16], "big")
     if length > V2_MAX:
-        raise ProxyHeaderError(f"v2 header of {length} bytes is over the {V2_MAX}-byte limit")
+        raise ProxyHeaderError(
+            f"v2 header of {length} bytes is over the {V2_MAX}-byte limit", OVERSIZED
+        )
     if len(data) < length:
         return None
     if command == 0x0 or family in (0x0, 0x3):  # LOCAL, UNSPEC, UNIX: keep the real peer
@@ -146,8 +160,3 @@ def build_v2(
     )
     body = block + tlvs
     return V2_SIGNATURE + bytes([0x21, (family << 4) | 0x1]) + len(body).to_bytes(2, "big") + body
-
-
-# -- the listener side: hold a connection until its header is read ---------------------------
-
-HEADER_TIMEOUT = 5.0

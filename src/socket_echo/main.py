@@ -1,0 +1,79 @@
+"""From a :class:`ServerConfig` to a running server: check the choices, make the TLS context,
+bind every listener, then serve in this process or under a supervisor (``--workers``).
+
+Errors a user can act on are :class:`ConfigError` (usage: exit 2) or :class:`StartError`
+(run time: exit 1), each one line; cli.py shows them.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from socket_echo.config import METRICS_BACKLOG, ConfigError, ServerConfig
+from socket_echo.gates.tls import TlsSetupError, self_signed_context, server_context
+from socket_echo.listeners import REUSE_PORT, BindError, BindOptions, adopt_fd, bind_all
+from socket_echo.logs import logger, setup_logging
+from socket_echo.loops import resolve_loop
+from socket_echo.server import run
+from socket_echo.supervisors.processes import Supervisor
+from socket_echo.tcp import resolve_engine
+from socket_echo.udp import resolve_udp_io
+
+TLS_SCHEMES = ("tls", "tls+proxy")
+
+
+class StartError(Exception):
+    """The server cannot start (a port in use, a certificate unreadable): one line, exit 1."""
+
+
+def check_choices(loop: str, engine: str, udp_io: str) -> None:
+    """A loop or data path this platform lacks: ConfigError before anything is bound."""
+    resolve_loop(loop)
+    resolve_engine(engine)
+    resolve_udp_io(udp_io)
+
+
+def tls_context(cfg: ServerConfig) -> ssl.SSLContext | None:
+    """The server's SSLContext when a TLS listener asks for one."""
+    if not any(spec.scheme in TLS_SCHEMES for spec in cfg.listeners):
+        return None
+    if cfg.tls_self_signed:
+        ctx, fingerprint = self_signed_context()
+        logger.info("TLS: self-signed certificate for localhost, SHA-256 %s", fingerprint)
+        return ctx
+    if not (cfg.tls_cert and cfg.tls_key):
+        raise ConfigError("a tls:// listener needs --tls-cert and --tls-key (or --tls-self-signed)")
+    try:
+        return server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+    except TlsSetupError as exc:
+        raise StartError(str(exc)) from None
+
+
+def serve(cfg: ServerConfig) -> int:
+    """Bind and serve until a signal; returns the exit code."""
+    check_choices(cfg.loop, cfg.engine, cfg.udp_io)
+    setup_logging(cfg.log_level, cfg.log_format)
+    sslcontext = tls_context(cfg)
+    # With workers and SO_REUSEPORT, this process only holds the addresses (TCP bound, not
+    # listening); each worker binds its own sockets. See supervisors/processes.py.
+    reuse = cfg.workers > 1 and REUSE_PORT
+    try:
+        fd_bound = [adopt_fd(fd) for fd in cfg.fds]
+        bound = (
+            bind_all(cfg.listeners, BindOptions(cfg.backlog, reuse_port=reuse, listen=not reuse))
+            if cfg.listeners
+            else []
+        )
+        metrics_bound = bind_all((cfg.metrics,), METRICS_BACKLOG) if cfg.metrics else []
+    except BindError as exc:
+        raise StartError(exc.strerror or str(exc)) from None
+    if cfg.workers == 1:
+        return run(cfg, bound + fd_bound, sslcontext, metrics_bound)
+    own = [b for b in bound if reuse and b.scheme != "unix"]
+    shared = [b for b in bound if b not in own] + fd_bound
+    try:
+        supervisor = Supervisor(cfg, cfg.workers, shared, own, metrics_bound, sslcontext)
+    except OSError as exc:  # its run directory (TMPDIR)
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise StartError(f"--workers: no run directory: {exc.strerror or exc}{where}") from None
+    return supervisor.run()

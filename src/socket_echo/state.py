@@ -1,0 +1,103 @@
+"""What the server knows about itself, in one object: the one thing metrics.py reads.
+
+The data paths and gates write plain counters here (integer adds, never per message where it
+can be per batch or per connection); the collector reads them when Prometheus scrapes. No
+private attribute of the server or of the event loop is read from outside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from socket_echo.limits import ConnectionTable
+from socket_echo.logs import RateLimitedLog, log_event
+
+if TYPE_CHECKING:  # the guard's package imports this module
+    from socket_echo.udp.guard import UdpGuard
+
+
+def accept_paused_log() -> RateLimitedLog:
+    return RateLimitedLog(
+        "accept_paused",
+        "out of file descriptors (or memory): accept paused {count} time(s); "
+        "open connections go on, new ones wait in the backlog",
+    )
+
+
+class UdpStats:
+    """Datagrams and bytes in and out, and drops by reason, over every UDP listener."""
+
+    def __init__(self) -> None:
+        self.datagrams_in = 0
+        self.datagrams_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.dropped: Counter[str] = Counter()
+        self._reported: Counter[str] = Counter()
+
+    def report(self) -> None:
+        """Log the drops since the last report, if any: one line, never one per datagram."""
+        new = self.dropped - self._reported
+        if new:
+            self._reported = self.dropped.copy()
+            detail = ", ".join(f"{n} {reason}" for reason, n in sorted(new.items()))
+            log_event(
+                logging.WARNING,
+                "udp_dropped",
+                f"UDP datagrams dropped: {detail}",
+                dropped=dict(new),
+            )
+
+
+class TlsStats:
+    def __init__(self) -> None:
+        self.handshake_failures: Counter[str] = Counter()
+
+
+class ProxyStats:
+    def __init__(self) -> None:
+        self.rejected: Counter[str] = Counter()
+
+    def reject(
+        self, listener: str, access_log: bool, peer: str, reason: str, detail: str = ""
+    ) -> None:
+        """Count a refused header by reason (the metric label) and log its detail."""
+        self.rejected[reason] += 1
+        shown = detail or reason  # the detail names the cause in full
+        log_event(
+            logging.INFO if access_log else logging.DEBUG,
+            "proxy_rejected",
+            f"PROXY header from {peer} rejected: {shown}",
+            listener=listener,
+            peer=peer,
+            reason=shown,
+        )
+
+
+@dataclasses.dataclass
+class ServerState:
+    table: ConnectionTable
+    accept_paused: RateLimitedLog = dataclasses.field(default_factory=accept_paused_log)
+    udp: UdpStats = dataclasses.field(default_factory=UdpStats)
+    tls: TlsStats = dataclasses.field(default_factory=TlsStats)
+    proxy: ProxyStats = dataclasses.field(default_factory=ProxyStats)
+    udp_guard: UdpGuard | None = None  # its table of source prefixes is bounded
+    accepting: bool = False  # /readyz: true from start until a drain begins
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def tasks(self) -> int:
+        """asyncio tasks alive on the server's loop (the soak test watches them for leaks)."""
+        return len(asyncio.all_tasks(self.loop)) if self.loop is not None else 0
+
+    def live_bytes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) bytes of the connections still open, by listener: out is what was
+        handed to the kernel, so it lags behind while a peer reads slowly."""
+        live: dict[str, tuple[int, int]] = {}
+        for conn in self.table.open:
+            got, sent = live.get(conn.listener, (0, 0))
+            live[conn.listener] = (got + conn.bytes_in, sent + conn.bytes_in - conn.held())
+        return live

@@ -1,0 +1,178 @@
+"""One connection lifecycle for every stream data path: admit, activity, close, release.
+
+A data path (tcp/epoll.py, tcp/protocol.py, later a native one) moves bytes; everything else
+a connection goes through is here, written once:
+
+- **admit**: refused while draining, over ``--max-connections`` or over the descriptor budget
+  (limits.ConnectionTable); an admitted connection gets its number and an open log record;
+- **activity**: the data path adds to ``bytes_in`` and ``drains`` (plain integer adds); the
+  table's sweep compares them with what it saw last time, so no timer runs per message;
+- **close** (deliver what is owed, then FIN) and **abort** (RST now), with a reason from
+  :data:`REASONS`, asked for by the sweep, the drain or the data path itself;
+- **release**: once the socket is gone the data path calls :meth:`Connection.released` with
+  the bytes that never went out; the per-listener counters and the close record follow.
+
+Reasons are constants (the metric label) plus an optional detail for the log line ("error"
+with "Broken pipe"), never free text split apart later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from socket_echo.limits import ConnectionTable
+from socket_echo.logs import log_event
+
+# Why a connection ended: the label of socket_echo_connections_closed_total.
+PEER_CLOSED = "peer closed"  # EOF from the peer, everything owed delivered
+RESET = "reset by peer"  # ECONNRESET / EPIPE
+ERROR = "error"  # another socket error (the detail names it)
+IDLE = "idle timeout"  # no traffic for --idle-timeout
+STALLED = "write stalled"  # the peer stopped reading its echo for --idle-timeout
+SHUTDOWN = "shutdown"  # still open when the graceful timeout ran out
+REASONS = (PEER_CLOSED, RESET, ERROR, IDLE, STALLED, SHUTDOWN)
+
+
+def format_peer(peer: Any) -> str:
+    """A peer address as logs show it: 1.2.3.4:5, [::1]:5, or "local socket" (Unix)."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]  # an IPv4 client on the dual-stack socket
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(peer) if peer else "local socket"  # a Unix-socket peer has no address
+
+
+class ListenerContext:
+    """What every connection of one listener shares: one pointer per connection."""
+
+    def __init__(
+        self,
+        table: ConnectionTable,
+        listener: str,
+        max_buffer: int,
+        access_log: bool,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.table = table
+        self.listener = listener
+        self.max_buffer = max_buffer
+        self.access_log = access_log
+        self.loop = loop
+        self.draining = False
+
+
+class Connection:
+    """The data-path-independent half of one connection. Subclasses add the bytes' path and
+    implement :meth:`held`, :meth:`close` and :meth:`abort`."""
+
+    __slots__ = (
+        "active_since",
+        "bytes_in",
+        "closing",
+        "conn_id",
+        "ctx",
+        "detail",
+        "drains",
+        "opened_at",
+        "peer",
+        "reason",
+        "seen_activity",
+    )
+
+    def __init__(self, ctx: ListenerContext, peer: Any = None) -> None:
+        self.ctx = ctx
+        self.peer = peer
+        self.conn_id = 0  # 0 = not admitted
+        self.opened_at = 0.0
+        self.bytes_in = 0  # echo bytes received; what went out is bytes_in - held()
+        self.drains = 0  # times held bytes drained: a slow reader is active too
+        self.seen_activity = 0
+        self.active_since = 0.0
+        self.closing = False  # close() was asked: nothing more is echoed
+        self.reason = ""  # the first reason given wins
+        self.detail = ""
+
+    @property
+    def listener(self) -> str:
+        return self.ctx.listener
+
+    # -- what each data path provides --------------------------------------------------
+    def held(self) -> int:
+        """Echo bytes received but not yet handed to the kernel."""
+        raise NotImplementedError
+
+    def close(self, reason: str) -> None:
+        """Read nothing more, deliver what is owed, then FIN and close."""
+        raise NotImplementedError
+
+    def abort(self, reason: str) -> None:
+        """Close at once with a reset; what is held is lost (and counted as not sent)."""
+        raise NotImplementedError
+
+    # -- the lifecycle -----------------------------------------------------------------
+    def admit(self) -> bool:
+        """Count the connection in, or refuse it (the caller then closes the socket)."""
+        ctx = self.ctx
+        self.opened_at = now = ctx.loop.time()
+        if ctx.draining or not ctx.table.admit(self, now, ctx.listener):
+            return False
+        self.conn_id = ctx.table.opened
+        if ctx.access_log:
+            peer = format_peer(self.peer)
+            log_event(
+                logging.INFO,
+                "connection_open",
+                f"connection #{self.conn_id} from {peer}",
+                conn=self.conn_id,
+                listener=ctx.listener,
+                peer=peer,
+            )
+        return True
+
+    def give_reason(self, reason: str, detail: str = "") -> None:
+        """Say why the connection ends; a reason given earlier (idle, shutdown) wins."""
+        if not self.reason:
+            self.reason, self.detail = reason, detail
+
+    def activity(self) -> int:
+        return self.bytes_in + self.drains
+
+    def idle_expired(self) -> None:
+        """Called by the sweep: nothing moved for ``--idle-timeout``. A connection that was
+        already closing (its FIN sent, or its echo still owed) is reset: the peer neither
+        reads nor closes."""
+        if self.held() or self.closing:
+            self.abort(STALLED)  # the peer stopped reading: its echo cannot drain
+        else:
+            self.close(IDLE)
+
+    def released(self, unsent: int = 0) -> None:
+        """The socket is gone: count the connection out and write its close record (once)."""
+        conn_id = self.conn_id
+        if not conn_id:
+            return
+        self.conn_id = 0
+        ctx = self.ctx
+        reason = self.reason or PEER_CLOSED
+        bytes_out = self.bytes_in - unsent
+        duration = ctx.loop.time() - self.opened_at
+        ctx.table.release(self, reason, self.bytes_in, bytes_out, ctx.listener, duration)
+        if ctx.access_log:
+            peer = format_peer(self.peer)
+            shown = f"{reason}: {self.detail}" if self.detail else reason
+            log_event(
+                logging.INFO,
+                "connection_close",
+                f"connection #{conn_id} from {peer} closed: {shown}; "
+                f"in {self.bytes_in} B, out {bytes_out} B, {duration:.3f} s",
+                conn=conn_id,
+                listener=ctx.listener,
+                peer=peer,
+                bytes_in=self.bytes_in,
+                bytes_out=bytes_out,
+                duration=round(duration, 6),
+                reason=shown,
+            )
