@@ -5,8 +5,8 @@
 tcp modes: good, drop (loses one byte in every 3000), reorder (swaps two bytes in every 7th
 read), mute (reads, never answers), seed (one client at a time, 128-byte recv/send, Nagle on:
 the Zephyr sample's design), once (echoes one read, then resets the connection), deaf (never
-reads, with a 4 KiB receive buffer: a client's send stays partial). udp modes: udp (good), udp-lossy (ignores every 2nd datagram),
-udp-mute.
+reads, with a 4 KiB receive buffer: a client's send stays partial). udp modes: udp (good),
+udp-lossy (ignores every 2nd datagram), udp-mute.
 """
 
 from __future__ import annotations

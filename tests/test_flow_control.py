@@ -8,7 +8,7 @@ import threading
 import time
 
 import psutil
-from conftest import is_closed_by_peer
+from conftest import is_closed_by_peer, metrics_port, scrape, total
 
 TOTAL = 64 << 20
 CHUNK = 1 << 16
@@ -20,7 +20,10 @@ def pattern(total: int) -> bytes:
 
 
 def test_sender_that_never_reads_is_paused_then_gets_every_byte(start_server, server_flags):
-    server = start_server(*server_flags, "--idle-timeout", "0", "--max-buffer", "256KiB")
+    server = start_server(
+        *server_flags, "--idle-timeout", "0", "--max-buffer", "256KiB", "--metrics", "127.0.0.1:0"
+    )
+    mport = metrics_port(server)
     proc = psutil.Process(server.pid)
     rss_before = proc.memory_info().rss
     data = pattern(TOTAL)
@@ -44,6 +47,13 @@ def test_sender_that_never_reads_is_paused_then_gets_every_byte(start_server, se
         growth = proc.memory_info().rss - rss_before
         assert sent[0] < TOTAL, "the server kept reading although nobody read its echo"
         assert growth < 16 << 20, f"server RSS grew {growth >> 20} MiB while paused"
+        # The metrics tell bytes handed back to the kernel from bytes received: the held
+        # echo is counted in, not out (out is never more than in).
+        paused = scrape(mport)
+        held = total(paused, "socket_echo_bytes_total", direction="in") - total(
+            paused, "socket_echo_bytes_total", direction="out"
+        )
+        assert 0 < held <= (256 << 10) + (256 << 10), held  # --max-buffer + one read
 
         got = bytearray()
         while len(got) < TOTAL:
@@ -51,6 +61,9 @@ def test_sender_that_never_reads_is_paused_then_gets_every_byte(start_server, se
             assert part, "connection closed early"
             got += part
         sender.join(30)
+        done = scrape(mport)
+        assert total(done, "socket_echo_bytes_total", direction="out") == TOTAL
+        assert total(done, "socket_echo_bytes_total", direction="in") == TOTAL
     assert bytes(got) == data
 
 

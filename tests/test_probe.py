@@ -49,7 +49,7 @@ def test_ipv6_target_and_url_forms(start_server):
 @pytest.mark.parametrize("mode", ["drop", "reorder"])
 def test_corrupting_servers_fail(broken, mode):
     server = broken(mode)
-    code, report = probe_json(f"127.0.0.1:{server.port}", "--timeout", "2")
+    code, report = probe_json(f"127.0.0.1:{server.port}", "--timeout", "0.5")
     assert code == 1
     failed = [s for s in report["steps"] if s["status"] == "fail"]
     assert failed and any("differs" in s["detail"] or "byte" in s["detail"] for s in failed)
@@ -57,7 +57,7 @@ def test_corrupting_servers_fail(broken, mode):
 
 def test_mute_server_fails(broken):
     server = broken("mute")
-    code, report = probe_json(f"127.0.0.1:{server.port}", "--timeout", "0.3")
+    code, report = probe_json(f"127.0.0.1:{server.port}", "--timeout", "0.1")
     assert code == 1
     assert report["steps"][0]["status"] == "fail"
     assert "no answer" in report["steps"][0]["detail"]
@@ -66,13 +66,15 @@ def test_mute_server_fails(broken):
 
 def test_seed_like_server_passes_with_findings(broken):
     server = broken("seed")
-    code, report = probe_json(f"127.0.0.1:{server.port}")
+    code, report = probe_json(f"127.0.0.1:{server.port}", "--timeout", "1.5")
     assert code == 0, [s for s in report["steps"] if s["status"] == "fail"]
     findings = " | ".join(report["findings"])
     assert "serves one client at a time" in findings
     assert "Nagle" in findings
     server = broken("seed")  # a fresh one: the last is still working through its backlog
-    code, report = probe_json(f"127.0.0.1:{server.port}", "--require-concurrency")
+    code, report = probe_json(
+        f"127.0.0.1:{server.port}", "--require-concurrency", "--timeout", "1.5"
+    )
     assert code == 1
     failed_steps = [s for s in report["steps"] if s["status"] == "fail"]
     assert len(failed_steps) == 1, failed_steps
@@ -103,7 +105,7 @@ def test_udp_probe_good_lossy_and_mute(broken):
     names = [s["name"] for s in report["steps"]]
     assert "udp: empty datagram" in names and "udp: datagram 1280 B" in names
     lossy = broken("udp-lossy")  # every 2nd datagram lost: the retries cover it
-    code, report = probe_json(f"127.0.0.1:{lossy.port}", "--udp", "--timeout", "1.5")
+    code, report = probe_json(f"127.0.0.1:{lossy.port}", "--udp", "--timeout", "0.6")
     assert code == 0, report
     assert any("retr" in s["detail"] for s in report["steps"])
     mute = broken("udp-mute")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import signal
 import socket
 import time
@@ -129,9 +130,10 @@ def test_rate_limit_per_prefix_drops_excess_and_spares_other_prefixes(start_serv
     assert 10 <= replies <= 10 + 20 * elapsed + 5, replies
     with udp_client("127.0.1.1") as other:  # another /24: its own bucket
         assert answered(other, (host, port), b"other prefix") == b"other prefix"
-    server.wait_for_log(r"UDP datagrams dropped: \d+ source rate limit", timeout=15)
+    server.signal(signal.SIGTERM)  # drops are reported every 10 s, and once more on the way out
+    assert server.wait(10) == 0
     lines = [ln for ln in server.lines if "UDP datagrams dropped" in ln]
-    assert len(lines) == 1, "drops are reported at most once per 10 s"
+    assert len(lines) == 1 and re.search(r"dropped: \d+ source rate limit", lines[0]), lines
 
 
 def test_global_rate_cap(start_server, udp_io):
@@ -149,7 +151,8 @@ def test_global_rate_cap(start_server, udp_io):
                     total += 1
             except TimeoutError:
                 pass
-    assert total <= 5 + 5 * (time.monotonic() - started) + 2, total  # 1 s of burst, then 5/s
+    # 1 s of burst (5), then 5/s: all of the burst answered, hardly more
+    assert 5 <= total <= 5 + 5 * (time.monotonic() - started) + 2, total
 
 
 def test_probe_and_bench_pass_over_udp(start_server, udp_io):

@@ -224,3 +224,37 @@ def test_unix_listener_is_inherited_by_workers_and_removed_by_the_supervisor(
     server.signal(signal.SIGTERM)
     assert server.wait(30) == 0
     assert not path.exists()
+
+
+def test_a_hung_worker_delays_neither_readyz_nor_signals(start_server):
+    """SIGSTOP one worker: /metrics waits for it at most SCRAPE_TIMEOUT, and meanwhile the
+    supervisor's loop answers /readyz at once and forwards SIGTERM (it scrapes asynchronously)."""
+    import threading
+
+    from socket_echo.config import SCRAPE_TIMEOUT
+
+    server = start_workers(start_server)
+    mport = metrics_port(server)
+    hung, _ = server.children()
+    hung.suspend()
+    try:
+        slow: list[float] = []
+
+        def fetch_metrics() -> None:
+            started = time.monotonic()
+            scrape(mport)
+            slow.append(time.monotonic() - started)
+
+        fetcher = threading.Thread(target=fetch_metrics)
+        fetcher.start()
+        time.sleep(0.2)  # the scrape is now waiting for the hung worker
+        started = time.monotonic()
+        assert http_status(mport, "/readyz") == 200
+        assert time.monotonic() - started < SCRAPE_TIMEOUT / 2
+        fetcher.join(SCRAPE_TIMEOUT + 5)
+        assert slow and SCRAPE_TIMEOUT * 0.8 <= slow[0] < SCRAPE_TIMEOUT + 2
+        server.signal(signal.SIGTERM)  # forwarded to both; the stopped one drains on SIGCONT
+        server.wait_for_log(r"SIGTERM: draining 2 worker", timeout=2)
+    finally:
+        hung.resume()
+    assert server.wait(20) == 0

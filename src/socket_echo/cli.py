@@ -254,6 +254,16 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
     help="Close connections whose TLS handshake takes longer.",
 )
 @option(
+    "--proxy-header-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=config.PROXY_HEADER_TIMEOUT,
+    show_default=True,
+    metavar="SECONDS",
+    help_group=LIMITS,
+    help="tcp+proxy:// and tls+proxy://: close connections whose PROXY header is not "
+    "complete by then.",
+)
+@option(
     "--loop",
     type=click.Choice(config.LOOPS),
     default=config.DEFAULT_LOOP,
@@ -337,6 +347,7 @@ def serve(
     tls_client_ca: str | None,
     tls_self_signed: bool,
     tls_handshake_timeout: float,
+    proxy_header_timeout: float,
     loop: str,
     engine: str,
     workers: str,
@@ -379,6 +390,7 @@ def serve(
         tls_client_ca=tls_client_ca,
         tls_self_signed=tls_self_signed,
         tls_handshake_timeout=tls_handshake_timeout,
+        proxy_header_timeout=proxy_header_timeout,
         loop=loop,
         engine=engine,
         udp_io=udp_io,

@@ -27,6 +27,7 @@ DEFAULT_LOG_LEVEL = "info"
 DEFAULT_WORKERS = 1  # --workers N|auto ("auto": one per usable core)
 DEFAULT_LOG_FORMAT = "text"
 DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0
+PROXY_HEADER_TIMEOUT = 5.0  # --proxy-header-timeout: a PROXY header is complete within it
 DEFAULT_UDP_RATE = 1000.0  # datagrams/s per source prefix (/24, /56)
 DEFAULT_UDP_BURST = 2000
 DEFAULT_UDP_MAX_RATE = 50_000.0  # datagrams/s over all sources
@@ -55,7 +56,6 @@ LOOP_READ_SIZE = 256 * 1024  # Protocol path: the most one read of either event 
 ACCEPT_BATCH = 128  # accept() calls per readiness event at most
 ACCEPT_RETRY_DELAY = 0.25  # out of descriptors: look again after this long (or on a close)
 CLOSE_WAIT = 1.0  # after the graceful timeout: time to deliver what is owed before a reset
-PROXY_HEADER_TIMEOUT = 5.0  # a PROXY header must be complete within this many seconds
 UDP_BATCH = 64  # datagrams per readiness event (and per recvmmsg) at most
 UDP_REPORT_EVERY = 10.0  # UDP drops are logged at most this often, as one line
 METRICS_BACKLOG = 64  # listen() backlog of the metrics endpoint
@@ -115,6 +115,7 @@ class ServerConfig:
     tls_client_ca: str | None = None
     tls_self_signed: bool = False
     tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT
+    proxy_header_timeout: float = PROXY_HEADER_TIMEOUT
     metrics: ListenerSpec | None = None  # HTTP /metrics /healthz /readyz; None = off
     workers: int = DEFAULT_WORKERS  # processes serving the listeners (supervisors/ when > 1)
     fds: tuple[int, ...] = ()  # inherited listening sockets (--fd, socket activation)

@@ -189,6 +189,7 @@ class ConnectionTable:
             elif now - conn.active_since >= self.idle_timeout:
                 expired.append(conn)
         for conn in expired:
+            conn.active_since = now  # one closing gets another timeout to finish, then a reset
             conn.idle_expired()
         for log in (self.rejected, self.out_of_descriptors):
             if log.pending:

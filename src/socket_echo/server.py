@@ -94,6 +94,7 @@ class EchoServer:
             resolve_loop(cfg.loop) == "uvloop",
             cfg.backlog,
             cfg.tls_handshake_timeout,
+            cfg.proxy_header_timeout,
             self.sslcontext,
             self.engine,
         )

@@ -1,6 +1,6 @@
 """PROXY-protocol gates: read the header, then echo as the real client's address.
 
-The header must arrive within ``PROXY_HEADER_TIMEOUT`` seconds (config.py; one timer per
+The header must arrive within ``--proxy-header-timeout`` seconds (config.py; one timer per
 connection, cancelled when the header is complete: not per message); a malformed, oversized
 or missing one closes the connection, is counted by reason and logged. Bytes that came with
 the header go to the echo, in order.
@@ -28,13 +28,18 @@ from socket_echo.state import ProxyStats
 from socket_echo.tcp.lifecycle import ERROR, ListenerContext, format_peer
 from socket_echo.tcp.protocol import EchoProtocol
 
-NO_HEADER_IN_TIME = f"no PROXY header within {PROXY_HEADER_TIMEOUT:g} s"
+
+def no_header_in(seconds: float) -> str:
+    return f"no PROXY header within {seconds:g} s"
 
 
 class ProxyGate(asyncio.Protocol):
-    def __init__(self, ctx: ListenerContext, stats: ProxyStats) -> None:
+    def __init__(
+        self, ctx: ListenerContext, stats: ProxyStats, timeout: float = PROXY_HEADER_TIMEOUT
+    ) -> None:
         self.ctx = ctx
         self.stats = stats
+        self.timeout = timeout
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -42,7 +47,7 @@ class ProxyGate(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.timer = self.ctx.loop.call_later(
-            PROXY_HEADER_TIMEOUT, self._reject, TIMEOUT, NO_HEADER_IN_TIME
+            self.timeout, self._reject, TIMEOUT, no_header_in(self.timeout)
         )
 
     def data_received(self, data: bytes) -> None:
@@ -84,9 +89,11 @@ class ProxyGate(asyncio.Protocol):
         self.stats.reject(self.ctx.listener, self.ctx.access_log, peer, reason, detail)
 
 
-def gate_factory(ctx: ListenerContext, stats: ProxyStats) -> Any:
+def gate_factory(
+    ctx: ListenerContext, stats: ProxyStats, timeout: float = PROXY_HEADER_TIMEOUT
+) -> Any:
     def factory() -> ProxyGate:
-        return ProxyGate(ctx, stats)
+        return ProxyGate(ctx, stats, timeout)
 
     return factory
 
@@ -107,6 +114,7 @@ class HeaderPreReader:
         stats: ProxyStats,
         access_log: bool,
         on_header: Callable[[socket.socket, ProxyHeader], None],
+        timeout: float = PROXY_HEADER_TIMEOUT,
     ) -> None:
         self.loop = loop
         self.sock = sock
@@ -117,7 +125,7 @@ class HeaderPreReader:
         self.buf = b""
         self.fd = sock.fileno()
         loop.add_reader(self.fd, self._readable)
-        self.timer = loop.call_later(PROXY_HEADER_TIMEOUT, self._reject, TIMEOUT, NO_HEADER_IN_TIME)
+        self.timer = loop.call_later(timeout, self._reject, TIMEOUT, no_header_in(timeout))
 
     def _safe_to_take(self) -> int:
         head = self.buf[:1] or self.sock.recv(1, socket.MSG_PEEK)

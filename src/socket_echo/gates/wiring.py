@@ -43,6 +43,7 @@ class StreamSetup:
     uvloop: bool  # uvloop serves plain listeners and does TLS itself
     backlog: int
     tls_handshake_timeout: float
+    proxy_header_timeout: float
     sslcontext: ssl.SSLContext | None = None
     engine: EpollEngine | None = None  # the epoll path, where it serves tcp/unix
 
@@ -74,7 +75,7 @@ async def serve_stream_listener(
         return _listen(setup, sock, ctx, on_accept=_tls_acceptor(setup, scheme, ctx))
     factory: Callable[[], asyncio.Protocol]
     if scheme == "tcp+proxy":
-        factory = proxy_gate_factory(ctx, state.proxy)
+        factory = proxy_gate_factory(ctx, state.proxy, setup.proxy_header_timeout)
     else:
 
         def factory() -> asyncio.Protocol:
@@ -126,6 +127,7 @@ def _tls_acceptor(
             stats.proxy,
             ctx.access_log,
             lambda s, header: handshake(s, header.source),
+            setup.proxy_header_timeout,
         )
 
     return after_header

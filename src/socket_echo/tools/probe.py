@@ -201,7 +201,10 @@ class Probe:
             for s in answered:
                 s.close()
                 del messages[s]
-            later, refused_later, wrong_later = self._collect(messages, self.timeout)
+            # Each one answered now leaves at once, so a one-at-a-time server moves on.
+            later, refused_later, wrong_later = self._collect(
+                messages, self.timeout, leave_when_answered=True
+            )
             if wrong_later:
                 return FAIL, "a waiting client got wrong bytes", {}
             limit = "one client" if at_once == 1 else f"{at_once} clients"
@@ -217,9 +220,10 @@ class Probe:
                 s.close()
 
     def _collect(
-        self, messages: dict[socket.socket, bytes], wait: float
+        self, messages: dict[socket.socket, bytes], wait: float, leave_when_answered: bool = False
     ) -> tuple[list[socket.socket], list[socket.socket], list[socket.socket]]:
-        """Wait up to ``wait`` seconds for echoes; (answered, refused, wrong)."""
+        """Wait up to ``wait`` seconds for echoes; (answered, refused, wrong). With
+        ``leave_when_answered`` each client closes as soon as its echo is complete."""
         answered: list[socket.socket] = []
         refused: list[socket.socket] = []
         wrong: list[socket.socket] = []
@@ -245,6 +249,8 @@ class Probe:
                 pending.discard(s)
                 if got[s] == want:
                     answered.append(s)
+                    if leave_when_answered:
+                        s.close()
                 elif got[s].startswith(REFUSAL) or not got[s]:
                     refused.append(s)
                 else:

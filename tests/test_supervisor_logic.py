@@ -1,0 +1,96 @@
+"""The supervisor's logic in-process: restart backoff, the cgroup CPU count, and summing the
+workers' metrics (with a worker that hangs). Real processes are in test_workers.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+
+import pytest
+
+from socket_echo.config import RESTART_DELAY, RESTART_MAX_DELAY, STABLE_AFTER
+from socket_echo.supervisors.cpu import cgroup_quota, cpu_count
+from socket_echo.supervisors.metrics_sum import render, scrape, sum_metrics
+from socket_echo.supervisors.processes import restart_delay
+
+
+def test_restart_delay_doubles_with_quick_deaths_and_resets_after_a_stable_life():
+    quick, delays = 0, []
+    for _ in range(10):
+        quick, delay = restart_delay(quick, lived=1.0)
+        delays.append(delay)
+    assert delays[:4] == [RESTART_DELAY, RESTART_DELAY * 2, RESTART_DELAY * 4, RESTART_DELAY * 8]
+    assert delays[-1] == RESTART_MAX_DELAY and max(delays) == RESTART_MAX_DELAY
+    assert restart_delay(quick, lived=STABLE_AFTER) == (0, RESTART_DELAY)
+
+
+def write(root, rel: str, text: str) -> None:  # type: ignore[no-untyped-def]
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),  # v2: docker --cpus 1.5
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 0.5),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu.max": "garbage\n"}, None),
+        ({}, None),  # no cgroup files at all (not Linux, or not mounted)
+    ],
+)
+def test_cgroup_quota_parsing(tmp_path, files, quota):
+    for rel, text in files.items():
+        write(tmp_path, rel, text)
+    assert cgroup_quota(str(tmp_path)) == quota
+
+
+def test_cpu_count_is_capped_by_the_quota_rounded_up(tmp_path):
+    write(tmp_path, "cpu.max", "50000 100000\n")
+    assert cpu_count(str(tmp_path)) == 1
+    cores = len(os.sched_getaffinity(0))
+    write(tmp_path, "cpu.max", f"{(cores + 8) * 100000} 100000\n")
+    assert cpu_count(str(tmp_path)) == cores  # a quota above the cores changes nothing
+
+
+def test_sum_adds_every_series_over_workers():
+    one = 'socket_echo_bytes_total{direction="in",listener="tcp://x:1"} 5.0\n'
+    two = 'socket_echo_bytes_total{direction="in",listener="tcp://x:1"} 7.0\n'
+    families = sum_metrics([one, two, ""])
+    samples = [s for f in families for s in f.samples]
+    assert [(s.name, s.value) for s in samples] == [("socket_echo_bytes_total", 12.0)]
+
+
+def test_a_worker_that_never_answers_costs_one_timeout_not_the_loop(tmp_path):
+    """A hung worker: its socket accepts (the kernel's backlog) but nobody reads."""
+    path = str(tmp_path / "hung.sock")
+    hung = socket.socket(socket.AF_UNIX)
+    hung.bind(path)
+    hung.listen(4)
+
+    async def main() -> tuple[str, float, int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        started = time.monotonic()
+        text = await scrape(path, timeout=0.3)
+        task.cancel()
+        return text, time.monotonic() - started, ticks
+
+    text, elapsed, ticks = asyncio.run(main())
+    hung.close()
+    assert text == "" and 0.25 <= elapsed < 1.5
+    assert ticks >= 10  # the loop kept running meanwhile
+
+    body = asyncio.run(render(1, 3, [str(tmp_path / "gone.sock")]))
+    assert b"socket_echo_workers 1.0" in body and b"socket_echo_worker_restarts_total 3.0" in body
