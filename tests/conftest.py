@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from socket_echo.loops import uvloop_available
+from socket_echo.tcp.native import available as native_available
 
 LOOPS = ["asyncio", "uvloop"] if uvloop_available() else ["asyncio"]
 LISTEN_RE = re.compile(r"listening on ([\w+]+)://(\[[^\]]+\]|[^:\s/]+):(\d+)")
@@ -201,12 +202,15 @@ def loop_name(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-ENGINES = ["epoll", "protocol"]
+NATIVE = native_available()
+ENGINES = ["native", "epoll", "protocol"] if NATIVE else ["epoll", "protocol"]
 # Every TCP data path, each on the loops where it behaves differently: the Protocol path on
 # both (transports, EMFILE handling and TLS differ between uvloop and the stdlib loop); the
-# epoll path runs its own epoll and only registers one descriptor with the loop, so one loop
-# covers it: the default one, as users run it.
-PATHS = [(LOOPS[-1], "epoll")] + [(loop, "protocol") for loop in LOOPS]
+# native and epoll paths run their own epoll and only register one descriptor with the loop,
+# so one loop covers each: the default one, as users run it.
+PATHS = [(LOOPS[-1], e) for e in ENGINES if e != "protocol"] + [
+    (loop, "protocol") for loop in LOOPS
+]
 
 
 @pytest.fixture(params=PATHS, ids=lambda p: f"{p[0]}-{p[1]}")

@@ -121,8 +121,13 @@ def test_server_sets_tcp_nodelay_on_every_connection(server_flags):
         assert await reader.readexactly(4) == b"ping"
         (conn,) = server.table.open
         transport = getattr(conn, "transport", None)  # the protocol path's
-        sock = conn.sock if transport is None else transport.get_extra_info("socket")  # type: ignore[attr-defined]
+        if hasattr(conn, "fd") and not hasattr(conn, "sock"):  # native: the engine's descriptor
+            sock = socket.socket(fileno=os.dup(conn.fd))
+        else:
+            sock = conn.sock if transport is None else transport.get_extra_info("socket")  # type: ignore[attr-defined]
         nodelay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        if transport is None and not hasattr(conn, "sock"):
+            sock.close()
         writer.close()
         await server.stop_accepting()
         await server.drain()

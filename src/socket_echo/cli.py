@@ -277,8 +277,9 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
     default=config.DEFAULT_ENGINE,
     show_default=True,
     help_group=RUNTIME,
-    help="TCP data path: epoll (Linux, fastest), protocol (asyncio Protocol, any OS); "
-    "auto = epoll where available.",
+    help="TCP data path: native (the ready loop in C, Linux, fastest), epoll (pure Python, "
+    "Linux), protocol (asyncio Protocol, any OS); auto = the first of these available. "
+    "SOCKET_ECHO_NO_EXTENSIONS=1 rules out native.",
 )
 @option(
     "--workers",

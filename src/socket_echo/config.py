@@ -38,7 +38,8 @@ DEFAULT_UDP_MAX_SOURCES = 65536  # rate-limit buckets (source prefixes) kept in 
 # tcp/__init__.py, udp/__init__.py): the fastest the platform has, else the portable one.
 CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
     "loop": (("auto", "asyncio", "uvloop"), "auto"),  # auto: uvloop where installed
-    "engine": (("auto", "epoll", "protocol"), "auto"),  # TCP data path; auto: epoll on Linux
+    # TCP data path; auto: native where the extension loaded, else epoll (Linux), else protocol
+    "engine": (("auto", "native", "epoll", "protocol"), "auto"),
     "udp_io": (("auto", "mmsg", "loop"), "auto"),  # UDP data path; auto: mmsg on Linux
     "log_level": (("debug", "info", "warning", "error", "critical"), DEFAULT_LOG_LEVEL),
     "log_format": (("text", "json"), DEFAULT_LOG_FORMAT),

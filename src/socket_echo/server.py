@@ -26,6 +26,7 @@ from socket_echo.tcp import resolve_engine
 from socket_echo.tcp.accept import RESOURCE_ERRORS
 from socket_echo.tcp.epoll import EpollEngine
 from socket_echo.tcp.lifecycle import SHUTDOWN, ListenerContext
+from socket_echo.tcp.native import NativeEngine
 from socket_echo.udp import UdpServing, resolve_udp_io, serve_udp
 from socket_echo.udp.guard import UdpGuard
 
@@ -62,7 +63,7 @@ class EchoServer:
             )
         self.stopping = asyncio.Event()
         self.stop_signal = ""
-        self.engine: EpollEngine | None = None
+        self.engine: EpollEngine | NativeEngine | None = None
         self.metrics_listeners: list[BoundListener] = []
         self._metrics_servers: list[asyncio.AbstractServer] = []
         self._udp: list[UdpServing] = []
@@ -77,7 +78,11 @@ class EchoServer:
             loop.add_signal_handler(sig, self._on_signal, sig)
         cfg = self.config
         engine = resolve_engine(cfg.engine)
-        if engine == "epoll":
+        if engine == "native":
+            self.engine = NativeEngine(
+                loop, cfg.max_buffer, self.state.accept_paused, want_peers=cfg.access_log
+            )
+        elif engine == "epoll":
             self.engine = EpollEngine(loop, cfg.max_buffer, self.state.accept_paused)
         own_ports = frozenset(b.spec.port for b in self.listeners if b.scheme != "unix")
         guard = self.state.udp_guard = UdpGuard(

@@ -4,7 +4,7 @@ passes (PROXY header, TLS handshake) and which data path it ends on. The server 
 
 | scheme     | accept                         | then                                       |
 |------------|--------------------------------|--------------------------------------------|
-| tcp, unix  | the epoll path's own (engine)  | echo on the epoll path                     |
+| tcp, unix  | the engine's own (native/epoll)| echo on the native or epoll path           |
 |            | or the loop's server           | echo on the Protocol path                  |
 | tcp+proxy  | the loop's server / reader     | ProxyGate, then the Protocol path          |
 | tls        | AcceptReader (raw socket)      | TLS handshake, then the Protocol path      |
@@ -31,6 +31,7 @@ from socket_echo.state import ServerState
 from socket_echo.tcp.accept import AcceptReader, adopt
 from socket_echo.tcp.epoll import EpollEngine
 from socket_echo.tcp.lifecycle import ListenerContext
+from socket_echo.tcp.native import NativeEngine
 from socket_echo.tcp.protocol import EchoProtocol
 
 
@@ -45,7 +46,7 @@ class StreamSetup:
     tls_handshake_timeout: float
     proxy_header_timeout: float
     sslcontext: ssl.SSLContext | None = None
-    engine: EpollEngine | None = None  # the epoll path, where it serves tcp/unix
+    engine: EpollEngine | NativeEngine | None = None  # native or epoll path for tcp/unix
 
 
 class Listening:

@@ -1,5 +1,6 @@
 """TCP (and Unix-socket) stream data paths over one connection lifecycle (lifecycle.py).
 
+- native.py: the ready loop in C (_native.c), where the extension is built (Linux);
 - epoll.py: a nested epoll in the event loop, one callback for every ready connection (Linux);
 - protocol.py: an asyncio Protocol per connection (any platform; behind every gate);
 - accept.py: accepting in batches, pausing when descriptors run out.
@@ -8,14 +9,20 @@
 from __future__ import annotations
 
 from socket_echo.config import ConfigError
-from socket_echo.tcp import epoll
+from socket_echo.tcp import epoll, native
 
 
 def resolve_engine(name: str) -> str:
     """``--engine``: the data path that serves plain TCP and Unix listeners here;
     ConfigError (one line) for a path this platform lacks."""
+    if name == "native" and not native.available():
+        raise ConfigError(
+            f"--engine native: {native.why_unavailable()} (use --engine epoll or protocol)"
+        )
     if name == "epoll" and not epoll.available():
         raise ConfigError("--engine epoll: this platform has no epoll (use --engine protocol)")
     if name == "auto":
+        if native.available():
+            return "native"
         return "epoll" if epoll.available() else "protocol"
     return name

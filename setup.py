@@ -1,0 +1,48 @@
+"""Builds the optional native data path (src/socket_echo/tcp/_native.c); pyproject.toml holds
+everything else. Where it cannot be built (no compiler, not Linux) the install still succeeds
+and says, in one line, that the pure-Python paths will run. ``SOCKET_ECHO_NO_EXTENSIONS=1``
+skips it; ``SOCKET_ECHO_SANITIZE=1`` builds it with AddressSanitizer and UBSan (make
+sanitize)."""
+
+import os
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+FALLBACK = "socket-echo: native extension not built ({}); the pure-Python data paths will run"
+
+
+class OptionalBuildExt(build_ext):
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:  # no compiler at all
+            print(FALLBACK.format(exc), file=sys.stderr)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # a compiler error
+            print(FALLBACK.format(exc), file=sys.stderr)
+
+
+def extensions():
+    if os.environ.get("SOCKET_ECHO_NO_EXTENSIONS") or not sys.platform.startswith("linux"):
+        return []
+    flags = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
+    link = []
+    if os.environ.get("SOCKET_ECHO_SANITIZE"):
+        flags += ["-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+        link += ["-fsanitize=address,undefined"]
+    return [
+        Extension(
+            "socket_echo.tcp._native",
+            ["src/socket_echo/tcp/_native.c"],
+            extra_compile_args=flags,
+            extra_link_args=link,
+        )
+    ]
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

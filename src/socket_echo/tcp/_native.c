@@ -1,0 +1,496 @@
+/* The native TCP data path: the epoll path's ready loop in C (tcp/native.py drives it).
+ *
+ * Why C through the CPython API rather than Cython: the loop below makes no Python call per
+ * message at all (epoll_wait, recv into one buffer, send, integer adds in a struct indexed
+ * by descriptor), so what a binding generator would add is only build machinery; the
+ * Python-facing part is a dozen small methods. Python hears about state changes only:
+ * a connection opened, a connection closed (and why), accepting paused by EMFILE.
+ *
+ * Per connection the rules are the pure paths' (tcp/epoll.py): bytes go back as they
+ * arrive; an echo the kernel does not take in full is held (copied) and reading from that
+ * peer stops (EPOLLOUT only) until it drains, so at most one read (<= the engine's read
+ * size, itself <= --max-buffer) is ever held; EOF closes once nothing is held; close()
+ * stops echoing, delivers what is held, sends FIN and waits for the peer's close; abort()
+ * resets at once.
+ *
+ * Descriptors index the connection table; each epoll registration carries the descriptor
+ * and a generation, so an event can never reach a newer connection on a reused number.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define MAX_EVENTS 256
+#define ACCEPT_BATCH 128
+#define MAX_LISTENERS 64
+#define LISTENER_MARK (UINT64_C(1) << 63)
+
+enum { FREE = 0, OPEN = 1, CLOSING = 2, FIN_SENT = 3 };
+enum { EV_OPENED = 1, EV_CLOSED = 2, EV_PAUSED = 3 };
+enum { R_PEER_CLOSED = 0, R_RESET = 1, R_ERROR = 2 };
+
+typedef struct {
+    uint8_t state;
+    uint32_t gen;
+    uint64_t bytes_in;
+    uint64_t drains;
+    char *pending;
+    size_t off, len;
+} conn_t;
+
+typedef struct {
+    PyObject_HEAD
+    int ep;
+    char *buf;
+    size_t bufsize;
+    conn_t *conns;
+    size_t capacity;
+    int listeners[MAX_LISTENERS];
+    int tags[MAX_LISTENERS];
+    int nlisteners;
+    int accepting;
+    int paused;
+    int want_peers;
+    uint32_t next_gen;
+} Engine;
+
+static int grow(Engine *self, int fd) {
+    if ((size_t)fd < self->capacity) return 0;
+    size_t cap = self->capacity ? self->capacity : 1024;
+    while (cap <= (size_t)fd) cap *= 2;
+    conn_t *c = realloc(self->conns, cap * sizeof(conn_t));
+    if (!c) return -1;
+    memset(c + self->capacity, 0, (cap - self->capacity) * sizeof(conn_t));
+    self->conns = c;
+    self->capacity = cap;
+    return 0;
+}
+
+static conn_t *lookup(Engine *self, long fd) {
+    if (fd < 0 || (size_t)fd >= self->capacity) return NULL;
+    conn_t *c = &self->conns[fd];
+    return c->state == FREE ? NULL : c;
+}
+
+static int watch(Engine *self, int fd, uint32_t events, int op) {
+    struct epoll_event e;
+    e.events = events;
+    e.data.u64 = (uint64_t)(uint32_t)fd | ((uint64_t)self->conns[fd].gen << 32);
+    return epoll_ctl(self->ep, op, fd, &e);
+}
+
+/* Forget a connection and close its descriptor; returns what was still held. */
+static size_t release(Engine *self, int fd) {
+    conn_t *c = &self->conns[fd];
+    size_t unsent = c->pending ? c->len - c->off : 0;
+    epoll_ctl(self->ep, EPOLL_CTL_DEL, fd, NULL);
+    close(fd);
+    free(c->pending);
+    c->pending = NULL;
+    c->off = c->len = 0;
+    c->state = FREE;
+    return unsent;
+}
+
+static int append(PyObject **list, PyObject *item) {
+    if (!item) return -1;
+    if (!*list && !(*list = PyList_New(0))) {
+        Py_DECREF(item);
+        return -1;
+    }
+    int r = PyList_Append(*list, item);
+    Py_DECREF(item);
+    return r;
+}
+
+static int closed_event(Engine *self, PyObject **events, int fd, int reason, int err) {
+    uint64_t bytes_in = self->conns[fd].bytes_in;
+    size_t unsent = release(self, fd);
+    return append(events, Py_BuildValue("(iiiiKn)", EV_CLOSED, fd, reason, err,
+                                        (unsigned long long)bytes_in, (Py_ssize_t)unsent));
+}
+
+static int lost(Engine *self, PyObject **events, int fd, int err) {
+    if (err == ECONNRESET || err == EPIPE) return closed_event(self, events, fd, R_RESET, 0);
+    return closed_event(self, events, fd, R_ERROR, err);
+}
+
+static PyObject *peer_of(struct sockaddr_storage *sa) {
+    char host[INET6_ADDRSTRLEN];
+    if (sa->ss_family == AF_INET) {
+        struct sockaddr_in *a = (struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+        return Py_BuildValue("(si)", host, ntohs(a->sin_port));
+    }
+    if (sa->ss_family == AF_INET6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)sa;
+        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+        return Py_BuildValue("(siII)", host, ntohs(a->sin6_port),
+                             (unsigned)ntohl(a->sin6_flowinfo), (unsigned)a->sin6_scope_id);
+    }
+    Py_RETURN_NONE; /* a Unix-socket peer has no address */
+}
+
+static void set_listeners(Engine *self, uint32_t events) {
+    for (int i = 0; i < self->nlisteners; i++) {
+        struct epoll_event e;
+        e.events = events;
+        e.data.u64 = LISTENER_MARK | (uint64_t)i;
+        epoll_ctl(self->ep, EPOLL_CTL_MOD, self->listeners[i], &e);
+    }
+}
+
+static int accept_batch(Engine *self, int index, PyObject **events) {
+    int lfd = self->listeners[index], one = 1;
+    for (int n = 0; n < ACCEPT_BATCH; n++) {
+        struct sockaddr_storage sa;
+        socklen_t len = sizeof sa;
+        int fd = accept4(lfd, (struct sockaddr *)&sa, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED) continue;
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                self->paused = 1;
+                set_listeners(self, 0);
+                return append(events, Py_BuildValue("(i)", EV_PAUSED));
+            }
+            return 0; /* EAGAIN, or an error on this listener: look again next time */
+        }
+        if (sa.ss_family != AF_UNIX)
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        if (grow(self, fd) < 0) {
+            close(fd);
+            PyErr_NoMemory();
+            return -1;
+        }
+        conn_t *c = &self->conns[fd];
+        memset(c, 0, sizeof *c);
+        c->state = OPEN;
+        c->gen = ++self->next_gen;
+        if (watch(self, fd, EPOLLIN, EPOLL_CTL_ADD) < 0) {
+            c->state = FREE;
+            close(fd);
+            continue;
+        }
+        PyObject *peer;
+        if (self->want_peers) {
+            peer = peer_of(&sa);
+            if (!peer) return -1;
+        } else {
+            peer = Py_NewRef(Py_None);
+        }
+        if (append(events, Py_BuildValue("(iiiN)", EV_OPENED, fd, self->tags[index], peer)) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* The rest of a held echo; on a complete drain, back to reading (or FIN when closing). */
+static int flush(Engine *self, int fd, PyObject **events) {
+    conn_t *c = &self->conns[fd];
+    ssize_t w = send(fd, c->pending + c->off, c->len - c->off, MSG_NOSIGNAL);
+    if (w < 0) {
+        if (errno == EAGAIN || errno == EINTR) return 0;
+        return lost(self, events, fd, errno);
+    }
+    c->off += (size_t)w;
+    if (c->off < c->len) return 0;
+    free(c->pending);
+    c->pending = NULL;
+    c->off = c->len = 0;
+    c->drains++;
+    if (c->state == CLOSING) {
+        if (shutdown(fd, SHUT_WR) < 0) return lost(self, events, fd, errno);
+        c->state = FIN_SENT;
+    }
+    watch(self, fd, EPOLLIN, EPOLL_CTL_MOD);
+    return 0;
+}
+
+static PyObject *Engine_run(Engine *self, PyObject *Py_UNUSED(ignored)) {
+    struct epoll_event evs[MAX_EVENTS];
+    PyObject *events = NULL;
+    int n = epoll_wait(self->ep, evs, MAX_EVENTS, 0);
+    if (n < 0) {
+        if (errno == EINTR) Py_RETURN_NONE;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    char *buf = self->buf;
+    size_t bufsize = self->bufsize;
+    for (int i = 0; i < n; i++) {
+        uint64_t data = evs[i].data.u64;
+        if (data & LISTENER_MARK) {
+            if (self->accepting && !self->paused &&
+                accept_batch(self, (int)(data & 0xffff), &events) < 0)
+                goto fail;
+            continue;
+        }
+        int fd = (int)(uint32_t)data;
+        conn_t *c = lookup(self, fd);
+        if (!c || c->gen != (uint32_t)(data >> 32)) continue; /* stale */
+        if (c->pending) {
+            if (flush(self, fd, &events) < 0) goto fail;
+            continue;
+        }
+        ssize_t r = recv(fd, buf, bufsize, 0);
+        if (r < 0) {
+            if (errno == EAGAIN || errno == EINTR) continue;
+            if (lost(self, &events, fd, errno) < 0) goto fail;
+            continue;
+        }
+        if (r == 0) {
+            if (closed_event(self, &events, fd, R_PEER_CLOSED, 0) < 0) goto fail;
+            continue;
+        }
+        if (c->state != OPEN) continue; /* closing: what arrives now is not echoed */
+        c->bytes_in += (uint64_t)r;
+        ssize_t w = send(fd, buf, (size_t)r, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno != EAGAIN && errno != EINTR) {
+                if (lost(self, &events, fd, errno) < 0) goto fail;
+                continue;
+            }
+            w = 0;
+        }
+        if (w < r) {
+            c->len = (size_t)(r - w);
+            c->off = 0;
+            c->pending = malloc(c->len);
+            if (!c->pending) {
+                PyErr_NoMemory();
+                goto fail;
+            }
+            memcpy(c->pending, buf + w, c->len);
+            watch(self, fd, EPOLLOUT, EPOLL_CTL_MOD); /* stop reading until it drains */
+        }
+    }
+    if (!events) Py_RETURN_NONE;
+    return events;
+fail:
+    Py_XDECREF(events);
+    return NULL;
+}
+
+static int Engine_init(Engine *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"read_size", "want_peers", NULL};
+    Py_ssize_t read_size = 65536;
+    int want_peers = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|np", kwlist, &read_size, &want_peers))
+        return -1;
+    if (read_size < 1) {
+        PyErr_SetString(PyExc_ValueError, "read_size must be at least 1");
+        return -1;
+    }
+    if (self->ep >= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "already initialised");
+        return -1;
+    }
+    self->buf = malloc((size_t)read_size);
+    if (!self->buf) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->bufsize = (size_t)read_size;
+    self->ep = epoll_create1(EPOLL_CLOEXEC);
+    if (self->ep < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->want_peers = want_peers;
+    self->accepting = 1;
+    return 0;
+}
+
+static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    Engine *self = (Engine *)type->tp_alloc(type, 0);
+    if (self) self->ep = -1;
+    return (PyObject *)self;
+}
+
+static void close_everything(Engine *self) {
+    for (size_t fd = 0; fd < self->capacity; fd++)
+        if (self->conns[fd].state != FREE) release(self, (int)fd);
+    if (self->ep >= 0) close(self->ep);
+    self->ep = -1;
+}
+
+static void Engine_dealloc(Engine *self) {
+    close_everything(self);
+    free(self->conns);
+    free(self->buf);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int check_open(Engine *self) {
+    if (self->ep < 0) {
+        PyErr_SetString(PyExc_ValueError, "the engine is shut down");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Engine_fileno(Engine *self, PyObject *Py_UNUSED(ignored)) {
+    return PyLong_FromLong(self->ep);
+}
+
+static PyObject *Engine_add_listener(Engine *self, PyObject *args) {
+    int fd, tag;
+    if (!PyArg_ParseTuple(args, "ii", &fd, &tag) || check_open(self) < 0) return NULL;
+    if (self->nlisteners >= MAX_LISTENERS) {
+        PyErr_SetString(PyExc_ValueError, "too many listeners");
+        return NULL;
+    }
+    struct epoll_event e;
+    e.events = (self->paused || !self->accepting) ? 0 : EPOLLIN;
+    e.data.u64 = LISTENER_MARK | (uint64_t)self->nlisteners;
+    if (epoll_ctl(self->ep, EPOLL_CTL_ADD, fd, &e) < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    self->listeners[self->nlisteners] = fd;
+    self->tags[self->nlisteners] = tag;
+    self->nlisteners++;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_stop_accepting(Engine *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_open(self) < 0) return NULL;
+    for (int i = 0; i < self->nlisteners; i++) epoll_ctl(self->ep, EPOLL_CTL_DEL, self->listeners[i], NULL);
+    self->nlisteners = 0;
+    self->accepting = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_resume_accepting(Engine *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_open(self) < 0) return NULL;
+    if (self->paused && self->accepting) set_listeners(self, EPOLLIN);
+    self->paused = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_close(Engine *self, PyObject *arg) {
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    conn_t *c = lookup(self, fd);
+    if (!c || c->state != OPEN) Py_RETURN_FALSE;
+    c->state = CLOSING;
+    if (!c->pending) {
+        if (shutdown((int)fd, SHUT_WR) == 0) c->state = FIN_SENT;
+        /* on failure the next read reports it */
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Engine_abort(Engine *self, PyObject *arg) {
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    conn_t *c = lookup(self, fd);
+    if (!c) Py_RETURN_NONE;
+    struct linger lg = {1, 0}; /* close() sends RST at once */
+    setsockopt((int)fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    unsigned long long bytes_in = c->bytes_in;
+    size_t unsent = release(self, (int)fd);
+    return Py_BuildValue("(Kn)", bytes_in, (Py_ssize_t)unsent);
+}
+
+static PyObject *Engine_counters(Engine *self, PyObject *arg) {
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    conn_t *c = lookup(self, fd);
+    if (!c) Py_RETURN_NONE;
+    return Py_BuildValue("(KKn)", (unsigned long long)c->bytes_in,
+                         (unsigned long long)c->drains,
+                         (Py_ssize_t)(c->pending ? c->len - c->off : 0));
+}
+
+static PyObject *Engine_activity(Engine *self, PyObject *arg) {
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    conn_t *c = lookup(self, fd);
+    return PyLong_FromUnsignedLongLong(c ? c->bytes_in + c->drains : 0);
+}
+
+static PyObject *Engine_held(Engine *self, PyObject *arg) {
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    conn_t *c = lookup(self, fd);
+    return PyLong_FromSsize_t(c && c->pending ? (Py_ssize_t)(c->len - c->off) : 0);
+}
+
+static PyObject *Engine_bytes_in(Engine *self, PyObject *arg) {
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    conn_t *c = lookup(self, fd);
+    return PyLong_FromUnsignedLongLong(c ? c->bytes_in : 0);
+}
+
+static PyObject *Engine_shutdown(Engine *self, PyObject *Py_UNUSED(ignored)) {
+    close_everything(self);
+    self->nlisteners = 0;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll descriptor to watch."},
+    {"run", (PyCFunction)Engine_run, METH_NOARGS,
+     "Serve what is ready; a list of (kind, ...) state changes, or None."},
+    {"add_listener", (PyCFunction)Engine_add_listener, METH_VARARGS,
+     "add_listener(fd, tag): accept from this listening socket."},
+    {"stop_accepting", (PyCFunction)Engine_stop_accepting, METH_NOARGS, "Accept no more."},
+    {"resume_accepting", (PyCFunction)Engine_resume_accepting, METH_NOARGS,
+     "Accept again after a pause (EMFILE)."},
+    {"close", (PyCFunction)Engine_close, METH_O,
+     "close(fd): echo no more, deliver what is held, FIN, wait for the peer."},
+    {"abort", (PyCFunction)Engine_abort, METH_O,
+     "abort(fd) -> (bytes_in, unsent) or None: reset now."},
+    {"counters", (PyCFunction)Engine_counters, METH_O,
+     "counters(fd) -> (bytes_in, drains, held) or None."},
+    {"activity", (PyCFunction)Engine_activity, METH_O, "activity(fd) -> bytes_in + drains."},
+    {"held", (PyCFunction)Engine_held, METH_O, "held(fd) -> echo bytes not yet sent."},
+    {"bytes_in", (PyCFunction)Engine_bytes_in, METH_O, "bytes_in(fd) -> bytes received."},
+    {"shutdown", (PyCFunction)Engine_shutdown, METH_NOARGS,
+     "Close every connection and the epoll descriptor."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "socket_echo.tcp._native.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The TCP echo's ready loop: epoll, recv, send, held echoes, in C.",
+    .tp_new = Engine_new,
+    .tp_init = (initproc)Engine_init,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_methods = Engine_methods,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_native", "socket-echo's native TCP data path.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&EngineType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    Py_INCREF(&EngineType);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 ||
+        PyModule_AddIntConstant(m, "OPENED", EV_OPENED) < 0 ||
+        PyModule_AddIntConstant(m, "CLOSED", EV_CLOSED) < 0 ||
+        PyModule_AddIntConstant(m, "PAUSED", EV_PAUSED) < 0 ||
+        PyModule_AddIntConstant(m, "PEER_CLOSED", R_PEER_CLOSED) < 0 ||
+        PyModule_AddIntConstant(m, "RESET", R_RESET) < 0 ||
+        PyModule_AddIntConstant(m, "ERROR", R_ERROR) < 0) {
+        Py_DECREF(&EngineType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,164 @@
+"""The native TCP data path: tcp/_native.c's ready loop, under the one connection lifecycle.
+
+The C engine owns the descriptors and moves the bytes (epoll, recv, send, held echoes,
+counters in C structs); this module turns what it reports (opened, closed, accept paused)
+into the lifecycle of tcp/lifecycle.py: admission, reasons, counters, log records, the sweep
+and the drain are the same code as on the pure paths. Nothing here runs per message.
+
+``available()`` is False where the extension was not built (no compiler, not Linux, or
+``SOCKET_ECHO_NO_EXTENSIONS=1`` at install time) or when ``SOCKET_ECHO_NO_EXTENSIONS=1`` is
+set at run time (the aiohttp/yarl convention); the pure paths then serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from typing import Any
+
+from socket_echo.config import ACCEPT_RETRY_DELAY, READ_CHUNK
+from socket_echo.logs import RateLimitedLog
+from socket_echo.tcp.lifecycle import ERROR, PEER_CLOSED, RESET, Connection, ListenerContext
+
+_native: Any
+try:
+    from socket_echo.tcp import _native  # type: ignore[attr-defined,no-redef,unused-ignore]
+except ImportError:  # not built here
+    _native = None
+
+NO_EXTENSIONS = "SOCKET_ECHO_NO_EXTENSIONS"
+
+
+def available() -> bool:
+    return _native is not None and not os.environ.get(NO_EXTENSIONS)
+
+
+def why_unavailable() -> str:
+    if os.environ.get(NO_EXTENSIONS):
+        return f"{NO_EXTENSIONS} is set"
+    return "the compiled extension is not installed (no compiler at install time, or not Linux)"
+
+
+class NativeConnection(Connection):
+    __slots__ = ("_bytes_in", "engine", "fd")
+
+    def __init__(self, engine: NativeEngine, fd: int, peer: Any, ctx: ListenerContext) -> None:
+        self.engine = engine
+        self.fd = fd  # -1 once the engine has let it go
+        self._bytes_in = 0
+        super().__init__(ctx, peer)
+
+    @property
+    def bytes_in(self) -> int:
+        """Counted in C while open; the final count once closed."""
+        return self.engine.c.bytes_in(self.fd) if self.fd >= 0 else self._bytes_in
+
+    @bytes_in.setter
+    def bytes_in(self, value: int) -> None:
+        self._bytes_in = value
+
+    def activity(self) -> int:
+        return int(self.engine.c.activity(self.fd)) if self.fd >= 0 else 0
+
+    def held(self) -> int:
+        return int(self.engine.c.held(self.fd)) if self.fd >= 0 else 0
+
+    def close(self, reason: str) -> None:
+        self.give_reason(reason)
+        self.closing = True
+        if self.fd >= 0:
+            self.engine.c.close(self.fd)
+
+    def abort(self, reason: str) -> None:
+        self.give_reason(reason)
+        self.engine.abort(self)
+
+
+class NativeEngine:
+    """Drives one C engine on the running loop: one reader callback on its epoll descriptor."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        max_buffer: int,
+        exhausted: RateLimitedLog,
+        want_peers: bool = True,
+    ) -> None:
+        self.loop = loop
+        self.exhausted = exhausted
+        self.c = _native.Engine(max(1, min(READ_CHUNK, max_buffer)), want_peers)
+        self.conns: dict[int, NativeConnection] = {}
+        self.contexts: list[ListenerContext] = []
+        self.accepting = True
+        self._retry: asyncio.TimerHandle | None = None
+        loop.add_reader(self.c.fileno(), self._ready)
+
+    def add_listener(self, sock: socket.socket, ctx: ListenerContext) -> None:
+        self.c.add_listener(sock.fileno(), len(self.contexts))
+        self.contexts.append(ctx)
+        ctx.table.on_close.append(self._resume_accepting)  # a descriptor just came free
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self.c.stop_accepting()
+
+    def _pause_accepting(self) -> None:
+        self.exhausted.note()
+        if self._retry is None:
+            self._retry = self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+            if self.accepting:
+                self.c.resume_accepting()
+
+    def _ready(self) -> None:
+        events = self.c.run()
+        if events is None:
+            return
+        conns, contexts = self.conns, self.contexts
+        for event in events:
+            kind = event[0]
+            if kind == _native.OPENED:
+                _, fd, tag, peer = event
+                conn = NativeConnection(self, fd, peer, contexts[tag])
+                if conn.admit():
+                    conns[fd] = conn
+                else:
+                    self.c.abort(fd)
+            elif kind == _native.CLOSED:
+                _, fd, why, err, bytes_in, unsent = event
+                done = conns.pop(fd, None)
+                if done is None:
+                    continue
+                done.fd = -1
+                done._bytes_in = bytes_in
+                if why == _native.RESET:
+                    done.give_reason(RESET)
+                elif why == _native.ERROR:
+                    done.give_reason(ERROR, os.strerror(err))
+                else:
+                    done.give_reason(PEER_CLOSED)
+                done.released(unsent)
+            elif kind == _native.PAUSED:
+                self._pause_accepting()
+
+    def abort(self, conn: NativeConnection) -> None:
+        if conn.fd < 0:
+            return
+        result = self.c.abort(conn.fd)
+        self.conns.pop(conn.fd, None)
+        conn.fd = -1
+        if result is not None:
+            conn._bytes_in, unsent = result
+            conn.released(unsent)
+
+    def shutdown(self) -> None:
+        self.loop.remove_reader(self.c.fileno())
+        self.c.shutdown()
