@@ -6,7 +6,7 @@ ARGS ?=
 DURATION ?= 60
 FUZZ_SECONDS ?= 300
 
-.PHONY: install run test lint bench soak fuzz clean
+.PHONY: install run test lint sanitize bench soak fuzz clean
 
 install: $(VENV)/.installed
 
@@ -24,9 +24,30 @@ lint: install
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
-# Tests wait on sockets and timers more than on the CPU: 4 runners on 2 cores.
+# Tests wait on sockets and timers more than on the CPU: 4 runners on 2 cores. Then the
+# native data path's tests again, with the extension built under ASan and UBSan.
 test: lint
 	$(BIN)/pytest -n 4 --cov=socket_echo --cov-report=term:skip-covered $(ARGS)
+	$(MAKE) sanitize
+
+# The native extension built with -fsanitize=address,undefined (a copy of src/ in build/asan),
+# and the tests that drive it with hostile or odd peers run against that build.
+ASAN_DIR := build/asan
+SANITIZED_TESTS := tests/test_echo.py tests/test_flow_control.py tests/test_half_close.py \
+	tests/test_abuse.py tests/test_faults.py tests/test_shutdown.py tests/test_idle_timeout.py \
+	tests/test_descriptors.py tests/test_max_connections.py tests/test_unix.py
+SANITIZED = ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	PYTHONPATH=$(ASAN_DIR)/src
+sanitize: install
+	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)
+	cp -r src setup.py pyproject.toml README.md $(ASAN_DIR)/
+	cd $(ASAN_DIR) && SOCKET_ECHO_SANITIZE=1 $(CURDIR)/$(BIN)/python setup.py -q build_ext --inplace
+	$(SANITIZED) $(BIN)/python -c "import socket_echo.tcp._native as n; \
+		assert '$(ASAN_DIR)' in n.__file__, n.__file__"
+	$(SANITIZED) $(BIN)/pytest -n 4 -p no:cacheprovider $(SANITIZED_TESTS) \
+		-k "native or not (epoll or protocol)"
 
 bench: install
 	$(BIN)/python benchmarks/run.py $(ARGS)
