@@ -188,3 +188,38 @@ def test_a_data_path_this_platform_lacks_is_one_line(monkeypatch, capsys, flags,
         cli.main(["serve", "--host", "127.0.0.1", "--port", "0", *flags])
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip() == f"socket-echo: error: {message}"
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--engine", "native"], "--engine native: SOCKET_ECHO_NO_EXTENSIONS is set"),
+        (["--udp-io", "native"], "--udp-io native: the compiled extension is not available"),
+    ],
+)
+def test_native_paths_refused_in_one_line_when_extensions_are_off(flags, words):
+    result = run_cli(
+        "serve",
+        "--port",
+        "0",
+        "--host",
+        "127.0.0.1",
+        *flags,
+        env={"SOCKET_ECHO_NO_EXTENSIONS": "1"},
+    )
+    assert_one_line_error(result, 2, words)
+
+
+def test_no_extensions_makes_auto_pick_the_pure_paths_and_the_log_says_so(start_server):
+    pure = start_server(expect_listeners=2, env={"SOCKET_ECHO_NO_EXTENSIONS": "1"})
+    pure.wait_for_log(r"TCP echo server listening on .*; epoll path\)")
+    pure.wait_for_log(r"UDP echo server listening on .*; mmsg path\)")
+    with pure.connect() as sock:
+        sock.sendall(b"pure")
+        assert sock.recv(10) == b"pure"
+    from socket_echo.tcp.native import available
+
+    if available():
+        default = start_server(expect_listeners=2)
+        default.wait_for_log(r"TCP echo server listening on .*; native path\)")
+        default.wait_for_log(r"UDP echo server listening on .*; native path\)")

@@ -12,8 +12,11 @@ def test_connections_over_the_limit_are_closed_at_once(start_server, server_flag
     held = [server.connect() for _ in range(5)]
     for sock in held:  # all five admitted
         assert exchange(sock, b"in") == b"in"
-    extra = [server.connect() for _ in range(30)]
-    for sock in extra:
+    for _ in range(30):
+        try:
+            sock = server.connect()
+        except ConnectionResetError:
+            continue  # refused so fast that connect() itself saw the reset
         assert is_closed_by_peer(sock, timeout=5)
         sock.close()
     for sock in held:

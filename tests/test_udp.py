@@ -15,12 +15,17 @@ from hypothesis import strategies as st
 from tools_helpers import tool
 
 from socket_echo.payloads import NET_TOOLS_PAYLOADS
+from socket_echo.udp import native as native_udp
 from socket_echo.udp.guard import BUCKETS, UdpGuard, classify
 
+NATIVE_UDP = native_udp.available()
+UDP_PATHS = ["native", "mmsg", "loop"] if NATIVE_UDP else ["mmsg", "loop"]
 
-@pytest.fixture(params=["mmsg", "loop"])
+
+@pytest.fixture(params=UDP_PATHS)
 def udp_io(request: pytest.FixtureRequest) -> list[str]:
-    """Both UDP data paths: recvmmsg/sendmmsg batches and the portable recvfrom/sendto loop."""
+    """Every UDP data path: the native one (C), recvmmsg/sendmmsg batches from Python, and
+    the portable recvfrom/sendto loop."""
     return ["--udp-io", request.param]
 
 
@@ -230,3 +235,66 @@ def test_never_answers_forbidden_ports():
     for port in (0, 7, 19, 53, 123, 1023, 2049, 4242):
         assert guard.verdict("127.0.0.1", port, 0.0) is not None, port
     assert guard.verdict("127.0.0.1", 8484, 0.0) is None
+
+
+# -- the C twin of the guard ----------------------------------------------------------------
+
+SPECIAL_SOURCES = [
+    "192.0.2.7",
+    "198.51.100.1",
+    "0.0.0.0",
+    "0.1.2.3",
+    "224.0.0.1",
+    "239.255.255.250",
+    "240.0.0.1",
+    "255.255.255.255",
+    "127.0.0.1",
+    "10.1.2.3",
+    "::1",
+    "::",
+    "::5",
+    "::ffff:192.0.2.7",
+    "::ffff:224.0.0.1",
+    "::ffff:255.255.255.255",
+    "ff02::1",
+    "2001:db8::1",
+    "2001:db8:0:ff::1",
+    "2001:db8:0:100::1",
+    "fe80::1",
+]
+
+
+@pytest.mark.skipif(not NATIVE_UDP, reason="the native extension is not built here")
+@given(
+    events=st.lists(
+        st.tuples(
+            st.one_of(
+                st.sampled_from(SPECIAL_SOURCES),
+                st.ip_addresses(v=4).map(str),
+                st.ip_addresses(v=6).map(str),
+                st.integers(0, 40).map(lambda i: f"203.0.{i}.9"),  # few prefixes: buckets fill
+            ),
+            st.sampled_from([0, 7, 53, 1023, 1024, 2049, 4242, 5353, 40000, 65535]),
+            st.integers(0, 3),  # clock steps of 0, 1, 2, 3 x 50 ms
+        ),
+        max_size=300,
+    ),
+    max_sources=st.sampled_from([16, 64]),
+)
+def test_the_c_guard_gives_the_python_guards_verdicts(events, max_sources):
+    """The native UDP path's guard (C) and udp/guard.py judge every datagram alike: ports,
+    martians, per-prefix and global buckets, and which prefixes a full table forgets."""
+    args = {"rate": 20.0, "burst": 3.0, "max_rate": 60.0, "own_ports": frozenset({4242})}
+    twin = UdpGuard(**args, max_sources=max_sources)
+    c_guard = UdpGuard(**args, max_sources=max_sources).native()
+    now = 100.0
+    for host, port, step in events:
+        now += step * 0.05
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        raw = socket.inet_pton(family, host)
+        assert c_guard.check(raw, family, port, now) == twin.check(raw, port, now, family), (
+            host,
+            port,
+            now,
+        )
+    assert c_guard.sources == len(twin.buckets)

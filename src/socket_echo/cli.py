@@ -296,8 +296,9 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
     default=config.DEFAULT_UDP_IO,
     show_default=True,
     help_group=RUNTIME,
-    help="UDP data path: mmsg (recvmmsg/sendmmsg batches, Linux, fastest), loop "
-    "(recvfrom/sendto, any OS); auto = mmsg where available.",
+    help="UDP data path: native (recvmmsg/sendmmsg and the guard in C, Linux, fastest), mmsg "
+    "(the same batches from Python, Linux), loop (recvfrom/sendto, any OS); auto = the first "
+    "of these available.",
 )
 @option(
     "--metrics",

@@ -40,7 +40,8 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
     "loop": (("auto", "asyncio", "uvloop"), "auto"),  # auto: uvloop where installed
     # TCP data path; auto: native where the extension loaded, else epoll (Linux), else protocol
     "engine": (("auto", "native", "epoll", "protocol"), "auto"),
-    "udp_io": (("auto", "mmsg", "loop"), "auto"),  # UDP data path; auto: mmsg on Linux
+    # UDP data path; auto: native where the extension loaded, else mmsg (Linux), else loop
+    "udp_io": (("auto", "native", "mmsg", "loop"), "auto"),
     "log_level": (("debug", "info", "warning", "error", "critical"), DEFAULT_LOG_LEVEL),
     "log_format": (("text", "json"), DEFAULT_LOG_FORMAT),
 }

@@ -7,8 +7,8 @@ message: the data path only adds integers, and the sweep notices which counters 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import os
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
@@ -94,6 +94,7 @@ class ConnectionTable:
     ) -> None:
         self.max_connections = max_connections
         self.fd_budget = max_connections if fd_budget is None else fd_budget
+        self.limit = min(max_connections, self.fd_budget)  # whichever refuses first
         self.idle_timeout = idle_timeout
         self.open: set[Tracked] = set()
         self.opened = 0  # also the id of the newest connection
@@ -114,11 +115,11 @@ class ConnectionTable:
         self._sweeper: asyncio.TimerHandle | None = None
 
     def admit(self, conn: Tracked, now: float, listener: str = "") -> bool:
-        if len(self.open) >= self.max_connections:
-            self.rejected.note()
-            return False
-        if len(self.open) >= self.fd_budget:
-            self.out_of_descriptors.note()
+        if len(self.open) >= self.limit:  # one comparison on the usual path (churn)
+            if len(self.open) >= self.max_connections:
+                self.rejected.note()
+            else:
+                self.out_of_descriptors.note()
             return False
         conn.active_since = now
         self.open.add(conn)
@@ -143,10 +144,11 @@ class ConnectionTable:
         counters.closed[reason] += 1
         counters.bytes_in += bytes_in
         counters.bytes_out += bytes_out
-        self.durations[bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
+        self.durations[bisect_left(DURATION_BUCKETS, duration)] += 1
         self.duration_sum += duration
-        for callback in self.on_close:
-            callback()
+        if self.on_close:
+            for callback in self.on_close:
+                callback()
 
     @property
     def closed(self) -> Counter[str]:

@@ -100,21 +100,22 @@ class ServerCollector:
         datagrams = CounterMetricFamily(
             "socket_echo_udp_datagrams", "UDP datagrams.", labels=["direction"]
         )
-        datagrams.add_metric(["in"], u.datagrams_in)
-        datagrams.add_metric(["out"], u.datagrams_out)
+        d_in, d_out, b_in, b_out = u.totals()
+        datagrams.add_metric(["in"], d_in)
+        datagrams.add_metric(["out"], d_out)
         yield datagrams
         udp_bytes = CounterMetricFamily(
             "socket_echo_udp_bytes", "UDP payload bytes.", labels=["direction"]
         )
-        udp_bytes.add_metric(["in"], u.bytes_in)
-        udp_bytes.add_metric(["out"], u.bytes_out)
+        udp_bytes.add_metric(["in"], b_in)
+        udp_bytes.add_metric(["out"], b_out)
         yield udp_bytes
         yield GaugeMetricFamily(
             "socket_echo_udp_rate_buckets",
             "Source prefixes whose UDP rate is tracked (at most --udp-max-sources).",
-            value=len(s.udp_guard.buckets) if s.udp_guard else 0,
+            value=s.udp_guard.tracked_sources() if s.udp_guard else 0,
         )
-        yield by_reason("socket_echo_udp_dropped", "UDP datagrams dropped, by reason.", u.dropped)
+        yield by_reason("socket_echo_udp_dropped", "UDP datagrams dropped, by reason.", u.drops())
         yield by_reason(
             "socket_echo_tls_handshake_failures",
             "Failed TLS handshakes, by reason.",

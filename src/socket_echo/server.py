@@ -240,15 +240,15 @@ class EchoServer:
             metrics_server.close()
         close_all(self.metrics_listeners)
         if self._udp:
-            u = self.state.udp
+            d_in, d_out, _, _ = self.state.udp.totals()
+            dropped = self.state.udp.drops()
             log_event(
                 logging.INFO,
                 "stopped_udp",
-                f"UDP: {u.datagrams_in} datagram(s) in, {u.datagrams_out} answered, "
-                f"{sum(u.dropped.values())} dropped",
-                datagrams_in=u.datagrams_in,
-                datagrams_out=u.datagrams_out,
-                dropped=dict(u.dropped),
+                f"UDP: {d_in} datagram(s) in, {d_out} answered, {sum(dropped.values())} dropped",
+                datagrams_in=d_in,
+                datagrams_out=d_out,
+                dropped=dict(dropped),
             )
 
 

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from socket_echo.limits import ConnectionTable
@@ -29,7 +30,9 @@ def accept_paused_log() -> RateLimitedLog:
 
 
 class UdpStats:
-    """Datagrams and bytes in and out, and drops by reason, over every UDP listener."""
+    """Datagrams and bytes in and out, and drops by reason, over every UDP listener. The pure
+    paths add to the attributes; native paths count in C and are read through ``sources``
+    (each a callable giving (in, out, bytes in, bytes out, {reason: drops}))."""
 
     def __init__(self) -> None:
         self.datagrams_in = 0
@@ -37,13 +40,34 @@ class UdpStats:
         self.bytes_in = 0
         self.bytes_out = 0
         self.dropped: Counter[str] = Counter()
+        self.sources: list[Callable[[], tuple[int, int, int, int, dict[str, int]]]] = []
         self._reported: Counter[str] = Counter()
+
+    def totals(self) -> tuple[int, int, int, int]:
+        """(datagrams in, datagrams out, bytes in, bytes out) over every path."""
+        din, dout, bin_, bout = self.datagrams_in, self.datagrams_out, self.bytes_in, self.bytes_out
+        for source in self.sources:
+            counts = source()
+            din, dout, bin_, bout = (
+                din + counts[0],
+                dout + counts[1],
+                bin_ + counts[2],
+                bout + counts[3],
+            )
+        return din, dout, bin_, bout
+
+    def drops(self) -> Counter[str]:
+        total = Counter(self.dropped)
+        for source in self.sources:
+            total.update(source()[4])
+        return total
 
     def report(self) -> None:
         """Log the drops since the last report, if any: one line, never one per datagram."""
-        new = self.dropped - self._reported
+        dropped = self.drops()
+        new = dropped - self._reported
         if new:
-            self._reported = self.dropped.copy()
+            self._reported = dropped
             detail = ", ".join(f"{n} {reason}" for reason, n in sorted(new.items()))
             log_event(
                 logging.WARNING,

@@ -94,8 +94,7 @@ static int watch(Engine *self, int fd, uint32_t events, int op) {
 static size_t release(Engine *self, int fd) {
     conn_t *c = &self->conns[fd];
     size_t unsent = c->pending ? c->len - c->off : 0;
-    epoll_ctl(self->ep, EPOLL_CTL_DEL, fd, NULL);
-    close(fd);
+    close(fd); /* leaves the epoll set with it: the descriptor is never duplicated */
     free(c->pending);
     c->pending = NULL;
     c->off = c->len = 0;

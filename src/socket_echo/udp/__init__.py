@@ -1,5 +1,6 @@
-"""UDP echo (RFC 862) data paths: loop.py (recvfrom/sendto, any platform), mmsg.py
-(recvmmsg/sendmmsg batches, Linux); guard.py decides whom to answer, for both."""
+"""UDP echo (RFC 862) data paths: native.py (recvmmsg/sendmmsg and the guard in C,
+_native.c), mmsg.py (recvmmsg/sendmmsg through ctypes, Linux), loop.py (recvfrom/sendto, any
+platform); guard.py decides whom to answer (and has a C twin for the native path)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Protocol
 
 from socket_echo.config import ConfigError
 from socket_echo.state import UdpStats
-from socket_echo.udp import mmsg
+from socket_echo.udp import mmsg, native
 from socket_echo.udp.guard import UdpGuard
 from socket_echo.udp.loop import UdpEcho
 
@@ -20,9 +21,16 @@ class UdpServing(Protocol):
 
 def resolve_udp_io(name: str) -> str:
     """``--udp-io``: the UDP data path here; ConfigError (one line) if it cannot run here."""
+    if name == "native" and not native.available():
+        raise ConfigError(
+            "--udp-io native: the compiled extension is not available here "
+            "(or SOCKET_ECHO_NO_EXTENSIONS is set): use --udp-io mmsg or loop"
+        )
     if name == "mmsg" and not mmsg.available():
         raise ConfigError("--udp-io mmsg: this platform has no recvmmsg (use --udp-io loop)")
     if name == "auto":
+        if native.available():
+            return "native"
         return "mmsg" if mmsg.available() else "loop"
     return name
 
@@ -35,6 +43,9 @@ def serve_udp(
     io: str = "auto",
 ) -> UdpServing:
     """Serve one UDP socket with the path ``io`` resolves to."""
-    if resolve_udp_io(io) == "mmsg":
+    path = resolve_udp_io(io)
+    if path == "native":
+        return native.NativeUdpEcho(loop, sock, guard.native(), stats)
+    if path == "mmsg":
         return mmsg.MmsgUdpEcho(loop, sock, guard, stats)
     return UdpEcho(loop, sock, guard, stats)

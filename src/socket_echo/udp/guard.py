@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from typing import Any
 
 from socket_echo.config import DEFAULT_UDP_MAX_SOURCES
 
@@ -99,6 +100,28 @@ class UdpGuard:
         self.global_bucket = TokenBucket(max_rate, max(1.0, max_rate), 0.0)  # 1 s of burst
         self.buckets: dict[str, TokenBucket] = {}  # prefix -> bucket
         self.sources: dict[object, TokenBucket | str] = {}  # address -> bucket or drop reason
+        self._native: object | None = None  # the C twin (udp/_native.c), made when asked
+
+    def native(self) -> Any:
+        """The C twin of this guard, with the same rules and parameters: shared by every
+        socket on the native UDP path, as this one is by the pure paths (one global bucket,
+        one table of prefixes). Its decisions are its own table's; tests compare the two."""
+        if self._native is None:
+            from socket_echo.udp.native import new_guard
+
+            self._native = new_guard(
+                self.rate,
+                self.burst,
+                self.global_bucket.rate,
+                self.min_port,
+                self.forbidden_ports,
+                self.max_sources,
+            )
+        return self._native
+
+    def tracked_sources(self) -> int:
+        """Source prefixes whose rate is tracked, on every path."""
+        return len(self.buckets) + (int(self._native.sources) if self._native else 0)  # type: ignore[attr-defined]
 
     def verdict(self, host: str, port: int, now: float) -> str | None:
         """One datagram from (host, port) at ``now``: None to answer, else the reason to drop."""
