@@ -1,4 +1,4 @@
-"""Builds the optional native data paths (src/socket_echo/{tcp,udp}/_native.c); pyproject.toml holds
+"""Builds the optional native parts (src/socket_echo/{tcp,udp,tools}/_native.c); pyproject.toml holds
 everything else. Where it cannot be built (no compiler, not Linux) the install still succeeds
 and says, in one line, that the pure-Python paths will run. ``SOCKET_ECHO_NO_EXTENSIONS=1``
 skips it; ``SOCKET_ECHO_SANITIZE=1`` builds it with AddressSanitizer and UBSan (make
@@ -42,7 +42,7 @@ def extensions():
             extra_compile_args=flags,
             extra_link_args=link,
         )
-        for part in ("tcp", "udp")
+        for part in ("tcp", "udp", "tools")
     ]
 
 

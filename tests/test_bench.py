@@ -18,18 +18,28 @@ FIELDS = {
 }
 
 
-def bench(*args: str) -> tuple[int, dict, str]:  # type: ignore[type-arg]
-    result = tool("bench", *args, "--json", "-")
+# The ping-pong loop runs in C where the extension is built (tools/_native.c); its Python
+# twin runs with SOCKET_ECHO_NO_EXTENSIONS=1. Both are held to the same behaviour.
+LOOPS = [{}, {"SOCKET_ECHO_NO_EXTENSIONS": "1"}]
+LOOP_IDS = ["native-if-built", "python"]
+
+
+def bench(*args: str, env: dict[str, str] | None = None) -> tuple[int, dict, str]:  # type: ignore[type-arg]
+    result = tool("bench", *args, "--json", "-", env=env)
     out = result.stdout.decode()
     start = out.index("{") if "{" in out else len(out)
     return result.returncode, json.loads(out[start:]) if start < len(out) else {}, out
 
 
-@pytest.mark.parametrize("mode", ["pingpong", "stream", "churn"])
-def test_modes_against_our_server(start_server, mode):
+@pytest.mark.parametrize(
+    ("mode", "env"),
+    [("pingpong", LOOPS[0]), ("pingpong", LOOPS[1]), ("stream", {}), ("churn", {})],
+    ids=["pingpong-native-if-built", "pingpong-python", "stream", "churn"],
+)
+def test_modes_against_our_server(start_server, mode, env):
     server = start_server()
     code, report, _ = bench(
-        f"127.0.0.1:{server.port}", "--mode", mode, "-c", "4", "-d", "0.5", "-p", "1"
+        f"127.0.0.1:{server.port}", "--mode", mode, "-c", "4", "-d", "0.5", "-p", "1", env=env
     )
     assert code == 0, report
     assert report.keys() >= FIELDS
@@ -51,8 +61,9 @@ def test_open_loop_rate_and_processes(start_server):
     assert report["parameters"]["rate"] == 400
 
 
+@pytest.mark.parametrize("env", LOOPS, ids=LOOP_IDS)
 @pytest.mark.parametrize("mode", ["drop", "reorder"])
-def test_corrupting_servers_are_caught(mode):
+def test_corrupting_servers_are_caught(mode, env):
     server = Broken(mode)
     try:
         code, report, _ = bench(
@@ -81,17 +92,28 @@ def test_corrupting_servers_are_caught(mode):
             "1",
             "--timeout",
             "0.3",
+            env=env,
         )
         assert code == 1 and report["mismatches"] + report["errors"] > 0
     finally:
         server.close()
 
 
-def test_mute_server_is_caught():
+@pytest.mark.parametrize("env", LOOPS, ids=LOOP_IDS)
+def test_mute_server_is_caught(env):
     server = Broken("mute")
     try:
         code, report, _ = bench(
-            f"127.0.0.1:{server.port}", "-c", "2", "-d", "0.5", "--timeout", "0.2", "-p", "1"
+            f"127.0.0.1:{server.port}",
+            "-c",
+            "2",
+            "-d",
+            "0.5",
+            "--timeout",
+            "0.2",
+            "-p",
+            "1",
+            env=env,
         )
         assert code == 1 and report["errors"] > 0 and report["requests_per_second"] == 0
     finally:
@@ -129,19 +151,23 @@ def test_unwritable_result_files_are_one_line_before_the_run(start_server, tmp_p
         assert b"not a writable folder" in result.stderr
 
 
-def test_a_failed_send_keeps_the_connection_count(start_server):
+@pytest.mark.parametrize("env", LOOPS, ids=LOOP_IDS)
+def test_a_failed_send_keeps_the_connection_count(env):
     """Each connection is reset after one echo: the replacement must get a message too,
     or with -c 1 the load stops after the first failure."""
     server = Broken("once")
     try:
-        code, report, _ = bench(f"127.0.0.1:{server.port}", "-c", "1", "-d", "1", "-p", "1")
+        code, report, _ = bench(
+            f"127.0.0.1:{server.port}", "-c", "1", "-d", "1", "-p", "1", env=env
+        )
     finally:
         server.close()
     assert code == 1 and report["errors"] > 0
     assert report["requests_per_second"] >= 20, report  # ~1 before the fix
 
 
-def test_a_send_the_server_never_takes_ends_on_time():
+@pytest.mark.parametrize("native", [True, False], ids=["native-if-built", "python"])
+def test_a_send_the_server_never_takes_ends_on_time(monkeypatch, native):
     """A server that never reads, and a send buffer too small for one message: the rest of
     the message must not block past the timeout (it was a blocking sendall, no timeout).
     In-process, to give the load generator's sockets a 4 KiB send buffer."""
@@ -152,6 +178,8 @@ def test_a_send_the_server_never_takes_ends_on_time():
     from socket_echo.tools import bench as tool
     from socket_echo.tools.target import parse_target
 
+    if not native:
+        monkeypatch.setenv("SOCKET_ECHO_NO_EXTENSIONS", "1")
     server = Broken("deaf")
     try:
         cfg = tool.BenchConfig(

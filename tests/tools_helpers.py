@@ -28,12 +28,12 @@ class Broken:
 
 
 def tool(
-    *args: str, stdin: bytes | None = None, timeout: float = 120
+    *args: str, stdin: bytes | None = None, timeout: float = 120, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         [sys.executable, "-m", "socket_echo", *args],
         input=stdin,
         capture_output=True,
         timeout=timeout,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
     )

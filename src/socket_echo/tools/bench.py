@@ -25,6 +25,24 @@ from typing import Any
 
 from socket_echo.tools.target import Patterns, Target, Unreachable, connect
 
+_native: Any
+try:  # the closed-loop ping-pong in C (tools/_native.c); the Python loop below is its twin
+    from socket_echo.tools import _native  # type: ignore[attr-defined,no-redef,unused-ignore]
+except ImportError:
+    _native = None
+
+
+def native_pingpong(cfg: BenchConfig) -> bool:
+    """Whether the C loop runs this ping-pong: closed loop over plain TCP or a Unix socket,
+    where the extension is built and SOCKET_ECHO_NO_EXTENSIONS is not set."""
+    return (
+        _native is not None
+        and not os.environ.get("SOCKET_ECHO_NO_EXTENSIONS")
+        and not cfg.rate
+        and cfg.target.scheme in ("tcp", "unix")
+    )
+
+
 MODES = ("pingpong", "stream", "churn", "udp")
 STREAM_WINDOW = 4 << 20  # bytes in flight per stream connection at most
 STREAM_PERIOD = 1 << 20
@@ -160,6 +178,9 @@ class Worker:
 
     # -- pingpong (closed or open loop) -----------------------------------------------
     def _run_pingpong(self) -> None:
+        if native_pingpong(self.cfg):
+            self._run_pingpong_native()
+            return
         cfg, res = self.cfg, self.result
         for _ in range(self.n):
             self._open()
@@ -244,6 +265,40 @@ class Worker:
             if conn.expected and not interval and now - conn.t0 > cfg.timeout:
                 res.errors["no answer within the timeout"] += 1
         res.bytes = res.requests * size * 2
+
+    def _run_pingpong_native(self) -> None:
+        """The same loop in C: Python opens the connections, replaces those that fail and
+        shows progress; C sends, reads, compares and times every message."""
+        cfg, res = self.cfg, self.result
+        for _ in range(self.n):
+            self._open()
+
+        def replace(fd: int, reason: str | None) -> int:
+            conn = self.conns.get(fd)
+            if conn is None:
+                return -1
+            new = self._drop(conn, reason) if reason else self._replace(conn)
+            return new.sock.fileno() if new is not None else -1
+
+        def tick(requests: int) -> None:
+            self.progress.value = requests
+
+        requests, latency, mismatches, late, _ = _native.pingpong(
+            list(self.conns),
+            cfg.size,
+            cfg.duration,
+            cfg.timeout,
+            self.index,
+            self.patterns.base,
+            replace,
+            tick,
+        )
+        res.requests += requests
+        res.latency_us.update(latency)
+        res.mismatches += mismatches
+        if late:
+            res.errors["no answer within the timeout"] += late
+        res.bytes = res.requests * cfg.size * 2
 
     def _restart(self, conn: _Conn, reason: str | None) -> None:
         """Replace a connection and give the new one its first message, so the number of

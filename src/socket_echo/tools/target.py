@@ -215,8 +215,8 @@ class Patterns:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._base = bytes(i % 251 for i in range(size + 251))
+        self.base = bytes(i % 251 for i in range(size + 251))
 
     def message(self, seed: int) -> bytes:
         start = seed % 251
-        return self._base[start : start + self.size]
+        return self.base[start : start + self.size]
