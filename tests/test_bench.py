@@ -21,7 +21,7 @@ FIELDS = {
 # The ping-pong loop runs in C where the extension is built (tools/_native.c); its Python
 # twin runs with SOCKET_ECHO_NO_EXTENSIONS=1. Both are held to the same behaviour.
 LOOPS = [{}, {"SOCKET_ECHO_NO_EXTENSIONS": "1"}]
-LOOP_IDS = ["native-if-built", "python"]
+LOOP_IDS = ["native-if-built", "pure"]
 
 
 def bench(*args: str, env: dict[str, str] | None = None) -> tuple[int, dict, str]:  # type: ignore[type-arg]
@@ -34,7 +34,7 @@ def bench(*args: str, env: dict[str, str] | None = None) -> tuple[int, dict, str
 @pytest.mark.parametrize(
     ("mode", "env"),
     [("pingpong", LOOPS[0]), ("pingpong", LOOPS[1]), ("stream", {}), ("churn", {})],
-    ids=["pingpong-native-if-built", "pingpong-python", "stream", "churn"],
+    ids=["pingpong-native-if-built", "pingpong-pure", "stream", "churn"],
 )
 def test_modes_against_our_server(start_server, mode, env):
     server = start_server()
@@ -166,7 +166,7 @@ def test_a_failed_send_keeps_the_connection_count(env):
     assert report["requests_per_second"] >= 20, report  # ~1 before the fix
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["native-if-built", "python"])
+@pytest.mark.parametrize("native", [True, False], ids=["native-if-built", "pure"])
 def test_a_send_the_server_never_takes_ends_on_time(monkeypatch, native):
     """A server that never reads, and a send buffer too small for one message: the rest of
     the message must not block past the timeout (it was a blocking sendall, no timeout).

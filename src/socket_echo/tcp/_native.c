@@ -150,12 +150,45 @@ static void set_listeners(Engine *self, uint32_t events) {
     }
 }
 
+/* Read what is there and send it back; a part the kernel does not take is held and reading
+ * stops until it drains. 0 when done (also for EAGAIN), -1 on a Python error. */
+static int echo(Engine *self, int fd, PyObject **events) {
+    conn_t *c = &self->conns[fd];
+    ssize_t r = recv(fd, self->buf, self->bufsize, 0);
+    if (r < 0) {
+        if (errno == EAGAIN || errno == EINTR) return 0;
+        return lost(self, events, fd, errno);
+    }
+    if (r == 0) return closed_event(self, events, fd, R_PEER_CLOSED, 0);
+    if (c->state != OPEN) return 0; /* closing: what arrives now is not echoed */
+    c->bytes_in += (uint64_t)r;
+    ssize_t w = send(fd, self->buf, (size_t)r, MSG_NOSIGNAL);
+    if (w < 0) {
+        if (errno != EAGAIN && errno != EINTR) return lost(self, events, fd, errno);
+        w = 0;
+    }
+    if (w < r) {
+        c->len = (size_t)(r - w);
+        c->off = 0;
+        c->pending = malloc(c->len);
+        if (!c->pending) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(c->pending, self->buf + w, c->len);
+        watch(self, fd, EPOLLOUT, EPOLL_CTL_MOD); /* stop reading until it drains */
+    }
+    return 0;
+}
+
 static int accept_batch(Engine *self, int index, PyObject **events) {
     int lfd = self->listeners[index], one = 1;
     for (int n = 0; n < ACCEPT_BATCH; n++) {
         struct sockaddr_storage sa;
         socklen_t len = sizeof sa;
-        int fd = accept4(lfd, (struct sockaddr *)&sa, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        sa.ss_family = AF_UNSPEC;
+        int fd = accept4(lfd, self->want_peers ? (struct sockaddr *)&sa : NULL,
+                         self->want_peers ? &len : NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED) continue;
             if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
@@ -165,8 +198,7 @@ static int accept_batch(Engine *self, int index, PyObject **events) {
             }
             return 0; /* EAGAIN, or an error on this listener: look again next time */
         }
-        if (sa.ss_family != AF_UNIX)
-            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one); /* fails on Unix: fine */
         if (grow(self, fd) < 0) {
             close(fd);
             PyErr_NoMemory();
@@ -224,8 +256,6 @@ static PyObject *Engine_run(Engine *self, PyObject *Py_UNUSED(ignored)) {
         if (errno == EINTR) Py_RETURN_NONE;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    char *buf = self->buf;
-    size_t bufsize = self->bufsize;
     for (int i = 0; i < n; i++) {
         uint64_t data = evs[i].data.u64;
         if (data & LISTENER_MARK) {
@@ -241,37 +271,7 @@ static PyObject *Engine_run(Engine *self, PyObject *Py_UNUSED(ignored)) {
             if (flush(self, fd, &events) < 0) goto fail;
             continue;
         }
-        ssize_t r = recv(fd, buf, bufsize, 0);
-        if (r < 0) {
-            if (errno == EAGAIN || errno == EINTR) continue;
-            if (lost(self, &events, fd, errno) < 0) goto fail;
-            continue;
-        }
-        if (r == 0) {
-            if (closed_event(self, &events, fd, R_PEER_CLOSED, 0) < 0) goto fail;
-            continue;
-        }
-        if (c->state != OPEN) continue; /* closing: what arrives now is not echoed */
-        c->bytes_in += (uint64_t)r;
-        ssize_t w = send(fd, buf, (size_t)r, MSG_NOSIGNAL);
-        if (w < 0) {
-            if (errno != EAGAIN && errno != EINTR) {
-                if (lost(self, &events, fd, errno) < 0) goto fail;
-                continue;
-            }
-            w = 0;
-        }
-        if (w < r) {
-            c->len = (size_t)(r - w);
-            c->off = 0;
-            c->pending = malloc(c->len);
-            if (!c->pending) {
-                PyErr_NoMemory();
-                goto fail;
-            }
-            memcpy(c->pending, buf + w, c->len);
-            watch(self, fd, EPOLLOUT, EPOLL_CTL_MOD); /* stop reading until it drains */
-        }
+        if (echo(self, fd, &events) < 0) goto fail;
     }
     if (!events) Py_RETURN_NONE;
     return events;
