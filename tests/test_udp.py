@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import signal
@@ -298,3 +299,19 @@ def test_the_c_guard_gives_the_python_guards_verdicts(events, max_sources):
             now,
         )
     assert c_guard.sources == len(twin.buckets)
+
+
+def test_bench_explains_lost_datagrams_against_a_default_server(start_server):
+    """A user benchmarking a default server on loopback meets its per-source rate limit: the
+    report says how many answers were missing and which server flags lift the limit."""
+    server = start_server()
+    _, host, port = server.listener("udp")
+    result = tool("bench", f"udp://{host}:{port}", "-c", "20", "-d", "2.5", "-p", "1")
+    out = result.stdout.decode()
+    assert "note: " in out and "got no answer within" in out, out
+    assert "per-source rate limit" in out and "--udp-rate 1e7" in out, out
+    lifted = start_server("--udp-rate", "1e7", "--udp-burst", "100000", "--udp-max-rate", "1e7")
+    _, host, port = lifted.listener("udp")
+    result = tool("bench", f"udp://{host}:{port}", "-c", "20", "-d", "1", "-p", "1", "--json", "-")
+    report = json.loads(result.stdout.decode()[result.stdout.decode().index("{") :])
+    assert report["lost_datagrams"] == 0 and report["loss_explanation"] is None

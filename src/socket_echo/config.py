@@ -11,6 +11,9 @@ import dataclasses
 import ipaddress
 from urllib.parse import urlsplit
 
+from socket_echo.impair.params import ImpairmentError, Impairments
+from socket_echo.impair.params import parse as parse_impairments
+
 DEFAULT_PORT = 4242
 DEFAULT_HOSTS = ("127.0.0.1", "::1")  # localhost only: safe on a laptop
 DEFAULT_BACKLOG = 4096
@@ -83,6 +86,7 @@ class ListenerSpec:
     host: str
     port: int
     path: str = ""
+    impair: Impairments | None = None  # from the URL's query: impair/params.py
 
     @property
     def url(self) -> str:
@@ -146,15 +150,19 @@ def parse_bind_url(url: str) -> ListenerSpec:
     if parts.scheme not in SCHEMES:
         known = ", ".join(f"{s}://" for s in SCHEMES)
         raise ConfigError(f"malformed --bind {url!r}: unknown scheme (use {known})")
+    try:
+        impair = parse_impairments(parts.query, parts.scheme, url)
+    except ImpairmentError as exc:
+        raise ConfigError(str(exc)) from None
     if parts.scheme == "unix":
         path = parts.netloc + parts.path
         if not path.startswith("/"):
             raise ConfigError(f"malformed --bind {url!r}: use unix:///absolute/path")
-        return ListenerSpec("unix", "", 0, path)
+        return ListenerSpec("unix", "", 0, path, impair)
     if not parts.hostname:
         raise ConfigError(f"malformed --bind {url!r}: no host (e.g. tcp://127.0.0.1:4242)")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(f"malformed --bind {url!r}: unexpected path or query")
+    if parts.path not in ("", "/") or parts.fragment:
+        raise ConfigError(f"malformed --bind {url!r}: unexpected path")
     host = parts.hostname
     if "[" in parts.netloc:
         try:
@@ -163,7 +171,7 @@ def parse_bind_url(url: str) -> ListenerSpec:
             raise ConfigError(
                 f"malformed --bind {url!r}: {host!r} is not an IPv6 address"
             ) from None
-    return ListenerSpec(parts.scheme, host, DEFAULT_PORT if port is None else port)
+    return ListenerSpec(parts.scheme, host, DEFAULT_PORT if port is None else port, "", impair)
 
 
 def listeners_from_hosts(hosts: tuple[str, ...], port: int) -> tuple[ListenerSpec, ...]:

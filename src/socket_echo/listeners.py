@@ -211,7 +211,7 @@ def _bind_spec(
 
 def _listener(spec: ListenerSpec, sock: socket.socket, dual: bool = False) -> BoundListener:
     host, port = sock.getsockname()[:2]
-    return BoundListener(ListenerSpec(spec.scheme, host, port), sock, dual)
+    return BoundListener(dataclasses.replace(spec, host=host, port=port), sock, dual)
 
 
 def bind_all(specs: tuple[ListenerSpec, ...], backlog: int | BindOptions) -> list[BoundListener]:

@@ -121,6 +121,14 @@ class ServerCollector:
             "Failed TLS handshakes, by reason.",
             s.tls.handshake_failures,
         )
+        applied = CounterMetricFamily(
+            "socket_echo_impairments",
+            "Impairments applied on purpose (listener ?delay=...), by listener and kind.",
+            labels=["listener", "kind"],
+        )
+        for (listener, kind), n in sorted(s.impairments.items()):
+            applied.add_metric([listener, kind], n)
+        yield applied
         yield by_reason(
             "socket_echo_proxy_rejected",
             "Connections closed for their PROXY header, by reason.",

@@ -16,6 +16,8 @@ from typing import Any
 
 from socket_echo.config import CLOSE_WAIT, UDP_REPORT_EVERY, ServerConfig
 from socket_echo.gates.wiring import Listening, StreamSetup, serve_stream_listener
+from socket_echo.impair.datagram import ImpairedUdpEcho
+from socket_echo.impair.stream import ImpairedEcho
 from socket_echo.limits import ConnectionTable, descriptor_budget
 from socket_echo.listeners import BoundListener, close_all
 from socket_echo.logs import log_event, logger
@@ -27,6 +29,7 @@ from socket_echo.tcp.accept import RESOURCE_ERRORS
 from socket_echo.tcp.epoll import EpollEngine
 from socket_echo.tcp.lifecycle import SHUTDOWN, ListenerContext
 from socket_echo.tcp.native import NativeEngine
+from socket_echo.tcp.protocol import EchoProtocol
 from socket_echo.udp import UdpServing, resolve_udp_io, serve_udp
 from socket_echo.udp.guard import UdpGuard
 
@@ -105,26 +108,55 @@ class EchoServer:
         )
         for bound in self.listeners:
             kind = "dual-stack " if bound.dual_stack else ""
+            impair = bound.spec.impair or None
             if bound.scheme == "udp":
-                self._udp.append(serve_udp(loop, bound.sock, guard, self.state.udp, cfg.udp_io))
+                if impair:
+                    udp: UdpServing = ImpairedUdpEcho(
+                        loop,
+                        bound.sock,
+                        guard,
+                        self.state.udp,
+                        impair,
+                        bound.url,
+                        self.state.impairments,
+                    )
+                    path = "impaired"
+                else:
+                    udp = serve_udp(loop, bound.sock, guard, self.state.udp, cfg.udp_io)
+                    path = resolve_udp_io(cfg.udp_io)
+                self._udp.append(udp)
                 what = (
                     f"UDP echo server listening on {bound.url} ({kind}up to "
-                    f"{cfg.udp_rate:g} datagrams/s per source prefix; "
-                    f"{resolve_udp_io(cfg.udp_io)} path)"
+                    f"{cfg.udp_rate:g} datagrams/s per source prefix; {path} path)"
                 )
             else:
-                ctx = ListenerContext(self.table, bound.url, cfg.max_buffer, cfg.access_log, loop)
+                ctx = ListenerContext(
+                    self.table,
+                    bound.url,
+                    cfg.max_buffer,
+                    cfg.access_log,
+                    loop,
+                    impair,
+                    self.state.impairments,
+                )
+                ctx.make_echo = ImpairedEcho if impair else EchoProtocol
                 self._contexts.append(ctx)
                 self._listening.append(
                     await serve_stream_listener(setup, bound.scheme, bound.sock, ctx)
                 )
-                path = engine if bound.scheme in ("tcp", "unix") else "protocol"
+                path = engine if bound.scheme in ("tcp", "unix") and not impair else "protocol"
                 what = (
                     f"{STREAM_NAMES[bound.scheme]} echo server listening on {bound.url} "
                     f"({kind}backlog {cfg.backlog}, up to {cfg.max_connections} clients; "
-                    f"{path} path)"
+                    f"{'impaired' if impair else path} path)"
                 )
-            log_event(logging.INFO, "listening", what, listener=bound.url, port=bound.spec.port)
+            extra = {}
+            if impair:
+                what += f"; impairments: {impair.describe()}"
+                extra["impairments"] = impair.describe()
+            log_event(
+                logging.INFO, "listening", what, listener=bound.url, port=bound.spec.port, **extra
+            )
         if self._udp:
             self._udp_report = loop.call_later(UDP_REPORT_EVERY, self._report_udp, loop)
         self.table.start_sweeping(loop)

@@ -110,6 +110,8 @@ class ServerState:
     tls: TlsStats = dataclasses.field(default_factory=TlsStats)
     proxy: ProxyStats = dataclasses.field(default_factory=ProxyStats)
     udp_guard: UdpGuard | None = None  # its table of source prefixes is bounded
+    # impairments applied on purpose, by (listener, kind): delayed, reset, closed, dropped, ...
+    impairments: Counter[tuple[str, str]] = dataclasses.field(default_factory=Counter)
     accepting: bool = False  # /readyz: true from start until a drain begins
     loop: asyncio.AbstractEventLoop | None = None
 

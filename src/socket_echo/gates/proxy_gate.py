@@ -26,7 +26,6 @@ from socket_echo.gates.proxy import (
 )
 from socket_echo.state import ProxyStats
 from socket_echo.tcp.lifecycle import ERROR, ListenerContext, format_peer
-from socket_echo.tcp.protocol import EchoProtocol
 
 
 def no_header_in(seconds: float) -> str:
@@ -64,7 +63,7 @@ class ProxyGate(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         assert self.transport is not None
-        echo = EchoProtocol(self.ctx, peer=header.source)
+        echo = self.ctx.new_echo(header.source)
         self.transport.set_protocol(echo)
         echo.connection_made(self.transport)
         rest = self.buffer[header.length :]

@@ -25,7 +25,6 @@ from typing import Any, cast
 from socket_echo.logs import log_event
 from socket_echo.state import TlsStats
 from socket_echo.tcp.lifecycle import ListenerContext, format_peer
-from socket_echo.tcp.protocol import EchoProtocol
 
 MIN_VERSION = ssl.TLSVersion.TLSv1_2
 
@@ -160,8 +159,8 @@ async def native_handshake(
         except OSError:
             shown = None
 
-    def echo() -> EchoProtocol:
-        return EchoProtocol(ctx, peer=peer)
+    def echo() -> asyncio.Protocol:
+        return ctx.new_echo(peer)
 
     try:
         await ctx.loop.connect_accepted_socket(
@@ -215,7 +214,7 @@ class TlsGate(asyncio.Protocol):
             return
         if tls is None:  # closed meanwhile
             return
-        echo = EchoProtocol(self.ctx, peer=self.peer)
+        echo = self.ctx.new_echo(self.peer)
         tls.set_protocol(echo)
         echo.connection_made(tls)
         for chunk in self.early:

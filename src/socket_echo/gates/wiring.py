@@ -11,7 +11,8 @@ passes (PROXY header, TLS handshake) and which data path it ends on. The server 
 | tls+proxy  | AcceptReader (raw socket)      | HeaderPreReader, TLS, then Protocol path   |
 
 uvloop's own server copes with EMFILE itself; on the stdlib loop every listener goes through
-tcp/accept.py's AcceptReader, which pauses and resumes (see there).
+tcp/accept.py's AcceptReader, which pauses and resumes (see there). An impaired listener
+(``?delay=...``) never goes to an engine: its connections end on impair/stream.py's echo.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from socket_echo.tcp.accept import AcceptReader, adopt
 from socket_echo.tcp.epoll import EpollEngine
 from socket_echo.tcp.lifecycle import ListenerContext
 from socket_echo.tcp.native import NativeEngine
-from socket_echo.tcp.protocol import EchoProtocol
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,7 @@ async def serve_stream_listener(
     setup: StreamSetup, scheme: str, sock: socket.socket, ctx: ListenerContext
 ) -> Listening:
     loop, state = setup.loop, setup.state
-    if setup.engine is not None and scheme in ("tcp", "unix"):
+    if setup.engine is not None and scheme in ("tcp", "unix") and not ctx.impair:
         setup.engine.add_listener(sock, ctx)
         return Listening()  # the engine stops accepting with the rest of its work
     if scheme in ("tls", "tls+proxy"):
@@ -80,7 +80,7 @@ async def serve_stream_listener(
     else:
 
         def factory() -> asyncio.Protocol:
-            return EchoProtocol(ctx)
+            return ctx.new_echo()
 
     if setup.uvloop:  # libuv copes with EMFILE itself
         return Listening(server=await loop.create_server(factory, sock=sock, backlog=setup.backlog))

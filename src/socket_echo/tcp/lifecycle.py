@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
+from socket_echo.impair.params import Impairments
 from socket_echo.limits import ConnectionTable
 from socket_echo.logs import log_event
 
@@ -32,7 +35,9 @@ ERROR = "error"  # another socket error (the detail names it)
 IDLE = "idle timeout"  # no traffic for --idle-timeout
 STALLED = "write stalled"  # the peer stopped reading its echo for --idle-timeout
 SHUTDOWN = "shutdown"  # still open when the graceful timeout ran out
-REASONS = (PEER_CLOSED, RESET, ERROR, IDLE, STALLED, SHUTDOWN)
+RESET_AFTER = "reset-after"  # an impaired listener reset it on purpose (impair/stream.py)
+CLOSE_AFTER = "close-after"  # an impaired listener closed it on purpose
+REASONS = (PEER_CLOSED, RESET, ERROR, IDLE, STALLED, SHUTDOWN, RESET_AFTER, CLOSE_AFTER)
 
 
 def format_peer(peer: Any) -> str:
@@ -46,7 +51,9 @@ def format_peer(peer: Any) -> str:
 
 
 class ListenerContext:
-    """What every connection of one listener shares: one pointer per connection."""
+    """What every connection of one listener shares: one pointer per connection. ``make_echo``
+    makes the protocol a connection ends on after its gates (the plain echo, or an impaired
+    one: server.py chooses per listener)."""
 
     def __init__(
         self,
@@ -55,6 +62,8 @@ class ListenerContext:
         max_buffer: int,
         access_log: bool,
         loop: asyncio.AbstractEventLoop,
+        impair: Impairments | None = None,
+        applied: Counter[tuple[str, str]] | None = None,
     ) -> None:
         self.table = table
         self.listener = listener
@@ -62,6 +71,15 @@ class ListenerContext:
         self.access_log = access_log
         self.loop = loop
         self.draining = False
+        self.impair = impair
+        self.applied: Counter[tuple[str, str]] = Counter() if applied is None else applied
+        self.make_echo: Callable[[ListenerContext, Any], asyncio.Protocol] | None = None
+
+    def new_echo(self, peer: Any = None) -> asyncio.Protocol:
+        """The echo protocol for a connection of this listener (``peer``: the client a PROXY
+        header named, else the connection's own)."""
+        assert self.make_echo is not None, "server.py sets make_echo for every listener"
+        return self.make_echo(self, peer)
 
 
 class Connection:

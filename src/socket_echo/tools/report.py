@@ -105,6 +105,8 @@ def bench_table(summary: dict[str, Any]) -> None:
     else:
         for k, v in rows:
             print(f"{k:<15} {v}")
+    if summary.get("loss_explanation"):
+        print(f"note: {summary['loss_explanation']}")
     if summary["client_saturated"]:
         print(
             "warning: the load generator used its whole CPU: these figures measure the "

@@ -1,0 +1,248 @@
+"""Listener impairments (?delay=, jitter, rate, reset-after, close-after; UDP drop, duplicate):
+parsed strictly, applied on real sockets, counted in /metrics, and seen by probe."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import threading
+import time
+
+import psutil
+import pytest
+from conftest import (
+    assert_one_line_error,
+    exchange,
+    metrics_port,
+    recv_exactly,
+    run_cli,
+    scrape,
+    total,
+)
+from tools_helpers import tool
+
+from socket_echo.config import ConfigError, parse_bind_url
+from socket_echo.impair.params import Impairments
+
+
+def impaired(start_server, query: str, *args: str, scheme: str = "tcp"):  # type: ignore[no-untyped-def]
+    server = start_server(
+        "--bind", f"{scheme}://127.0.0.1:0?{query}", "--metrics", "127.0.0.1:0", *args
+    )
+    _, host, port = server.listener(scheme)
+    return server, host, port
+
+
+# -- parsing ----------------------------------------------------------------------------------
+
+
+def test_units_and_what_the_log_says():
+    spec = parse_bind_url("tcp://0.0.0.0:4243?delay=80ms&jitter=20ms&rate=1MiB&seed=3")
+    assert spec.impair == Impairments(delay=0.08, jitter=0.02, rate=1048576.0, seed=3)
+    assert spec.port == 4243 and spec.url == "tcp://0.0.0.0:4243"
+    assert (
+        spec.impair.describe() == "delay 80 ms + jitter up to 20 ms, rate 1.04858e+06 B/s, seed 3"
+    )
+    assert parse_bind_url("tcp://h:1?reset-after=64KiB").impair.reset_after == 65536
+    assert parse_bind_url("tcp://h:1?close-after=2kB").impair.close_after == 2000
+    assert parse_bind_url("udp://h:1?drop=2.5%25&duplicate=10").impair == Impairments(
+        drop=0.025, duplicate=0.1
+    )
+    assert parse_bind_url("tcp://h:1").impair is None
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("tcp://h:1?delay=fast", "delay='fast': not a duration"),
+        ("tcp://h:1?delay=2min", "not a duration"),
+        ("tcp://h:1?delay=90s", "at most 60 s"),
+        ("tcp://h:1?drop=5", "unknown impairment 'drop' for a stream listener"),
+        ("udp://h:1?reset-after=10", "unknown impairment 'reset-after' for a datagram listener"),
+        ("udp://h:1?drop=101", "drop='101': out of range (0-100)"),
+        ("tcp://h:1?rate=0", "must be at least 1 byte"),
+        ("tcp://h:1?reset-after=1&close-after=2", "exclude each other"),
+        ("tcp://h:1?delay=1ms&delay=2ms", "given twice"),
+        ("tcp://h:1?seed=x", "not an integer"),
+        ("tcp://h:1?delay", "malformed query"),
+    ],
+)
+def test_bad_parameters_are_named(url, words):
+    with pytest.raises(ConfigError, match=None) as exc:
+        parse_bind_url(url)
+    assert words in str(exc.value)
+
+
+def test_bad_parameter_on_the_command_line_is_one_line_exit_2():
+    result = run_cli("serve", "--bind", "tcp://127.0.0.1:0?jitter=lots")
+    assert_one_line_error(result, 2, "jitter='lots'")
+
+
+# -- streams ----------------------------------------------------------------------------------
+
+
+def test_impaired_listener_beside_a_clean_one(start_server):
+    server = start_server(
+        "--bind",
+        "tcp://127.0.0.1:0",
+        "--bind",
+        "tcp://127.0.0.1:0?delay=50ms",
+        expect_listeners=2,
+    )
+    server.wait_for_log(r"listening on tcp://127\.0\.0\.1:\d+ \(.*; (native|epoll) path\)$")
+    server.wait_for_log(r"; impaired path\); impairments: delay 50 ms$")
+
+
+def test_delay_is_added_to_every_echo(start_server, loop_name):
+    server, host, port = impaired(start_server, "delay=100ms", "--loop", loop_name)
+    with socket.create_connection((host, port), timeout=5) as sock:
+        for _ in range(3):
+            started = time.monotonic()
+            assert exchange(sock, b"ping") == b"ping"
+            assert 0.095 <= time.monotonic() - started < 0.6
+    m = scrape(metrics_port(server))
+    assert total(m, "socket_echo_impairments_total", kind="delayed") >= 3
+
+
+def test_a_mebibyte_through_jitter_comes_back_exact_and_in_order(start_server, loop_name):
+    _server, host, port = impaired(start_server, "delay=1ms&jitter=5ms&seed=1", "--loop", loop_name)
+    data = bytes(range(256)) * 4096
+    with socket.create_connection((host, port), timeout=10) as sock:
+        assert exchange(sock, data, chunk=7919) == data
+
+
+def test_rate_limits_the_echo_bandwidth(start_server):
+    _server, host, port = impaired(start_server, "rate=200KiB")
+    data = b"r" * (100 << 10)
+    with socket.create_connection((host, port), timeout=10) as sock:
+        started = time.monotonic()
+        assert exchange(sock, data) == data
+        elapsed = time.monotonic() - started
+    assert 0.4 <= elapsed < 2.0, elapsed  # 100 KiB at 200 KiB/s: half a second
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_reset_after_exactly_n_bytes_never_a_clean_eof(start_server, loop):
+    server, host, port = impaired(start_server, "reset-after=1000", "--loop", loop)
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(b"x" * 5000)
+        got = b""
+        with pytest.raises(ConnectionResetError):
+            while True:
+                part = sock.recv(65536)
+                assert part, f"a clean EOF after {len(got)} bytes, not a reset"
+                got += part
+    assert got == b"x" * 1000
+    server.wait_for_log(r"closed: reset-after; in 5000 B, out 1000 B")
+    m = scrape(metrics_port(server))
+    assert total(m, "socket_echo_impairments_total", kind="reset") == 1
+    assert total(m, "socket_echo_connections_closed_total", reason="reset-after") == 1
+
+
+def test_close_after_n_bytes_is_a_fin(start_server):
+    _server, host, port = impaired(start_server, "close-after=1000")
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(b"y" * 3000)
+        got = recv_exactly(sock, 5000)  # stops at EOF
+    assert got == b"y" * 1000
+
+
+def test_long_delay_and_a_fast_sender_stay_within_max_buffer(start_server):
+    server, host, port = impaired(start_server, "delay=5s", "--max-buffer", "256KiB")
+    proc = psutil.Process(server.pid)
+    before = proc.memory_info().rss
+    sent = [0]
+    with socket.create_connection((host, port), timeout=30) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+
+        def blast() -> None:
+            chunk = b"z" * 65536
+            try:
+                while sent[0] < 256 << 20:
+                    sent[0] += sock.send(chunk)
+            except OSError:
+                pass
+
+        threading.Thread(target=blast, daemon=True).start()
+        last, still = -1, time.monotonic()
+        while time.monotonic() - still < 1.0:  # until the sender is blocked
+            if sent[0] != last:
+                last, still = sent[0], time.monotonic()
+            time.sleep(0.05)
+        growth = proc.memory_info().rss - before
+        assert sent[0] < 64 << 20, "the server kept reading although its echo waited"
+        assert growth < 16 << 20, f"RSS grew {growth >> 20} MiB"
+
+
+def test_probe_reports_the_delay_and_fails_on_a_reset(start_server):
+    _, _, slow = impaired(start_server, "delay=30ms")
+    result = tool("probe", f"127.0.0.1:{slow}", "--json", "--timeout", "2")
+    report = json.loads(result.stdout)
+    latency = next(s for s in report["steps"] if s["name"].startswith("latency"))
+    assert latency["status"] == "pass" and latency["p50_us"] >= 30_000
+    _, _, cut = impaired(start_server, "reset-after=20000")
+    result = tool("probe", f"127.0.0.1:{cut}", "--json", "--timeout", "2")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    failed = [s for s in report["steps"] if s["status"] == "fail"]
+    assert any("reset" in s["detail"].lower() for s in failed), failed
+
+
+# -- datagrams --------------------------------------------------------------------------------
+
+
+def udp_exchange(host: str, port: int, count: int, burst: int = 50) -> list[bytes]:
+    """Send ``count`` numbered datagrams in bursts (each burst's answers read before the next,
+    so no socket buffer overflows), then collect every answer until quiet."""
+    answers = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        for start in range(0, count, burst):
+            for i in range(start, min(count, start + burst)):
+                sock.sendto(i.to_bytes(4, "big") * 8, (host, port))
+            sock.settimeout(0.005)
+            try:
+                while True:
+                    answers.append(sock.recvfrom(100)[0])
+            except TimeoutError:
+                pass
+        sock.settimeout(0.5)
+        try:
+            while True:
+                answers.append(sock.recvfrom(100)[0])
+        except TimeoutError:
+            pass
+    return answers
+
+
+def within(observed: int, n: int, p: float) -> bool:
+    """Inside a binomial 5-sigma band around n*p."""
+    sigma = math.sqrt(n * p * (1 - p))
+    return abs(observed - n * p) <= 5 * sigma + 1
+
+
+def test_udp_drop_and_duplicate_rates_with_a_seed(start_server):
+    server, host, port = impaired(start_server, "drop=30&duplicate=20&seed=7", scheme="udp")
+    answers = udp_exchange(host, port, 600)
+    assert all(a == a[:4] * 8 for a in answers)  # byte-exact
+    m = scrape(metrics_port(server))
+    received = total(m, "socket_echo_udp_datagrams_total", direction="in")  # past the kernel
+    dropped = total(m, "socket_echo_impairments_total", kind="dropped")
+    duplicated = total(m, "socket_echo_impairments_total", kind="duplicated")
+    distinct = {a[:4] for a in answers}
+    assert received >= 400, received
+    assert within(int(dropped), int(received), 0.3), (dropped, received)
+    assert len(distinct) == received - dropped  # every answer the server sent arrived
+    assert within(int(duplicated), len(distinct), 0.2), (duplicated, len(distinct))
+    assert len(answers) == len(distinct) + duplicated
+
+
+def test_udp_delay_and_jitter_may_reorder_but_lose_nothing(start_server):
+    _, host, port = impaired(start_server, "delay=20ms&jitter=40ms&seed=1", scheme="udp")
+    started = time.monotonic()
+    answers = udp_exchange(host, port, 50)
+    assert time.monotonic() - started >= 0.02
+    order = [int.from_bytes(a[:4], "big") for a in answers]
+    assert sorted(order) == list(range(50))
+    assert order != sorted(order), "jitter of 40 ms over 50 quick datagrams reorders some"
