@@ -5,11 +5,14 @@
 # SOCKET_ECHO_* environment variables: docker run -e SOCKET_ECHO_WORKERS=auto ...
 
 FROM python:3.11-slim AS build
+# A C compiler for the native data paths (src/socket_echo/*/_native.c): only in this stage.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY src ./src
-# Wheels for the package and its dependencies; the final stage installs them without pip's
-# cache and without a compiler.
+# Wheels for the package (with its compiled extensions) and its dependencies; the final stage
+# installs them without pip's cache and without a compiler, and runs the native paths.
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim

@@ -140,6 +140,9 @@ def test_dockerfile_build_steps_make_a_working_install(start_server, tmp_path):
         "SOCKET_ECHO_METRICS": "127.0.0.1:0",
     }
     server = start_server(host="", env=env, launcher=[str(installed)])
+    # the wheel carries the compiled extensions: the image serves on the native paths
+    server.wait_for_log(r"TCP echo server listening on .*; native path\)")
+    server.wait_for_log(r"UDP echo server listening on .*; native path\)")
     health = healthcheck(d, {**env, "SOCKET_ECHO_PORT": str(server.port)})
     result = subprocess.run([str(installed), *health[1:]], capture_output=True, timeout=30)
     assert result.returncode == 0, result

@@ -246,3 +246,44 @@ def test_udp_delay_and_jitter_may_reorder_but_lose_nothing(start_server):
     order = [int.from_bytes(a[:4], "big") for a in answers]
     assert sorted(order) == list(range(50))
     assert order != sorted(order), "jitter of 40 ms over 50 quick datagrams reorders some"
+
+
+@pytest.mark.parametrize("scheme", ["tls", "unix"])
+def test_other_stream_kinds_are_impaired_too(start_server, tmp_path, scheme):
+    """TLS: the reset is a TCP RST under the TLS session (no close_notify: never a clean TLS
+    end). Unix sockets have no RST: there the N bytes are followed by end of stream."""
+    import ssl
+
+    if scheme == "tls":
+        server = start_server(
+            "--bind", "tls://127.0.0.1:0?delay=60ms&reset-after=100", "--tls-self-signed"
+        )
+        _, host, port = server.listener("tls")
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        sock = ctx.wrap_socket(
+            socket.create_connection((host, port), timeout=5), suppress_ragged_eofs=False
+        )
+    else:
+        path = tmp_path / "echo.sock"
+        server = start_server("--bind", f"unix://{path}?delay=60ms&reset-after=100", host="")
+        server.listener("unix")
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(5)
+        sock.connect(str(path))
+    with sock:
+        started = time.monotonic()
+        sock.sendall(b"hello")
+        assert recv_exactly(sock, 5) == b"hello"
+        assert time.monotonic() - started >= 0.055
+        sock.sendall(b"x" * 200)
+        got = b""
+        try:
+            while part := sock.recv(1000):
+                got += part
+            ended = "end of stream"
+        except (ConnectionResetError, ssl.SSLError) as exc:
+            ended = type(exc).__name__
+    assert got == b"x" * 95  # 100 bytes echoed in all, then the end
+    if scheme == "tls":
+        assert ended in ("ConnectionResetError", "SSLEOFError"), ended  # not a clean close

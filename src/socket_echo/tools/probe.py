@@ -309,6 +309,17 @@ class Probe:
             sock.close()
         return self.steps
 
+    def _loss_hint(self) -> str:
+        """Why a datagram may go unanswered by a server on this machine."""
+        from socket_echo.tools.bench import is_loopback
+
+        if not is_loopback(self.target):
+            return " (lost on the path, or refused by the server: its counters tell which)"
+        return (
+            " (the target is on this machine: a socket-echo server drops datagrams over its "
+            "--udp-rate/--udp-burst per-source limit, or from a source port below 1024)"
+        )
+
     def _datagram(self, sock: socket.socket, payload: bytes) -> tuple[str, str]:
         """One datagram, answered within its tries. Answers to earlier datagrams (a path
         that duplicates or delays) are set aside and reported, not taken for this one."""
@@ -341,7 +352,7 @@ class Probe:
                         continue
                     if len(reply) != len(payload) or attempt == UDP_TRIES - 1:
                         return FAIL, f"reply differs: {first_difference(payload, reply)}"
-            return FAIL, f"no reply after {UDP_TRIES} tries"
+            return FAIL, f"no reply after {UDP_TRIES} tries{self._loss_hint()}"
         finally:
             self._udp_sent.add(payload)
 
