@@ -314,3 +314,72 @@ def test_server_contexts_refuse_renegotiation_whatever_the_openssl(pki):
     for ctx in (server_context(pki["cert"], pki["key"], None), self_signed_context()[0]):
         assert ctx.options & ssl.OP_NO_RENEGOTIATION
         assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+# -- --tls-ciphers: the suites Zephyr's mbedTLS clients offer -------------------------------
+
+
+@pytest.fixture(scope="module")
+def rsa_pki(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """An RSA certificate, as net-tools' echo-apps-cert.pem is: RSA key exchange needs one."""
+    d = tmp_path_factory.mktemp("rsa")
+    ca = trustme.CA(key_type=trustme.KeyType.RSA)
+    server = ca.issue_cert("localhost", "127.0.0.1", key_type=trustme.KeyType.RSA)
+    files = {"ca": d / "ca.pem", "cert": d / "cert.pem", "key": d / "key.pem"}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    server.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    server.private_key_pem.write_to_path(str(files["key"]))
+    return {k: str(v) for k, v in files.items()}
+
+
+def mbedtls_echo(port: int, suite: str, payload: bytes) -> bytes | None:
+    """The echo an mbedTLS client offering only ``suite`` gets (tests/mbedtls_client.py, a
+    process of its own), or None when its handshake fails (or hangs: a known python-mbedtls
+    behaviour after an alert)."""
+    script = os.path.join(os.path.dirname(__file__), "mbedtls_client.py")
+    try:
+        done = subprocess.run(
+            [sys.executable, script, str(port), suite, payload.hex()],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    return bytes.fromhex(done.stdout.strip()) if done.returncode == 0 else None
+
+
+RSA_SUITE = "TLS-RSA-WITH-AES-128-CBC-SHA256"
+
+
+def test_secure_preset_is_pythons_forward_secret_default():
+    from socket_echo.config import TLS_CIPHER_PRESETS
+    from socket_echo.gates.tls import apply_ciphers
+
+    default = [c["name"] for c in ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).get_ciphers()]
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    assert apply_ciphers(ctx, "secure") == default
+    assert all("DHE" in n or n.startswith("TLS_") for n in default)  # forward secrecy only
+    compat = apply_ciphers(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), "compat")
+    assert {"AES128-SHA256", "AES128-GCM-SHA256"} <= set(compat) and set(default) < set(compat)
+    assert "compat" in TLS_CIPHER_PRESETS
+
+
+def test_mbedtls_rsa_key_exchange_needs_compat(start_server, rsa_pki):
+    flags = ("--tls-cert", rsa_pki["cert"], "--tls-key", rsa_pki["key"])
+    secure = start_server("--bind", "tls://127.0.0.1:0", *flags)
+    _, _, port = secure.listener("tls")
+    assert mbedtls_echo(port, RSA_SUITE, b"refused") is None
+    secure.wait_for_log(r"TLS handshake from .* failed: no shared cipher")
+    compat = start_server("--bind", "tls://127.0.0.1:0", *flags, "--tls-ciphers", "compat")
+    compat.wait_for_log(r"TLS: cipher suites \(--tls-ciphers compat\): .*AES128-SHA256")
+    _, _, port = compat.listener("tls")
+    payload = bytes(range(256)) * 8
+    assert mbedtls_echo(port, RSA_SUITE, payload) == payload
+
+
+def test_a_cipher_string_that_matches_nothing_is_one_line():
+    result = run_cli(
+        "serve", "--bind", "tls://127.0.0.1:0", "--tls-self-signed", "--tls-ciphers", "NOPE-AES"
+    )
+    assert_one_line_error(result, 2, "--tls-ciphers 'NOPE-AES': no cipher suite matches")

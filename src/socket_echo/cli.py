@@ -254,6 +254,16 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
     help="Close connections whose TLS handshake takes longer.",
 )
 @option(
+    "--tls-ciphers",
+    default=config.DEFAULT_TLS_CIPHERS,
+    show_default=True,
+    metavar="secure|compat|STRING",
+    help_group=TLS,
+    help="TLS 1.2 cipher suites: secure (forward secrecy only), compat (adds the RSA key "
+    "exchange AES-CBC/GCM SHA-2 suites of default mbedTLS builds, as Zephyr's clients offer; "
+    "for labs), or any OpenSSL cipher string. The start-up log names the suites.",
+)
+@option(
     "--proxy-header-timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=config.PROXY_HEADER_TIMEOUT,
@@ -349,6 +359,7 @@ def serve(
     tls_client_ca: str | None,
     tls_self_signed: bool,
     tls_handshake_timeout: float,
+    tls_ciphers: str,
     proxy_header_timeout: float,
     loop: str,
     engine: str,
@@ -371,7 +382,7 @@ def serve(
             if spec.scheme != "unix":
                 config.check_port(spec.port)
         metrics_spec = config.parse_metrics_address(metrics) if metrics else None
-        check_choices(loop, engine, udp_io)  # a data path this platform lacks: exit 2
+        check_choices(loop, engine, udp_io, tls_ciphers)  # a path this platform lacks: exit 2
         worker_total = worker_count(workers)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
@@ -392,6 +403,7 @@ def serve(
         tls_client_ca=tls_client_ca,
         tls_self_signed=tls_self_signed,
         tls_handshake_timeout=tls_handshake_timeout,
+        tls_ciphers=tls_ciphers,
         proxy_header_timeout=proxy_header_timeout,
         loop=loop,
         engine=engine,

@@ -30,6 +30,18 @@ DEFAULT_LOG_LEVEL = "info"
 DEFAULT_WORKERS = 1  # --workers N|auto ("auto": one per usable core)
 DEFAULT_LOG_FORMAT = "text"
 DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0
+# --tls-ciphers: a preset name or any OpenSSL cipher string (TLS 1.2 suites; TLS 1.3's are
+# always the three standard AEAD ones). "secure" is forward secrecy only (ECDHE/DHE), what
+# Python's own default allows; "compat" adds the RSA-key-exchange AES-CBC/GCM SHA-2 suites
+# that default mbedTLS builds (Zephyr's) offer: lab use with embedded clients.
+TLS_CIPHER_PRESETS = {
+    "secure": "@SECLEVEL=2:ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE+AES:DHE+AES:"
+    "!aNULL:!eNULL:!aDSS:!SHA1:!AESCCM",
+    "compat": "@SECLEVEL=2:ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE+AES:DHE+AES:"
+    "AES128-GCM-SHA256:AES256-GCM-SHA384:AES128-SHA256:AES256-SHA256:"
+    "!aNULL:!eNULL:!aDSS:!SHA1:!AESCCM",
+}
+DEFAULT_TLS_CIPHERS = "secure"
 PROXY_HEADER_TIMEOUT = 5.0  # --proxy-header-timeout: a PROXY header is complete within it
 DEFAULT_UDP_RATE = 1000.0  # datagrams/s per source prefix (/24, /56)
 DEFAULT_UDP_BURST = 2000
@@ -121,6 +133,7 @@ class ServerConfig:
     tls_client_ca: str | None = None
     tls_self_signed: bool = False
     tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT
+    tls_ciphers: str = DEFAULT_TLS_CIPHERS
     proxy_header_timeout: float = PROXY_HEADER_TIMEOUT
     metrics: ListenerSpec | None = None  # HTTP /metrics /healthz /readyz; None = off
     workers: int = DEFAULT_WORKERS  # processes serving the listeners (supervisors/ when > 1)

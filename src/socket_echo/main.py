@@ -10,7 +10,12 @@ from __future__ import annotations
 import ssl
 
 from socket_echo.config import METRICS_BACKLOG, ConfigError, ServerConfig
-from socket_echo.gates.tls import TlsSetupError, self_signed_context, server_context
+from socket_echo.gates.tls import (
+    TlsSetupError,
+    apply_ciphers,
+    self_signed_context,
+    server_context,
+)
 from socket_echo.listeners import REUSE_PORT, BindError, BindOptions, adopt_fd, bind_all
 from socket_echo.logs import logger, setup_logging
 from socket_echo.loops import resolve_loop
@@ -26,32 +31,37 @@ class StartError(Exception):
     """The server cannot start (a port in use, a certificate unreadable): one line, exit 1."""
 
 
-def check_choices(loop: str, engine: str, udp_io: str) -> None:
-    """A loop or data path this platform lacks: ConfigError before anything is bound."""
+def check_choices(loop: str, engine: str, udp_io: str, tls_ciphers: str = "secure") -> None:
+    """A loop or data path this platform lacks, or cipher suites that match nothing:
+    ConfigError before anything is bound or made."""
     resolve_loop(loop)
     resolve_engine(engine)
     resolve_udp_io(udp_io)
+    apply_ciphers(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), tls_ciphers)
 
 
 def tls_context(cfg: ServerConfig) -> ssl.SSLContext | None:
-    """The server's SSLContext when a TLS listener asks for one."""
+    """The server's SSLContext when a TLS listener asks for one, its suites logged."""
     if not any(spec.scheme in TLS_SCHEMES for spec in cfg.listeners):
         return None
     if cfg.tls_self_signed:
         ctx, fingerprint = self_signed_context()
         logger.info("TLS: self-signed certificate for localhost, SHA-256 %s", fingerprint)
-        return ctx
-    if not (cfg.tls_cert and cfg.tls_key):
+    elif not (cfg.tls_cert and cfg.tls_key):
         raise ConfigError("a tls:// listener needs --tls-cert and --tls-key (or --tls-self-signed)")
-    try:
-        return server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
-    except TlsSetupError as exc:
-        raise StartError(str(exc)) from None
+    else:
+        try:
+            ctx = server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+        except TlsSetupError as exc:
+            raise StartError(str(exc)) from None
+    suites = apply_ciphers(ctx, cfg.tls_ciphers)
+    logger.info("TLS: cipher suites (--tls-ciphers %s): %s", cfg.tls_ciphers, ", ".join(suites))
+    return ctx
 
 
 def serve(cfg: ServerConfig) -> int:
     """Bind and serve until a signal; returns the exit code."""
-    check_choices(cfg.loop, cfg.engine, cfg.udp_io)
+    check_choices(cfg.loop, cfg.engine, cfg.udp_io, cfg.tls_ciphers)
     setup_logging(cfg.log_level, cfg.log_format)
     sslcontext = tls_context(cfg)
     # With workers and SO_REUSEPORT, this process only holds the addresses (TCP bound, not

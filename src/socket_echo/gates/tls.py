@@ -22,6 +22,7 @@ import ssl
 import tempfile
 from typing import Any, cast
 
+from socket_echo.config import TLS_CIPHER_PRESETS, ConfigError
 from socket_echo.logs import log_event
 from socket_echo.state import TlsStats
 from socket_echo.tcp.lifecycle import ListenerContext, format_peer
@@ -42,6 +43,20 @@ def new_context() -> ssl.SSLContext:
     ctx.minimum_version = MIN_VERSION
     ctx.options |= ssl.OP_NO_RENEGOTIATION
     return ctx
+
+
+def apply_ciphers(ctx: ssl.SSLContext, choice: str) -> list[str]:
+    """``--tls-ciphers``: a preset of config.TLS_CIPHER_PRESETS or an OpenSSL cipher string;
+    returns the suites in force. ConfigError (one line, exit 2) when nothing matches."""
+    try:
+        ctx.set_ciphers(TLS_CIPHER_PRESETS.get(choice, choice))
+    except ssl.SSLError:
+        presets = ", ".join(TLS_CIPHER_PRESETS)
+        raise ConfigError(
+            f"--tls-ciphers {choice!r}: no cipher suite matches (use {presets} or an OpenSSL "
+            "cipher string)"
+        ) from None
+    return [c["name"] for c in ctx.get_ciphers()]
 
 
 def server_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
