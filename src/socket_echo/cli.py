@@ -115,7 +115,8 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
     metavar="URL",
     help_group=LISTEN,
     help="Listener URL, repeatable: tcp://HOST:PORT, udp://, tls://, tcp+proxy://, "
-    "tls+proxy:// (PROXY protocol first), tcp://[::1]:4242, unix:///path/to/socket. "
+    "tls+proxy:// (PROXY protocol first), quic:// (QUIC v1, e.g. quic://0.0.0.0:4422), "
+    "tcp://[::1]:4242, unix:///path/to/socket; impairments as a query (?delay=80ms). "
     "Replaces --host/--port (which give TCP and UDP) when given.",
 )
 @option(
@@ -254,6 +255,44 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
     help="Close connections whose TLS handshake takes longer.",
 )
 @option(
+    "--quic-alpn",
+    multiple=True,
+    metavar="NAME",
+    help_group=TLS,
+    help="quic:// ALPN, repeatable; replaces the default echo-quic (Zephyr's and net-tools').",
+)
+@option(
+    "--quic-retry/--no-quic-retry",
+    default=False,
+    show_default=True,
+    help_group=TLS,
+    help="quic://: validate client addresses with a Retry before any handshake work.",
+)
+@option(
+    "--quic-max-streams",
+    type=click.IntRange(min=1),
+    default=config.DEFAULT_QUIC_MAX_STREAMS,
+    show_default=True,
+    help_group=TLS,
+    help="quic://: bidirectional streams a client may have open at once.",
+)
+@option(
+    "--quic-max-data",
+    type=ByteSize(),
+    default=config.DEFAULT_QUIC_MAX_DATA,
+    show_default=True,
+    help_group=TLS,
+    help="quic://: connection flow-control window.",
+)
+@option(
+    "--quic-max-stream-data",
+    type=ByteSize(),
+    default=config.DEFAULT_QUIC_MAX_STREAM_DATA,
+    show_default=True,
+    help_group=TLS,
+    help="quic://: flow-control window of each stream.",
+)
+@option(
     "--tls-ciphers",
     default=config.DEFAULT_TLS_CIPHERS,
     show_default=True,
@@ -359,6 +398,11 @@ def serve(
     tls_client_ca: str | None,
     tls_self_signed: bool,
     tls_handshake_timeout: float,
+    quic_alpn: tuple[str, ...],
+    quic_retry: bool,
+    quic_max_streams: int,
+    quic_max_data: int,
+    quic_max_stream_data: int,
     tls_ciphers: str,
     proxy_header_timeout: float,
     loop: str,
@@ -404,6 +448,11 @@ def serve(
         tls_self_signed=tls_self_signed,
         tls_handshake_timeout=tls_handshake_timeout,
         tls_ciphers=tls_ciphers,
+        quic_alpn=quic_alpn or config.DEFAULT_QUIC_ALPN,
+        quic_retry=quic_retry,
+        quic_max_streams=quic_max_streams,
+        quic_max_data=quic_max_data,
+        quic_max_stream_data=quic_max_stream_data,
         proxy_header_timeout=proxy_header_timeout,
         loop=loop,
         engine=engine,
@@ -514,6 +563,12 @@ def client(
     is_flag=True,
     help="Fail (not just report) a server that serves one client at a time.",
 )
+@click.option(
+    "--alpn",
+    default="echo-quic",
+    show_default=True,
+    help="quic://: the ALPN to offer (Zephyr's QUIC echo uses echo-quic).",
+)
 def probe(
     target: str,
     udp: bool,
@@ -524,6 +579,7 @@ def probe(
     as_json: bool,
     quick: bool,
     require_concurrency: bool,
+    alpn: str,
 ) -> None:
     """Check that any echo server conforms. Exit 0 passed, 1 failed, 2 unreachable."""
     from socket_echo.tools import probe as tool
@@ -532,6 +588,19 @@ def probe(
 
     t = _target(target, udp, tls)
     options = _tls_options(ca, insecure)
+    if t.scheme == "quic":
+        from socket_echo.tools import quic_probe
+
+        try:
+            steps = quic_probe.run(t, timeout, options, alpn)
+        except Unreachable as exc:
+            click.echo(f"socket-echo: error: unreachable: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
+        if as_json:
+            click.echo(report.probe_json(t.url, steps))
+        else:
+            report.probe_table(t.url, steps)
+        sys.exit(EXIT_FAILURE if any(s.status == tool.FAIL for s in steps) else 0)
     if quick:
         sys.exit(0 if tool.Probe(t, timeout, options).quick() else EXIT_FAILURE)
     try:

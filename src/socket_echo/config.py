@@ -65,7 +65,12 @@ ENGINES, DEFAULT_ENGINE = CHOICES["engine"]
 UDP_IO, DEFAULT_UDP_IO = CHOICES["udp_io"]
 LOG_LEVELS = CHOICES["log_level"][0]
 LOG_FORMATS = CHOICES["log_format"][0]
-SCHEMES = ("tcp", "udp", "tls", "unix", "tcp+proxy", "tls+proxy")
+SCHEMES = ("tcp", "udp", "tls", "unix", "tcp+proxy", "tls+proxy", "quic")
+# quic:// (gates/quic.py): Zephyr's QUIC echo uses port 4422 and ALPN "echo-quic".
+DEFAULT_QUIC_ALPN = ("echo-quic",)
+DEFAULT_QUIC_MAX_STREAMS = 128  # bidirectional streams a peer may have open at once
+DEFAULT_QUIC_MAX_DATA = 1 << 20  # connection flow-control window, bytes
+DEFAULT_QUIC_MAX_STREAM_DATA = 256 << 10  # per-stream window, bytes
 
 # -- tunables: fixed values the code relies on, kept here so each is set in one place ---------
 READ_CHUNK = 64 * 1024  # epoll path: bytes per recv (256 KiB reads stream slower, measured)
@@ -134,6 +139,11 @@ class ServerConfig:
     tls_self_signed: bool = False
     tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT
     tls_ciphers: str = DEFAULT_TLS_CIPHERS
+    quic_alpn: tuple[str, ...] = DEFAULT_QUIC_ALPN
+    quic_retry: bool = False
+    quic_max_streams: int = DEFAULT_QUIC_MAX_STREAMS
+    quic_max_data: int = DEFAULT_QUIC_MAX_DATA
+    quic_max_stream_data: int = DEFAULT_QUIC_MAX_STREAM_DATA
     proxy_header_timeout: float = PROXY_HEADER_TIMEOUT
     metrics: ListenerSpec | None = None  # HTTP /metrics /healthz /readyz; None = off
     workers: int = DEFAULT_WORKERS  # processes serving the listeners (supervisors/ when > 1)

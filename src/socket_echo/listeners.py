@@ -61,6 +61,7 @@ KINDS = {
     "tcp+proxy": (socket.SOCK_STREAM, socket.IPPROTO_TCP),
     "tls+proxy": (socket.SOCK_STREAM, socket.IPPROTO_TCP),
     "udp": (socket.SOCK_DGRAM, socket.IPPROTO_UDP),
+    "quic": (socket.SOCK_DGRAM, socket.IPPROTO_UDP),
 }
 
 

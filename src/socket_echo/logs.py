@@ -48,6 +48,11 @@ def setup_logging(level: str, fmt: str) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False
+    # aioquic logs each connection error to the "quic" logger, which would reach stderr bare
+    # (Python's last-resort handler), outside our format: the close record names it already.
+    quiet = logging.getLogger("quic")
+    quiet.handlers[:] = [logging.NullHandler()]
+    quiet.propagate = False
 
 
 def set_worker(index: int, level: str, fmt: str) -> None:

@@ -15,6 +15,7 @@ import ssl
 from typing import Any
 
 from socket_echo.config import CLOSE_WAIT, UDP_REPORT_EVERY, ServerConfig
+from socket_echo.gates.quic import EchoQuicServer, quic_options, serve_quic
 from socket_echo.gates.wiring import Listening, StreamSetup, serve_stream_listener
 from socket_echo.impair.datagram import ImpairedUdpEcho
 from socket_echo.impair.stream import ImpairedEcho
@@ -49,9 +50,11 @@ class EchoServer:
         config: ServerConfig,
         listeners: list[BoundListener],
         sslcontext: ssl.SSLContext | None = None,
+        quic: Any = None,
     ) -> None:
         self.config = config
         self.sslcontext = sslcontext
+        self.quic = quic  # QuicConfiguration for quic:// listeners
         self.listeners = listeners
         budget = descriptor_budget(config.max_connections)
         self.table = ConnectionTable(config.max_connections, config.idle_timeout, budget)
@@ -72,6 +75,7 @@ class EchoServer:
         self._udp: list[UdpServing] = []
         self._udp_report: asyncio.TimerHandle | None = None
         self._listening: list[Listening] = []
+        self._quic: list[EchoQuicServer] = []
         self._contexts: list[ListenerContext] = []
 
     async def start(self) -> None:
@@ -109,7 +113,19 @@ class EchoServer:
         for bound in self.listeners:
             kind = "dual-stack " if bound.dual_stack else ""
             impair = bound.spec.impair or None
-            if bound.scheme == "udp":
+            if bound.scheme == "quic":
+                ctx = ListenerContext(self.table, bound.url, cfg.max_buffer, cfg.access_log, loop)
+                self._contexts.append(ctx)
+                options = quic_options(cfg)
+                self._quic.append(
+                    await serve_quic(loop, bound.sock, ctx, guard, self.state, options, self.quic)
+                )
+                what = (
+                    f"QUIC echo server listening on {bound.url} ({kind}ALPN "
+                    f"{', '.join(options.alpn)}, up to {cfg.max_connections} clients, "
+                    f"{options.max_streams} streams each{', Retry' if options.retry else ''})"
+                )
+            elif bound.scheme == "udp":
                 if impair:
                     udp: UdpServing = ImpairedUdpEcho(
                         loop,
@@ -213,6 +229,7 @@ class EchoServer:
             listening.close()
         for udp in self._udp:
             udp.close()
+
         if self._udp_report is not None:
             self._udp_report.cancel()
             self.state.udp.report()
@@ -244,6 +261,8 @@ class EchoServer:
             await self._wait_closed(CLOSE_WAIT)
             self._close_all(abort=True)
         self.table.stop_sweeping()
+        for quic in self._quic:  # every QUIC connection is closed by now: stop listening
+            quic.close()
         if self.engine is not None:
             self.engine.shutdown()
 
@@ -289,11 +308,12 @@ def run(
     listeners: list[BoundListener],
     sslcontext: ssl.SSLContext | None = None,
     metrics_listeners: list[BoundListener] | None = None,
+    quic: Any = None,
 ) -> int:
     """Serve already-bound listeners until a signal; returns the exit code."""
     loop = loop_factory(config.loop)()
     asyncio.set_event_loop(loop)
-    server = EchoServer(config, listeners, sslcontext)
+    server = EchoServer(config, listeners, sslcontext, quic)
     server.metrics_listeners = metrics_listeners or []
     try:
         loop.run_until_complete(server.serve())

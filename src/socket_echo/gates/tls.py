@@ -86,14 +86,35 @@ def server_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext
     return ctx
 
 
-def self_signed_context() -> tuple[ssl.SSLContext, str]:
+def self_signed_context(pair: tuple[Any, Any] | None = None) -> tuple[ssl.SSLContext, str]:
     """A certificate for localhost made at start, in memory (the PEM touches a private temp
-    file only long enough for OpenSSL to load it). Returns (context, SHA-256 fingerprint)."""
+    file only long enough for OpenSSL to load it). Returns (context, SHA-256 fingerprint).
+    ``pair``: the (certificate, key) of :func:`self_signed_pair` to use (QUIC shares it)."""
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    cert, key = pair or self_signed_pair()
+    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    fd, path = tempfile.mkstemp(suffix=".pem")  # mode 0600
+    try:
+        os.write(fd, pem)
+        os.close(fd)
+        ctx = new_context()
+        ctx.load_cert_chain(path)
+    finally:
+        os.unlink(path)
+    fingerprint = cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    return ctx, fingerprint
+
+
+def self_signed_pair() -> tuple[Any, Any]:
+    """(certificate, private key) for localhost, 127.0.0.1 and ::1: EC P-256, 30 days."""
     import datetime
     import ipaddress
 
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
@@ -120,19 +141,7 @@ def self_signed_context() -> tuple[ssl.SSLContext, str]:
         )
         .sign(key, hashes.SHA256())
     )
-    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    fd, path = tempfile.mkstemp(suffix=".pem")  # mode 0600
-    try:
-        os.write(fd, pem)
-        os.close(fd)
-        ctx = new_context()
-        ctx.load_cert_chain(path)
-    finally:
-        os.unlink(path)
-    fingerprint = cert.fingerprint(hashes.SHA256()).hex(":").upper()
-    return ctx, fingerprint
+    return cert, key
 
 
 def failure_reason(exc: BaseException) -> str:

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Awaitable
+from typing import Any
 
 from socket_echo.config import (
     READY_TIMEOUT,
@@ -84,6 +85,7 @@ class Supervisor:
         placeholders: list[BoundListener],
         metrics_listeners: list[BoundListener],
         sslcontext: ssl.SSLContext | None = None,
+        quic: Any = None,
     ) -> None:
         self.config = config
         self.shared = shared  # inherited by every worker
@@ -91,6 +93,7 @@ class Supervisor:
         self.placeholders = placeholders  # what this process holds of them (no UDP, later)
         self.metrics_listeners = metrics_listeners
         self.sslcontext = sslcontext
+        self.quic = quic
         self.rundir = tempfile.mkdtemp(prefix="socket-echo-")
         self.workers = [
             Worker(i, os.path.join(self.rundir, f"worker-{i}.sock")) for i in range(1, count + 1)
@@ -149,7 +152,7 @@ class Supervisor:
 
     def _release_udp(self) -> None:
         """The workers have their own UDP sockets now: ours would take a share of datagrams."""
-        for bound in [b for b in self.placeholders if b.scheme == "udp"]:
+        for bound in [b for b in self.placeholders if b.scheme in ("udp", "quic")]:
             bound.close()
             self.placeholders.remove(bound)
 
@@ -328,7 +331,7 @@ class Supervisor:
             for bound in self.placeholders:
                 bound.sock.close()
         os.write(ready_w, b"r")  # the write end stays open until this process exits
-        return run(self.config, own + shared, self.sslcontext, private)
+        return run(self.config, own + shared, self.sslcontext, private, self.quic)
 
 
 def die_with_parent() -> None:

@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 
 from socket_echo.config import DEFAULT_PORT, format_url
 
-SCHEMES = ("tcp", "udp", "tls", "unix")
+SCHEMES = ("tcp", "udp", "tls", "unix", "quic")
+QUIC_PORT = 4422  # Zephyr's QUIC echo samples and net-tools' quic-echo-server
 
 
 class TargetError(ValueError):
@@ -41,7 +42,7 @@ class Target:
 
     @property
     def stream(self) -> bool:
-        return self.scheme != "udp"
+        return self.scheme not in ("udp", "quic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,9 @@ def parse_target(text: str, scheme: str | None = None) -> Target:
     if "://" in text:
         parts = urlsplit(text)
         if parts.scheme not in SCHEMES:
-            raise TargetError(f"unknown scheme in {text!r} (use tcp://, udp://, tls://, unix://)")
+            raise TargetError(
+                f"unknown scheme in {text!r} (use tcp://, udp://, tls://, unix://, quic://)"
+            )
         if parts.scheme == "unix":
             path = parts.netloc + parts.path
             if not path:
@@ -76,7 +79,8 @@ def parse_target(text: str, scheme: str | None = None) -> Target:
             raise TargetError(f"bad port in {text!r}: {exc}") from None
         if not parts.hostname:
             raise TargetError(f"no host in {text!r}")
-        return Target(parts.scheme, parts.hostname, DEFAULT_PORT if port is None else port)
+        default = QUIC_PORT if parts.scheme == "quic" else DEFAULT_PORT
+        return Target(parts.scheme, parts.hostname, default if port is None else port)
     host, port_text = text, ""
     if text.startswith("["):
         end = text.find("]")

@@ -1,0 +1,289 @@
+"""``quic://`` listeners: QUIC v1 echo on aioquic, for Zephyr's QUIC echo samples and net-tools.
+
+Every stream's bytes go back on the same stream as they arrive (Zephyr's client sends the next
+round without a FIN and waits for each echo); a FIN is mirrored after the last byte; any
+number of streams per connection (up to ``--quic-max-streams`` at once) and of connections.
+RFC 9221 datagrams are echoed when the peer advertises them. ALPN ``echo-quic`` by default
+(``--quic-alpn`` replaces it); the certificate is the TLS listeners' (``--tls-cert``/``--tls-key``
+or ``--tls-self-signed``).
+
+Before any per-connection state exists, a datagram that would start a connection (a long-header
+Initial for an unknown connection ID) passes the UDP guard (udp/guard.py: source port and
+address rules, the per-prefix and global token buckets: handshakes per source prefix), the
+connection cap and the descriptor-free table of tracked connections. ``--quic-retry`` validates
+addresses with Retry first. A handshake that does not finish within ``--tls-handshake-timeout``
+is closed; ``--idle-timeout`` is QUIC's own idle timeout. Each connection goes through the one
+lifecycle of tcp/lifecycle.py (admission, reasons, counters, the open and close records).
+
+Why the connection's stream limit is set through a private attribute: aioquic 1.7.2 has no
+setting for it (its ``initial_max_streams_bidi`` is fixed at 128); the value is read when the
+transport parameters are sent, so setting it right after the connection is made is enough.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+from typing import Any, cast
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    DatagramFrameReceived,
+    HandshakeCompleted,
+    QuicEvent,
+    StreamDataReceived,
+    StreamReset,
+)
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
+
+from socket_echo.config import (
+    DEFAULT_QUIC_ALPN,
+    DEFAULT_QUIC_MAX_DATA,
+    DEFAULT_QUIC_MAX_STREAM_DATA,
+    DEFAULT_QUIC_MAX_STREAMS,
+    ServerConfig,
+)
+from socket_echo.logs import log_event
+from socket_echo.state import ServerState
+from socket_echo.tcp.lifecycle import ERROR, IDLE, PEER_CLOSED, Connection, ListenerContext
+from socket_echo.udp.guard import UdpGuard
+
+HANDSHAKE_TIMEOUT = "handshake timeout"  # close reason
+MAX_DATAGRAM_FRAME = 65536
+
+
+class QuicSetupError(Exception):
+    """Certificate or key unusable for QUIC: one line, exit 1."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuicOptions:
+    alpn: tuple[str, ...] = DEFAULT_QUIC_ALPN
+    retry: bool = False
+    max_streams: int = DEFAULT_QUIC_MAX_STREAMS
+    max_data: int = DEFAULT_QUIC_MAX_DATA  # connection flow-control window, bytes
+    max_stream_data: int = DEFAULT_QUIC_MAX_STREAM_DATA  # per-stream window, bytes
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 300.0  # 0 = never
+
+
+def quic_options(cfg: ServerConfig) -> QuicOptions:
+    """The QUIC listeners' options from the server's configuration."""
+    return QuicOptions(
+        alpn=cfg.quic_alpn,
+        retry=cfg.quic_retry,
+        max_streams=cfg.quic_max_streams,
+        max_data=cfg.quic_max_data,
+        max_stream_data=cfg.quic_max_stream_data,
+        handshake_timeout=cfg.tls_handshake_timeout,
+        idle_timeout=cfg.idle_timeout,
+    )
+
+
+def configuration(
+    options: QuicOptions,
+    cert: str | None,
+    key: str | None,
+    self_signed: tuple[Any, Any] | None,
+) -> QuicConfiguration:
+    """The server side's QuicConfiguration; QuicSetupError when the files are unusable."""
+    config = QuicConfiguration(
+        is_client=False,
+        alpn_protocols=list(options.alpn),
+        idle_timeout=options.idle_timeout or 10.0**9,
+        max_data=options.max_data,
+        max_stream_data=options.max_stream_data,
+        max_datagram_frame_size=MAX_DATAGRAM_FRAME,
+    )
+    if self_signed is not None:
+        config.certificate, config.private_key = self_signed
+        return config
+    try:
+        config.load_cert_chain(cert or "", key)
+    except (OSError, ValueError, TypeError) as exc:
+        raise QuicSetupError(
+            f"QUIC: cannot use --tls-cert {cert} / --tls-key {key}: "
+            f"{getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    return config
+
+
+class QuicLife(Connection):
+    """One QUIC connection in the one lifecycle: the sweep, the drain and the metrics see it
+    like any stream connection."""
+
+    __slots__ = ("bytes_out", "protocol", "streams")
+
+    def __init__(self, ctx: ListenerContext, peer: Any, protocol: QuicEcho) -> None:
+        super().__init__(ctx, peer)
+        self.protocol = protocol
+        self.streams = 0
+        self.bytes_out = 0
+
+    def held(self) -> int:
+        return 0  # aioquic holds unsent stream data within the peer's flow-control window
+
+    def close(self, reason: str) -> None:
+        self.give_reason(reason)
+        self.closing = True
+        self.protocol.close()
+
+    def abort(self, reason: str) -> None:
+        self.close(reason)
+
+
+class QuicEcho(QuicConnectionProtocol):
+    """Echoes every stream and datagram of one QUIC connection."""
+
+    def __init__(self, quic: QuicConnection, *, ctx: ListenerContext, **kwargs: Any) -> None:
+        super().__init__(quic, **kwargs)
+        self.ctx = ctx
+        self.life: QuicLife | None = None
+        self.seen: set[int] = set()
+        self.handshake_timer: asyncio.TimerHandle | None = None
+
+    def start(self, peer: Any, handshake_timeout: float) -> bool:
+        life = QuicLife(self.ctx, peer, self)
+        if not life.admit():
+            return False
+        self.life = life
+        self.handshake_timer = self.ctx.loop.call_later(handshake_timeout, self._too_slow)
+        return True
+
+    def _too_slow(self) -> None:
+        self.handshake_timer = None
+        if self.life is not None:
+            self.life.give_reason(HANDSHAKE_TIMEOUT)
+        self.close()
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        life = self.life
+        if life is None:
+            return
+        if isinstance(event, StreamDataReceived):
+            if event.stream_id not in self.seen:
+                self.seen.add(event.stream_id)
+                life.streams += 1
+            life.bytes_in += len(event.data)
+            life.bytes_out += len(event.data)
+            self._quic.send_stream_data(event.stream_id, event.data, event.end_stream)
+            if event.end_stream:
+                self.seen.discard(event.stream_id)
+            self.transmit()
+        elif isinstance(event, DatagramFrameReceived):
+            life.bytes_in += len(event.data)
+            life.bytes_out += len(event.data)
+            self._quic.send_datagram_frame(event.data)
+            self.transmit()
+        elif isinstance(event, StreamReset):
+            self.seen.discard(event.stream_id)
+            self._quic.reset_stream(event.stream_id, event.error_code)
+            self.transmit()
+        elif isinstance(event, HandshakeCompleted):
+            if self.handshake_timer is not None:
+                self.handshake_timer.cancel()
+                self.handshake_timer = None
+        elif isinstance(event, ConnectionTerminated):
+            if self.handshake_timer is not None:
+                self.handshake_timer.cancel()
+                self.handshake_timer = None
+            if "idle" in (event.reason_phrase or "").lower():
+                life.give_reason(IDLE)
+            elif event.error_code == 0:  # NO_ERROR: a clean close (ours or the peer's)
+                life.give_reason(PEER_CLOSED)
+            else:
+                life.give_reason(ERROR, event.reason_phrase or f"error {event.error_code:#x}")
+            life.released(0)
+            self.life = None
+
+
+class EchoQuicServer(QuicServer):
+    """aioquic's server, with the guard, the cap and the lifecycle in front of new connections."""
+
+    def __init__(
+        self,
+        *,
+        ctx: ListenerContext,
+        guard: UdpGuard,
+        state: ServerState,
+        options: QuicOptions,
+        configuration: QuicConfiguration,
+    ) -> None:
+        self.ctx, self.guard, self.state, self.options = ctx, guard, state, options
+
+        def create(quic: QuicConnection, **kwargs: Any) -> QuicEcho:
+            quic._local_max_streams_bidi.value = options.max_streams  # see the docstring
+            return QuicEcho(quic, ctx=ctx, **kwargs)
+
+        super().__init__(configuration=configuration, create_protocol=create, retry=options.retry)
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        data = cast(bytes, data)
+        try:
+            header = pull_quic_header(
+                Buffer(data=data), host_cid_length=self._configuration.connection_id_length
+            )
+        except ValueError:
+            self.state.udp.dropped["quic: not a QUIC packet"] += 1
+            return
+        if header.destination_cid in self._protocols:
+            super().datagram_received(data, addr)
+            return
+        if header.packet_type != QuicPacketType.INITIAL:
+            super().datagram_received(data, addr)  # version negotiation; otherwise ignored
+            return
+        reason = self.guard.check(addr[0], addr[1], self._loop.time())
+        if reason is not None:
+            self.state.udp.dropped[f"quic: {reason}"] += 1
+            return
+        if self.ctx.draining:
+            return
+        known = set(self._protocols.values())
+        super().datagram_received(data, addr)
+        for protocol in set(self._protocols.values()) - known:  # the connection just made
+            echo = cast(QuicEcho, protocol)
+            if not echo.start(addr, self.options.handshake_timeout):
+                # CONNECTION_REFUSED (0x2): over the cap, or out of descriptors' budget
+                echo._quic.close(error_code=0x2, reason_phrase="connection limit")
+                echo.transmit()
+                self._connection_terminated(echo)
+
+    def close_all(self) -> None:
+        for protocol in set(self._protocols.values()):
+            protocol.close()
+
+
+async def serve_quic(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    ctx: ListenerContext,
+    guard: UdpGuard,
+    state: ServerState,
+    options: QuicOptions,
+    config: QuicConfiguration,
+) -> EchoQuicServer:
+    server: EchoQuicServer | None = None
+
+    def factory() -> EchoQuicServer:
+        nonlocal server
+        server = EchoQuicServer(
+            ctx=ctx, guard=guard, state=state, options=options, configuration=config
+        )
+        return server
+
+    await loop.create_datagram_endpoint(factory, sock=sock)
+    assert server is not None
+    log_event(
+        logging.DEBUG,
+        "quic",
+        f"QUIC on {ctx.listener}: ALPN {', '.join(options.alpn)}",
+        listener=ctx.listener,
+    )
+    return server

@@ -1,0 +1,247 @@
+"""quic:// listeners against aioquic's own client: real handshakes, real streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import socket
+import ssl
+
+import pytest
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    DatagramFrameReceived,
+    QuicEvent,
+    StreamDataReceived,
+)
+from conftest import assert_one_line_error, metrics_port, run_cli, scrape, total
+
+TEXT = (b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor " * 20)[
+    :1199
+]
+
+
+class EchoClient(QuicConnectionProtocol):
+    """Collects what comes back per stream, and datagrams; wakes waiters on each arrival."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.got: dict[int, bytearray] = {}
+        self.ended: set[int] = set()
+        self.datagrams: list[bytes] = []
+        self.terminated: ConnectionTerminated | None = None
+        self.changed = asyncio.Event()
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StreamDataReceived):
+            self.got.setdefault(event.stream_id, bytearray()).extend(event.data)
+            if event.end_stream:
+                self.ended.add(event.stream_id)
+        elif isinstance(event, DatagramFrameReceived):
+            self.datagrams.append(event.data)
+        elif isinstance(event, ConnectionTerminated):
+            self.terminated = event
+        self.changed.set()
+
+    async def until(self, check, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+        async def wait() -> None:
+            while not check():
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
+
+    def send(self, stream_id: int, data: bytes, end: bool = False) -> None:
+        self._quic.send_stream_data(stream_id, data, end_stream=end)
+        self.transmit()
+
+
+def client_config(alpn: str = "echo-quic", datagrams: bool = False) -> QuicConfiguration:
+    config = QuicConfiguration(is_client=True, alpn_protocols=[alpn])
+    config.verify_mode = ssl.CERT_NONE
+    if datagrams:
+        config.max_datagram_frame_size = 65536
+    return config
+
+
+def quic_server(start_server, *args: str):  # type: ignore[no-untyped-def]
+    server = start_server(
+        "--bind", "quic://127.0.0.1:0", "--tls-self-signed", "--metrics", "127.0.0.1:0", *args
+    )
+    _, host, port = server.listener("quic")
+    return server, host, port
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_zephyr_client_pattern_three_streams_no_fin_between_rounds(start_server):
+    """As Zephyr's QUIC echo client: several streams, random 1-1199 B prefixes of a text,
+    each echo awaited before the next round, no FIN between rounds."""
+    server, host, port = quic_server(start_server)
+
+    async def main() -> None:
+        rng = random.Random(7)
+        async with connect(
+            host, port, configuration=client_config(), create_protocol=EchoClient
+        ) as client:
+            streams = [0, 4, 8]  # client-initiated bidirectional streams
+            sent = dict.fromkeys(streams, 0)
+            for _ in range(20):
+                for sid in streams:
+                    chunk = TEXT[: rng.randint(1, 1199)]
+                    client.send(sid, chunk)
+                    sent[sid] += len(chunk)
+                    await client.until(lambda s=sid: len(client.got.get(s, b"")) >= sent[s])
+            for sid in streams:
+                client.send(sid, b"", end=True)  # FIN mirrored after the last byte
+            await client.until(lambda: client.ended >= set(streams))
+            for sid in streams:
+                assert len(client.got[sid]) == sent[sid]
+
+    run(main())
+    server.wait_for_log(r"connection #1 from 127\.0\.0\.1:\d+ closed")
+    m = scrape(metrics_port(server))
+    assert total(m, "socket_echo_connections_opened_total") == 1
+
+
+def test_many_streams_at_once_and_a_mebibyte_on_one(start_server):
+    _, host, port = quic_server(start_server)
+
+    async def main() -> None:
+        async with connect(
+            host, port, configuration=client_config(), create_protocol=EchoClient
+        ) as client:
+            ids = []
+            for i in range(100):
+                sid = client._quic.get_next_available_stream_id()
+                ids.append(sid)
+                client.send(sid, f"stream {i:03d}".encode(), end=True)
+            await client.until(lambda: client.ended >= set(ids))
+            for i, sid in enumerate(ids):
+                assert bytes(client.got[sid]) == f"stream {i:03d}".encode()
+            big = bytes(random.Random(1).randbytes(1 << 20))
+            sid = client._quic.get_next_available_stream_id()
+            client.send(sid, big, end=True)
+            await client.until(lambda: sid in client.ended, timeout=30)
+            assert bytes(client.got[sid]) == big
+
+    run(main())
+
+
+def test_datagrams_are_echoed_when_the_peer_offers_them(start_server):
+    _, host, port = quic_server(start_server)
+
+    async def main() -> None:
+        async with connect(
+            host, port, configuration=client_config(datagrams=True), create_protocol=EchoClient
+        ) as client:
+            for i in range(5):
+                client._quic.send_datagram_frame(f"dgram {i}".encode())
+            client.transmit()
+            await client.until(lambda: len(client.datagrams) >= 5)
+            assert sorted(client.datagrams) == [f"dgram {i}".encode() for i in range(5)]
+
+    run(main())
+
+
+def test_unknown_alpn_is_refused_and_a_chosen_alpn_works(start_server):
+    _, host, port = quic_server(start_server, "--quic-alpn", "lab-echo")
+
+    async def attempt(alpn: str) -> EchoClient:
+        async with connect(
+            host,
+            port,
+            configuration=client_config(alpn),
+            create_protocol=EchoClient,
+            wait_connected=True,
+        ) as client:
+            sid = client._quic.get_next_available_stream_id()
+            client.send(sid, b"alpn", end=True)
+            await client.until(lambda: sid in client.ended)
+            return client
+
+    assert bytes(run(attempt("lab-echo")).got[0]) == b"alpn"
+    with pytest.raises((ConnectionError, asyncio.TimeoutError)):
+        run(attempt("echo-quic"))
+
+
+def test_stream_limit_and_retry(start_server):
+    _, host, port = quic_server(start_server, "--quic-max-streams", "4", "--quic-retry")
+
+    async def main() -> None:
+        async with connect(
+            host, port, configuration=client_config(), create_protocol=EchoClient
+        ) as client:
+            limit = client._quic._remote_max_streams_bidi
+            assert limit == 4  # what the server advertised
+            sid = client._quic.get_next_available_stream_id()
+            client.send(sid, b"after a retry", end=True)
+            await client.until(lambda: sid in client.ended)
+            assert bytes(client.got[sid]) == b"after a retry"
+
+    run(main())
+
+
+def test_initials_from_a_forbidden_port_create_nothing(start_server):
+    """The UDP guard runs before any QUIC state: an Initial from source port 53 (a reflection
+    risk) is dropped and counted; a real client is served meanwhile."""
+    import time
+
+    from aioquic.quic.connection import QuicConnection
+
+    server, host, port = quic_server(start_server)
+    quic = QuicConnection(configuration=client_config())
+    quic.connect((host, port), now=time.monotonic())
+    initial = quic.datagrams_to_send(now=time.monotonic())[0][0]  # a real client's Initial
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", 53))
+        except PermissionError:
+            pytest.skip("binding port 53 needs root")
+        for _ in range(20):
+            sock.sendto(initial, (host, port))
+    m = scrape(metrics_port(server))
+    assert total(m, "socket_echo_udp_dropped_total", reason="quic: privileged source port") == 20
+    assert total(m, "socket_echo_connections_opened_total") == 0
+
+
+def test_quic_without_a_certificate_is_one_line():
+    assert_one_line_error(run_cli("serve", "--bind", "quic://127.0.0.1:0"), 2, "--tls-cert")
+
+
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) ")
+
+
+def test_probe_passes_our_server_and_names_a_refused_alpn(start_server):
+    from tools_helpers import tool
+
+    server, host, port = quic_server(start_server)
+    result = tool("probe", f"quic://{host}:{port}", "--insecure", "--json")
+    report = json.loads(result.stdout)
+    assert result.returncode == 0, report
+    names = [s["name"] for s in report["steps"]]
+    assert names == [
+        "handshake",
+        "Zephyr client pattern",
+        "FIN mirrored",
+        "100 streams at once",
+        "1 MiB on one stream",
+        "datagrams (RFC 9221)",
+    ]
+    result = tool("probe", f"quic://{host}:{port}", "--insecure", "--alpn", "h3", "--json")
+    assert result.returncode == 1
+    (step,) = json.loads(result.stdout)["steps"]
+    assert step["detail"] == "ALPN 'h3' refused by the server"
+    server.wait_for_log(r"closed: error: No common ALPN protocols")
+    assert [line for line in server.lines if not LOG_LINE.match(line)] == []  # no bare lines
+    nothing = tool("probe", "quic://127.0.0.1:9", "--insecure", "--timeout", "0.5", "--json")
+    assert nothing.returncode == 1
+    assert "no handshake within 0.5 s" in json.loads(nothing.stdout)["steps"][0]["detail"]
+    assert nothing.stderr == b""  # no stray traceback
