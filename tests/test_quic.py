@@ -245,3 +245,43 @@ def test_probe_passes_our_server_and_names_a_refused_alpn(start_server):
     assert nothing.returncode == 1
     assert "no handshake within 0.5 s" in json.loads(nothing.stdout)["steps"][0]["detail"]
     assert nothing.stderr == b""  # no stray traceback
+
+
+def test_an_initial_flood_with_retry_allocates_nothing_and_a_client_is_served(start_server):
+    """2,000 Initials from 2,000 source ports that never answer the Retry, and garbage: with
+    --quic-retry the server keeps no state for them (address validation is stateless), its
+    memory stays flat, and a real client completes its handshake and echo meanwhile."""
+    import time
+
+    import psutil
+    from aioquic.quic.connection import QuicConnection
+
+    server, host, port = quic_server(start_server, "--quic-retry")
+    proc = psutil.Process(server.pid)
+    before = proc.memory_info().rss
+    socks = []
+    for _ in range(2000):
+        quic = QuicConnection(configuration=client_config())
+        quic.connect((host, port), now=time.monotonic())
+        initial = quic.datagrams_to_send(now=time.monotonic())[0][0]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.sendto(initial, (host, port))
+        sock.sendto(b"\x00garbage" * 10, (host, port))
+        socks.append(sock)
+
+    async def real_client() -> bytes:
+        async with connect(
+            host, port, configuration=client_config(), create_protocol=EchoClient
+        ) as client:
+            client.send(0, b"still served", end=True)
+            await client.until(lambda: 0 in client.ended)
+            return bytes(client.got[0])
+
+    assert run(real_client()) == b"still served"
+    for sock in socks:
+        sock.close()
+    m = scrape(metrics_port(server))
+    assert total(m, "socket_echo_connections_opened_total") == 1  # the real client only
+    assert total(m, "socket_echo_udp_dropped_total", reason="quic: not a QUIC packet") >= 1000
+    assert proc.memory_info().rss - before < 8 << 20

@@ -332,7 +332,7 @@ def rsa_pki(tmp_path_factory):  # type: ignore[no-untyped-def]
     return {k: str(v) for k, v in files.items()}
 
 
-def mbedtls_echo(port: int, suite: str, payload: bytes) -> bytes | None:
+def mbedtls_echo(port: int, suite: str, payload: bytes, wait: float = 10.0) -> bytes | None:
     """The echo an mbedTLS client offering only ``suite`` gets (tests/mbedtls_client.py, a
     process of its own), or None when its handshake fails (or hangs: a known python-mbedtls
     behaviour after an alert)."""
@@ -342,7 +342,7 @@ def mbedtls_echo(port: int, suite: str, payload: bytes) -> bytes | None:
             [sys.executable, script, str(port), suite, payload.hex()],
             capture_output=True,
             text=True,
-            timeout=5,
+            timeout=wait,
         )
     except subprocess.TimeoutExpired:
         return None
@@ -369,7 +369,7 @@ def test_mbedtls_rsa_key_exchange_needs_compat(start_server, rsa_pki):
     flags = ("--tls-cert", rsa_pki["cert"], "--tls-key", rsa_pki["key"])
     secure = start_server("--bind", "tls://127.0.0.1:0", *flags)
     _, _, port = secure.listener("tls")
-    assert mbedtls_echo(port, RSA_SUITE, b"refused") is None
+    assert mbedtls_echo(port, RSA_SUITE, b"refused", wait=2.0) is None
     secure.wait_for_log(r"TLS handshake from .* failed: no shared cipher")
     compat = start_server("--bind", "tls://127.0.0.1:0", *flags, "--tls-ciphers", "compat")
     compat.wait_for_log(r"TLS: cipher suites \(--tls-ciphers compat\): .*AES128-SHA256")

@@ -306,12 +306,14 @@ def test_bench_explains_lost_datagrams_against_a_default_server(start_server):
     report says how many answers were missing and which server flags lift the limit."""
     server = start_server()
     _, host, port = server.listener("udp")
-    result = tool("bench", f"udp://{host}:{port}", "-c", "20", "-d", "2.5", "-p", "1")
+    result = tool("bench", f"udp://{host}:{port}", "-c", "20", "-d", "1.5", "-p", "1")
     out = result.stdout.decode()
     assert "note: " in out and "got no answer within" in out, out
     assert "per-source rate limit" in out and "--udp-rate 1e7" in out, out
     lifted = start_server("--udp-rate", "1e7", "--udp-burst", "100000", "--udp-max-rate", "1e7")
     _, host, port = lifted.listener("udp")
-    result = tool("bench", f"udp://{host}:{port}", "-c", "20", "-d", "1", "-p", "1", "--json", "-")
+    result = tool(
+        "bench", f"udp://{host}:{port}", "-c", "20", "-d", "0.5", "-p", "1", "--json", "-"
+    )
     report = json.loads(result.stdout.decode()[result.stdout.decode().index("{") :])
     assert report["lost_datagrams"] == 0 and report["loss_explanation"] is None
