@@ -220,14 +220,14 @@ def kernel_send_buffer_max() -> int:
 
 
 def test_stalled_readers_in_bulk_stay_bounded_and_are_closed(start_server, figure):
-    """500 clients send 1 MiB each and never read. On loopback the kernel absorbs about
+    """300 clients send 1 MiB each and never read. On loopback the kernel absorbs about
     3 MiB of echo per connection, so they stall in kernel buffers and the sweep closes them as
     idle; 20 heavier ones push until the server itself holds echo it cannot send, and are
     closed as 'write stalled'. What the server holds in user space stays bounded."""
     # The heavy ones must outgrow the server's kernel send buffer (autotuned up to the third
     # field of tcp_wmem, 4 MiB here) before the server itself holds echo.
     heavy_each = 4 * kernel_send_buffer_max()
-    count, each, heavy_count = 500, MiB, 20
+    count, each, heavy_count = 300, MiB, 20
     server = start_server("--idle-timeout", "3", "--metrics", "127.0.0.1:0", "--no-access-log")
     mport = metrics_port(server)
     bound_mib = (count + heavy_count) * 64 * 1024 / MiB  # one 64 KiB read held at most each

@@ -75,7 +75,7 @@ def test_corrupting_servers_are_caught(mode, env):
             "-s",
             "4096",
             "-d",
-            "1",
+            "0.5",
             "-p",
             "1",
         )
@@ -87,7 +87,7 @@ def test_corrupting_servers_are_caught(mode, env):
             "-s",
             "1000",
             "-d",
-            "1",
+            "0.5",
             "-p",
             "1",
             "--timeout",
