@@ -285,3 +285,22 @@ def test_an_initial_flood_with_retry_allocates_nothing_and_a_client_is_served(st
     assert total(m, "socket_echo_connections_opened_total") == 1  # the real client only
     assert total(m, "socket_echo_udp_dropped_total", reason="quic: not a QUIC packet") >= 1000
     assert proc.memory_info().rss - before < 8 << 20
+
+
+def test_sigterm_drains_quic_connections_then_exits_0(start_server):
+    import signal
+
+    server, host, port = quic_server(start_server, "--graceful-timeout", "0.5")
+
+    async def main() -> None:
+        async with connect(
+            host, port, configuration=client_config(), create_protocol=EchoClient
+        ) as client:
+            client.send(0, b"held open")
+            await client.until(lambda: len(client.got.get(0, b"")) >= 9)
+            server.signal(signal.SIGTERM)
+            await client.until(lambda: client.terminated is not None, timeout=10)
+
+    run(main())
+    assert server.wait(10) == 0
+    server.wait_for_log(r"connection #1 from .* closed: shutdown; in 9 B, out 9 B")
