@@ -6,7 +6,7 @@ ARGS ?=
 DURATION ?= 60
 FUZZ_SECONDS ?= 300
 
-.PHONY: install run test lint sanitize bench soak fuzz clean
+.PHONY: install run test lint coverage sanitize bench soak fuzz clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,12 @@ lint: install
 test: lint
 	$(BIN)/pytest -n 4 --cov=socket_echo --cov-report=term:skip-covered $(ARGS)
 	$(MAKE) sanitize
+
+# Line coverage including the servers and tools the tests run as subprocesses (slower: every
+# process starts coverage). make test reports the test processes' own coverage.
+coverage: install
+	$(BIN)/pytest -n 4 --cov=socket_echo --cov-config=tests/coverage-subprocess.toml \
+		--cov-report=term:skip-covered $(ARGS)
 
 # The native extension built with -fsanitize=address,undefined (a copy of src/ in build/asan),
 # and the tests that drive it with hostile or odd peers run against that build.

@@ -40,8 +40,11 @@ class ServerProcess:
         expect_listeners: int = 1,
         pass_fds: tuple[int, ...] = (),
         launcher: list[str] | None = None,
+        measured: bool = True,
     ) -> None:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        if not measured:
+            full_env = unmeasured(full_env)
         self.proc = subprocess.Popen(
             [*(launcher or [sys.executable, "-m", "socket_echo"]), "serve", *args],
             stdout=subprocess.PIPE,
@@ -147,6 +150,12 @@ class ServerProcess:
         for kid in kids:  # workers of a killed supervisor: do not leave them behind
             with contextlib.suppress(psutil.NoSuchProcess):
                 kid.kill()
+
+
+def unmeasured(env: dict[str, str] | None = None) -> dict[str, str]:
+    """An environment in which a subprocess is not traced by coverage: for load-heavy tests
+    whose code paths smaller tests cover already (tracing would triple their CPU cost)."""
+    return {k: v for k, v in (env or os.environ).items() if k != "COVERAGE_PROCESS_CONFIG"}
 
 
 def run_cli(

@@ -143,7 +143,12 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
 def test_connection_flood_leaves_connected_clients_responsive(start_server, figure):
     limit, attempts = 100, 2000  # 20x --max-connections
     server = start_server(
-        "--max-connections", str(limit), "--metrics", "127.0.0.1:0", "--no-access-log"
+        "--max-connections",
+        str(limit),
+        "--metrics",
+        "127.0.0.1:0",
+        "--no-access-log",
+        measured=False,
     )
     mport = metrics_port(server)
     with Sampler(server.pid) as mem, Steady(server.connect, 10, 64) as steady:
@@ -172,7 +177,9 @@ def test_connection_flood_leaves_connected_clients_responsive(start_server, figu
 
 def test_slowloris_is_reclaimed_by_the_idle_timeout(start_server, figure):
     count = 2000
-    server = start_server("--idle-timeout", "2", "--metrics", "127.0.0.1:0", "--no-access-log")
+    server = start_server(
+        "--idle-timeout", "2", "--metrics", "127.0.0.1:0", "--no-access-log", measured=False
+    )
     mport = metrics_port(server)
     with Sampler(server.pid) as mem, Steady(server.connect, 1, 64) as steady:
         socks = nonblocking_connects((server.host, server.port), count)
@@ -228,7 +235,9 @@ def test_stalled_readers_in_bulk_stay_bounded_and_are_closed(start_server, figur
     # field of tcp_wmem, 4 MiB here) before the server itself holds echo.
     heavy_each = 4 * kernel_send_buffer_max()
     count, each, heavy_count = 300, MiB, 20
-    server = start_server("--idle-timeout", "3", "--metrics", "127.0.0.1:0", "--no-access-log")
+    server = start_server(
+        "--idle-timeout", "3", "--metrics", "127.0.0.1:0", "--no-access-log", measured=False
+    )
     mport = metrics_port(server)
     bound_mib = (count + heavy_count) * 64 * 1024 / MiB  # one 64 KiB read held at most each
     with Sampler(server.pid) as mem, Steady(server.connect, 1, 64 * 1024) as steady:
