@@ -11,54 +11,22 @@ import ssl
 
 import pytest
 from aioquic.asyncio.client import connect
-from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import (
-    ConnectionTerminated,
-    DatagramFrameReceived,
-    QuicEvent,
-    StreamDataReceived,
-)
 from conftest import assert_one_line_error, metrics_port, run_cli, scrape, total
+
+from socket_echo.tools.quic_probe import ProbeClient
 
 TEXT = (b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor " * 20)[
     :1199
 ]
 
 
-class EchoClient(QuicConnectionProtocol):
-    """Collects what comes back per stream, and datagrams; wakes waiters on each arrival."""
+class EchoClient(ProbeClient):
+    """probe's QUIC client (it collects streams, datagrams and the close), waiting 10 s by
+    default."""
 
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(*args, **kwargs)
-        self.got: dict[int, bytearray] = {}
-        self.ended: set[int] = set()
-        self.datagrams: list[bytes] = []
-        self.terminated: ConnectionTerminated | None = None
-        self.changed = asyncio.Event()
-
-    def quic_event_received(self, event: QuicEvent) -> None:
-        if isinstance(event, StreamDataReceived):
-            self.got.setdefault(event.stream_id, bytearray()).extend(event.data)
-            if event.end_stream:
-                self.ended.add(event.stream_id)
-        elif isinstance(event, DatagramFrameReceived):
-            self.datagrams.append(event.data)
-        elif isinstance(event, ConnectionTerminated):
-            self.terminated = event
-        self.changed.set()
-
-    async def until(self, check, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-        async def wait() -> None:
-            while not check():
-                self.changed.clear()
-                await self.changed.wait()
-
-        await asyncio.wait_for(wait(), timeout)
-
-    def send(self, stream_id: int, data: bytes, end: bool = False) -> None:
-        self._quic.send_stream_data(stream_id, data, end_stream=end)
-        self.transmit()
+    async def until(self, check, timeout: float = 10.0, what: str = "echo") -> None:  # type: ignore[no-untyped-def, override]
+        await super().until(check, timeout, what)
 
 
 def client_config(alpn: str = "echo-quic", datagrams: bool = False) -> QuicConfiguration:
