@@ -10,21 +10,37 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-FALLBACK = "socket-echo: native extension not built ({}); the pure-Python data paths will run"
+FALLBACK = "socket-echo: native extensions not built ({}); the pure-Python data paths will run"
 
 
 class OptionalBuildExt(build_ext):
+    """Builds what it can; says once, in one line, if anything could not be built."""
+
+    failed = None
+
     def run(self):
+        self.failed = []
         try:
             super().run()
-        except Exception as exc:  # no compiler at all
-            print(FALLBACK.format(exc), file=sys.stderr)
+        except Exception as exc:  # no compiler at all, or nothing to copy
+            self.failed.append(str(exc).splitlines()[0][:120])
+        if self.failed:
+            print(FALLBACK.format(self.failed[0]), file=sys.stderr)
 
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
-        except Exception as exc:  # a compiler error
-            print(FALLBACK.format(exc), file=sys.stderr)
+        except Exception as exc:  # a compiler error: leave this one out
+            self.failed.append(f"{ext.name}: {type(exc).__name__}")
+            self.extensions = [e for e in self.extensions if e is not ext]
+
+    def copy_extensions_to_source(self):
+        built = [e for e in self.extensions if os.path.exists(self.get_ext_fullpath(e.name))]
+        self.extensions, all_extensions = built, self.extensions
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.extensions = all_extensions
 
 
 def extensions():

@@ -339,3 +339,32 @@ def test_systemd_socket_activation_as_the_units_describe_it(start_server):
         assert d.recvfrom(100)[0] == b"datagram"
     server.signal(signal.SIGTERM)  # systemctl stop
     assert server.wait(30) == 0
+
+
+def test_without_a_compiler_the_build_succeeds_in_one_line_and_the_pure_paths_serve(
+    start_server, tmp_path
+):
+    """The extensions are optional: with a C compiler that fails, the build still succeeds,
+    says so in one line, and the server runs its pure-Python paths."""
+    import shutil as sh
+
+    copy = tmp_path / "src-copy"
+    copy.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        sh.copy(ROOT / name, copy / name)
+    sh.copytree(ROOT / "src", copy / "src", ignore=sh.ignore_patterns("*.so", "__pycache__"))
+    result = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        cwd=copy,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CC": "/bin/false"},
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "the pure-Python data paths will run" in lines[0], lines
+    assert not list((copy / "src").rglob("*.so"))
+    server = start_server(expect_listeners=2, env={"PYTHONPATH": str(copy / "src")})
+    server.wait_for_log(r"TCP echo server listening on .*; epoll path\)")
+    server.wait_for_log(r"UDP echo server listening on .*; mmsg path\)")
