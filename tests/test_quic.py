@@ -272,3 +272,18 @@ def test_sigterm_drains_quic_connections_then_exits_0(start_server):
     run(main())
     assert server.wait(10) == 0
     server.wait_for_log(r"connection #1 from .* closed: shutdown; in 9 B, out 9 B")
+
+
+def test_client_pipes_a_mebibyte_over_one_stream_and_fails_in_one_line(start_server):
+    from tools_helpers import tool
+
+    _, host, port = quic_server(start_server)
+    data = random.Random(3).randbytes(1 << 20)
+    result = tool("client", f"quic://{host}:{port}", "--insecure", stdin=data)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == data
+    nothing = tool("client", "quic://127.0.0.1:9", "--insecure", "--timeout", "0.5", stdin=b"x")
+    assert nothing.returncode == 1
+    assert nothing.stderr.decode().strip().splitlines() == [
+        "socket-echo: error: quic://127.0.0.1:9: no QUIC handshake (ALPN echo-quic)"
+    ]

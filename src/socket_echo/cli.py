@@ -529,14 +529,28 @@ def transport_options(f: F) -> F:
     metavar="SECONDS",
     help="Connect timeout; how long to wait for the last echo.",
 )
+@click.option(
+    "--alpn",
+    default="echo-quic",
+    show_default=True,
+    help="quic://: the ALPN to offer.",
+)
 def client(
-    target: str, udp: bool, tls: bool, ca: str | None, insecure: bool, timeout: float
+    target: str, udp: bool, tls: bool, ca: str | None, insecure: bool, timeout: float, alpn: str
 ) -> None:
-    """Talk to an echo server: line mode on a terminal, binary-safe pipe otherwise."""
+    """Talk to an echo server: line mode on a terminal, binary-safe pipe otherwise (quic://:
+    a pipe over one stream)."""
     from socket_echo.tools import client as tool
     from socket_echo.tools.target import Unreachable
 
     t = _target(target, udp, tls)
+    if t.scheme == "quic":
+        from socket_echo.tools import quic_client
+
+        try:
+            sys.exit(quic_client.run(t, _tls_options(ca, insecure), timeout, alpn))
+        except Unreachable as exc:
+            raise click.ClickException(str(exc)) from None
     try:
         sys.exit(tool.run(t, _tls_options(ca, insecure), timeout))
     except (Unreachable, tool.ClientError) as exc:
