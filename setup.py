@@ -32,15 +32,15 @@ class OptionalBuildExt(build_ext):
             super().build_extension(ext)
         except Exception as exc:  # a compiler error: leave this one out
             self.failed.append(f"{ext.name}: {type(exc).__name__}")
-            self.extensions = [e for e in self.extensions if e is not ext]
 
     def copy_extensions_to_source(self):
-        built = [e for e in self.extensions if os.path.exists(self.get_ext_fullpath(e.name))]
-        self.extensions, all_extensions = built, self.extensions
+        """Editable installs copy what was built into src/: not what failed."""
+        names = {f.split(":")[0] for f in self.failed or []}
+        self.extensions, every = [e for e in self.extensions if e.name not in names], self.extensions
         try:
             super().copy_extensions_to_source()
         finally:
-            self.extensions = all_extensions
+            self.extensions = every
 
 
 def extensions():
