@@ -287,3 +287,15 @@ def test_client_pipes_a_mebibyte_over_one_stream_and_fails_in_one_line(start_ser
     assert nothing.stderr.decode().strip().splitlines() == [
         "socket-echo: error: quic://127.0.0.1:9: no QUIC handshake (ALPN echo-quic)"
     ]
+
+
+def test_probe_quick_is_a_health_check_and_bench_refuses_quic_in_one_line(start_server):
+    from tools_helpers import tool
+
+    _, host, port = quic_server(start_server)
+    ok = tool("probe", f"quic://{host}:{port}", "--insecure", "--quick")
+    assert ok.returncode == 0 and ok.stdout == b"" and ok.stderr == b""
+    down = tool("probe", "quic://127.0.0.1:9", "--insecure", "--quick", "--timeout", "0.5")
+    assert down.returncode == 1 and down.stdout == b""
+    refused = run_cli("bench", f"quic://{host}:{port}")
+    assert_one_line_error(refused, 2, "bench over QUIC is not supported yet")

@@ -606,10 +606,14 @@ def probe(
         from socket_echo.tools import quic_probe
 
         try:
-            steps = quic_probe.run(t, timeout, options, alpn)
+            steps = quic_probe.run(t, timeout, options, alpn, quick)
         except Unreachable as exc:
+            if quick:
+                sys.exit(EXIT_FAILURE)
             click.echo(f"socket-echo: error: unreachable: {exc}", err=True)
             sys.exit(EXIT_USAGE)
+        if quick:  # exit code only, as for the other schemes
+            sys.exit(EXIT_FAILURE if any(s.status == tool.FAIL for s in steps) else 0)
         if as_json:
             click.echo(report.probe_json(t.url, steps))
         else:
@@ -712,8 +716,10 @@ def bench(
         size = 65536 if mode == "stream" else 64
     if t.scheme == "udp" and mode != "udp":
         mode = "udp"
-    if t.scheme == "tls":
-        raise click.UsageError("bench over TLS is not supported yet (probe and client are)")
+    if t.scheme in ("tls", "quic"):
+        raise click.UsageError(
+            f"bench over {t.scheme.upper()} is not supported yet (probe and client are)"
+        )
     if mode == "udp" and size > 65507:
         raise click.UsageError("--size is at most 65507 for UDP (the largest IPv4 datagram)")
     for out in (json_file, plot_file):  # fail before the run, not after it

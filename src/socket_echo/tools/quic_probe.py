@@ -105,9 +105,15 @@ def configuration(alpn: str, tls: TlsOptions | None, host: str) -> QuicConfigura
 
 class QuicProbe:
     def __init__(
-        self, target: Target, timeout: float, tls: TlsOptions | None, alpn: str = DEFAULT_ALPN
+        self,
+        target: Target,
+        timeout: float,
+        tls: TlsOptions | None,
+        alpn: str = DEFAULT_ALPN,
+        quick: bool = False,
     ) -> None:
         self.target, self.timeout, self.tls, self.alpn = target, timeout, tls, alpn
+        self.quick = quick  # the handshake and one echo: a health check
         self.steps: list[Step] = []
         self.rng = random.Random(4422)
 
@@ -136,6 +142,9 @@ class QuicProbe:
                 assert isinstance(client, ProbeClient)
                 await self._step("handshake", lambda: self._handshake(client))
                 if self.steps[-1].status == FAIL:
+                    return self.steps
+                if self.quick:
+                    await self._step("FIN mirrored", lambda: self._fin(client))
                     return self.steps
                 await self._step("Zephyr client pattern", lambda: self._zephyr(client))
                 await self._step("FIN mirrored", lambda: self._fin(client))
@@ -232,11 +241,13 @@ class QuicProbe:
         return (PASS if got == 5 else FINDING), f"{got} of 5 echoed"
 
 
-def run(target: Target, timeout: float, tls: TlsOptions | None, alpn: str) -> list[Step]:
+def run(
+    target: Target, timeout: float, tls: TlsOptions | None, alpn: str, quick: bool = False
+) -> list[Step]:
     async def main() -> list[Step]:
         # A handshake that timed out leaves aioquic's waiter to fail later, unawaited: that
         # is reported as the step's failure already, not as a stray traceback.
         asyncio.get_running_loop().set_exception_handler(lambda loop, context: None)
-        return await QuicProbe(target, timeout, tls, alpn).run()
+        return await QuicProbe(target, timeout, tls, alpn, quick).run()
 
     return asyncio.run(main())
