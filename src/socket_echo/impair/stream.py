@@ -22,23 +22,20 @@ import contextlib
 import random
 import socket
 import struct
-from typing import Any, cast
+from typing import Any
 
-from socket_echo.tcp.lifecycle import (
-    CLOSE_AFTER,
-    ERROR,
-    PEER_CLOSED,
-    RESET_AFTER,
-    Connection,
-    ListenerContext,
-)
+from socket_echo.tcp.lifecycle import CLOSE_AFTER, ERROR, PEER_CLOSED, RESET_AFTER, ListenerContext
+from socket_echo.tcp.protocol import EchoProtocol
 
 LINGER_ABORT = struct.pack("ii", 1, 0)
 RATE_SLICES_PER_SECOND = 50  # a rate-limited chunk leaves in 20 ms slices, not in one burst
 DRAIN_POLL = 0.005  # reset-after: how often to look whether the last bytes reached the kernel
 
 
-class ImpairedEcho(Connection, asyncio.Protocol):
+class ImpairedEcho(EchoProtocol):
+    """The plain echo's connection handling (admission, flow-control limits, the TLS EOF
+    rule), with a queue between what arrives and what goes back."""
+
     __slots__ = (
         "echoed",
         "eof",
@@ -49,13 +46,10 @@ class ImpairedEcho(Connection, asyncio.Protocol):
         "read_paused",
         "rng",
         "timer",
-        "transport",
-        "unsent",
-        "writes_paused",
     )
 
     def __init__(self, ctx: ListenerContext, peer: Any = None) -> None:
-        Connection.__init__(self, ctx, peer)
+        super().__init__(ctx, peer)
         assert ctx.impair is not None
         seed = ctx.impair.seed
         self.rng = random.Random(seed) if seed is not None else random.Random()
@@ -67,19 +61,8 @@ class ImpairedEcho(Connection, asyncio.Protocol):
         self.eof = False
         self.finishing = False  # reset-after / close-after reached
         self.read_paused = False
-        self.writes_paused = False
-        self.unsent = 0
 
-    # -- per connection -----------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        if self.peer is None:
-            self.peer = transport.get_extra_info("peername")
-        if not self.admit():
-            self.transport.abort()
-            return
-        self.transport.set_write_buffer_limits(high=self.ctx.max_buffer)
-
+    # -- per connection (connection_made is the plain echo's) -------------------------
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
         if self.closing or self.finishing:
@@ -110,7 +93,7 @@ class ImpairedEcho(Connection, asyncio.Protocol):
         self.eof = True  # echo what is queued, then close
         if not self.queue:
             self.transport.close()
-        return None if self.transport.get_extra_info("sslcontext") is not None else True
+        return self.keep_open_after_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:

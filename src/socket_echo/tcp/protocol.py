@@ -53,12 +53,16 @@ class EchoProtocol(Connection, asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         # Half-close: keep the transport so the echo of what was sent can finish; close()
-        # flushes the write buffer, then closes. Over TLS the transport closes itself after
-        # EOF whatever we answer, and the stdlib loop warns on stderr if we answer True there
-        # ("returning true from eof_received() has no effect when using ssl"), outside the
-        # log format: answer None there.
+        # flushes the write buffer, then closes.
         self.give_reason(PEER_CLOSED)
         self.transport.close()
+        return self.keep_open_after_eof()
+
+    def keep_open_after_eof(self) -> bool | None:
+        """True (keep the transport for what is owed), except over TLS: there the transport
+        closes itself after EOF whatever we answer, and the stdlib loop warns on stderr if we
+        answer True ("returning true from eof_received() has no effect when using ssl"),
+        outside the log format."""
         return None if self.transport.get_extra_info("sslcontext") is not None else True
 
     def connection_lost(self, exc: Exception | None) -> None:
