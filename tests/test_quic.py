@@ -149,6 +149,7 @@ def test_stream_limit_and_retry(start_server):
         ) as client:
             limit = client._quic._remote_max_streams_bidi
             assert limit == 4  # what the server advertised
+            assert client._quic._retry_count == 1  # the server asked for address validation
             sid = client._quic.get_next_available_stream_id()
             client.send(sid, b"after a retry", end=True)
             await client.until(lambda: sid in client.ended)
