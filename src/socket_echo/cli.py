@@ -427,6 +427,7 @@ def serve(
                 config.check_port(spec.port)
         metrics_spec = config.parse_metrics_address(metrics) if metrics else None
         check_choices(loop, engine, udp_io, tls_ciphers)  # a path this platform lacks: exit 2
+        config.check_alpn(quic_alpn)
         worker_total = worker_count(workers)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
