@@ -489,7 +489,10 @@ def main(argv: list[str] | None = None) -> None:
 
 # -- client tools ----------------------------------------------------------------------------
 
-TARGET_HELP = "TARGET is HOST[:PORT] (port 4242), [IPV6]:PORT, or tcp:// udp:// tls:// unix:// URL."
+TARGET_HELP = (
+    "TARGET is HOST[:PORT] (port 4242), [IPV6]:PORT, or a tcp:// udp:// tls:// unix:// "
+    "quic:// (port 4422) dtls:// URL."
+)
 
 
 def _target(text: str, udp: bool, tls: bool) -> Any:
@@ -540,7 +543,7 @@ def client(
     target: str, udp: bool, tls: bool, ca: str | None, insecure: bool, timeout: float, alpn: str
 ) -> None:
     """Talk to an echo server: line mode on a terminal, binary-safe pipe otherwise (quic://:
-    a pipe over one stream)."""
+    a pipe over one stream; dtls://: one record per line, or per 1 KiB from a pipe)."""
     from socket_echo.tools import client as tool
     from socket_echo.tools.target import Unreachable
 
@@ -552,6 +555,13 @@ def client(
             sys.exit(quic_client.run(t, _tls_options(ca, insecure), timeout, alpn))
         except Unreachable as exc:
             raise click.ClickException(str(exc)) from None
+    if t.scheme == "dtls":
+        from socket_echo.tools import dtls_client
+
+        try:
+            sys.exit(dtls_client.run(t, _tls_options(ca, insecure), timeout))
+        except (Unreachable, dtls_client.DtlsFailed) as exc:
+            raise click.ClickException(f"{t.url}: {exc}") from None
     try:
         sys.exit(tool.run(t, _tls_options(ca, insecure), timeout))
     except (Unreachable, tool.ClientError) as exc:
@@ -603,11 +613,15 @@ def probe(
 
     t = _target(target, udp, tls)
     options = _tls_options(ca, insecure)
-    if t.scheme == "quic":
-        from socket_echo.tools import quic_probe
+    if t.scheme in ("quic", "dtls"):
+        from socket_echo.tools import dtls_probe, quic_probe
 
         try:
-            steps = quic_probe.run(t, timeout, options, alpn, quick)
+            steps = (
+                quic_probe.run(t, timeout, options, alpn, quick)
+                if t.scheme == "quic"
+                else dtls_probe.run(t, timeout, options, quick)
+            )
         except Unreachable as exc:
             if quick:
                 sys.exit(EXIT_FAILURE)
@@ -689,6 +703,7 @@ def probe(
     type=click.Path(dir_okay=False, writable=True),
     help="Draw the latency percentile curve to FILE.png (needs matplotlib).",
 )
+@click.option("--alpn", default="echo-quic", show_default=True, help="quic://: the ALPN to offer.")
 def bench(
     target: str,
     udp: bool,
@@ -704,6 +719,7 @@ def bench(
     timeout: float,
     json_file: str | None,
     plot_file: str | None,
+    alpn: str,
 ) -> None:
     """Load any echo server and verify every byte. Exit 1 on errors or mismatches."""
     import os
@@ -717,10 +733,20 @@ def bench(
         size = 65536 if mode == "stream" else 64
     if t.scheme == "udp" and mode != "udp":
         mode = "udp"
-    if t.scheme in ("tls", "quic"):
-        raise click.UsageError(
-            f"bench over {t.scheme.upper()} is not supported yet (probe and client are)"
-        )
+    if t.scheme == "tls":
+        raise click.UsageError("bench over TLS is not supported yet (probe and client are)")
+    secure = t.scheme in ("quic", "dtls")
+    if secure:
+        from socket_echo.tools.bench_secure import DTLS_MAX_RECORD, MODES
+
+        if mode not in MODES[t.scheme]:
+            raise click.UsageError(
+                f"--mode {mode} over {t.scheme}://: use {', '.join(MODES[t.scheme])}"
+            )
+        if rate:
+            raise click.UsageError(f"--rate over {t.scheme}:// is not supported (closed loop only)")
+        if t.scheme == "dtls" and size > DTLS_MAX_RECORD:
+            raise click.UsageError(f"--size is at most {DTLS_MAX_RECORD} for DTLS (one record)")
     if mode == "udp" and size > 65507:
         raise click.UsageError("--size is at most 65507 for UDP (the largest IPv4 datagram)")
     for out in (json_file, plot_file):  # fail before the run, not after it
@@ -734,12 +760,26 @@ def bench(
         except ImportError:
             raise click.UsageError("--plot needs matplotlib (pip install matplotlib)") from None
     try:
-        connect(t, timeout).close()
+        if secure:
+            from socket_echo.tools.bench_secure import check_reachable
+
+            check_reachable(t, _tls_options(ca, insecure), timeout, alpn)
+        else:
+            connect(t, timeout).close()
     except Unreachable as exc:
         click.echo(f"socket-echo: error: unreachable: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     cfg = tool.BenchConfig(
-        t, mode, connections, size, duration, processes or os.cpu_count() or 1, rate, timeout
+        t,
+        mode,
+        connections,
+        size,
+        duration,
+        processes or os.cpu_count() or 1,
+        rate,
+        timeout,
+        _tls_options(ca, insecure),
+        alpn,
     )
     progress = report.Progress(duration, "bytes" if mode == "stream" else "requests")
     try:

@@ -65,7 +65,11 @@ ENGINES, DEFAULT_ENGINE = CHOICES["engine"]
 UDP_IO, DEFAULT_UDP_IO = CHOICES["udp_io"]
 LOG_LEVELS = CHOICES["log_level"][0]
 LOG_FORMATS = CHOICES["log_format"][0]
-SCHEMES = ("tcp", "udp", "tls", "unix", "tcp+proxy", "tls+proxy", "quic")
+SCHEMES = ("tcp", "udp", "tls", "unix", "tcp+proxy", "tls+proxy", "quic", "dtls")
+DATAGRAM_SCHEMES = ("udp", "quic", "dtls")  # one UDP socket per address
+# dtls:// (gates/dtls.py): Zephyr's echo_server with overlay-tls.conf speaks DTLS 1.2 on UDP 4242.
+DTLS_MTU = 1200  # bytes per handshake datagram: fits the IPv6 minimum MTU (1280) with headers
+DTLS_COOKIE_LIFETIME = 60.0  # seconds a HelloVerifyRequest cookie secret is current
 # quic:// (gates/quic.py): Zephyr's QUIC echo uses port 4422 and ALPN "echo-quic".
 DEFAULT_QUIC_ALPN = ("echo-quic",)
 DEFAULT_QUIC_MAX_STREAMS = 128  # bidirectional streams a peer may have open at once

@@ -62,6 +62,7 @@ KINDS = {
     "tls+proxy": (socket.SOCK_STREAM, socket.IPPROTO_TCP),
     "udp": (socket.SOCK_DGRAM, socket.IPPROTO_UDP),
     "quic": (socket.SOCK_DGRAM, socket.IPPROTO_UDP),
+    "dtls": (socket.SOCK_DGRAM, socket.IPPROTO_UDP),
 }
 
 

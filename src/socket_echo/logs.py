@@ -48,8 +48,13 @@ def setup_logging(level: str, fmt: str) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False
-    # aioquic logs each connection error to the "quic" logger, which would reach stderr bare
-    # (Python's last-resort handler), outside our format: the close record names it already.
+    quiet_aioquic()
+
+
+def quiet_aioquic() -> None:
+    """aioquic logs each connection error to the "quic" logger, which would reach stderr bare
+    (Python's last-resort handler), outside our format: the server's close record and the
+    tools' one-line errors name it already."""
     quiet = logging.getLogger("quic")
     quiet.handlers[:] = [logging.NullHandler()]
     quiet.propagate = False

@@ -11,10 +11,10 @@ import asyncio
 import logging
 import os
 import signal
-import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from socket_echo.config import CLOSE_WAIT, UDP_REPORT_EVERY, ServerConfig
+from socket_echo.gates.credentials import Credentials
 from socket_echo.gates.quic import EchoQuicServer, quic_options, serve_quic
 from socket_echo.gates.wiring import Listening, StreamSetup, serve_stream_listener
 from socket_echo.impair.datagram import ImpairedUdpEcho
@@ -34,6 +34,9 @@ from socket_echo.tcp.protocol import EchoProtocol
 from socket_echo.udp import UdpServing, resolve_udp_io, serve_udp
 from socket_echo.udp.guard import UdpGuard
 
+if TYPE_CHECKING:
+    from socket_echo.gates.dtls import DtlsEchoServer
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 STREAM_NAMES = {
     "tcp": "TCP",
@@ -49,12 +52,10 @@ class EchoServer:
         self,
         config: ServerConfig,
         listeners: list[BoundListener],
-        sslcontext: ssl.SSLContext | None = None,
-        quic: Any = None,
+        credentials: Credentials | None = None,
     ) -> None:
         self.config = config
-        self.sslcontext = sslcontext
-        self.quic = quic  # QuicConfiguration for quic:// listeners
+        self.credentials = credentials or Credentials()
         self.listeners = listeners
         budget = descriptor_budget(config.max_connections)
         self.table = ConnectionTable(config.max_connections, config.idle_timeout, budget)
@@ -76,6 +77,7 @@ class EchoServer:
         self._udp_report: asyncio.TimerHandle | None = None
         self._listening: list[Listening] = []
         self._quic: list[EchoQuicServer] = []
+        self._dtls: list[DtlsEchoServer] = []
         self._contexts: list[ListenerContext] = []
 
     async def start(self) -> None:
@@ -107,7 +109,7 @@ class EchoServer:
             cfg.backlog,
             cfg.tls_handshake_timeout,
             cfg.proxy_header_timeout,
-            self.sslcontext,
+            self.credentials.tls,
             self.engine,
         )
         for bound in self.listeners:
@@ -118,12 +120,35 @@ class EchoServer:
                 self._contexts.append(ctx)
                 options = quic_options(cfg)
                 self._quic.append(
-                    await serve_quic(loop, bound.sock, ctx, guard, self.state, options, self.quic)
+                    await serve_quic(
+                        loop, bound.sock, ctx, guard, self.state, options, self.credentials.quic
+                    )
                 )
                 what = (
                     f"QUIC echo server listening on {bound.url} ({kind}ALPN "
                     f"{', '.join(options.alpn)}, up to {cfg.max_connections} clients, "
                     f"{options.max_streams} streams each{', Retry' if options.retry else ''})"
+                )
+            elif bound.scheme == "dtls":
+                from socket_echo.gates.dtls import dtls_options, serve_dtls  # pyOpenSSL: here only
+
+                ctx = ListenerContext(self.table, bound.url, cfg.max_buffer, cfg.access_log, loop)
+                self._contexts.append(ctx)
+                self._dtls.append(
+                    await serve_dtls(
+                        loop,
+                        bound.sock,
+                        ctx,
+                        guard,
+                        self.state,
+                        dtls_options(cfg),
+                        self.credentials.dtls,
+                    )
+                )
+                what = (
+                    f"DTLS 1.2 echo server listening on {bound.url} ({kind}up to "
+                    f"{cfg.max_connections} sessions, HelloVerifyRequest cookies"
+                    f"{', client certificates required' if cfg.tls_client_ca else ''})"
                 )
             elif bound.scheme == "udp":
                 if impair:
@@ -263,6 +288,8 @@ class EchoServer:
         self.table.stop_sweeping()
         for quic in self._quic:  # every QUIC connection is closed by now: stop listening
             quic.close()
+        for dtls in self._dtls:  # every session was sent its close_notify by now
+            dtls.close()
         if self.engine is not None:
             self.engine.shutdown()
 
@@ -306,14 +333,13 @@ class EchoServer:
 def run(
     config: ServerConfig,
     listeners: list[BoundListener],
-    sslcontext: ssl.SSLContext | None = None,
+    credentials: Credentials | None = None,
     metrics_listeners: list[BoundListener] | None = None,
-    quic: Any = None,
 ) -> int:
     """Serve already-bound listeners until a signal; returns the exit code."""
     loop = loop_factory(config.loop)()
     asyncio.set_event_loop(loop)
-    server = EchoServer(config, listeners, sslcontext, quic)
+    server = EchoServer(config, listeners, credentials)
     server.metrics_listeners = metrics_listeners or []
     try:
         loop.run_until_complete(server.serve())

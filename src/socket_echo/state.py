@@ -79,7 +79,8 @@ class UdpStats:
 
 class TlsStats:
     def __init__(self) -> None:
-        self.handshake_failures: Counter[str] = Counter()
+        self.handshake_failures: Counter[str] = Counter()  # TLS and DTLS, by reason
+        self.hello_verify_requests = 0  # dtls://: cookies sent, nothing kept
 
 
 class ProxyStats:

@@ -52,10 +52,16 @@ from socket_echo.config import (
 )
 from socket_echo.logs import log_event
 from socket_echo.state import ServerState
-from socket_echo.tcp.lifecycle import ERROR, IDLE, PEER_CLOSED, Connection, ListenerContext
+from socket_echo.tcp.lifecycle import (
+    ERROR,
+    HANDSHAKE_TIMEOUT,
+    IDLE,
+    PEER_CLOSED,
+    Connection,
+    ListenerContext,
+)
 from socket_echo.udp.guard import UdpGuard
 
-HANDSHAKE_TIMEOUT = "handshake timeout"  # close reason
 MAX_DATAGRAM_FRAME = 65536
 
 

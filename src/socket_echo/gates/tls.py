@@ -154,12 +154,14 @@ def failure_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def report_failure(ctx: ListenerContext, stats: TlsStats, peer: Any, reason: str) -> None:
+def report_failure(
+    ctx: ListenerContext, stats: TlsStats, peer: Any, reason: str, kind: str = "TLS"
+) -> None:
     stats.handshake_failures[reason] += 1
     log_event(
         logging.INFO if ctx.access_log else logging.DEBUG,
         "tls_failed",
-        f"TLS handshake from {format_peer(peer)} failed: {reason}",
+        f"{kind} handshake from {format_peer(peer)} failed: {reason}",
         listener=ctx.listener,
         peer=format_peer(peer),
         reason=reason,

@@ -117,8 +117,8 @@ def parse(query: str, scheme: str, url: str) -> Impairments | None:
     """The impairments a listener's query asks for; None when it has no query."""
     if not query:
         return None
-    if scheme == "quic":
-        raise ImpairmentError(f"--bind {url!r}: quic:// listeners take no impairments yet")
+    if scheme in ("quic", "dtls"):
+        raise ImpairmentError(f"--bind {url!r}: {scheme}:// listeners take no impairments yet")
     allowed = DATAGRAM if scheme == "udp" else STREAM
     values: dict[str, object] = {}
     try:

@@ -30,14 +30,13 @@ import logging
 import os
 import shutil
 import signal
-import ssl
 import sys
 import tempfile
 import traceback
 from collections.abc import Awaitable
-from typing import Any
 
 from socket_echo.config import (
+    DATAGRAM_SCHEMES,
     READY_TIMEOUT,
     RESTART_DELAY,
     RESTART_MAX_DELAY,
@@ -46,6 +45,7 @@ from socket_echo.config import (
     ListenerSpec,
     ServerConfig,
 )
+from socket_echo.gates.credentials import Credentials
 from socket_echo.listeners import BindError, BoundListener, bind_all, close_all, rebind
 from socket_echo.logs import log_event, logger, set_worker
 from socket_echo.metrics import HealthHttp
@@ -84,16 +84,14 @@ class Supervisor:
         shared: list[BoundListener],
         placeholders: list[BoundListener],
         metrics_listeners: list[BoundListener],
-        sslcontext: ssl.SSLContext | None = None,
-        quic: Any = None,
+        credentials: Credentials | None = None,
     ) -> None:
         self.config = config
         self.shared = shared  # inherited by every worker
         self.rebound = list(placeholders)  # every worker binds its own socket on these
         self.placeholders = placeholders  # what this process holds of them (no UDP, later)
         self.metrics_listeners = metrics_listeners
-        self.sslcontext = sslcontext
-        self.quic = quic
+        self.credentials = credentials or Credentials()
         self.rundir = tempfile.mkdtemp(prefix="socket-echo-")
         self.workers = [
             Worker(i, os.path.join(self.rundir, f"worker-{i}.sock")) for i in range(1, count + 1)
@@ -152,7 +150,7 @@ class Supervisor:
 
     def _release_udp(self) -> None:
         """The workers have their own UDP sockets now: ours would take a share of datagrams."""
-        for bound in [b for b in self.placeholders if b.scheme in ("udp", "quic")]:
+        for bound in [b for b in self.placeholders if b.scheme in DATAGRAM_SCHEMES]:
             bound.close()
             self.placeholders.remove(bound)
 
@@ -331,7 +329,7 @@ class Supervisor:
             for bound in self.placeholders:
                 bound.sock.close()
         os.write(ready_w, b"r")  # the write end stays open until this process exits
-        return run(self.config, own + shared, self.sslcontext, private, self.quic)
+        return run(self.config, own + shared, self.credentials, private)
 
 
 def die_with_parent() -> None:

@@ -37,7 +37,18 @@ STALLED = "write stalled"  # the peer stopped reading its echo for --idle-timeou
 SHUTDOWN = "shutdown"  # still open when the graceful timeout ran out
 RESET_AFTER = "reset-after"  # an impaired listener reset it on purpose (impair/stream.py)
 CLOSE_AFTER = "close-after"  # an impaired listener closed it on purpose
-REASONS = (PEER_CLOSED, RESET, ERROR, IDLE, STALLED, SHUTDOWN, RESET_AFTER, CLOSE_AFTER)
+HANDSHAKE_TIMEOUT = "handshake timeout"  # QUIC, DTLS: no finished handshake in time
+REASONS = (
+    PEER_CLOSED,
+    RESET,
+    ERROR,
+    IDLE,
+    STALLED,
+    SHUTDOWN,
+    RESET_AFTER,
+    CLOSE_AFTER,
+    HANDSHAKE_TIMEOUT,
+)
 
 
 def format_peer(peer: Any) -> str:

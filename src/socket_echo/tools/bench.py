@@ -25,7 +25,7 @@ from collections import Counter
 from typing import Any
 
 from socket_echo.config import DEFAULT_UDP_BURST, DEFAULT_UDP_MAX_RATE, DEFAULT_UDP_RATE
-from socket_echo.tools.target import Patterns, Target, Unreachable, connect
+from socket_echo.tools.target import Patterns, Target, TlsOptions, Unreachable, connect
 
 _native: Any
 try:  # the closed-loop ping-pong in C (tools/_native.c); the Python loop below is its twin
@@ -62,6 +62,8 @@ class BenchConfig:
     processes: int = 1
     rate: float = 0.0  # requests/s over all connections; 0 = closed loop
     timeout: float = 5.0
+    tls: TlsOptions | None = None  # quic://, dtls://: --ca, --insecure
+    alpn: str = "echo-quic"  # quic://
 
 
 @dataclasses.dataclass
@@ -539,7 +541,13 @@ def _worker_main(
     cfg: BenchConfig, connections: int, index: int, progress: Any, results: Any
 ) -> None:
     try:
-        results.put((index, Worker(cfg, connections, index, progress).run()))
+        if cfg.target.scheme in ("quic", "dtls"):
+            from socket_echo.tools.bench_secure import SecureWorker
+
+            result = SecureWorker(cfg, connections, index, progress).run()
+        else:
+            result = Worker(cfg, connections, index, progress).run()
+        results.put((index, result))
     except Exception as exc:  # reported by the parent as this worker's error
         failed = WorkerResult()
         failed.errors[f"worker failed: {exc!r}"] += 1

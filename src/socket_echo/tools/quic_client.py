@@ -15,7 +15,8 @@ from typing import Any
 from aioquic.asyncio.client import connect
 from aioquic.quic.events import QuicEvent, StreamDataReceived
 
-from socket_echo.tools.quic_probe import Failed, ProbeClient, configuration
+from socket_echo.logs import quiet_aioquic
+from socket_echo.tools.quic_probe import Failed, ProbeClient, configuration, describe
 from socket_echo.tools.target import Target, TlsOptions, Unreachable
 
 CHUNK = 64 * 1024
@@ -57,7 +58,8 @@ async def pipe(target: Target, tls: TlsOptions | None, timeout: float, alpn: str
             try:
                 await asyncio.wait_for(client.wait_connected(), timeout)
             except (asyncio.TimeoutError, ConnectionError):
-                raise Unreachable(f"{target.url}: no QUIC handshake (ALPN {alpn})") from None
+                why = describe(client.terminated) if client.terminated else f"ALPN {alpn}"
+                raise Unreachable(f"{target.url}: no QUIC handshake ({why})") from None
             sent = 0
             while chunk := await loop.run_in_executor(None, os.read, sys.stdin.fileno(), CHUNK):
                 client.send(0, chunk)
@@ -83,4 +85,5 @@ async def pipe(target: Target, tls: TlsOptions | None, timeout: float, alpn: str
 
 
 def run(target: Target, tls: TlsOptions | None, timeout: float, alpn: str) -> int:
+    quiet_aioquic()
     return asyncio.run(pipe(target, tls, timeout, alpn))

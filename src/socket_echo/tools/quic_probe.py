@@ -27,6 +27,7 @@ from aioquic.quic.events import (
     StreamReset,
 )
 
+from socket_echo.logs import quiet_aioquic
 from socket_echo.tools.probe import FAIL, FINDING, PASS, SKIP, Step
 from socket_echo.tools.target import Target, TlsOptions, Unreachable
 
@@ -250,4 +251,5 @@ def run(
         asyncio.get_running_loop().set_exception_handler(lambda loop, context: None)
         return await QuicProbe(target, timeout, tls, alpn, quick).run()
 
+    quiet_aioquic()
     return asyncio.run(main())

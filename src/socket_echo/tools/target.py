@@ -1,7 +1,8 @@
 """The layer the client tools share: what TARGET means, how to connect, how to verify.
 
 TARGET is ``HOST[:PORT]`` (port 4242 by default), ``[V6]:PORT``, or a URL as in ``--bind``:
-``tcp://``, ``udp://``, ``tls://``, ``unix:///path``.
+``tcp://``, ``udp://``, ``tls://``, ``unix:///path``, ``quic://`` (port 4422 by default, as
+Zephyr's QUIC echo), ``dtls://`` (port 4242, as Zephyr's echo_server with overlay-tls.conf).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from urllib.parse import urlsplit
 
 from socket_echo.config import DEFAULT_PORT, format_url
 
-SCHEMES = ("tcp", "udp", "tls", "unix", "quic")
+SCHEMES = ("tcp", "udp", "tls", "unix", "quic", "dtls")
 QUIC_PORT = 4422  # Zephyr's QUIC echo samples and net-tools' quic-echo-server
 
 
@@ -31,7 +32,7 @@ class Unreachable(OSError):
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    scheme: str  # tcp, udp, tls, unix
+    scheme: str  # tcp, udp, tls, unix, quic, dtls
     host: str = ""
     port: int = DEFAULT_PORT
     path: str = ""
@@ -42,7 +43,7 @@ class Target:
 
     @property
     def stream(self) -> bool:
-        return self.scheme not in ("udp", "quic")
+        return self.scheme not in ("udp", "quic", "dtls")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,8 @@ def parse_target(text: str, scheme: str | None = None) -> Target:
         parts = urlsplit(text)
         if parts.scheme not in SCHEMES:
             raise TargetError(
-                f"unknown scheme in {text!r} (use tcp://, udp://, tls://, unix://, quic://)"
+                f"unknown scheme in {text!r} "
+                "(use tcp://, udp://, tls://, unix://, quic://, dtls://)"
             )
         if parts.scheme == "unix":
             path = parts.netloc + parts.path

@@ -1,0 +1,107 @@
+"""What the secure listeners need, made once before binding: the TLS context (tls://,
+tls+proxy://), the QUIC configuration (quic://) and the DTLS context (dtls://), from the same
+``--tls-cert``/``--tls-key`` or one self-signed certificate shared by all three.
+
+Made in the main process so a bad file is one line before anything is bound, and inherited by
+``--workers`` (fork).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+import time
+from typing import Any
+
+from socket_echo.config import DTLS_COOKIE_LIFETIME, ConfigError, ServerConfig
+from socket_echo.gates.quic import QuicSetupError, configuration, quic_options
+from socket_echo.gates.tls import (
+    TlsSetupError,
+    apply_ciphers,
+    self_signed_context,
+    self_signed_pair,
+    server_context,
+)
+from socket_echo.logs import logger
+
+TLS_SCHEMES = ("tls", "tls+proxy")
+
+
+class CredentialsError(Exception):
+    """A certificate, key or CA file unusable: one line, exit 1."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    tls: ssl.SSLContext | None = None
+    quic: Any = None  # aioquic QuicConfiguration
+    dtls: Any = None  # pyOpenSSL SSL.Context
+
+
+def check_ciphers(choice: str) -> None:
+    """``--tls-ciphers`` that matches nothing: ConfigError (one line, exit 2)."""
+    apply_ciphers(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), choice)
+
+
+def make_credentials(cfg: ServerConfig) -> Credentials:
+    schemes = {spec.scheme for spec in cfg.listeners}
+    wants_tls = bool(schemes & set(TLS_SCHEMES))
+    wants_quic, wants_dtls = "quic" in schemes, "dtls" in schemes
+    if not (wants_tls or wants_quic or wants_dtls):
+        return Credentials()
+    pair = self_signed_pair() if cfg.tls_self_signed else None
+    if pair is None and not (cfg.tls_cert and cfg.tls_key):
+        kind = "tls://" if wants_tls else "quic://" if wants_quic else "dtls://"
+        raise ConfigError(
+            f"a {kind} listener needs --tls-cert and --tls-key (or --tls-self-signed)"
+        )
+    return Credentials(
+        tls=tls_context(cfg, pair) if wants_tls else None,
+        quic=quic_configuration(cfg, pair) if wants_quic else None,
+        dtls=dtls_context(cfg, pair) if wants_dtls else None,
+    )
+
+
+def tls_context(cfg: ServerConfig, pair: tuple[Any, Any] | None = None) -> ssl.SSLContext:
+    """The server's SSLContext for its TLS listeners, its suites logged."""
+    if pair is not None:
+        ctx, fingerprint = self_signed_context(pair)
+        logger.info("TLS: self-signed certificate for localhost, SHA-256 %s", fingerprint)
+    else:
+        assert cfg.tls_cert and cfg.tls_key
+        try:
+            ctx = server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+        except TlsSetupError as exc:
+            raise CredentialsError(str(exc)) from None
+    suites = apply_ciphers(ctx, cfg.tls_ciphers)
+    logger.info("TLS: cipher suites (--tls-ciphers %s): %s", cfg.tls_ciphers, ", ".join(suites))
+    return ctx
+
+
+def quic_configuration(cfg: ServerConfig, pair: tuple[Any, Any] | None) -> Any:
+    try:
+        quic = configuration(quic_options(cfg), cfg.tls_cert, cfg.tls_key, pair)
+    except QuicSetupError as exc:
+        raise CredentialsError(str(exc)) from None
+    logger.info("QUIC: ALPN %s", ", ".join(cfg.quic_alpn))
+    return quic
+
+
+def dtls_context(cfg: ServerConfig, pair: tuple[Any, Any] | None) -> Any:
+    # imported here: pyOpenSSL is only loaded by servers with a dtls:// listener
+    from socket_echo.gates.dtls import CookieJar, DtlsSetupError, suites
+    from socket_echo.gates.dtls import dtls_context as make
+
+    cert, key = pair if pair is not None else (cfg.tls_cert, cfg.tls_key)
+    cookies = CookieJar(DTLS_COOKIE_LIFETIME, time.monotonic)
+    try:
+        ctx = make(cert, key, cfg.tls_ciphers, cfg.tls_client_ca, cookies)
+    except DtlsSetupError as exc:
+        raise CredentialsError(str(exc)) from None
+    logger.info(
+        "DTLS 1.2: cipher suites (--tls-ciphers %s): %s%s",
+        cfg.tls_ciphers,
+        ", ".join(suites(ctx)),
+        ", client certificates required" if cfg.tls_client_ca else "",
+    )
+    return ctx

@@ -1,0 +1,263 @@
+"""``bench`` over ``quic://`` and ``dtls://``: a worker per process on asyncio, verifying every
+byte as the TCP and UDP workers do, with the same figures (bench.WorkerResult).
+
+aioquic and pyOpenSSL's record layer are driven from Python on both ends, so one client
+process costs about as much per message as the server: give the load more processes (``-p``)
+than the server has cores, and read ``client_saturated`` in the results.
+
+Modes: ``pingpong`` (each connection one stream, or one DTLS session: a message, its whole
+echo, the next), ``stream`` (QUIC only: one stream per connection, writes kept in flight up
+to a window, the echo verified as it comes), ``churn`` (handshake, one echo, close: requests/s
+is handshakes/s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from typing import Any
+
+from aioquic.asyncio.client import connect as quic_connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived
+
+from socket_echo.logs import quiet_aioquic
+from socket_echo.tools.bench import BenchConfig, WorkerResult, _cpu
+from socket_echo.tools.dtls_client import DtlsFailed, open_dtls
+from socket_echo.tools.target import Patterns, Target, TlsOptions, Unreachable
+
+MODES = {"quic": ("pingpong", "stream", "churn"), "dtls": ("pingpong", "churn")}
+STREAM_WINDOW = 4  # writes in flight per QUIC stream in stream mode
+DTLS_MAX_RECORD = 16384  # the largest DTLS plaintext record
+
+
+class BenchQuic(QuicConnectionProtocol):
+    """Collects stream 0's echo and wakes the worker once ``want`` bytes are there."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.buf = bytearray()
+        self.want = 0
+        self.ready = asyncio.Event()
+        self.closed: str | None = None
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StreamDataReceived):
+            self.buf += event.data
+            if len(self.buf) >= self.want:
+                self.ready.set()
+        elif isinstance(event, ConnectionTerminated):
+            self.closed = event.reason_phrase or f"error {event.error_code:#x}"
+            self.ready.set()
+
+    async def collect(self, n: int, timeout: float) -> bytes:
+        self.want = n
+        while len(self.buf) < n:
+            if self.closed is not None:
+                raise ConnectionError(f"connection closed: {self.closed}")
+            self.ready.clear()
+            await asyncio.wait_for(self.ready.wait(), timeout)
+        got = bytes(self.buf[:n])
+        del self.buf[:n]
+        return got
+
+    def write(self, data: bytes, end: bool = False) -> None:
+        self._quic.send_stream_data(0, data, end_stream=end)
+        self.transmit()
+
+
+def quic_config(cfg: BenchConfig) -> QuicConfiguration:
+    config = QuicConfiguration(is_client=True, alpn_protocols=[cfg.alpn])
+    config.server_name = cfg.target.host
+    if cfg.tls is not None and cfg.tls.insecure:
+        config.verify_mode = ssl.CERT_NONE
+    elif cfg.tls is not None and cfg.tls.ca_file:
+        config.load_verify_locations(cfg.tls.ca_file)
+    return config
+
+
+class SecureWorker:
+    def __init__(self, cfg: BenchConfig, connections: int, index: int, progress: Any) -> None:
+        self.cfg, self.n, self.index, self.progress = cfg, connections, index, progress
+        self.result = WorkerResult()
+        self.patterns = Patterns(cfg.size)
+        self.deadline = 0.0
+        self.seq = index
+
+    def run(self) -> WorkerResult:
+        cpu0 = _cpu()
+        started = time.perf_counter()
+        asyncio.run(self._main())
+        self.result.elapsed = time.perf_counter() - started
+        self.result.cpu_seconds = _cpu() - cpu0
+        if self.cfg.mode != "stream":
+            self.result.bytes = self.result.requests * self.cfg.size * 2
+        return self.result
+
+    async def _main(self) -> None:
+        quiet_aioquic()
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: None)
+        self.deadline = time.perf_counter() + self.cfg.duration
+        scheme, mode = self.cfg.target.scheme, self.cfg.mode
+        body = getattr(self, f"_{scheme}_{mode}")
+        ticker = asyncio.ensure_future(self._tick())
+        await asyncio.gather(*(self._guarded(body) for _ in range(self.n)))
+        ticker.cancel()
+        self.progress.value = self.result.requests
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            self.progress.value = (
+                self.result.bytes if self.cfg.mode == "stream" else self.result.requests
+            )
+
+    async def _guarded(self, body: Any) -> None:
+        """One connection's loop; a failure is counted and the connection replaced, until the
+        run ends (with a pause, so a dead server is not hammered)."""
+        while time.perf_counter() < self.deadline:
+            try:
+                await body()
+                return
+            except (asyncio.TimeoutError, TimeoutError):
+                self.result.errors["no echo within the timeout"] += 1
+            except (ConnectionError, OSError, DtlsFailed, Unreachable) as exc:
+                self.result.errors[str(exc) or type(exc).__name__] += 1
+            await asyncio.sleep(0.05)
+
+    def _message(self) -> bytes:
+        self.seq += 1
+        return self.patterns.message(self.seq)
+
+    def _count(self, started: float) -> None:
+        self.result.latency_us[int((time.perf_counter() - started) * 1e6)] += 1
+        self.result.requests += 1
+
+    # -- QUIC ----------------------------------------------------------------------------
+    def _quic_connect(self) -> Any:
+        cfg = self.cfg
+        return quic_connect(
+            cfg.target.host, cfg.target.port, configuration=quic_config(cfg),
+            create_protocol=BenchQuic,
+        )  # fmt: skip
+
+    async def _quic_pingpong(self) -> None:
+        async with self._quic_connect() as client:
+            assert isinstance(client, BenchQuic)
+            while time.perf_counter() < self.deadline:
+                message = self._message()
+                started = time.perf_counter()
+                client.write(message)
+                echo = await client.collect(len(message), self.cfg.timeout)
+                if echo != message:
+                    self.result.mismatches += 1
+                    return
+                self._count(started)
+
+    async def _quic_churn(self) -> None:
+        """aioquic's connect() waits out the closing period (three PTOs) on exit: that wait
+        runs in the background, so requests/s counts handshakes, not closing timers."""
+        closing: set[asyncio.Task[Any]] = set()
+        try:
+            while time.perf_counter() < self.deadline:
+                started = time.perf_counter()
+                session = self._quic_connect()
+                client = await session.__aenter__()
+                assert isinstance(client, BenchQuic)
+                try:
+                    message = self._message()
+                    client.write(message, end=True)
+                    echo = await client.collect(len(message), self.cfg.timeout)
+                finally:
+                    closing = {t for t in closing if not t.done()}
+                    closing.add(asyncio.ensure_future(session.__aexit__(None, None, None)))
+                if echo != message:
+                    self.result.mismatches += 1
+                    return
+                self._count(started)
+        finally:
+            await asyncio.gather(*closing, return_exceptions=True)
+
+    async def _quic_stream(self) -> None:
+        async with self._quic_connect() as client:
+            assert isinstance(client, BenchQuic)
+            in_flight: list[bytes] = []
+            while time.perf_counter() < self.deadline or in_flight:
+                while len(in_flight) < STREAM_WINDOW and time.perf_counter() < self.deadline:
+                    message = self._message()
+                    client.write(message)
+                    in_flight.append(message)
+                message = in_flight.pop(0)
+                if await client.collect(len(message), self.cfg.timeout) != message:
+                    self.result.mismatches += 1
+                    return
+                self.result.bytes += len(message)
+                self.result.requests += 1
+
+    # -- DTLS ----------------------------------------------------------------------------
+    async def _dtls_pingpong(self) -> None:
+        client = await open_dtls(self.cfg.target, self.cfg.tls, self.cfg.timeout)
+        try:
+            while time.perf_counter() < self.deadline:
+                message = self._message()
+                started = time.perf_counter()
+                client.send(message)
+                echo = await client.recv(self.cfg.timeout)
+                if echo is None:
+                    self.result.lost += 1  # the next message goes out; a late echo mismatches
+                    continue
+                if echo != message:
+                    self.result.mismatches += 1
+                    return
+                self._count(started)
+        finally:
+            client.close()
+
+    async def _dtls_churn(self) -> None:
+        while time.perf_counter() < self.deadline:
+            started = time.perf_counter()
+            client = await open_dtls(self.cfg.target, self.cfg.tls, self.cfg.timeout)
+            try:
+                message = self._message()
+                client.send(message)
+                echo = await client.recv(self.cfg.timeout)
+            finally:
+                client.close()
+            if echo is None:
+                self.result.lost += 1
+                continue
+            if echo != message:
+                self.result.mismatches += 1
+                return
+            self._count(started)
+
+
+def check_reachable(target: Target, tls: TlsOptions | None, timeout: float, alpn: str) -> None:
+    """One handshake before the run: Unreachable (one line) when it fails, so a wrong port,
+    certificate or ALPN is said once instead of counted as errors for the whole run."""
+
+    async def attempt() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: None)
+        if target.scheme == "dtls":
+            try:
+                (await open_dtls(target, tls, timeout)).close()
+            except DtlsFailed as exc:
+                raise Unreachable(f"{target.url}: {exc}") from None
+            return
+        cfg = BenchConfig(target, timeout=timeout, tls=tls, alpn=alpn)
+        async with quic_connect(
+            target.host, target.port, configuration=quic_config(cfg),
+            create_protocol=BenchQuic, wait_connected=False,
+        ) as client:  # fmt: skip
+            assert isinstance(client, BenchQuic)
+            client.transmit()
+            try:
+                await asyncio.wait_for(client.wait_connected(), timeout)
+            except (asyncio.TimeoutError, ConnectionError):
+                why = client.closed or f"ALPN {alpn}"
+                raise Unreachable(f"{target.url}: no QUIC handshake ({why})") from None
+
+    quiet_aioquic()
+    asyncio.run(attempt())
