@@ -292,7 +292,7 @@ def test_client_pipes_a_mebibyte_over_one_stream_and_fails_in_one_line(start_ser
     ]
 
 
-def test_probe_quick_is_a_health_check_and_bench_refuses_quic_in_one_line(start_server):
+def test_probe_quick_is_a_health_check(start_server):
     from tools_helpers import tool
 
     _, host, port = quic_server(start_server)
@@ -300,5 +300,23 @@ def test_probe_quick_is_a_health_check_and_bench_refuses_quic_in_one_line(start_
     assert ok.returncode == 0 and ok.stdout == b"" and ok.stderr == b""
     down = tool("probe", "quic://127.0.0.1:9", "--insecure", "--quick", "--timeout", "0.5")
     assert down.returncode == 1 and down.stdout == b""
-    refused = run_cli("bench", f"quic://{host}:{port}")
-    assert_one_line_error(refused, 2, "bench over QUIC is not supported yet")
+
+
+def test_bench_over_quic_verifies_every_mode_and_names_a_refused_certificate(start_server):
+    from tools_helpers import tool
+
+    server, host, port = quic_server(start_server)
+    for mode in ("pingpong", "stream", "churn"):
+        result = tool(
+            "bench", f"quic://{host}:{port}", "--insecure", "--mode", mode, "-c", "4", "-d", "1",
+            "-p", "1", "--json", "-",
+        )  # fmt: skip
+        summary = json.loads(result.stdout[result.stdout.index(b"{") :])
+        assert result.returncode == 0, summary
+        assert summary["requests"] > 4 and summary["errors"] == 0 and summary["mismatches"] == 0
+        if mode == "stream":
+            assert summary["megabytes_per_second"] > 0.5
+    m = scrape(metrics_port(server))
+    assert total(m, "socket_echo_connections_opened_total") >= 12  # churn made many more
+    refused = run_cli("bench", f"quic://{host}:{port}", "-d", "1")
+    assert_one_line_error(refused, 2, "no QUIC handshake (self-signed certificate)")

@@ -121,6 +121,11 @@ class ServerCollector:
             "Failed TLS handshakes, by reason.",
             s.tls.handshake_failures,
         )
+        yield CounterMetricFamily(
+            "socket_echo_dtls_hello_verify_requests",
+            "dtls://: HelloVerifyRequests sent (cookies asked for; nothing kept for the source).",
+            value=s.tls.hello_verify_requests,
+        )
         applied = CounterMetricFamily(
             "socket_echo_impairments",
             "Impairments applied on purpose (listener ?delay=...), by listener and kind.",

@@ -36,12 +36,10 @@ class DtlsFailed(Exception):
     """The association failed; the message names why (one line)."""
 
 
-def client_context(tls: TlsOptions | None, ciphers: str | None = None) -> SSL.Context:
+def client_context(tls: TlsOptions | None) -> SSL.Context:
     ctx = SSL.Context(SSL.DTLS_METHOD)
     ctx.set_min_proto_version(DTLS1_2_VERSION)
     ctx.set_options(SSL.OP_NO_QUERY_MTU)
-    if ciphers:
-        ctx.set_cipher_list(ciphers.encode())
     if tls is not None and tls.insecure:
         return ctx
     if tls is not None and tls.ca_file:
@@ -195,11 +193,14 @@ async def open_dtls(
     tls: TlsOptions | None,
     timeout: float,
     lose: LossRule | None = None,
-    ciphers: str | None = None,
+    context: SSL.Context | None = None,
+    local_port: int = 0,
 ) -> DtlsClient:
-    """A client whose handshake finished; DtlsFailed or Unreachable (one line) otherwise."""
+    """A client whose handshake finished; DtlsFailed or Unreachable (one line) otherwise.
+    ``context``: a client context of one's own (a client certificate, chosen suites);
+    ``local_port``: the source port (a client that restarts on the same one)."""
     loop = asyncio.get_running_loop()
-    ctx = client_context(tls, ciphers)
+    ctx = context or client_context(tls)
     try:
         infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_DGRAM)
     except socket.gaierror as exc:
@@ -211,6 +212,9 @@ async def open_dtls(
         lambda: DtlsClient(ctx, name, verify, lose),
         remote_addr=cast(tuple[str, int], addr[:2]),
         family=family,
+        local_addr=("::" if family == socket.AF_INET6 else "0.0.0.0", local_port)
+        if local_port
+        else None,
     )
     try:
         await client.handshake(timeout)
