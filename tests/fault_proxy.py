@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 DATA, FIN, RESET = "data", "fin", "reset"
+REORDER_DELAY = 0.05  # seconds a reordered datagram waits at most for one to overtake it
 
 
 @dataclasses.dataclass
@@ -234,8 +235,13 @@ class UdpFaultProxy:
             copies = 2 if self.rand.random() < self.duplicate else 1
             self.counts["duplicated"] += copies - 1
             if way not in self.held and self.rand.random() < self.reorder:
-                self.held[way] = (sock, data, to)  # goes out after the next one
+                held = self.held[way] = (sock, data, to)  # goes out after the next one ...
                 self.counts["reordered"] += 1
+                # ... or after REORDER_DELAY when no next one comes (netem's reordering is a
+                # delay too): a lock-step exchange would otherwise wait for its own timers
+                timer = threading.Timer(REORDER_DELAY, self._release, args=(way, held))
+                timer.daemon = True
+                timer.start()
                 return
             out = [(sock, data, to)] * copies
             if way in self.held:
@@ -244,6 +250,15 @@ class UdpFaultProxy:
         for s, d, t in out:
             with contextlib.suppress(OSError):
                 s.sendto(d, t)
+
+    def _release(self, way: int, held: tuple[socket.socket, bytes, Any]) -> None:
+        with self.lock:
+            if self.held.get(way) is not held:
+                return  # a later datagram took it along already
+            del self.held[way]
+        sock, data, to = held
+        with contextlib.suppress(OSError):
+            sock.sendto(data, to)
 
     def _from_clients(self) -> None:
         while True:

@@ -4,7 +4,8 @@
 
 Traffic, all on loopback and all verified byte for byte: ping-pong on persistent
 connections (random sizes), a stream of 1 MiB exchanges, churn (connect, echo, close), UDP
-ping-pong, and TLS sessions that reconnect. Every SAMPLE_EVERY seconds it samples the server's
+ping-pong, TLS sessions that reconnect, QUIC connections (several streams each, FIN
+mirrored) and DTLS sessions (records) that reconnect. Every SAMPLE_EVERY seconds it samples
 RSS, open descriptors, asyncio tasks and open connections. It fails on any byte mismatch, on
 a traffic kind that stopped making progress, and on growth after the warm-up beyond the
 bounds below (comparing the first and the last third of the samples after warm-up).
@@ -13,6 +14,7 @@ bounds below (comparing the first and the last third of the samples after warm-u
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
@@ -36,7 +38,8 @@ BOUNDS = {  # growth allowed after warm-up, last third vs first third (medians)
     "tasks": 16,
     "connections": 16,
 }
-LISTEN_RE = re.compile(r'"listener":"(tcp|udp|tls|http)://127\.0\.0\.1:(\d+)"')
+LISTEN_RE = re.compile(r'"listener":"(tcp|udp|tls|quic|dtls|http)://127\.0\.0\.1:(\d+)"')
+KINDS = ("tcp", "udp", "tls", "quic", "dtls", "http")
 
 
 class Soak:
@@ -64,6 +67,10 @@ class Soak:
             "udp://127.0.0.1:0",
             "--bind",
             "tls://127.0.0.1:0",
+            "--bind",
+            "quic://127.0.0.1:0",
+            "--bind",
+            "dtls://127.0.0.1:0",
             "--tls-self-signed",
             "--metrics",
             "127.0.0.1:0",
@@ -82,7 +89,7 @@ class Soak:
         )
         assert self.proc.stdout is not None
         started = time.monotonic()
-        while len(self.ports) < 4:
+        while len(self.ports) < len(KINDS):
             line = self.proc.stdout.readline()
             if not line or time.monotonic() - started > 20:
                 raise RuntimeError("the server did not start")
@@ -208,6 +215,74 @@ class Soak:
             self.done("tls sessions")
             time.sleep(0.01)
 
+    def quic(self) -> None:
+        """QUIC connections of 1-8 streams each, every stream a random message then FIN."""
+        from aioquic.asyncio.client import connect
+
+        from socket_echo.tools.bench_secure import BenchConfig, quic_config
+        from socket_echo.tools.quic_probe import ProbeClient
+        from socket_echo.tools.target import Target, TlsOptions
+
+        target = Target("quic", "127.0.0.1", self.ports["quic"])
+        config = quic_config(BenchConfig(target, tls=TlsOptions(insecure=True)))
+        rand = random.Random(4)
+
+        async def session() -> bool:
+            async with connect(
+                target.host, target.port, configuration=config, create_protocol=ProbeClient
+            ) as client:
+                assert isinstance(client, ProbeClient)
+                sent = {}
+                for _ in range(rand.randint(1, 8)):
+                    sid = client._quic.get_next_available_stream_id()
+                    sent[sid] = rand.randbytes(rand.randint(1, 65536))
+                    client.send(sid, sent[sid], end=True)
+                await client.until(lambda: client.ended >= set(sent), 10, "QUIC echo")
+                if any(bytes(client.got[sid]) != data for sid, data in sent.items()):
+                    self.problem("QUIC byte mismatch")
+                    return False
+                self.done("quic streams", len(sent))
+            return True
+
+        async def main() -> None:
+            while self.running():
+                if not await session():
+                    return
+                self.done("quic connections")
+                await asyncio.sleep(0.01)
+
+        asyncio.run(main())
+
+    def dtls(self) -> None:
+        """DTLS sessions of 1-20 records each (up to 16 KiB, one record each), reconnecting."""
+        from socket_echo.tools.dtls_client import open_dtls
+        from socket_echo.tools.target import Target, TlsOptions
+
+        target = Target("dtls", "127.0.0.1", self.ports["dtls"])
+        rand = random.Random(5)
+
+        async def main() -> None:
+            while self.running():
+                client = await open_dtls(target, TlsOptions(insecure=True), 10)
+                try:
+                    for _ in range(rand.randint(1, 20)):
+                        record = rand.randbytes(rand.randint(1, 16384))
+                        client.send(record)
+                        echo = await client.recv(2.0)
+                        if echo is None:
+                            self.done("dtls lost")  # UDP: loopback may drop under load
+                            continue
+                        if echo != record:
+                            self.problem("DTLS byte mismatch")
+                            return
+                        self.done("dtls records")
+                finally:
+                    client.close()
+                self.done("dtls sessions")
+                await asyncio.sleep(0.01)
+
+        asyncio.run(main())
+
     def _guard(self, target: Any, *args: Any) -> None:
         try:
             target(*args)
@@ -244,6 +319,8 @@ class Soak:
             threading.Thread(target=self._guard, args=(self.churn,)),
             *(threading.Thread(target=self._guard, args=(self.udp, 10 + i)) for i in range(4)),
             threading.Thread(target=self._guard, args=(self.tls,)),
+            threading.Thread(target=self._guard, args=(self.quic,)),
+            threading.Thread(target=self._guard, args=(self.dtls,)),
         ]
         for w in workers:
             w.start()
@@ -270,7 +347,15 @@ class Soak:
                 growth[key] = round(last - first, 2)
                 if last - first > bound:
                     self.problem(f"{key} grew by {last - first:g} after warm-up (bound {bound})")
-        for kind in ("pingpong", "stream MiB", "churn", "udp", "tls sessions"):
+        for kind in (
+            "pingpong",
+            "stream MiB",
+            "churn",
+            "udp",
+            "tls sessions",
+            "quic connections",
+            "dtls sessions",
+        ):
             if not self.counts[kind]:
                 self.problem(f"no {kind} completed")
         return {

@@ -328,6 +328,34 @@ def test_a_client_restarting_from_the_same_port_replaces_its_session(start_serve
     run(main())
     server.wait_for_log(r"connection #1 from .* closed: peer restarted")
 
+    # A board that reboots mid-handshake: its half-done session must not swallow the new one.
+    conn = raw_client()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.connect((target.host, target.port))
+        with pytest.raises(SSL.WantReadError):
+            conn.do_handshake()
+        sock.send(conn.bio_read(65536))
+        conn.bio_write(sock.recv(65536))  # the HelloVerifyRequest
+        with pytest.raises(SSL.WantReadError):
+            conn.do_handshake()
+        sock.send(conn.bio_read(65536))  # a session now exists, mid-handshake
+        sock.recv(65536)  # the server's flight; then this client is gone
+    server.wait_for_log(r"connection #3 from")
+
+    async def rebooted() -> bytes | None:
+        client = await open_dtls(target, INSECURE, 3, local_port=port)
+        client.send(b"rebooted mid-handshake")
+        try:
+            return await client.recv(5)
+        finally:
+            client.close()
+
+    assert run(rebooted()) == b"rebooted mid-handshake"
+    server.wait_for_log(r"connection #3 from .* closed: peer restarted")
+
 
 def test_certificate_and_cipher_mistakes_are_one_line():
     assert_one_line_error(run_cli("serve", "--bind", "dtls://127.0.0.1:0"), 2, "--tls-cert")

@@ -33,7 +33,8 @@ def test_soak_8_seconds_of_mixed_traffic(tmp_path, figure):
     figure(
         f"8 s soak: {ops.get('pingpong', 0)} ping-pongs, {ops.get('stream MiB', 0)} MiB streamed, "
         f"{ops.get('churn', 0)} churned connections, {ops.get('udp', 0)} datagrams, "
-        f"{ops.get('tls sessions', 0)} TLS sessions; growth after warm-up "
+        f"{ops.get('tls sessions', 0)} TLS sessions, {ops.get('quic streams', 0)} QUIC streams, "
+        f"{ops.get('dtls records', 0)} DTLS records; growth after warm-up "
         f"{report['growth_after_warm_up']}; 0 bytes wrong"
     )
 

@@ -19,8 +19,10 @@ nothing that outlives its datagram:
 A session then runs its handshake with OpenSSL's retransmission timer and
 ``--tls-handshake-timeout``; ``--idle-timeout`` comes from the table's sweep. Closing sends a
 close_notify (the sweep, the drain, or the peer's own close_notify answered). A ClientHello
-with a valid cookie from the address of an established session is a client that restarted
-(RFC 6347 §4.2.8): the old session ends and the new one starts. Established sessions' records
+with a valid cookie from the address of a session is a client that restarted
+(RFC 6347 §4.2.8), even mid-handshake: once its cookie verifies, the old session ends and the
+new one starts; a late or duplicated copy of the session's own ClientHello (the same random)
+is not a restart. Established sessions' records
 are not rate-limited by the guard: their address was proven by the cookie.
 
 Certificates, ``--tls-client-ca`` (mutual TLS) and ``--tls-ciphers`` are the TLS listeners'.
@@ -50,8 +52,9 @@ from socket_echo.gates.dtls_wire import (
     Endpoint,
     alert_record,
     describe,
+    hello_random,
+    is_client_hello,
 )
-from socket_echo.gates.dtls_wire import is_client_hello as is_new_hello
 from socket_echo.gates.tls import report_failure
 from socket_echo.logs import log_event
 from socket_echo.state import ServerState
@@ -175,13 +178,19 @@ def suites(ctx: SSL.Context) -> list[str]:
 class DtlsSession(Connection):
     """One DTLS association in the one lifecycle."""
 
-    __slots__ = ("addr", "deadline", "endpoint", "listener_proto", "timer")
+    __slots__ = ("addr", "deadline", "endpoint", "listener_proto", "random", "timer")
 
     def __init__(
-        self, ctx: ListenerContext, addr: Any, endpoint: Endpoint, listener: DtlsEchoServer
+        self,
+        ctx: ListenerContext,
+        addr: Any,
+        endpoint: Endpoint,
+        listener: DtlsEchoServer,
+        random: bytes,
     ) -> None:
         super().__init__(ctx, addr)
         self.addr = addr
+        self.random = random  # its ClientHello's: a copy of that hello is no restart
         self.endpoint = endpoint
         self.listener_proto = listener
         self.timer: asyncio.TimerHandle | None = None  # the retransmission timer
@@ -234,7 +243,9 @@ class DtlsEchoServer(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         session = self.sessions.get(addr)
-        if session is not None and not (session.endpoint.established and is_new_hello(data)):
+        if session is not None and not (
+            is_client_hello(data) and hello_random(data) != session.random
+        ):  # a new ClientHello (not a copy of the session's own) goes the strangers' way
             self._on_session(session, data)
             return
         self._on_stranger(data, addr, session)
@@ -250,7 +261,7 @@ class DtlsEchoServer(asyncio.DatagramProtocol):
             return
         if self.ctx.draining:
             return
-        if not is_new_hello(data):
+        if not is_client_hello(data):
             self._drop("not a ClientHello")
             return
         conn = SSL.Connection(self.sslctx, None)
@@ -269,7 +280,8 @@ class DtlsEchoServer(asyncio.DatagramProtocol):
             return
         if old is not None:
             old.abort(RESTARTED)
-        session = DtlsSession(self.ctx, addr, Endpoint(conn, self.options.mtu), self)
+        endpoint = Endpoint(conn, self.options.mtu)
+        session = DtlsSession(self.ctx, addr, endpoint, self, hello_random(data))
         if not session.admit():
             self._send([alert_record(INTERNAL_ERROR)], addr)
             self._drop("connection limit")

@@ -69,6 +69,13 @@ def is_client_hello(datagram: bytes) -> bool:
     return handshake_type(datagram) == CLIENT_HELLO
 
 
+def hello_random(datagram: bytes) -> bytes:
+    """A ClientHello's 32 random bytes (after the record header, the handshake header and
+    client_version): they tell a retransmitted ClientHello from a new one."""
+    start = RECORD_HEADER + 12 + 2
+    return datagram[start : start + 32]
+
+
 def alert_record(description: int, sequence: int = 1) -> bytes:
     """A plaintext fatal alert (epoch 0): how a server refuses a client it will not serve,
     since OpenSSL has no call that sends one outside a handshake failure."""
