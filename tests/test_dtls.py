@@ -219,7 +219,7 @@ def test_a_silent_client_is_retransmitted_to_then_timed_out_and_idle_sessions_cl
     """A client that stops after its cookie: the server's flight comes again (its
     retransmission timer), then --tls-handshake-timeout ends it. An idle established
     session gets a close_notify after --idle-timeout."""
-    server, target = dtls_server(start_server, "--tls-handshake-timeout", "2.5")
+    server, target = dtls_server(start_server, "--tls-handshake-timeout", "1.5")
     conn = raw_client()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(5)
@@ -232,7 +232,7 @@ def test_a_silent_client_is_retransmitted_to_then_timed_out_and_idle_sessions_cl
             conn.do_handshake()
         sock.send(conn.bio_read(65536))  # the ClientHello with its cookie; then silence
         flights = []
-        sock.settimeout(2.0)
+        sock.settimeout(1.2)  # the flight comes again after 1 s, then the session is gone
         with pytest.raises(TimeoutError):
             while True:
                 flights.append(sock.recv(65536))
@@ -393,7 +393,7 @@ def test_probe_client_and_bench_over_dtls(start_server):
     assert piped.stdout == data
     for mode in ("pingpong", "churn"):
         bench = tool(
-            "bench", target.url, "--insecure", "--mode", mode, "-c", "4", "-d", "1", "-p", "1",
+            "bench", target.url, "--insecure", "--mode", mode, "-c", "4", "-d", "0.5", "-p", "1",
             "--json", "-",
         )  # fmt: skip
         summary = json.loads(bench.stdout[bench.stdout.index(b"{") :])
