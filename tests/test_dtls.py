@@ -418,3 +418,22 @@ def test_tools_name_what_fails_over_dtls_in_one_line(start_server):
     assert_one_line_error(stream, 2, "--mode stream over dtls://: use pingpong, churn")
     unverified = run_cli("bench", target.url, "-d", "1")
     assert_one_line_error(unverified, 2, "certificate verify failed")
+
+
+def test_workers_serve_dtls_sessions_from_the_credentials_made_before_the_fork(start_server):
+    """--workers: each worker binds the DTLS port (SO_REUSEPORT hashes the 4-tuple, so a
+    client's cookie exchange and session stay on one worker) with the context made once."""
+    server = start_server("--workers", "2", "--bind", "dtls://127.0.0.1:0", "--tls-self-signed")
+    _, host, port = server.listener("dtls")
+    target = Target("dtls", host, port)
+
+    async def many() -> list[bytes]:
+        clients = [await open_dtls(target, INSECURE, 5) for _ in range(8)]
+        for i, client in enumerate(clients):
+            client.send(b"session %d" % i)
+        got = [await client.recv(5) or b"" for client in clients]
+        for client in clients:
+            client.close()
+        return got
+
+    assert run(many()) == [b"session %d" % i for i in range(8)]
