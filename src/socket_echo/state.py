@@ -126,5 +126,6 @@ class ServerState:
         live: dict[str, tuple[int, int]] = {}
         for conn in self.table.open:
             got, sent = live.get(conn.listener, (0, 0))
-            live[conn.listener] = (got + conn.bytes_in, sent + conn.bytes_in - conn.held())
+            received = conn.received()
+            live[conn.listener] = (got + received, sent + received - conn.held())
         return live

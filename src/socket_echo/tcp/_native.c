@@ -31,6 +31,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#define RUN_ROUNDS 4 /* epoll_wait rounds per wake-up while events keep coming */
 #define MAX_EVENTS 256
 #define ACCEPT_BATCH 128
 #define MAX_LISTENERS 64
@@ -251,11 +252,14 @@ static int flush(Engine *self, int fd, PyObject **events) {
 static PyObject *Engine_run(Engine *self, PyObject *Py_UNUSED(ignored)) {
     struct epoll_event evs[MAX_EVENTS];
     PyObject *events = NULL;
+    for (int round = 0; round < RUN_ROUNDS; round++) {
     int n = epoll_wait(self->ep, evs, MAX_EVENTS, 0);
     if (n < 0) {
-        if (errno == EINTR) Py_RETURN_NONE;
+        if (errno == EINTR) break;
+        Py_XDECREF(events);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
+    if (n == 0) break;
     for (int i = 0; i < n; i++) {
         uint64_t data = evs[i].data.u64;
         if (data & LISTENER_MARK) {
@@ -272,6 +276,7 @@ static PyObject *Engine_run(Engine *self, PyObject *Py_UNUSED(ignored)) {
             continue;
         }
         if (echo(self, fd, &events) < 0) goto fail;
+    }
     }
     if (!events) Py_RETURN_NONE;
     return events;

@@ -142,10 +142,11 @@ class Connection:
         raise NotImplementedError
 
     # -- the lifecycle -----------------------------------------------------------------
-    def admit(self) -> bool:
-        """Count the connection in, or refuse it (the caller then closes the socket)."""
+    def admit(self, now: float | None = None) -> bool:
+        """Count the connection in, or refuse it (the caller then closes the socket).
+        ``now``: the loop's time, when the caller has it already (a batch of events)."""
         ctx = self.ctx
-        self.opened_at = now = ctx.loop.time()
+        self.opened_at = now = ctx.loop.time() if now is None else now
         if ctx.draining or not ctx.table.admit(self, now, ctx.listener):
             return False
         self.conn_id = ctx.table.opened
@@ -169,6 +170,11 @@ class Connection:
     def activity(self) -> int:
         return self.bytes_in + self.drains
 
+    def received(self) -> int:
+        """Echo bytes received so far (a data path that counts elsewhere, as the native one
+        does in C, says so here; ``bytes_in`` stays a plain attribute, final once released)."""
+        return self.bytes_in
+
     def idle_expired(self) -> None:
         """Called by the sweep: nothing moved for ``--idle-timeout``. A connection that was
         already closing (its FIN sent, or its echo still owed) is reset: the peer neither
@@ -178,7 +184,7 @@ class Connection:
         else:
             self.close(IDLE)
 
-    def released(self, unsent: int = 0) -> None:
+    def released(self, unsent: int = 0, now: float | None = None) -> None:
         """The socket is gone: count the connection out and write its close record (once)."""
         conn_id = self.conn_id
         if not conn_id:
@@ -186,9 +192,10 @@ class Connection:
         self.conn_id = 0
         ctx = self.ctx
         reason = self.reason or PEER_CLOSED
-        bytes_out = self.bytes_in - unsent
-        duration = ctx.loop.time() - self.opened_at
-        ctx.table.release(self, reason, self.bytes_in, bytes_out, ctx.listener, duration)
+        bytes_in = self.bytes_in
+        bytes_out = bytes_in - unsent
+        duration = (ctx.loop.time() if now is None else now) - self.opened_at
+        ctx.table.release(self, reason, bytes_in, bytes_out, ctx.listener, duration)
         if ctx.access_log:
             peer = format_peer(self.peer)
             shown = f"{reason}: {self.detail}" if self.detail else reason

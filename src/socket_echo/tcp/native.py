@@ -28,6 +28,10 @@ except ImportError:  # not built here
     _native = None
 
 NO_EXTENSIONS = "SOCKET_ECHO_NO_EXTENSIONS"
+# the engine's event kinds and close causes (module constants: read once, not per event)
+OPENED, CLOSED, C_RESET, C_ERROR = (
+    (_native.OPENED, _native.CLOSED, _native.RESET, _native.ERROR) if _native else (0, 1, 2, 3)
+)
 
 
 def available() -> bool:
@@ -41,22 +45,18 @@ def why_unavailable() -> str:
 
 
 class NativeConnection(Connection):
-    __slots__ = ("_bytes_in", "engine", "fd")
+    """``bytes_in`` is counted in C while the connection is open (``received`` asks for it)
+    and set from the close event: a plain attribute, no property, on the per-connection path."""
+
+    __slots__ = ("engine", "fd")
 
     def __init__(self, engine: NativeEngine, fd: int, peer: Any, ctx: ListenerContext) -> None:
         self.engine = engine
         self.fd = fd  # -1 once the engine has let it go
-        self._bytes_in = 0
         super().__init__(ctx, peer)
 
-    @property
-    def bytes_in(self) -> int:
-        """Counted in C while open; the final count once closed."""
-        return self.engine.c.bytes_in(self.fd) if self.fd >= 0 else self._bytes_in
-
-    @bytes_in.setter
-    def bytes_in(self, value: int) -> None:
-        self._bytes_in = value
+    def received(self) -> int:
+        return int(self.engine.c.bytes_in(self.fd)) if self.fd >= 0 else self.bytes_in
 
     def activity(self) -> int:
         return int(self.engine.c.activity(self.fd)) if self.fd >= 0 else 0
@@ -122,30 +122,34 @@ class NativeEngine:
         events = self.c.run()
         if events is None:
             return
+        # Runs once per wake-up, for every connection opened or closed (churn): one clock
+        # reading per batch, the reasons set without a call.
         conns, contexts = self.conns, self.contexts
+        now = self.loop.time()
         for event in events:
             kind = event[0]
-            if kind == _native.OPENED:
+            if kind == OPENED:
                 _, fd, tag, peer = event
                 conn = NativeConnection(self, fd, peer, contexts[tag])
-                if conn.admit():
+                if conn.admit(now):
                     conns[fd] = conn
                 else:
                     self.c.abort(fd)
-            elif kind == _native.CLOSED:
+            elif kind == CLOSED:
                 _, fd, why, err, bytes_in, unsent = event
                 done = conns.pop(fd, None)
                 if done is None:
                     continue
                 done.fd = -1
-                done._bytes_in = bytes_in
-                if why == _native.RESET:
-                    done.give_reason(RESET)
-                elif why == _native.ERROR:
-                    done.give_reason(ERROR, os.strerror(err))
-                else:
-                    done.give_reason(PEER_CLOSED)
-                done.released(unsent)
+                done.bytes_in = bytes_in
+                if not done.reason:
+                    if why == C_RESET:
+                        done.reason = RESET
+                    elif why == C_ERROR:
+                        done.reason, done.detail = ERROR, os.strerror(err)
+                    else:
+                        done.reason = PEER_CLOSED
+                done.released(unsent, now)
             elif kind == _native.PAUSED:
                 self._pause_accepting()
 
@@ -156,7 +160,7 @@ class NativeEngine:
         self.conns.pop(conn.fd, None)
         conn.fd = -1
         if result is not None:
-            conn._bytes_in, unsent = result
+            conn.bytes_in, unsent = result
             conn.released(unsent)
 
     def shutdown(self) -> None:
