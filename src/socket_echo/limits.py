@@ -72,6 +72,15 @@ def descriptor_budget(max_connections: int) -> int:
     return max(1, limit - in_use - FD_RESERVE)
 
 
+class Unlisted(Protocol):
+    """A data path that admits connections itself and makes their objects only when asked
+    (tcp/native.py without per-connection log lines): the table counts them, and lists them
+    before it looks at every open connection (the sweep, the drain, a scrape)."""
+
+    def unlisted(self) -> int: ...
+    def list_unlisted(self) -> None: ...
+
+
 class ListenerCounters:
     __slots__ = ("bytes_in", "bytes_out", "closed", "opened")
 
@@ -113,11 +122,26 @@ class ConnectionTable:
             "closed {count} new connection(s)",
         )
         self.on_close: list[Callable[[], None]] = []
+        self.unlisted: list[Unlisted] = []  # paths whose connections may have no object yet
         self._sweeper: asyncio.TimerHandle | None = None
 
-    def admit(self, conn: Tracked, now: float, listener: str = "") -> bool:
-        if len(self.open) >= self.limit:  # one comparison on the usual path (churn)
-            if len(self.open) >= self.max_connections:
+    def count(self) -> int:
+        """Open connections, listed or not."""
+        n = len(self.open)
+        for source in self.unlisted:
+            n += source.unlisted()
+        return n
+
+    def list_all(self) -> None:
+        """Make every open connection an object in ``open`` (before looking at all of them)."""
+        for source in self.unlisted:
+            source.list_unlisted()
+
+    def admit(self, conn: Tracked, now: float, listener: str = "", force: bool = False) -> bool:
+        """Count a connection in, or refuse it over a limit. ``force``: it was admitted
+        already, by a path that admits itself (``unlisted``), and is only listed now."""
+        if not force and (n := self.count() if self.unlisted else len(self.open)) >= self.limit:
+            if n >= self.max_connections:
                 self.rejected.note()
             else:
                 self.out_of_descriptors.note()
@@ -141,7 +165,28 @@ class ConnectionTable:
         duration: float = 0.0,
     ) -> None:
         self.open.discard(conn)
-        counters = self.by_listener[listener]
+        self._count_close(self.by_listener[listener], reason, bytes_in, bytes_out, duration)
+
+    def count_gone(
+        self, listener: str, reason: str, bytes_in: int, bytes_out: int, duration: float
+    ) -> None:
+        """A connection that opened and closed without ever being listed: counted in and out
+        at once, as admit() and release() would have."""
+        self.opened += 1
+        counters = self.by_listener.get(listener)
+        if counters is None:
+            counters = self.by_listener[listener] = ListenerCounters()
+        counters.opened += 1
+        self._count_close(counters, reason, bytes_in, bytes_out, duration)
+
+    def _count_close(
+        self,
+        counters: ListenerCounters,
+        reason: str,
+        bytes_in: int,
+        bytes_out: int,
+        duration: float,
+    ) -> None:
         counters.closed[reason] += 1
         counters.bytes_in += bytes_in
         counters.bytes_out += bytes_out
@@ -183,6 +228,7 @@ class ConnectionTable:
     def sweep(self, now: float) -> None:
         """One look at every open connection: those whose activity counter has not moved
         for ``idle_timeout`` are told so (they close, or abort if their echo is stuck)."""
+        self.list_all()
         expired = []
         for conn in self.open:
             seen = conn.activity()

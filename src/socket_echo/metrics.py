@@ -37,6 +37,7 @@ class ServerCollector:
     def collect(self) -> Iterator[Metric]:
         s = self.state
         table = s.table
+        table.list_all()  # connections a native path admitted without an object yet
         opened = CounterMetricFamily(
             "socket_echo_connections_opened",
             "Connections admitted, by listener.",
@@ -55,7 +56,7 @@ class ServerCollector:
                 closed.add_metric([listener, reason], n)
         yield closed
         yield GaugeMetricFamily(
-            "socket_echo_connections_active", "Open connections.", value=len(table.open)
+            "socket_echo_connections_active", "Open connections.", value=table.count()
         )
         rejected = CounterMetricFamily(
             "socket_echo_connections_rejected",

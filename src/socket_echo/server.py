@@ -89,7 +89,11 @@ class EchoServer:
         engine = resolve_engine(cfg.engine)
         if engine == "native":
             self.engine = NativeEngine(
-                loop, cfg.max_buffer, self.state.accept_paused, want_peers=cfg.access_log
+                loop,
+                cfg.max_buffer,
+                self.state.accept_paused,
+                want_peers=cfg.access_log,
+                table=self.table,
             )
         elif engine == "epoll":
             self.engine = EpollEngine(loop, cfg.max_buffer, self.state.accept_paused)
@@ -263,24 +267,25 @@ class EchoServer:
         await asyncio.sleep(0)
 
     def _close_all(self, abort: bool) -> None:
+        self.table.list_all()
         for conn in list(self.table.open):
             (conn.abort if abort else conn.close)(SHUTDOWN)
 
     async def _wait_closed(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        while self.table.open and loop.time() < deadline:
+        while self.table.count() and loop.time() < deadline:
             await asyncio.sleep(0.02)
 
     async def drain(self) -> None:
         """Let open connections finish up to the graceful timeout, then close the rest:
         each first gets what it is owed, then FIN; after CLOSE_WAIT the rest are reset."""
         await self._wait_closed(self.config.graceful_timeout)
-        if self.table.open:
+        if self.table.count():
             log_event(
                 logging.INFO,
                 "shutdown",
-                f"graceful timeout: closing {len(self.table.open)} connection(s)",
+                f"graceful timeout: closing {self.table.count()} connection(s)",
             )
             self._close_all(abort=False)
             await self._wait_closed(CLOSE_WAIT)
@@ -300,7 +305,7 @@ class EchoServer:
         log_event(
             logging.INFO,
             "shutdown",
-            f"{self.stop_signal}: no longer accepting; draining {len(self.table.open)} "
+            f"{self.stop_signal}: no longer accepting; draining {self.table.count()} "
             f"connection(s) for up to {self.config.graceful_timeout:g} s",
         )
         await self.drain()

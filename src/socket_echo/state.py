@@ -124,6 +124,7 @@ class ServerState:
         """(in, out) bytes of the connections still open, by listener: out is what was
         handed to the kernel, so it lags behind while a peer reads slowly."""
         live: dict[str, tuple[int, int]] = {}
+        self.table.list_all()
         for conn in self.table.open:
             got, sent = live.get(conn.listener, (0, 0))
             received = conn.received()

@@ -45,12 +45,15 @@
 #define LISTENER_MARK (UINT64_C(1) << 63)
 
 enum { FREE = 0, OPEN = 1, CLOSING = 2, FIN_SENT = 3 };
-enum { EV_OPENED = 1, EV_CLOSED = 2, EV_PAUSED = 3 };
+enum { EV_OPENED = 1, EV_CLOSED = 2, EV_PAUSED = 3, EV_GONE = 4, EV_REFUSED = 5 };
 enum { R_PEER_CLOSED = 0, R_RESET = 1, R_ERROR = 2 };
 
 typedef struct {
     uint8_t state;
+    uint8_t unlisted; /* lazy mode: Python has no object for it yet */
+    uint16_t tag;
     uint32_t gen;
+    double opened_at; /* CLOCK_MONOTONIC seconds, as the event loop's time() */
     uint64_t bytes_in;
     uint64_t drains;
     char *pending;
@@ -66,6 +69,13 @@ typedef struct {
     size_t capacity;
     int listeners[MAX_LISTENERS];
     int tags[MAX_LISTENERS];
+    /* Lazy mode (no per-connection log lines): admission here, against the Python table's
+     * open set plus the connections not listed yet; Python hears of a connection only when
+     * it closes (EV_GONE) unless it asks for the list (the sweep, the drain, a scrape). */
+    int lazy;
+    PyObject *open_set;
+    Py_ssize_t limit, max_connections, unlisted;
+    Py_ssize_t refused_cap, refused_budget;
     int nlisteners;
     int accepting;
     int paused;
@@ -102,6 +112,10 @@ static int watch(Engine *self, int fd, uint32_t events, int op) {
 static size_t release(Engine *self, int fd) {
     conn_t *c = &self->conns[fd];
     size_t unsent = c->pending ? c->len - c->off : 0;
+    if (c->unlisted) {
+        c->unlisted = 0;
+        self->unlisted--;
+    }
     close(fd); /* leaves the epoll set with it: the descriptor is never duplicated */
     free(c->pending);
     c->pending = NULL;
@@ -122,10 +136,32 @@ static int append(PyObject **list, PyObject *item) {
 }
 
 static int closed_event(Engine *self, PyObject **events, int fd, int reason, int err) {
-    uint64_t bytes_in = self->conns[fd].bytes_in;
+    conn_t *c = &self->conns[fd];
+    uint64_t bytes_in = c->bytes_in;
+    int unlisted = c->unlisted, tag = c->tag;
+    double opened_at = c->opened_at;
     size_t unsent = release(self, fd);
+    if (unlisted)
+        return append(events, Py_BuildValue("(iiiiKnd)", EV_GONE, tag, reason, err,
+                                            (unsigned long long)bytes_in, (Py_ssize_t)unsent,
+                                            opened_at));
     return append(events, Py_BuildValue("(iiiiKn)", EV_CLOSED, fd, reason, err,
                                         (unsigned long long)bytes_in, (Py_ssize_t)unsent));
+}
+
+static double monotonic(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* Lazy mode: is there room for one more connection? (the table's rule: tcp/lifecycle.py) */
+static int room(Engine *self) {
+    Py_ssize_t open = PySet_GET_SIZE(self->open_set) + self->unlisted;
+    if (open < self->limit) return 1;
+    if (open >= self->max_connections) self->refused_cap++;
+    else self->refused_budget++;
+    return 0;
 }
 
 static int lost(Engine *self, PyObject **events, int fd, int err) {
@@ -206,6 +242,12 @@ static int accept_batch(Engine *self, int index, PyObject **events) {
             }
             return 0; /* EAGAIN, or an error on this listener: look again next time */
         }
+        if (self->lazy && !room(self)) { /* refused: reset at once, as Python's abort does */
+            struct linger lg = {1, 0};
+            setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+            close(fd);
+            continue;
+        }
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one); /* fails on Unix: fine */
         if (grow(self, fd) < 0) {
             close(fd);
@@ -216,9 +258,16 @@ static int accept_batch(Engine *self, int index, PyObject **events) {
         memset(c, 0, sizeof *c);
         c->state = OPEN;
         c->gen = ++self->next_gen;
+        c->tag = (uint16_t)self->tags[index];
         if (watch(self, fd, EPOLLIN, EPOLL_CTL_ADD) < 0) {
             c->state = FREE;
             close(fd);
+            continue;
+        }
+        if (self->lazy) {
+            c->unlisted = 1;
+            c->opened_at = monotonic();
+            self->unlisted++;
             continue;
         }
         PyObject *peer;
@@ -293,6 +342,12 @@ static PyObject *Engine_run(Engine *self, PyObject *Py_UNUSED(ignored)) {
         if (echo(self, fd, &events) < 0) goto fail;
     }
     }
+    if (self->refused_cap || self->refused_budget) {
+        if (append(&events, Py_BuildValue("(inn)", EV_REFUSED, self->refused_cap,
+                                          self->refused_budget)) < 0)
+            goto fail;
+        self->refused_cap = self->refused_budget = 0;
+    }
     if (!events) Py_RETURN_NONE;
     return events;
 fail:
@@ -347,6 +402,7 @@ static void Engine_dealloc(Engine *self) {
     close_everything(self);
     free(self->conns);
     free(self->buf);
+    Py_CLEAR(self->open_set);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -450,6 +506,41 @@ static PyObject *Engine_bytes_in(Engine *self, PyObject *arg) {
     return PyLong_FromUnsignedLongLong(c ? c->bytes_in : 0);
 }
 
+static PyObject *Engine_set_lazy(Engine *self, PyObject *args) {
+    PyObject *open_set;
+    Py_ssize_t limit, max_connections;
+    if (!PyArg_ParseTuple(args, "O!nn", &PySet_Type, &open_set, &limit, &max_connections))
+        return NULL;
+    Py_XSETREF(self->open_set, Py_NewRef(open_set));
+    self->limit = limit;
+    self->max_connections = max_connections;
+    self->lazy = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_unlisted(Engine *self, PyObject *Py_UNUSED(ignored)) {
+    return PyLong_FromSsize_t(self->unlisted);
+}
+
+/* The connections Python has no object for yet, as [(fd, tag, opened_at)]; from now on they
+ * are listed (their close is an EV_CLOSED, as for eager connections). */
+static PyObject *Engine_take_unlisted(Engine *self, PyObject *Py_UNUSED(ignored)) {
+    PyObject *out = PyList_New(0);
+    if (!out) return NULL;
+    for (size_t fd = 0; fd < self->capacity && self->unlisted > 0; fd++) {
+        conn_t *c = &self->conns[fd];
+        if (c->state == FREE || !c->unlisted) continue;
+        PyObject *item = Py_BuildValue("(nid)", (Py_ssize_t)fd, (int)c->tag, c->opened_at);
+        if (append(&out, item) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        c->unlisted = 0;
+        self->unlisted--;
+    }
+    return out;
+}
+
 static PyObject *Engine_shutdown(Engine *self, PyObject *Py_UNUSED(ignored)) {
     close_everything(self);
     self->nlisteners = 0;
@@ -474,6 +565,12 @@ static PyMethodDef Engine_methods[] = {
     {"activity", (PyCFunction)Engine_activity, METH_O, "activity(fd) -> bytes_in + drains."},
     {"held", (PyCFunction)Engine_held, METH_O, "held(fd) -> echo bytes not yet sent."},
     {"bytes_in", (PyCFunction)Engine_bytes_in, METH_O, "bytes_in(fd) -> bytes received."},
+    {"set_lazy", (PyCFunction)Engine_set_lazy, METH_VARARGS,
+     "set_lazy(open_set, limit, max_connections): admit here; no event per opening."},
+    {"unlisted", (PyCFunction)Engine_unlisted, METH_NOARGS,
+     "Open connections Python has no object for."},
+    {"take_unlisted", (PyCFunction)Engine_take_unlisted, METH_NOARGS,
+     "[(fd, tag, opened_at)] of the unlisted connections, listed from now on."},
     {"shutdown", (PyCFunction)Engine_shutdown, METH_NOARGS,
      "Close every connection and the epoll descriptor."},
     {NULL, NULL, 0, NULL},
@@ -504,6 +601,8 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyModule_AddIntConstant(m, "OPENED", EV_OPENED) < 0 ||
         PyModule_AddIntConstant(m, "CLOSED", EV_CLOSED) < 0 ||
         PyModule_AddIntConstant(m, "PAUSED", EV_PAUSED) < 0 ||
+        PyModule_AddIntConstant(m, "GONE", EV_GONE) < 0 ||
+        PyModule_AddIntConstant(m, "REFUSED", EV_REFUSED) < 0 ||
         PyModule_AddIntConstant(m, "PEER_CLOSED", R_PEER_CLOSED) < 0 ||
         PyModule_AddIntConstant(m, "RESET", R_RESET) < 0 ||
         PyModule_AddIntConstant(m, "ERROR", R_ERROR) < 0) {

@@ -142,12 +142,16 @@ class Connection:
         raise NotImplementedError
 
     # -- the lifecycle -----------------------------------------------------------------
-    def admit(self, now: float | None = None) -> bool:
+    def admit(self, now: float | None = None, listed_late: bool = False) -> bool:
         """Count the connection in, or refuse it (the caller then closes the socket).
-        ``now``: the loop's time, when the caller has it already (a batch of events)."""
+        ``now``: the loop's time, when the caller has it already (a batch of events), or
+        when the connection opened (``listed_late``: a path that admitted it itself lists it
+        now, limits and draining notwithstanding; limits.Unlisted)."""
         ctx = self.ctx
         self.opened_at = now = ctx.loop.time() if now is None else now
-        if ctx.draining or not ctx.table.admit(self, now, ctx.listener):
+        if listed_late:
+            ctx.table.admit(self, now, ctx.listener, force=True)
+        elif ctx.draining or not ctx.table.admit(self, now, ctx.listener):
             return False
         self.conn_id = ctx.table.opened
         if ctx.access_log:

@@ -18,6 +18,7 @@ import socket
 from typing import Any
 
 from socket_echo.config import ACCEPT_RETRY_DELAY, READ_CHUNK
+from socket_echo.limits import ConnectionTable
 from socket_echo.logs import RateLimitedLog
 from socket_echo.tcp.lifecycle import ERROR, PEER_CLOSED, RESET, Connection, ListenerContext
 
@@ -29,8 +30,10 @@ except ImportError:  # not built here
 
 NO_EXTENSIONS = "SOCKET_ECHO_NO_EXTENSIONS"
 # the engine's event kinds and close causes (module constants: read once, not per event)
-OPENED, CLOSED, C_RESET, C_ERROR = (
-    (_native.OPENED, _native.CLOSED, _native.RESET, _native.ERROR) if _native else (0, 1, 2, 3)
+OPENED, CLOSED, GONE, REFUSED, C_RESET, C_ERROR = (
+    (_native.OPENED, _native.CLOSED, _native.GONE, _native.REFUSED, _native.RESET, _native.ERROR)
+    if _native
+    else (0, 1, 2, 3, 4, 5)
 )
 
 
@@ -84,7 +87,12 @@ class NativeEngine:
         max_buffer: int,
         exhausted: RateLimitedLog,
         want_peers: bool = True,
+        table: ConnectionTable | None = None,
     ) -> None:
+        """``table``: admit in C against it and make a connection's object only when the
+        table lists everything (limits.Unlisted); a connection that comes and goes between
+        two listings (churn) costs Python one call, at its close. Without per-connection log
+        lines only (``want_peers`` False): a log line needs the object from the start."""
         self.loop = loop
         self.exhausted = exhausted
         self.c = _native.Engine(max(1, min(READ_CHUNK, max_buffer)), want_peers)
@@ -92,7 +100,20 @@ class NativeEngine:
         self.contexts: list[ListenerContext] = []
         self.accepting = True
         self._retry: asyncio.TimerHandle | None = None
+        if table is not None and not want_peers:
+            self.c.set_lazy(table.open, table.limit, table.max_connections)
+            table.unlisted.append(self)
+        self.table = table
         loop.add_reader(self.c.fileno(), self._ready)
+
+    def unlisted(self) -> int:
+        return int(self.c.unlisted())
+
+    def list_unlisted(self) -> None:
+        conns, contexts = self.conns, self.contexts
+        for fd, tag, opened_at in self.c.take_unlisted():
+            conn = conns[fd] = NativeConnection(self, fd, None, contexts[tag])
+            conn.admit(opened_at, listed_late=True)
 
     def add_listener(self, sock: socket.socket, ctx: ListenerContext) -> None:
         self.c.add_listener(sock.fileno(), len(self.contexts))
@@ -150,6 +171,18 @@ class NativeEngine:
                     else:
                         done.reason = PEER_CLOSED
                 done.released(unsent, now)
+            elif kind == GONE:  # never listed: counted in and out at once
+                _, tag, why, _err, bytes_in, unsent, opened_at = event
+                ctx = contexts[tag]
+                reason = RESET if why == C_RESET else ERROR if why == C_ERROR else PEER_CLOSED
+                duration = max(0.0, now - opened_at)  # the loop's clock may lag C's by < 1 ms
+                ctx.table.count_gone(ctx.listener, reason, bytes_in, bytes_in - unsent, duration)
+            elif kind == REFUSED:  # by the C admission (lazy mode)
+                _, over_cap, over_budget = event
+                if over_cap and self.table is not None:
+                    self.table.rejected.note(over_cap)
+                if over_budget and self.table is not None:
+                    self.table.out_of_descriptors.note(over_budget)
             elif kind == _native.PAUSED:
                 self._pause_accepting()
 
