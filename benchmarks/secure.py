@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import CLK_TCK, LOAD_CPU, RESULTS, SERVER_CPU, free_port, pinned, socket_echo
+from run import LOAD_CPU, RESULTS, Server, pinned, socket_echo
 
 HERE = Path(__file__).resolve().parent
 UNLIMITED = ["--udp-rate", "1e9", "--udp-burst", "1000000000", "--udp-max-rate", "1e9"]
@@ -42,35 +42,6 @@ def bound(port: int) -> bool:
         except OSError:
             return True
     return False
-
-
-class UdpServer:
-    def __init__(self, argv: list[str]) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [a.replace("{port}", str(self.port)) for a in argv],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=pinned(SERVER_CPU),
-        )
-        deadline = time.monotonic() + 15
-        while not bound(self.port):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"server did not start: {argv}")
-            time.sleep(0.05)
-        time.sleep(0.3)
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def bench(url: str, mode: str, conns: int, size: int, secs: float) -> dict[str, Any]:
@@ -89,7 +60,7 @@ def bench(url: str, mode: str, conns: int, size: int, secs: float) -> dict[str, 
 def measure(
     argv: list[str], scheme: str, mode: str, conns: int, size: int, secs: float
 ) -> dict[str, Any]:
-    server = UdpServer(argv)
+    server = Server(argv, ready=bound)
     try:
         cpu0, t0 = server.cpu_seconds(), time.monotonic()
         r = bench(f"{scheme}://127.0.0.1:{server.port}", mode, conns, size, secs)

@@ -64,6 +64,18 @@ def raw_client() -> SSL.Connection:
     return conn
 
 
+def cookie_exchange(sock: socket.socket, conn: SSL.Connection) -> None:
+    """By hand, on a connected socket: ClientHello, HelloVerifyRequest, ClientHello with the
+    cookie (a session exists on the server from here)."""
+    with pytest.raises(SSL.WantReadError):
+        conn.do_handshake()
+    sock.send(conn.bio_read(65536))
+    conn.bio_write(sock.recv(65536))  # the HelloVerifyRequest
+    with pytest.raises(SSL.WantReadError):
+        conn.do_handshake()
+    sock.send(conn.bio_read(65536))
+
+
 def client_hello() -> bytes:
     """A real ClientHello without a cookie, as the first datagram of any DTLS client."""
     conn = raw_client()
@@ -224,13 +236,7 @@ def test_a_silent_client_is_retransmitted_to_then_timed_out_and_idle_sessions_cl
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(5)
         sock.connect((target.host, target.port))
-        with pytest.raises(SSL.WantReadError):
-            conn.do_handshake()
-        sock.send(conn.bio_read(65536))
-        conn.bio_write(sock.recv(65536))  # the HelloVerifyRequest
-        with pytest.raises(SSL.WantReadError):
-            conn.do_handshake()
-        sock.send(conn.bio_read(65536))  # the ClientHello with its cookie; then silence
+        cookie_exchange(sock, conn)  # then silence
         flights = []
         sock.settimeout(1.2)  # the flight comes again after 1 s, then the session is gone
         with pytest.raises(TimeoutError):
@@ -335,13 +341,7 @@ def test_a_client_restarting_from_the_same_port_replaces_its_session(start_serve
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         sock.connect((target.host, target.port))
-        with pytest.raises(SSL.WantReadError):
-            conn.do_handshake()
-        sock.send(conn.bio_read(65536))
-        conn.bio_write(sock.recv(65536))  # the HelloVerifyRequest
-        with pytest.raises(SSL.WantReadError):
-            conn.do_handshake()
-        sock.send(conn.bio_read(65536))  # a session now exists, mid-handshake
+        cookie_exchange(sock, conn)  # a session now exists, mid-handshake
         sock.recv(65536)  # the server's flight; then this client is gone
     server.wait_for_log(r"connection #3 from")
 
