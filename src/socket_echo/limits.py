@@ -10,7 +10,7 @@ import asyncio
 import os
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from socket_echo.logs import RateLimitedLog
@@ -168,16 +168,32 @@ class ConnectionTable:
         self._count_close(self.by_listener[listener], reason, bytes_in, bytes_out, duration)
 
     def count_gone(
-        self, listener: str, reason: str, bytes_in: int, bytes_out: int, duration: float
+        self,
+        listener: str,
+        count: int,
+        reasons: dict[str, int],
+        bytes_in: int,
+        bytes_out: int,
+        durations: Sequence[int],
+        duration_sum: float,
     ) -> None:
-        """A connection that opened and closed without ever being listed: counted in and out
-        at once, as admit() and release() would have."""
-        self.opened += 1
+        """Connections that opened and closed without ever being listed, summed by the path
+        that admitted them (per wake-up): counted in and out at once, as admit() and
+        release() would have counted each. ``durations``: counts per DURATION_BUCKETS."""
+        self.opened += count
         counters = self.by_listener.get(listener)
         if counters is None:
             counters = self.by_listener[listener] = ListenerCounters()
-        counters.opened += 1
-        self._count_close(counters, reason, bytes_in, bytes_out, duration)
+        counters.opened += count
+        for reason, n in reasons.items():
+            if n:
+                counters.closed[reason] += n
+        counters.bytes_in += bytes_in
+        counters.bytes_out += bytes_out
+        for i, n in enumerate(durations):
+            self.durations[i] += n
+        self.duration_sum += duration_sum
+        self._freed()
 
     def _count_close(
         self,
@@ -192,6 +208,9 @@ class ConnectionTable:
         counters.bytes_out += bytes_out
         self.durations[bisect_left(DURATION_BUCKETS, duration)] += 1
         self.duration_sum += duration
+        self._freed()
+
+    def _freed(self) -> None:
         if self.on_close:
             for callback in self.on_close:
                 callback()

@@ -71,6 +71,14 @@ typedef struct {
     size_t off, len;
 } conn_t;
 
+#define MAX_BOUNDS 16
+typedef struct {
+    Py_ssize_t count, closed[3]; /* by R_* reason */
+    unsigned long long bytes_in, bytes_out;
+    Py_ssize_t buckets[MAX_BOUNDS + 1];
+    double duration_sum;
+} gone_t;
+
 typedef struct {
     PyObject_HEAD
     int ep;
@@ -87,6 +95,13 @@ typedef struct {
     PyObject *open_set;
     Py_ssize_t limit, max_connections, unlisted;
     Py_ssize_t refused_cap, refused_budget;
+    /* Connections that closed unlisted, summed per listener tag until the end of the run:
+     * Python counts them once per wake-up (limits.ConnectionTable.count_gone), not per
+     * connection. Durations in the buckets Python gave (limits.DURATION_BUCKETS). */
+    gone_t gone[MAX_LISTENERS];
+    int gone_dirty;
+    double bounds[MAX_BOUNDS];
+    int nbounds;
     int nlisteners;
     int accepting;
     int paused;
@@ -152,16 +167,28 @@ static int append(PyObject **list, PyObject *item) {
     return r;
 }
 
+static double monotonic(void);
+
 static int closed_event(Engine *self, PyObject **events, int fd, int reason, int err) {
     conn_t *c = &self->conns[fd];
     uint64_t bytes_in = c->bytes_in;
     int unlisted = c->unlisted, tag = c->tag;
     double opened_at = c->opened_at;
     size_t unsent = release(self, fd);
-    if (unlisted)
-        return append(events, Py_BuildValue("(iiiiKnd)", EV_GONE, tag, reason, err,
-                                            (unsigned long long)bytes_in, (Py_ssize_t)unsent,
-                                            opened_at));
+    if (unlisted && tag < MAX_LISTENERS) {
+        gone_t *g = &self->gone[tag];
+        self->gone_dirty = 1;
+        double duration = monotonic() - opened_at;
+        int b = 0;
+        while (b < self->nbounds && duration > self->bounds[b]) b++; /* bisect_left */
+        g->count++;
+        g->closed[reason]++;
+        g->bytes_in += bytes_in;
+        g->bytes_out += bytes_in - unsent;
+        g->buckets[b]++;
+        g->duration_sum += duration;
+        return 0;
+    }
     return append(events, Py_BuildValue("(iiiiKn)", EV_CLOSED, fd, reason, err,
                                         (unsigned long long)bytes_in, (Py_ssize_t)unsent));
 }
@@ -418,6 +445,21 @@ static PyObject *Engine_run(Engine *self, PyObject *Py_UNUSED(ignored)) {
         if (echo(self, fd, &events) < 0) goto fail;
     }
     }
+    for (int t = 0; self->gone_dirty && t < MAX_LISTENERS; t++) {
+        gone_t *g = &self->gone[t];
+        if (!g->count) continue;
+        PyObject *buckets = PyTuple_New(self->nbounds + 1);
+        if (!buckets) goto fail;
+        for (int b = 0; b <= self->nbounds; b++)
+            PyTuple_SET_ITEM(buckets, b, PyLong_FromSsize_t(g->buckets[b]));
+        if (append(&events, Py_BuildValue("(iin(nnn)KKNd)", EV_GONE, t, g->count,
+                                          g->closed[R_PEER_CLOSED], g->closed[R_RESET],
+                                          g->closed[R_ERROR], g->bytes_in, g->bytes_out,
+                                          buckets, g->duration_sum)) < 0)
+            goto fail;
+        memset(g, 0, sizeof *g);
+    }
+    self->gone_dirty = 0;
     if (self->refused_cap || self->refused_budget) {
         if (append(&events, Py_BuildValue("(inn)", EV_REFUSED, self->refused_cap,
                                           self->refused_budget)) < 0)
@@ -584,10 +626,21 @@ static PyObject *Engine_bytes_in(Engine *self, PyObject *arg) {
 }
 
 static PyObject *Engine_set_lazy(Engine *self, PyObject *args) {
-    PyObject *open_set;
+    PyObject *open_set, *bounds;
     Py_ssize_t limit, max_connections;
-    if (!PyArg_ParseTuple(args, "O!nn", &PySet_Type, &open_set, &limit, &max_connections))
+    if (!PyArg_ParseTuple(args, "O!nnO!", &PySet_Type, &open_set, &limit, &max_connections,
+                          &PyTuple_Type, &bounds))
         return NULL;
+    Py_ssize_t nb = PyTuple_GET_SIZE(bounds);
+    if (nb > MAX_BOUNDS) {
+        PyErr_SetString(PyExc_ValueError, "too many duration buckets");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nb; i++) {
+        self->bounds[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(bounds, i));
+        if (self->bounds[i] == -1.0 && PyErr_Occurred()) return NULL;
+    }
+    self->nbounds = (int)nb;
     Py_XSETREF(self->open_set, Py_NewRef(open_set));
     self->limit = limit;
     self->max_connections = max_connections;

@@ -18,7 +18,7 @@ import socket
 from typing import Any
 
 from socket_echo.config import ACCEPT_RETRY_DELAY, READ_CHUNK
-from socket_echo.limits import ConnectionTable
+from socket_echo.limits import DURATION_BUCKETS, ConnectionTable
 from socket_echo.logs import RateLimitedLog
 from socket_echo.tcp.lifecycle import ERROR, PEER_CLOSED, RESET, Connection, ListenerContext
 
@@ -101,7 +101,7 @@ class NativeEngine:
         self.accepting = True
         self._retry: asyncio.TimerHandle | None = None
         if table is not None and not want_peers:
-            self.c.set_lazy(table.open, table.limit, table.max_connections)
+            self.c.set_lazy(table.open, table.limit, table.max_connections, DURATION_BUCKETS)
             table.unlisted.append(self)
         self.table = table
         loop.add_reader(self.c.fileno(), self._ready)
@@ -171,12 +171,11 @@ class NativeEngine:
                     else:
                         done.reason = PEER_CLOSED
                 done.released(unsent, now)
-            elif kind == GONE:  # never listed: counted in and out at once
-                _, tag, why, _err, bytes_in, unsent, opened_at = event
+            elif kind == GONE:  # never listed, summed in C per listener: counted in and out
+                _, tag, n, (peers, resets, errors), bytes_in, bytes_out, buckets, spent = event
                 ctx = contexts[tag]
-                reason = RESET if why == C_RESET else ERROR if why == C_ERROR else PEER_CLOSED
-                duration = max(0.0, now - opened_at)  # the loop's clock may lag C's by < 1 ms
-                ctx.table.count_gone(ctx.listener, reason, bytes_in, bytes_in - unsent, duration)
+                reasons = {PEER_CLOSED: peers, RESET: resets, ERROR: errors}
+                ctx.table.count_gone(ctx.listener, n, reasons, bytes_in, bytes_out, buckets, spent)
             elif kind == REFUSED:  # by the C admission (lazy mode)
                 _, over_cap, over_budget = event
                 if over_cap and self.table is not None:
