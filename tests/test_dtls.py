@@ -437,3 +437,27 @@ def test_workers_serve_dtls_sessions_from_the_credentials_made_before_the_fork(s
         return got
 
     assert run(many()) == [b"session %d" % i for i in range(8)]
+
+
+def test_server_name_verifies_a_localhost_certificate_on_an_address(start_server, tmp_path):
+    """net-tools' certificates are for "localhost" while a board has an address: the tools
+    verify the certificate for --server-name (DTLS and QUIC alike) and name a mismatch."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "server.pem")
+    )
+    pem = str(tmp_path / "server.pem")
+    server = start_server(
+        "--bind", "dtls://127.0.0.1:0", "--bind", "quic://127.0.0.1:0", "--tls-cert", pem,
+        "--tls-key", pem, expect_listeners=2,
+    )  # fmt: skip
+    ca_file = str(tmp_path / "ca.pem")
+    for scheme in ("dtls", "quic"):
+        _, host, port = server.listener(scheme)
+        url = f"{scheme}://{host}:{port}"
+        wrong = tool("client", url, "--ca", ca_file, "--timeout", "3", stdin=b"x")
+        assert wrong.returncode == 1, wrong.stderr
+        assert b"127.0.0.1" in wrong.stderr and len(wrong.stderr.splitlines()) == 1
+        right = tool("client", url, "--ca", ca_file, "--server-name", "localhost", stdin=b"ok")
+        assert (right.returncode, right.stdout) == (0, b"ok"), right.stderr

@@ -506,13 +506,19 @@ def _target(text: str, udp: bool, tls: bool) -> Any:
         raise click.UsageError(str(exc)) from None
 
 
-def _tls_options(ca: str | None, insecure: bool) -> Any:
+def _tls_options(ca: str | None, insecure: bool, server_name: str | None = None) -> Any:
     from socket_echo.tools.target import TlsOptions
 
-    return TlsOptions(ca_file=ca, insecure=insecure)
+    return TlsOptions(ca_file=ca, insecure=insecure, server_name=server_name)
 
 
 def transport_options(f: F) -> F:
+    f = click.option(
+        "--server-name",
+        metavar="NAME",
+        help="TLS, DTLS, QUIC: the name to verify the certificate for (and send as SNI) "
+        "[default: the target's host]; net-tools' certificates are for localhost.",
+    )(f)
     f = click.option("--insecure", is_flag=True, help="TLS: do not verify the certificate.")(f)
     f = click.option(
         "--ca", type=click.Path(exists=True, dir_okay=False), help="TLS: trust this CA file (PEM)."
@@ -540,7 +546,14 @@ def transport_options(f: F) -> F:
     help="quic://: the ALPN to offer.",
 )
 def client(
-    target: str, udp: bool, tls: bool, ca: str | None, insecure: bool, timeout: float, alpn: str
+    target: str,
+    udp: bool,
+    tls: bool,
+    ca: str | None,
+    insecure: bool,
+    server_name: str | None,
+    timeout: float,
+    alpn: str,
 ) -> None:
     """Talk to an echo server: line mode on a terminal, binary-safe pipe otherwise (quic://:
     a pipe over one stream; dtls://: one record per line, or per 1 KiB from a pipe)."""
@@ -552,18 +565,18 @@ def client(
         from socket_echo.tools import quic_client
 
         try:
-            sys.exit(quic_client.run(t, _tls_options(ca, insecure), timeout, alpn))
+            sys.exit(quic_client.run(t, _tls_options(ca, insecure, server_name), timeout, alpn))
         except Unreachable as exc:
             raise click.ClickException(str(exc)) from None
     if t.scheme == "dtls":
         from socket_echo.tools import dtls_client
 
         try:
-            sys.exit(dtls_client.run(t, _tls_options(ca, insecure), timeout))
+            sys.exit(dtls_client.run(t, _tls_options(ca, insecure, server_name), timeout))
         except (Unreachable, dtls_client.DtlsFailed) as exc:
             raise click.ClickException(f"{t.url}: {exc}") from None
     try:
-        sys.exit(tool.run(t, _tls_options(ca, insecure), timeout))
+        sys.exit(tool.run(t, _tls_options(ca, insecure, server_name), timeout))
     except (Unreachable, tool.ClientError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
@@ -600,6 +613,7 @@ def probe(
     tls: bool,
     ca: str | None,
     insecure: bool,
+    server_name: str | None,
     timeout: float,
     as_json: bool,
     quick: bool,
@@ -612,7 +626,7 @@ def probe(
     from socket_echo.tools.target import Unreachable
 
     t = _target(target, udp, tls)
-    options = _tls_options(ca, insecure)
+    options = _tls_options(ca, insecure, server_name)
     if t.scheme in ("quic", "dtls"):
         from socket_echo.tools import dtls_probe, quic_probe
 
@@ -710,6 +724,7 @@ def bench(
     tls: bool,
     ca: str | None,
     insecure: bool,
+    server_name: str | None,
     mode: str,
     connections: int,
     size: int | None,
@@ -763,7 +778,7 @@ def bench(
         if secure:
             from socket_echo.tools.bench_secure import check_reachable
 
-            check_reachable(t, _tls_options(ca, insecure), timeout, alpn)
+            check_reachable(t, _tls_options(ca, insecure, server_name), timeout, alpn)
         else:
             connect(t, timeout).close()
     except Unreachable as exc:
@@ -778,7 +793,7 @@ def bench(
         processes or os.cpu_count() or 1,
         rate,
         timeout,
-        _tls_options(ca, insecure),
+        _tls_options(ca, insecure, server_name),
         alpn,
     )
     progress = report.Progress(duration, "bytes" if mode == "stream" else "requests")

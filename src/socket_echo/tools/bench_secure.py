@@ -70,7 +70,7 @@ class BenchQuic(QuicConnectionProtocol):
 
 def quic_config(cfg: BenchConfig) -> QuicConfiguration:
     config = QuicConfiguration(is_client=True, alpn_protocols=[cfg.alpn])
-    config.server_name = cfg.target.host
+    config.server_name = (cfg.tls.server_name if cfg.tls is not None else None) or cfg.target.host
     if cfg.tls is not None and cfg.tls.insecure:
         config.verify_mode = ssl.CERT_NONE
     elif cfg.tls is not None and cfg.tls.ca_file:

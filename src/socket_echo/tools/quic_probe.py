@@ -95,7 +95,8 @@ def describe(event: ConnectionTerminated) -> str:
 
 
 def configuration(alpn: str, tls: TlsOptions | None, host: str) -> QuicConfiguration:
-    config = QuicConfiguration(is_client=True, alpn_protocols=[alpn], server_name=host)
+    name = (tls.server_name if tls is not None else None) or host
+    config = QuicConfiguration(is_client=True, alpn_protocols=[alpn], server_name=name)
     config.max_datagram_frame_size = 65536
     if tls is not None and tls.insecure:
         config.verify_mode = ssl.CERT_NONE
