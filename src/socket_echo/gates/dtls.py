@@ -138,6 +138,7 @@ def dtls_context(
     ctx = SSL.Context(SSL.DTLS_METHOD)
     ctx.set_min_proto_version(DTLS1_2_VERSION)
     ctx.set_options(SSL.OP_NO_QUERY_MTU | SSL.OP_NO_RENEGOTIATION)
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)  # an idle session keeps no record buffers
     try:
         if isinstance(cert, str):
             ctx.use_certificate_chain_file(cert)
