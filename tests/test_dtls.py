@@ -423,7 +423,9 @@ def test_tools_name_what_fails_over_dtls_in_one_line(start_server):
 def test_workers_serve_dtls_sessions_from_the_credentials_made_before_the_fork(start_server):
     """--workers: each worker binds the DTLS port (SO_REUSEPORT hashes the 4-tuple, so a
     client's cookie exchange and session stay on one worker) with the context made once."""
-    server = start_server("--workers", "2", "--bind", "dtls://127.0.0.1:0", "--tls-self-signed")
+    server = start_server(
+        "--workers", "2", "--bind", "dtls://127.0.0.1:0", "--tls-self-signed", expect_listeners=2
+    )  # both workers bound: the kernel's hash does not change under the sessions
     _, host, port = server.listener("dtls")
     target = Target("dtls", host, port)
 
