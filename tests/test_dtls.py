@@ -463,3 +463,28 @@ def test_server_name_verifies_a_localhost_certificate_on_an_address(start_server
         assert b"127.0.0.1" in wrong.stderr and len(wrong.stderr.splitlines()) == 1
         right = tool("client", url, "--ca", ca_file, "--server-name", "localhost", stdin=b"ok")
         assert (right.returncode, right.stdout) == (0, b"ok"), right.stderr
+
+
+def test_a_malformed_client_hello_breaks_no_other_session(start_server):
+    """A torn ClientHello is dropped and counted as such (no HelloVerifyRequest counted for
+    it), and leaves an entry on OpenSSL's per-thread error queue: the sessions around it must
+    read on (SSL_get_error() must not take that entry for theirs, cf. h2o#1448)."""
+    server, target = dtls_server(start_server)
+    torn = b"\x16\xfe\xfd" + bytes(10) + b"\x00\x05" + b"\x01garb"  # a ClientHello header, torn
+
+    async def main() -> list[bytes | None]:
+        clients = [await open_dtls(target, INSECURE, 5) for _ in range(3)]
+        got = []
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+            for client in clients:
+                attacker.sendto(torn, (target.host, target.port))
+                client.send(b"still here")
+                got.append(await client.recv(5))
+        for client in clients:
+            client.close()
+        return got
+
+    assert run(main()) == [b"still here"] * 3
+    m = scrape(metrics_port(server))
+    assert total(m, "socket_echo_udp_dropped_total", reason="dtls: malformed ClientHello") == 3
+    assert total(m, "socket_echo_connections_closed_total", reason="error") == 0

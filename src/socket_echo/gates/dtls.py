@@ -272,9 +272,12 @@ class DtlsEchoServer(asyncio.DatagramProtocol):
         try:
             conn.DTLSv1_listen()
         except SSL.WantReadError:  # no valid cookie: the HelloVerifyRequest, nothing kept
-            endpoint = Endpoint(conn, self.options.mtu)
-            self._send(endpoint.outgoing(), addr)
-            self.state.tls.hello_verify_requests += 1
+            answer = Endpoint(conn, self.options.mtu).outgoing()
+            if answer:
+                self._send(answer, addr)
+                self.state.tls.hello_verify_requests += 1
+            else:  # OpenSSL could not parse it: nothing to answer
+                self._drop("malformed ClientHello")
             return
         except SSL.Error:
             self._drop("malformed ClientHello")
