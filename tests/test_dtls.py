@@ -418,6 +418,9 @@ def test_tools_name_what_fails_over_dtls_in_one_line(start_server):
     assert_one_line_error(stream, 2, "--mode stream over dtls://: use pingpong, churn")
     unverified = run_cli("bench", target.url, "-d", "1")
     assert_one_line_error(unverified, 2, "certificate verify failed")
+    for command in ("client", "probe", "bench"):
+        bad_name = run_cli(command, target.url, "--server-name", "a..b")
+        assert_one_line_error(bad_name, 2, "'a..b' is not a host name or an address")
 
 
 def test_workers_serve_dtls_sessions_from_the_credentials_made_before_the_fork(start_server):

@@ -6,6 +6,7 @@ User mistakes end in one line on stderr and exit 2 (usage) or 1 (run time), neve
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import sys
 from collections.abc import Callable
@@ -512,10 +513,28 @@ def _tls_options(ca: str | None, insecure: bool, server_name: str | None = None)
     return TlsOptions(ca_file=ca, insecure=insecure, server_name=server_name)
 
 
+def _server_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--server-name``: an address, or a host name IDNA can encode (as SNI needs)."""
+    if value is None:
+        return None
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    try:
+        if value and value.encode("idna"):
+            return value
+    except UnicodeError:
+        pass
+    raise click.BadParameter(f"{value!r} is not a host name or an address")
+
+
 def transport_options(f: F) -> F:
     f = click.option(
         "--server-name",
         metavar="NAME",
+        callback=_server_name,
         help="TLS, DTLS, QUIC: the name to verify the certificate for (and send as SNI) "
         "[default: the target's host]; net-tools' certificates are for localhost.",
     )(f)
