@@ -219,12 +219,11 @@ class Soak:
         """QUIC connections of 1-8 streams each, every stream a random message then FIN."""
         from aioquic.asyncio.client import connect
 
-        from socket_echo.tools.bench_secure import BenchConfig, quic_config
-        from socket_echo.tools.quic_probe import ProbeClient
+        from socket_echo.tools.quic_probe import ProbeClient, configuration
         from socket_echo.tools.target import Target, TlsOptions
 
         target = Target("quic", "127.0.0.1", self.ports["quic"])
-        config = quic_config(BenchConfig(target, tls=TlsOptions(insecure=True)))
+        config = configuration("echo-quic", TlsOptions(insecure=True), target.host)
         rand = random.Random(4)
 
         async def session() -> bool:

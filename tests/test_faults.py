@@ -212,8 +212,7 @@ def test_quic_and_dtls_deliver_byte_exact_through_loss_duplication_and_reorderin
     from aioquic.asyncio.client import connect
     from conftest import metrics_port, scrape, total
 
-    from socket_echo.tools.bench_secure import BenchConfig, quic_config
-    from socket_echo.tools.quic_probe import ProbeClient
+    from socket_echo.tools.quic_probe import ProbeClient, configuration
     from socket_echo.tools.target import Target, TlsOptions
 
     server = start_server(
@@ -225,7 +224,7 @@ def test_quic_and_dtls_deliver_byte_exact_through_loss_duplication_and_reorderin
     faults = {"drop": 0.1, "duplicate": 0.2, "reorder": 0.2}
     with UdpFaultProxy((host, quic_port), seed=11, **faults) as proxy:
         target = Target("quic", "127.0.0.1", proxy.address[1])
-        config = quic_config(BenchConfig(target, tls=TlsOptions(insecure=True)))
+        config = configuration("echo-quic", TlsOptions(insecure=True), target.host)
         data = random.Random(5).randbytes(200_000)
 
         async def quic() -> tuple[bytes, bytes]:

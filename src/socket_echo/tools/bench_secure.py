@@ -14,7 +14,6 @@ is handshakes/s).
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
 from typing import Any
 
@@ -26,6 +25,7 @@ from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataRecei
 from socket_echo.logs import quiet_aioquic
 from socket_echo.tools.bench import BenchConfig, WorkerResult, _cpu
 from socket_echo.tools.dtls_client import DtlsFailed, open_dtls
+from socket_echo.tools.quic_probe import configuration
 from socket_echo.tools.target import Patterns, Target, TlsOptions, Unreachable
 
 MODES = {"quic": ("pingpong", "stream", "churn"), "dtls": ("pingpong", "churn")}
@@ -69,13 +69,7 @@ class BenchQuic(QuicConnectionProtocol):
 
 
 def quic_config(cfg: BenchConfig) -> QuicConfiguration:
-    config = QuicConfiguration(is_client=True, alpn_protocols=[cfg.alpn])
-    config.server_name = (cfg.tls.server_name if cfg.tls is not None else None) or cfg.target.host
-    if cfg.tls is not None and cfg.tls.insecure:
-        config.verify_mode = ssl.CERT_NONE
-    elif cfg.tls is not None and cfg.tls.ca_file:
-        config.load_verify_locations(cfg.tls.ca_file)
-    return config
+    return configuration(cfg.alpn, cfg.tls, cfg.target.host)  # probe's: one place for it
 
 
 class SecureWorker:
