@@ -140,7 +140,7 @@ class ConnectionTable:
     def admit(self, conn: Tracked, now: float, listener: str = "", force: bool = False) -> bool:
         """Count a connection in, or refuse it over a limit. ``force``: it was admitted
         already, by a path that admits itself (``unlisted``), and is only listed now."""
-        if not force and (n := self.count() if self.unlisted else len(self.open)) >= self.limit:
+        if not force and (n := self.count()) >= self.limit:
             if n >= self.max_connections:
                 self.rejected.note()
             else:
