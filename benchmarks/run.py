@@ -47,6 +47,11 @@ def socket_echo(python: str, *flags: str) -> list[str]:
 BEFORE: str | None = None  # --before DIR: another checkout's code, measured beside this one
 
 
+def at_before(argv: list[str]) -> list[str]:
+    """A socket-echo command line run from the --before checkout's sources."""
+    return ["env", f"PYTHONPATH={BEFORE}/src", *argv]
+
+
 def servers(python: str) -> dict[str, list[str]]:
     # --metrics on: the targets must hold with the metrics endpoint serving (issue #6).
     se = socket_echo(python, "--host", "127.0.0.1", "--metrics", "127.0.0.1:0")
@@ -74,15 +79,9 @@ def servers(python: str) -> dict[str, list[str]]:
         "asyncio streams": [python, str(HERE / "streams_echo.py"), "{port}"],
     }
     if BEFORE:
-        table["socket-echo @before (uvloop)"] = [
-            "env",
-            f"PYTHONPATH={BEFORE}/src",
-            *se,
-            "--loop",
-            "uvloop",
-            "--port",
-            "{port}",
-        ]
+        table["socket-echo @before (uvloop)"] = at_before(
+            [*se, "--loop", "uvloop", "--port", "{port}"]
+        )
     return table
 
 
@@ -111,13 +110,7 @@ def udp_servers(python: str) -> dict[str, list[str]]:
         "socket-echo (uvloop, --udp-io loop)": [*se, "--loop", "uvloop", "--udp-io", "loop"],
     }
     if BEFORE:
-        table["socket-echo @before (uvloop)"] = [
-            "env",
-            f"PYTHONPATH={BEFORE}/src",
-            *se,
-            "--loop",
-            "uvloop",
-        ]
+        table["socket-echo @before (uvloop)"] = at_before([*se, "--loop", "uvloop"])
     return table
 
 
