@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import ipaddress
+import os
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -233,9 +235,6 @@ async def pipe(target: Target, tls: TlsOptions | None, timeout: float) -> int:
     out as one record, and its echo comes out on stdout before the next is sent; a record with
     no echo is sent again (UDP loses datagrams), up to 3 times. Exit 0 once stdin ended and
     every record came back, 1 otherwise (one line)."""
-    import os
-    import sys
-
     loop = asyncio.get_running_loop()
     client = await open_dtls(target, tls, timeout)
     tty = sys.stdin.isatty()
