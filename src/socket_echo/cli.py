@@ -16,6 +16,7 @@ import click
 
 from socket_echo import __version__, config
 from socket_echo.config import ConfigError, ServerConfig
+from socket_echo.logs import quiet_aioquic
 from socket_echo.main import StartError, check_choices
 from socket_echo.main import serve as serve_config
 from socket_echo.server import EXIT_FAILURE, EXIT_USAGE
@@ -476,6 +477,7 @@ def serve(
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_aioquic()  # every command: the server's close records and the tools' one-line errors
     try:
         cli.main(args=argv, prog_name="socket-echo", standalone_mode=False)
     except click.exceptions.Abort:

@@ -22,7 +22,6 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived
 
-from socket_echo.logs import quiet_aioquic
 from socket_echo.tools.bench import BenchConfig, WorkerResult, _cpu
 from socket_echo.tools.dtls_client import DtlsFailed, open_dtls
 from socket_echo.tools.quic_probe import configuration
@@ -91,7 +90,6 @@ class SecureWorker:
         return self.result
 
     async def _main(self) -> None:
-        quiet_aioquic()
         asyncio.get_running_loop().set_exception_handler(lambda loop, context: None)
         self.deadline = time.perf_counter() + self.cfg.duration
         scheme, mode = self.cfg.target.scheme, self.cfg.mode
@@ -257,5 +255,4 @@ def check_reachable(target: Target, tls: TlsOptions | None, timeout: float, alpn
                 why = client.closed or f"ALPN {alpn}"
                 raise Unreachable(f"{target.url}: no QUIC handshake ({why})") from None
 
-    quiet_aioquic()
     asyncio.run(attempt())

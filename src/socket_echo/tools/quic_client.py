@@ -15,7 +15,6 @@ from typing import Any
 from aioquic.asyncio.client import connect
 from aioquic.quic.events import QuicEvent, StreamDataReceived
 
-from socket_echo.logs import quiet_aioquic
 from socket_echo.tools.quic_probe import Failed, ProbeClient, configuration, describe
 from socket_echo.tools.target import Target, TlsOptions, Unreachable
 
@@ -85,5 +84,4 @@ async def pipe(target: Target, tls: TlsOptions | None, timeout: float, alpn: str
 
 
 def run(target: Target, tls: TlsOptions | None, timeout: float, alpn: str) -> int:
-    quiet_aioquic()
     return asyncio.run(pipe(target, tls, timeout, alpn))

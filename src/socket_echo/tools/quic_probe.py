@@ -27,7 +27,6 @@ from aioquic.quic.events import (
     StreamReset,
 )
 
-from socket_echo.logs import quiet_aioquic
 from socket_echo.tools.probe import FAIL, FINDING, PASS, SKIP, Step
 from socket_echo.tools.target import Target, TlsOptions, Unreachable
 
@@ -252,5 +251,4 @@ def run(
         asyncio.get_running_loop().set_exception_handler(lambda loop, context: None)
         return await QuicProbe(target, timeout, tls, alpn, quick).run()
 
-    quiet_aioquic()
     return asyncio.run(main())
