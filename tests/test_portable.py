@@ -100,14 +100,19 @@ def start_seed(interpreter: list[str]) -> Iterator:  # type: ignore[type-arg]
         seed.proc.wait(5)
 
 
-def test_default_mode_prints_the_seeds_messages_and_passes_net_tools_payloads(start_seed):
-    seed = start_seed()
+def greets_and_echoes_net_tools_payloads(seed: Seed, sock: socket.socket) -> None:
+    """The seed's first line, then net-tools' echo-client payloads on one connection."""
     assert seed.lines[0] == (
         f"Single-threaded TCP echo server waits for a connection on port {seed.port}..."
     )
+    for name, payload in NET_TOOLS_PAYLOADS:
+        assert exchange(sock, payload) == payload, name
+
+
+def test_default_mode_prints_the_seeds_messages_and_passes_net_tools_payloads(start_seed):
+    seed = start_seed()
     with seed.connect() as sock:
-        for name, payload in NET_TOOLS_PAYLOADS:
-            assert exchange(sock, payload) == payload, name
+        greets_and_echoes_net_tools_payloads(seed, sock)
     seed.wait_for("Connection from 127.0.0.1:")
     assert any(line.startswith("Connection #1 from 127.0.0.1:") for line in seed.lines)
 
@@ -216,12 +221,8 @@ def board() -> Iterator:  # type: ignore[type-arg]
 
 def test_zephyr_surface_echoes_net_tools_payloads_and_a_mebibyte(board):
     seed = board()
-    assert seed.lines[0] == (
-        f"Single-threaded TCP echo server waits for a connection on port {seed.port}..."
-    )
     with seed.connect() as sock:  # IPv4: IPV6_V6ONLY cannot be turned off there
-        for name, payload in NET_TOOLS_PAYLOADS:
-            assert exchange(sock, payload) == payload, name
+        greets_and_echoes_net_tools_payloads(seed, sock)
         data = os.urandom(1 << 20)
         assert exchange(sock, data) == data
     seed.wait_for("Connection from a peer whose address this port does not report closed")
