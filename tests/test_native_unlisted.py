@@ -10,7 +10,7 @@ import socket
 import time
 
 import pytest
-from conftest import NATIVE, metrics_port, scrape, total
+from conftest import NATIVE, exchange, metrics_port, scrape, total
 
 pytestmark = pytest.mark.skipif(not NATIVE, reason="the native extension is not built")
 
@@ -23,14 +23,7 @@ def unlisted_server(start_server, *args: str):  # type: ignore[no-untyped-def]
 
 def echo_once(port: int, payload: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(payload)
-        got = b""
-        while len(got) < len(payload):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-        return got
+        return exchange(sock, payload)
 
 
 def test_churned_connections_are_counted_as_if_each_had_an_object(start_server):
@@ -80,8 +73,7 @@ def test_the_sweep_lists_and_closes_idle_connections(start_server):
     server = unlisted_server(start_server, "--idle-timeout", "1")
     _, _, port = server.listener()
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(b"then nothing")
-        assert sock.recv(100) == b"then nothing"
+        assert exchange(sock, b"then nothing") == b"then nothing"
         sock.settimeout(5)
         assert sock.recv(100) == b""  # FIN from the sweep
     m = scrape(metrics_port(server))
@@ -92,8 +84,7 @@ def test_the_drain_lists_open_connections_and_closes_them_after_the_grace(start_
     server = unlisted_server(start_server, "--graceful-timeout", "0.5")
     _, _, port = server.listener()
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(b"open at SIGTERM")
-        assert sock.recv(100) == b"open at SIGTERM"
+        assert exchange(sock, b"open at SIGTERM") == b"open at SIGTERM"
         server.signal(signal.SIGTERM)
         sock.settimeout(5)
         assert sock.recv(100) == b""  # closed after the grace, not reset
