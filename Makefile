@@ -6,7 +6,7 @@ ARGS ?=
 DURATION ?= 60
 FUZZ_SECONDS ?= 300
 
-.PHONY: install run test lint coverage sanitize bench soak fuzz clean
+.PHONY: install run test lint coverage sanitize sanitize-thread bench soak fuzz clean
 
 install: $(VENV)/.installed
 
@@ -25,10 +25,11 @@ lint: install
 	$(BIN)/mypy
 
 # Tests wait on sockets and timers more than on the CPU: 4 runners on 2 cores. Then the
-# native data path's tests again, with the extension built under ASan and UBSan.
+# native data path's tests again, with the extension built under ASan and UBSan, then TSan.
 test: lint
 	$(BIN)/pytest -n 4 --cov=socket_echo --cov-report=term:skip-covered $(ARGS)
 	$(MAKE) sanitize
+	$(MAKE) sanitize-thread
 
 # Line coverage including the servers and tools the tests run as subprocesses (slower: every
 # process starts coverage). make test reports the test processes' own coverage.
@@ -42,7 +43,7 @@ ASAN_DIR := build/asan
 SANITIZED_TESTS := tests/test_echo.py tests/test_flow_control.py tests/test_half_close.py \
 	tests/test_abuse.py tests/test_faults.py tests/test_shutdown.py tests/test_idle_timeout.py \
 	tests/test_descriptors.py tests/test_max_connections.py tests/test_unix.py tests/test_udp.py \
-	tests/test_bench.py tests/test_native_unlisted.py
+	tests/test_bench.py tests/test_native_unlisted.py tests/test_native_engine.py
 SANITIZED = ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
@@ -55,6 +56,20 @@ sanitize: install
 		assert '$(ASAN_DIR)' in n.__file__, n.__file__"
 	$(SANITIZED) $(BIN)/pytest -n 4 -p no:cacheprovider $(SANITIZED_TESTS) \
 		-k "not (epoll or protocol or mmsg or loop or pure)"
+
+# The TCP engine's thread and the event loop's calls into it, built with -fsanitize=thread:
+# the tests that make the two meet (closes racing Python's calls, descriptors reused, the
+# drain, the cap) fail on any data race.
+TSAN_DIR := build/tsan
+THREAD_SANITIZED_TESTS := tests/test_native_engine.py tests/test_native_unlisted.py \
+	tests/test_shutdown.py tests/test_max_connections.py tests/test_idle_timeout.py
+sanitize-thread: install
+	rm -rf $(TSAN_DIR) && mkdir -p $(TSAN_DIR)
+	cp -r src setup.py pyproject.toml README.md $(TSAN_DIR)/
+	cd $(TSAN_DIR) && SOCKET_ECHO_SANITIZE=thread $(CURDIR)/$(BIN)/python setup.py -q build_ext --inplace
+	TSAN_OPTIONS=halt_on_error=1 LD_PRELOAD="$$(gcc -print-file-name=libtsan.so)" \
+		PYTHONPATH=$(TSAN_DIR)/src $(BIN)/pytest -n 4 -p no:cacheprovider \
+		$(THREAD_SANITIZED_TESTS) -k "not (epoll or protocol or loop or pure)"
 
 bench: install
 	$(BIN)/python benchmarks/run.py $(ARGS)

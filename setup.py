@@ -48,9 +48,11 @@ def extensions():
         return []
     flags = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
     link = []
-    if os.environ.get("SOCKET_ECHO_SANITIZE"):
-        flags += ["-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
-        link += ["-fsanitize=address,undefined"]
+    sanitize = os.environ.get("SOCKET_ECHO_SANITIZE")  # make sanitize, make sanitize-thread
+    if sanitize:
+        checks = "thread" if sanitize == "thread" else "address,undefined"
+        flags += ["-O1", "-g", f"-fsanitize={checks}", "-fno-omit-frame-pointer"]
+        link += [f"-fsanitize={checks}"]
     return [
         Extension(
             f"socket_echo.{part}._native",

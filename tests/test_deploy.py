@@ -236,6 +236,7 @@ def test_kubernetes_container_answers_its_probes_and_turns_unready_on_sigterm(st
     assert http_status(mport, ready) == 200
     assert http_status(mport, live) == 200
     held = server.connect()
+    assert exchange(held, b"open") == b"open"  # accepted (not only in the backlog) by SIGTERM
     server.signal(signal.SIGTERM)  # what Kubernetes sends after preStop
     deadline = time.monotonic() + 10
     while http_status(mport, ready) != 503:

@@ -78,7 +78,9 @@ def test_the_sweep_lists_and_closes_idle_connections(start_server):
         assert exchange(sock, b"then nothing") == b"then nothing"
         sock.settimeout(5)
         assert sock.recv(100) == b""  # FIN from the sweep
-    m = scrape(metrics_port(server))
+    deadline = time.monotonic() + 5  # counted once the server has seen our close
+    while not total(m := scrape(metrics_port(server)), "socket_echo_connections_closed_total"):
+        assert time.monotonic() < deadline
     assert total(m, "socket_echo_connections_closed_total", reason="idle timeout") == 1
 
 

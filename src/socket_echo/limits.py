@@ -74,11 +74,13 @@ def descriptor_budget(max_connections: int) -> int:
 
 class Unlisted(Protocol):
     """A data path that admits connections itself and makes their objects only when asked
-    (tcp/native.py without per-connection log lines): the table counts them, and lists them
-    before it looks at every open connection (the sweep, the drain, a scrape)."""
+    (tcp/native.py): the table counts them, lists them before it looks at every open
+    connection (the sweep, the drain, a scrape), and tells it each change in ``open`` (its
+    admission counts those too)."""
 
     def unlisted(self) -> int: ...
     def list_unlisted(self) -> None: ...
+    def open_changed(self, listed: int) -> None: ...
 
 
 class ListenerCounters:
@@ -149,6 +151,8 @@ class ConnectionTable:
         conn.active_since = now
         self.open.add(conn)
         self.opened += 1
+        for source in self.unlisted:
+            source.open_changed(len(self.open))
         counters = self.by_listener.get(listener)
         if counters is None:
             counters = self.by_listener[listener] = ListenerCounters()
@@ -165,6 +169,8 @@ class ConnectionTable:
         duration: float = 0.0,
     ) -> None:
         self.open.discard(conn)
+        for source in self.unlisted:
+            source.open_changed(len(self.open))
         self._count_close(self.by_listener[listener], reason, bytes_in, bytes_out, duration)
 
     def count_gone(

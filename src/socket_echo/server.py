@@ -92,8 +92,8 @@ class EchoServer:
                 loop,
                 cfg.max_buffer,
                 self.state.accept_paused,
+                self.table,
                 want_peers=cfg.access_log,
-                table=self.table,
             )
         elif engine == "epoll":
             self.engine = EpollEngine(loop, cfg.max_buffer, self.state.accept_paused)

@@ -1,10 +1,25 @@
-/* The native TCP data path: the epoll path's ready loop in C (tcp/native.py drives it).
+/* The native TCP data path: a C thread that runs the epoll path's ready loop (tcp/native.py
+ * drives it from the event loop).
  *
- * Why C through the CPython API rather than Cython: the loop below makes no Python call per
- * message at all (epoll_wait, recv into one buffer, send, integer adds in a struct indexed
- * by descriptor), so what a binding generator would add is only build machinery; the
- * Python-facing part is a dozen small methods. Python hears about state changes only:
- * a connection opened, a connection closed (and why), accepting paused by EMFILE.
+ * Why C through the CPython API rather than Cython: the loop below makes no Python call at
+ * all (epoll_wait, recv into one buffer, send, integer adds in a struct indexed by
+ * descriptor), so what a binding generator would add is only build machinery; the
+ * Python-facing part is a dozen small methods.
+ *
+ * Why a thread of its own: the loop blocks in epoll_wait with the GIL released, as a C server
+ * does, instead of sitting as one descriptor inside the event loop's epoll (a nested epoll:
+ * a wake-up of the loop, a Python callback and a second epoll_wait per batch; measured, that
+ * was the server's whole excess over the C echo under churn). Python hears from it through an
+ * eventfd, and only of what it must act on: a connection opened (when it logs each one), a
+ * listed connection closed (and why), accepting paused by EMFILE. Connections that open and
+ * close unlisted are summed here and told at most every GONE_FLUSH_MS, or when Python asks
+ * (the sweep, the drain, a scrape). Every Python-facing method takes the engine's mutex,
+ * which the thread holds while it serves a batch and never while it waits; the thread never
+ * takes the GIL, so no lock order can deadlock.
+ *
+ * Admission is here, for every connection: against the connection table's other entries
+ * (Python tells their number, set_others) plus this engine's open connections, so the cap
+ * holds before the first byte is echoed whether or not Python has heard of the connection yet.
  *
  * A connection whose reads fill the whole buffer (bulk) moves to splice(2) through a pipe of
  * its own, sized to one read: the kernel moves the pages socket -> pipe -> socket and this
@@ -18,8 +33,9 @@
  * stops echoing, delivers what is held, sends FIN and waits for the peer's close; abort()
  * resets at once.
  *
- * Descriptors index the connection table; each epoll registration carries the descriptor
- * and a generation, so an event can never reach a newer connection on a reused number.
+ * Descriptors index the connection table; each epoll registration, each event told to Python
+ * and each call from Python carries the descriptor and a generation, so nothing can reach a
+ * newer connection on a reused number.
  */
 #define _GNU_SOURCE /* splice, pipe2 */
 #define PY_SSIZE_T_CLEAN
@@ -30,27 +46,26 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <arpa/inet.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
-/* Rounds of epoll per wake-up from the event loop: after a round with work, the next waits
- * up to LINGER_NS for more before going back to the loop. Under load that saves the loop's
- * own epoll_wait and its callback into Python per round (what a C server never pays); idle,
- * it costs at most LINGER_NS of sleep, never CPU; the loop's other work waits at most
- * RUN_ROUNDS rounds. */
-#define RUN_ROUNDS 8
-#define LINGER_NS 50000
 #define MAX_EVENTS 256
+#define GONE_FLUSH_MS 10 /* unlisted closes and refusals are told to Python at most this late */
 #define SPLICE_FROM 16384 /* a read size below this never switches to splice (small buffers) */
 #define ACCEPT_BATCH 128
 #define MAX_LISTENERS 64
 #define LISTENER_MARK (UINT64_C(1) << 63)
+#define WAKE_MARK (UINT64_C(1) << 62)
 
 enum { FREE = 0, OPEN = 1, CLOSING = 2, FIN_SENT = 3 };
 enum { EV_OPENED = 1, EV_CLOSED = 2, EV_PAUSED = 3, EV_GONE = 4, EV_REFUSED = 5 };
@@ -58,7 +73,7 @@ enum { R_PEER_CLOSED = 0, R_RESET = 1, R_ERROR = 2 };
 
 typedef struct {
     uint8_t state;
-    uint8_t unlisted; /* lazy mode: Python has no object for it yet */
+    uint8_t unlisted; /* Python has no object for it (and hears of its close only as a sum) */
     uint16_t tag;
     uint32_t gen;
     double opened_at; /* CLOCK_MONOTONIC seconds, as the event loop's time() */
@@ -71,6 +86,18 @@ typedef struct {
     size_t off, len;
 } conn_t;
 
+/* What Python is told, queued by the thread (no Python object can be made without the GIL). */
+typedef struct {
+    uint8_t kind, reason;
+    uint16_t tag;
+    int fd, err;
+    uint32_t gen;
+    double opened_at;
+    uint64_t bytes_in;
+    size_t unsent;
+    struct sockaddr_storage peer; /* EV_OPENED with want_peers */
+} event_t;
+
 #define MAX_BOUNDS 16
 typedef struct {
     Py_ssize_t count, closed[3]; /* by R_* reason */
@@ -82,24 +109,30 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     int ep;
+    int wake_fd;   /* in ep: wakes the thread to stop */
+    int notify_fd; /* the event loop watches it: something to tell Python */
+    pthread_t thread;
+    int running, stopping, notified, failed;
+    pthread_mutex_t mu;
     char *buf;
     size_t bufsize;
     conn_t *conns;
     size_t capacity;
+    event_t *queue;
+    size_t queued, queue_cap;
     int listeners[MAX_LISTENERS];
     int tags[MAX_LISTENERS];
-    /* Lazy mode (no per-connection log lines): admission here, against the Python table's
-     * open set plus the connections not listed yet; Python hears of a connection only when
-     * it closes (EV_GONE) unless it asks for the list (the sweep, the drain, a scrape). */
-    int lazy;
-    PyObject *open_set;
-    Py_ssize_t limit, max_connections, unlisted;
+    /* Admission: the table's entries that are not this engine's (set_others) plus this
+     * engine's open connections, against the table's limits. */
+    Py_ssize_t others, open_here, unlisted;
+    Py_ssize_t limit, max_connections;
     Py_ssize_t refused_cap, refused_budget;
-    /* Connections that closed unlisted, summed per listener tag until the end of the run:
-     * Python counts them once per wake-up (limits.ConnectionTable.count_gone), not per
-     * connection. Durations in the buckets Python gave (limits.DURATION_BUCKETS). */
+    int lazy; /* no per-connection log lines: no EV_OPENED, connections start unlisted */
+    /* Connections that closed unlisted, summed per listener tag until Python takes them
+     * (limits.ConnectionTable.count_gone). Durations in the buckets Python gave
+     * (limits.DURATION_BUCKETS). */
     gone_t gone[MAX_LISTENERS];
-    int gone_dirty;
+    double untold_since; /* when the oldest untold sum or refusal began; 0: none */
     double bounds[MAX_BOUNDS];
     int nbounds;
     int nlisteners;
@@ -121,10 +154,10 @@ static int grow(Engine *self, int fd) {
     return 0;
 }
 
-static conn_t *lookup(Engine *self, long fd) {
+static conn_t *lookup(Engine *self, long fd, unsigned long gen) {
     if (fd < 0 || (size_t)fd >= self->capacity) return NULL;
     conn_t *c = &self->conns[fd];
-    return c->state == FREE ? NULL : c;
+    return c->state == FREE || c->gen != (uint32_t)gen ? NULL : c;
 }
 
 static int watch(Engine *self, int fd, uint32_t events, int op) {
@@ -148,6 +181,7 @@ static size_t release(Engine *self, int fd) {
         c->unlisted = 0;
         self->unlisted--;
     }
+    self->open_here--;
     close(fd); /* leaves the epoll set with it: the descriptor is never duplicated */
     free(c->pending);
     c->pending = NULL;
@@ -156,28 +190,56 @@ static size_t release(Engine *self, int fd) {
     return unsent;
 }
 
-static int append(PyObject **list, PyObject *item) {
-    if (!item) return -1;
-    if (!*list && !(*list = PyList_New(0))) {
-        Py_DECREF(item);
-        return -1;
-    }
-    int r = PyList_Append(*list, item);
-    Py_DECREF(item);
-    return r;
+static double monotonic(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-static double monotonic(void);
+/* Tell Python there is something to take (once until it takes it). */
+static void notify(Engine *self) {
+    if (self->notified) return;
+    self->notified = 1;
+    uint64_t one = 1;
+    ssize_t r = write(self->notify_fd, &one, sizeof one);
+    (void)r; /* an eventfd write fails only on overflow, which leaves it readable anyway */
+}
 
-static int closed_event(Engine *self, PyObject **events, int fd, int reason, int err) {
+/* Something Python may hear late (a sum, a refusal count): told within GONE_FLUSH_MS. */
+static void untold(Engine *self) {
+    if (self->untold_since == 0) self->untold_since = monotonic();
+}
+
+static event_t *queue_event(Engine *self, int kind) {
+    if (self->queued == self->queue_cap) {
+        size_t cap = self->queue_cap ? self->queue_cap * 2 : 64;
+        event_t *q = realloc(self->queue, cap * sizeof(event_t));
+        if (!q) {
+            self->failed = ENOMEM; /* Python's take() raises: the engine cannot go on */
+            notify(self);
+            return NULL;
+        }
+        self->queue = q;
+        self->queue_cap = cap;
+    }
+    event_t *e = &self->queue[self->queued++];
+    memset(e, 0, offsetof(event_t, peer));
+    e->peer.ss_family = AF_UNSPEC;
+    e->kind = (uint8_t)kind;
+    notify(self);
+    return e;
+}
+
+static void closed_event(Engine *self, int fd, int reason, int err) {
     conn_t *c = &self->conns[fd];
     uint64_t bytes_in = c->bytes_in;
     int unlisted = c->unlisted, tag = c->tag;
+    uint32_t gen = c->gen;
     double opened_at = c->opened_at;
     size_t unsent = release(self, fd);
     if (unlisted && tag < MAX_LISTENERS) {
         gone_t *g = &self->gone[tag];
-        self->gone_dirty = 1;
+        untold(self);
         double duration = monotonic() - opened_at;
         int b = 0;
         while (b < self->nbounds && duration > self->bounds[b]) b++; /* bisect_left */
@@ -187,30 +249,31 @@ static int closed_event(Engine *self, PyObject **events, int fd, int reason, int
         g->bytes_out += bytes_in - unsent;
         g->buckets[b]++;
         g->duration_sum += duration;
-        return 0;
+        return;
     }
-    return append(events, Py_BuildValue("(iiiiKn)", EV_CLOSED, fd, reason, err,
-                                        (unsigned long long)bytes_in, (Py_ssize_t)unsent));
+    event_t *e = queue_event(self, EV_CLOSED);
+    if (!e) return;
+    e->fd = fd;
+    e->gen = gen;
+    e->reason = (uint8_t)reason;
+    e->err = err;
+    e->bytes_in = bytes_in;
+    e->unsent = unsent;
 }
 
-static double monotonic(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-/* Lazy mode: is there room for one more connection? (the table's rule: tcp/lifecycle.py) */
+/* Is there room for one more connection? (the table's rule: limits.ConnectionTable.admit) */
 static int room(Engine *self) {
-    Py_ssize_t open = PySet_GET_SIZE(self->open_set) + self->unlisted;
+    Py_ssize_t open = self->others + self->open_here;
     if (open < self->limit) return 1;
     if (open >= self->max_connections) self->refused_cap++;
     else self->refused_budget++;
+    untold(self);
     return 0;
 }
 
-static int lost(Engine *self, PyObject **events, int fd, int err) {
-    if (err == ECONNRESET || err == EPIPE) return closed_event(self, events, fd, R_RESET, 0);
-    return closed_event(self, events, fd, R_ERROR, err);
+static void lost(Engine *self, int fd, int err) {
+    if (err == ECONNRESET || err == EPIPE) closed_event(self, fd, R_RESET, 0);
+    else closed_event(self, fd, R_ERROR, err);
 }
 
 static PyObject *peer_of(struct sockaddr_storage *sa) {
@@ -238,20 +301,20 @@ static void set_listeners(Engine *self, uint32_t events) {
     }
 }
 
-/* Read what is there and send it back; a part the kernel does not take is held and reading
- * stops until it drains. 0 when done (also for EAGAIN), -1 on a Python error. */
 /* The bulk path: what is readable goes into the connection's pipe and from there back out,
  * the kernel moving pages, never copying them through this process. What the socket does not
  * take stays in the pipe (held: reading stops until it drains, as for `pending`). */
-static int splice_echo(Engine *self, int fd, PyObject **events) {
+static void splice_echo(Engine *self, int fd) {
     conn_t *c = &self->conns[fd];
     ssize_t r = splice(fd, NULL, c->pipe_w, NULL, self->bufsize, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
     if (r < 0) {
-        if (errno == EAGAIN || errno == EINTR) return 0;
-        return lost(self, events, fd, errno);
+        if (errno != EAGAIN && errno != EINTR) lost(self, fd, errno);
+        return;
     }
-    if (r == 0) return closed_event(self, events, fd, R_PEER_CLOSED, 0);
-    c->bytes_in += (uint64_t)r;
+    if (r == 0) {
+        closed_event(self, fd, R_PEER_CLOSED, 0);
+        return;
+    }
     if (c->state != OPEN) { /* closing: what arrives now is not echoed; drop it */
         char sink[4096];
         for (ssize_t left = r; left > 0;) {
@@ -259,19 +322,21 @@ static int splice_echo(Engine *self, int fd, PyObject **events) {
             if (n <= 0) break;
             left -= n;
         }
-        c->bytes_in -= (uint64_t)r;
-        return 0;
+        return;
     }
+    c->bytes_in += (uint64_t)r;
     ssize_t w = splice(c->pipe_r, NULL, fd, NULL, (size_t)r, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
     if (w < 0) {
-        if (errno != EAGAIN && errno != EINTR) return lost(self, events, fd, errno);
+        if (errno != EAGAIN && errno != EINTR) {
+            lost(self, fd, errno);
+            return;
+        }
         w = 0;
     }
     if (w < r) {
         c->piped = (size_t)(r - w);
         watch(self, fd, EPOLLOUT, EPOLL_CTL_MOD); /* stop reading until it drains */
     }
-    return 0;
 }
 
 /* A connection whose reads fill the whole buffer is streaming: it moves to splice(2) if a
@@ -286,39 +351,50 @@ static void maybe_splice(Engine *self, conn_t *c) {
     c->spliced = 1;
 }
 
-static int echo(Engine *self, int fd, PyObject **events) {
+/* Read what is there and send it back; a part the kernel does not take is held and reading
+ * stops until it drains. */
+static void echo(Engine *self, int fd) {
     conn_t *c = &self->conns[fd];
-    if (c->spliced) return splice_echo(self, fd, events);
+    if (c->spliced) {
+        splice_echo(self, fd);
+        return;
+    }
     ssize_t r = recv(fd, self->buf, self->bufsize, 0);
     if (r < 0) {
-        if (errno == EAGAIN || errno == EINTR) return 0;
-        return lost(self, events, fd, errno);
+        if (errno != EAGAIN && errno != EINTR) lost(self, fd, errno);
+        return;
     }
-    if (r == 0) return closed_event(self, events, fd, R_PEER_CLOSED, 0);
-    if (c->state != OPEN) return 0; /* closing: what arrives now is not echoed */
+    if (r == 0) {
+        closed_event(self, fd, R_PEER_CLOSED, 0);
+        return;
+    }
+    if (c->state != OPEN) return; /* closing: what arrives now is not echoed */
     c->bytes_in += (uint64_t)r;
     ssize_t w = send(fd, self->buf, (size_t)r, MSG_NOSIGNAL);
     if (w < 0) {
-        if (errno != EAGAIN && errno != EINTR) return lost(self, events, fd, errno);
+        if (errno != EAGAIN && errno != EINTR) {
+            lost(self, fd, errno);
+            return;
+        }
         w = 0;
     }
     if (w < r) {
         c->len = (size_t)(r - w);
         c->off = 0;
         c->pending = malloc(c->len);
-        if (!c->pending) {
-            PyErr_NoMemory();
-            return -1;
+        if (!c->pending) { /* nowhere to hold the echo: this connection cannot go on */
+            c->len = 0;
+            lost(self, fd, ENOMEM);
+            return;
         }
         memcpy(c->pending, self->buf + w, c->len);
         watch(self, fd, EPOLLOUT, EPOLL_CTL_MOD); /* stop reading until it drains */
     } else if ((size_t)r == self->bufsize && self->bufsize >= SPLICE_FROM) {
         maybe_splice(self, c);
     }
-    return 0;
 }
 
-static int accept_batch(Engine *self, int index, PyObject **events) {
+static void accept_batch(Engine *self, int index) {
     int lfd = self->listeners[index], one = 1;
     for (int n = 0; n < ACCEPT_BATCH; n++) {
         struct sockaddr_storage sa;
@@ -331,145 +407,128 @@ static int accept_batch(Engine *self, int index, PyObject **events) {
             if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
                 self->paused = 1;
                 set_listeners(self, 0);
-                return append(events, Py_BuildValue("(i)", EV_PAUSED));
+                queue_event(self, EV_PAUSED);
             }
-            return 0; /* EAGAIN, or an error on this listener: look again next time */
+            return; /* EAGAIN, or an error on this listener: look again next time */
         }
-        if (self->lazy && !room(self)) { /* refused: reset at once, as Python's abort does */
+        if (!room(self) || grow(self, fd) < 0) { /* refused: reset at once, as abort() does */
             struct linger lg = {1, 0};
             setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
             close(fd);
             continue;
         }
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one); /* fails on Unix: fine */
-        if (grow(self, fd) < 0) {
-            close(fd);
-            PyErr_NoMemory();
-            return -1;
-        }
         conn_t *c = &self->conns[fd];
         memset(c, 0, sizeof *c);
         c->state = OPEN;
         c->gen = ++self->next_gen;
         c->tag = (uint16_t)self->tags[index];
+        c->opened_at = monotonic();
         if (watch(self, fd, EPOLLIN, EPOLL_CTL_ADD) < 0) {
             c->state = FREE;
             close(fd);
             continue;
         }
+        self->open_here++;
         if (self->lazy) {
             c->unlisted = 1;
-            c->opened_at = monotonic();
             self->unlisted++;
             continue;
         }
-        PyObject *peer;
-        if (self->want_peers) {
-            peer = peer_of(&sa);
-            if (!peer) return -1;
-        } else {
-            peer = Py_NewRef(Py_None);
-        }
-        if (append(events, Py_BuildValue("(iiiN)", EV_OPENED, fd, self->tags[index], peer)) < 0)
-            return -1;
+        event_t *e = queue_event(self, EV_OPENED);
+        if (!e) return;
+        e->fd = fd;
+        e->gen = c->gen;
+        e->tag = c->tag;
+        e->opened_at = c->opened_at;
+        if (self->want_peers) memcpy(&e->peer, &sa, len < sizeof sa ? len : sizeof sa);
     }
-    return 0;
 }
 
 /* The rest of a held echo; on a complete drain, back to reading (or FIN when closing). */
-static int flush(Engine *self, int fd, PyObject **events) {
+static void flush(Engine *self, int fd) {
     conn_t *c = &self->conns[fd];
     if (c->piped) {
         ssize_t w = splice(c->pipe_r, NULL, fd, NULL, c->piped, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
         if (w < 0) {
-            if (errno == EAGAIN || errno == EINTR) return 0;
-            return lost(self, events, fd, errno);
+            if (errno != EAGAIN && errno != EINTR) lost(self, fd, errno);
+            return;
         }
         c->piped -= (size_t)w;
-        if (c->piped) return 0;
+        if (c->piped) return;
     } else {
         ssize_t w = send(fd, c->pending + c->off, c->len - c->off, MSG_NOSIGNAL);
         if (w < 0) {
-            if (errno == EAGAIN || errno == EINTR) return 0;
-            return lost(self, events, fd, errno);
+            if (errno != EAGAIN && errno != EINTR) lost(self, fd, errno);
+            return;
         }
         c->off += (size_t)w;
-        if (c->off < c->len) return 0;
+        if (c->off < c->len) return;
         free(c->pending);
         c->pending = NULL;
         c->off = c->len = 0;
     }
     c->drains++;
     if (c->state == CLOSING) {
-        if (shutdown(fd, SHUT_WR) < 0) return lost(self, events, fd, errno);
+        if (shutdown(fd, SHUT_WR) < 0) {
+            lost(self, fd, errno);
+            return;
+        }
         c->state = FIN_SENT;
     }
     watch(self, fd, EPOLLIN, EPOLL_CTL_MOD);
-    return 0;
 }
 
-static PyObject *Engine_run(Engine *self, PyObject *Py_UNUSED(ignored)) {
-    struct epoll_event evs[MAX_EVENTS];
-    PyObject *events = NULL;
-    for (int round = 0; round < RUN_ROUNDS; round++) {
-    int n;
-    if (round == 0) {
-        n = epoll_wait(self->ep, evs, MAX_EVENTS, 0);
-    } else { /* the last round had work: wait a little for more, as a C server would */
-        struct timespec linger = {0, LINGER_NS};
-        Py_BEGIN_ALLOW_THREADS
-        n = epoll_pwait2(self->ep, evs, MAX_EVENTS, &linger, NULL);
-        Py_END_ALLOW_THREADS
-    }
-    if (n < 0) {
-        if (errno == EINTR) break;
-        Py_XDECREF(events);
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    if (n == 0) break;
+static void serve(Engine *self, struct epoll_event *evs, int n) {
     for (int i = 0; i < n; i++) {
         uint64_t data = evs[i].data.u64;
         if (data & LISTENER_MARK) {
-            if (self->accepting && !self->paused &&
-                accept_batch(self, (int)(data & 0xffff), &events) < 0)
-                goto fail;
+            int index = (int)(data & 0xffff);
+            if (self->accepting && !self->paused && index < self->nlisteners)
+                accept_batch(self, index);
             continue;
         }
+        if (data & WAKE_MARK) continue; /* the stop flag is read under the mutex */
         int fd = (int)(uint32_t)data;
-        conn_t *c = lookup(self, fd);
-        if (!c || c->gen != (uint32_t)(data >> 32)) continue; /* stale */
-        if (c->pending || c->piped) {
-            if (flush(self, fd, &events) < 0) goto fail;
-            continue;
+        conn_t *c = lookup(self, fd, (uint32_t)(data >> 32));
+        if (!c) continue; /* stale: closed, or the number reused */
+        if (c->pending || c->piped) flush(self, fd);
+        else echo(self, fd);
+    }
+}
+
+/* The thread: epoll_wait with no lock held, then the batch under the mutex, as a C server
+ * would (blocking, no time slices). Signals are for the main thread. */
+static void *engine_thread(void *arg) {
+    Engine *self = arg;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+    struct epoll_event evs[MAX_EVENTS];
+    int timeout = -1;
+    for (;;) {
+        int n = epoll_wait(self->ep, evs, MAX_EVENTS, timeout);
+        int err = errno;
+        pthread_mutex_lock(&self->mu);
+        if (self->stopping) {
+            pthread_mutex_unlock(&self->mu);
+            break;
         }
-        if (echo(self, fd, &events) < 0) goto fail;
+        if (n < 0 && err != EINTR) {
+            self->failed = err;
+            notify(self);
+            pthread_mutex_unlock(&self->mu);
+            break;
+        }
+        if (n > 0) serve(self, evs, n);
+        timeout = -1;
+        if (self->untold_since != 0) {
+            double late = (monotonic() - self->untold_since) * 1e3;
+            if (late >= GONE_FLUSH_MS) notify(self);
+            else timeout = (int)(GONE_FLUSH_MS - late) + 1;
+        }
+        pthread_mutex_unlock(&self->mu);
     }
-    }
-    for (int t = 0; self->gone_dirty && t < MAX_LISTENERS; t++) {
-        gone_t *g = &self->gone[t];
-        if (!g->count) continue;
-        PyObject *buckets = PyTuple_New(self->nbounds + 1);
-        if (!buckets) goto fail;
-        for (int b = 0; b <= self->nbounds; b++)
-            PyTuple_SET_ITEM(buckets, b, PyLong_FromSsize_t(g->buckets[b]));
-        if (append(&events, Py_BuildValue("(iin(nnn)KKNd)", EV_GONE, t, g->count,
-                                          g->closed[R_PEER_CLOSED], g->closed[R_RESET],
-                                          g->closed[R_ERROR], g->bytes_in, g->bytes_out,
-                                          buckets, g->duration_sum)) < 0)
-            goto fail;
-        memset(g, 0, sizeof *g);
-    }
-    self->gone_dirty = 0;
-    if (self->refused_cap || self->refused_budget) {
-        if (append(&events, Py_BuildValue("(inn)", EV_REFUSED, self->refused_cap,
-                                          self->refused_budget)) < 0)
-            goto fail;
-        self->refused_cap = self->refused_budget = 0;
-    }
-    if (!events) Py_RETURN_NONE;
-    return events;
-fail:
-    Py_XDECREF(events);
     return NULL;
 }
 
@@ -494,19 +553,48 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kwds) {
     }
     self->bufsize = (size_t)read_size;
     self->ep = epoll_create1(EPOLL_CLOEXEC);
-    if (self->ep < 0) {
+    self->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    self->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (self->ep < 0 || self->wake_fd < 0 || self->notify_fd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    struct epoll_event e;
+    e.events = EPOLLIN;
+    e.data.u64 = WAKE_MARK;
+    if (epoll_ctl(self->ep, EPOLL_CTL_ADD, self->wake_fd, &e) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
     self->want_peers = want_peers;
+    self->lazy = !want_peers;
     self->accepting = 1;
+    self->limit = self->max_connections = PY_SSIZE_T_MAX;
     return 0;
 }
 
 static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     Engine *self = (Engine *)type->tp_alloc(type, 0);
-    if (self) self->ep = -1;
+    if (!self) return NULL;
+    self->ep = self->wake_fd = self->notify_fd = -1;
+    pthread_mutex_init(&self->mu, NULL);
     return (PyObject *)self;
+}
+
+/* Stop the thread and wait for it (it never takes the GIL: joining with it held is safe,
+ * but other Python threads may run meanwhile). */
+static void stop_thread(Engine *self) {
+    if (!self->running) return;
+    pthread_mutex_lock(&self->mu);
+    self->stopping = 1;
+    pthread_mutex_unlock(&self->mu);
+    uint64_t one = 1;
+    ssize_t r = write(self->wake_fd, &one, sizeof one);
+    (void)r;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_join(self->thread, NULL);
+    Py_END_ALLOW_THREADS
+    self->running = 0;
 }
 
 static void close_everything(Engine *self) {
@@ -517,10 +605,14 @@ static void close_everything(Engine *self) {
 }
 
 static void Engine_dealloc(Engine *self) {
+    stop_thread(self);
     close_everything(self);
+    if (self->wake_fd >= 0) close(self->wake_fd);
+    if (self->notify_fd >= 0) close(self->notify_fd);
     free(self->conns);
     free(self->buf);
-    Py_CLEAR(self->open_set);
+    free(self->queue);
+    pthread_mutex_destroy(&self->mu);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -532,177 +624,351 @@ static int check_open(Engine *self) {
     return 0;
 }
 
+/* The statements, under the engine's mutex (never a return or a Python call inside). */
+#define LOCKED(...)                      \
+    do {                                 \
+        pthread_mutex_lock(&self->mu);   \
+        __VA_ARGS__;                     \
+        pthread_mutex_unlock(&self->mu); \
+    } while (0)
+
 static PyObject *Engine_fileno(Engine *self, PyObject *Py_UNUSED(ignored)) {
-    return PyLong_FromLong(self->ep);
+    return PyLong_FromLong(self->notify_fd);
+}
+
+static PyObject *Engine_start(Engine *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_open(self) < 0) return NULL;
+    if (self->running) Py_RETURN_NONE;
+    int err = pthread_create(&self->thread, NULL, engine_thread, self);
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    self->running = 1;
+    Py_RETURN_NONE;
 }
 
 static PyObject *Engine_add_listener(Engine *self, PyObject *args) {
-    int fd, tag;
+    int fd, tag, failed = 0;
     if (!PyArg_ParseTuple(args, "ii", &fd, &tag) || check_open(self) < 0) return NULL;
-    if (self->nlisteners >= MAX_LISTENERS) {
+    if (tag < 0 || tag >= MAX_LISTENERS || self->nlisteners >= MAX_LISTENERS) {
         PyErr_SetString(PyExc_ValueError, "too many listeners");
         return NULL;
     }
-    struct epoll_event e;
-    e.events = (self->paused || !self->accepting) ? 0 : EPOLLIN;
-    e.data.u64 = LISTENER_MARK | (uint64_t)self->nlisteners;
-    if (epoll_ctl(self->ep, EPOLL_CTL_ADD, fd, &e) < 0) return PyErr_SetFromErrno(PyExc_OSError);
-    self->listeners[self->nlisteners] = fd;
-    self->tags[self->nlisteners] = tag;
-    self->nlisteners++;
+    LOCKED({
+        struct epoll_event e;
+        e.events = (self->paused || !self->accepting) ? 0 : EPOLLIN;
+        e.data.u64 = LISTENER_MARK | (uint64_t)self->nlisteners;
+        self->listeners[self->nlisteners] = fd;
+        self->tags[self->nlisteners] = tag;
+        if (epoll_ctl(self->ep, EPOLL_CTL_ADD, fd, &e) < 0) failed = errno;
+        else self->nlisteners++;
+    });
+    if (failed) {
+        errno = failed;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
     Py_RETURN_NONE;
 }
 
 static PyObject *Engine_stop_accepting(Engine *self, PyObject *Py_UNUSED(ignored)) {
     if (check_open(self) < 0) return NULL;
-    for (int i = 0; i < self->nlisteners; i++) epoll_ctl(self->ep, EPOLL_CTL_DEL, self->listeners[i], NULL);
-    self->nlisteners = 0;
-    self->accepting = 0;
+    LOCKED({
+        for (int i = 0; i < self->nlisteners; i++)
+            epoll_ctl(self->ep, EPOLL_CTL_DEL, self->listeners[i], NULL);
+        self->nlisteners = 0;
+        self->accepting = 0;
+    });
     Py_RETURN_NONE;
 }
 
 static PyObject *Engine_resume_accepting(Engine *self, PyObject *Py_UNUSED(ignored)) {
     if (check_open(self) < 0) return NULL;
-    if (self->paused && self->accepting) set_listeners(self, EPOLLIN);
-    self->paused = 0;
+    LOCKED({
+        if (self->paused && self->accepting) set_listeners(self, EPOLLIN);
+        self->paused = 0;
+    });
     Py_RETURN_NONE;
 }
 
-static PyObject *Engine_close(Engine *self, PyObject *arg) {
-    long fd = PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred()) return NULL;
-    conn_t *c = lookup(self, fd);
-    if (!c || c->state != OPEN) Py_RETURN_FALSE;
-    c->state = CLOSING;
-    if (!c->pending && !c->piped) {
-        if (shutdown((int)fd, SHUT_WR) == 0) c->state = FIN_SENT;
-        /* on failure the next read reports it */
-    }
-    Py_RETURN_TRUE;
+static int fd_gen(PyObject *args, long *fd, unsigned long *gen) {
+    return PyArg_ParseTuple(args, "lk", fd, gen);
 }
 
-static PyObject *Engine_abort(Engine *self, PyObject *arg) {
-    long fd = PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred()) return NULL;
-    conn_t *c = lookup(self, fd);
-    if (!c) Py_RETURN_NONE;
-    struct linger lg = {1, 0}; /* close() sends RST at once */
-    setsockopt((int)fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
-    unsigned long long bytes_in = c->bytes_in;
-    size_t unsent = release(self, (int)fd);
+static PyObject *Engine_close(Engine *self, PyObject *args) {
+    long fd;
+    unsigned long gen;
+    int done = 0;
+    if (!fd_gen(args, &fd, &gen)) return NULL;
+    LOCKED({
+        conn_t *c = lookup(self, fd, gen);
+        if (c && c->state == OPEN) {
+            c->state = CLOSING;
+            if (!c->pending && !c->piped && shutdown((int)fd, SHUT_WR) == 0)
+                c->state = FIN_SENT; /* on failure the next read reports it */
+            done = 1;
+        }
+    });
+    return PyBool_FromLong(done);
+}
+
+static PyObject *Engine_abort(Engine *self, PyObject *args) {
+    long fd;
+    unsigned long gen;
+    int found = 0;
+    unsigned long long bytes_in = 0;
+    size_t unsent = 0;
+    if (!fd_gen(args, &fd, &gen)) return NULL;
+    LOCKED({
+        conn_t *c = lookup(self, fd, gen);
+        if (c) {
+            struct linger lg = {1, 0}; /* close() sends RST at once */
+            setsockopt((int)fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+            bytes_in = c->bytes_in;
+            unsent = release(self, (int)fd);
+            found = 1;
+        }
+    });
+    if (!found) Py_RETURN_NONE;
     return Py_BuildValue("(Kn)", bytes_in, (Py_ssize_t)unsent);
 }
 
-static PyObject *Engine_counters(Engine *self, PyObject *arg) {
-    long fd = PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred()) return NULL;
-    conn_t *c = lookup(self, fd);
-    if (!c) Py_RETURN_NONE;
-    return Py_BuildValue("(KKn)", (unsigned long long)c->bytes_in,
-                         (unsigned long long)c->drains,
-                         (Py_ssize_t)((c->pending ? c->len - c->off : 0) + c->piped));
+/* (bytes_in, drains, held) of a connection, zeros when it is gone. */
+static int read_counters(Engine *self, PyObject *args, uint64_t out[3]) {
+    long fd;
+    unsigned long gen;
+    if (!fd_gen(args, &fd, &gen)) return -1;
+    out[0] = out[1] = out[2] = 0;
+    LOCKED({
+        conn_t *c = lookup(self, fd, gen);
+        if (c) {
+            out[0] = c->bytes_in;
+            out[1] = c->drains;
+            out[2] = (c->pending ? c->len - c->off : 0) + c->piped;
+        }
+    });
+    return 0;
 }
 
-static PyObject *Engine_activity(Engine *self, PyObject *arg) {
-    long fd = PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred()) return NULL;
-    conn_t *c = lookup(self, fd);
-    return PyLong_FromUnsignedLongLong(c ? c->bytes_in + c->drains : 0);
+static PyObject *Engine_counters(Engine *self, PyObject *args) {
+    uint64_t v[3];
+    if (read_counters(self, args, v) < 0) return NULL;
+    return Py_BuildValue("(KKK)", (unsigned long long)v[0], (unsigned long long)v[1],
+                         (unsigned long long)v[2]);
 }
 
-static PyObject *Engine_held(Engine *self, PyObject *arg) {
-    long fd = PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred()) return NULL;
-    conn_t *c = lookup(self, fd);
-    if (!c) return PyLong_FromSsize_t(0);
-    return PyLong_FromSsize_t((Py_ssize_t)((c->pending ? c->len - c->off : 0) + c->piped));
+static PyObject *Engine_activity(Engine *self, PyObject *args) {
+    uint64_t v[3];
+    if (read_counters(self, args, v) < 0) return NULL;
+    return PyLong_FromUnsignedLongLong(v[0] + v[1]);
 }
 
-static PyObject *Engine_bytes_in(Engine *self, PyObject *arg) {
-    long fd = PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred()) return NULL;
-    conn_t *c = lookup(self, fd);
-    return PyLong_FromUnsignedLongLong(c ? c->bytes_in : 0);
+static PyObject *Engine_held(Engine *self, PyObject *args) {
+    uint64_t v[3];
+    if (read_counters(self, args, v) < 0) return NULL;
+    return PyLong_FromUnsignedLongLong(v[2]);
 }
 
-static PyObject *Engine_set_lazy(Engine *self, PyObject *args) {
-    PyObject *open_set, *bounds;
+static PyObject *Engine_bytes_in(Engine *self, PyObject *args) {
+    uint64_t v[3];
+    if (read_counters(self, args, v) < 0) return NULL;
+    return PyLong_FromUnsignedLongLong(v[0]);
+}
+
+static PyObject *Engine_set_table(Engine *self, PyObject *args) {
+    PyObject *bounds;
     Py_ssize_t limit, max_connections;
-    if (!PyArg_ParseTuple(args, "O!nnO!", &PySet_Type, &open_set, &limit, &max_connections,
-                          &PyTuple_Type, &bounds))
+    if (!PyArg_ParseTuple(args, "nnO!", &limit, &max_connections, &PyTuple_Type, &bounds))
         return NULL;
     Py_ssize_t nb = PyTuple_GET_SIZE(bounds);
     if (nb > MAX_BOUNDS) {
         PyErr_SetString(PyExc_ValueError, "too many duration buckets");
         return NULL;
     }
+    double values[MAX_BOUNDS];
     for (Py_ssize_t i = 0; i < nb; i++) {
-        self->bounds[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(bounds, i));
-        if (self->bounds[i] == -1.0 && PyErr_Occurred()) return NULL;
+        values[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(bounds, i));
+        if (values[i] == -1.0 && PyErr_Occurred()) return NULL;
     }
-    self->nbounds = (int)nb;
-    Py_XSETREF(self->open_set, Py_NewRef(open_set));
-    self->limit = limit;
-    self->max_connections = max_connections;
-    self->lazy = 1;
+    LOCKED({
+        memcpy(self->bounds, values, sizeof values);
+        self->nbounds = (int)nb;
+        self->limit = limit;
+        self->max_connections = max_connections;
+    });
     Py_RETURN_NONE;
 }
 
-static PyObject *Engine_unlisted(Engine *self, PyObject *Py_UNUSED(ignored)) {
-    return PyLong_FromSsize_t(self->unlisted);
+static PyObject *Engine_set_others(Engine *self, PyObject *arg) {
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    LOCKED(self->others = n < 0 ? 0 : n);
+    Py_RETURN_NONE;
 }
 
-/* The connections Python has no object for yet, as [(fd, tag, opened_at)]; from now on they
- * are listed (their close is an EV_CLOSED, as for eager connections). */
-static PyObject *Engine_take_unlisted(Engine *self, PyObject *Py_UNUSED(ignored)) {
+static PyObject *Engine_open_count(Engine *self, PyObject *Py_UNUSED(ignored)) {
+    Py_ssize_t n;
+    LOCKED(n = self->open_here);
+    return PyLong_FromSsize_t(n);
+}
+
+/* What the thread queued, as Python objects; called with the mutex held. NULL on a Python
+ * error, the queue then kept for the next call. */
+static PyObject *take_events(Engine *self) {
+    uint64_t count;
+    ssize_t r = read(self->notify_fd, &count, sizeof count); /* EAGAIN: nothing was told */
+    (void)r;
+    self->notified = 0;
+    if (self->failed) {
+        errno = self->failed;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
     PyObject *out = PyList_New(0);
     if (!out) return NULL;
-    for (size_t fd = 0; fd < self->capacity && self->unlisted > 0; fd++) {
-        conn_t *c = &self->conns[fd];
-        if (c->state == FREE || !c->unlisted) continue;
-        PyObject *item = Py_BuildValue("(nid)", (Py_ssize_t)fd, (int)c->tag, c->opened_at);
-        if (append(&out, item) < 0) {
+    for (size_t i = 0; i < self->queued; i++) {
+        event_t *e = &self->queue[i];
+        PyObject *item;
+        if (e->kind == EV_OPENED) {
+            PyObject *peer = peer_of(&e->peer);
+            item = peer ? Py_BuildValue("(iikiNd)", EV_OPENED, e->fd, (unsigned long)e->gen,
+                                        (int)e->tag, peer, e->opened_at)
+                        : NULL;
+        } else if (e->kind == EV_CLOSED) {
+            item = Py_BuildValue("(iikiiKn)", EV_CLOSED, e->fd, (unsigned long)e->gen,
+                                 (int)e->reason, e->err, (unsigned long long)e->bytes_in,
+                                 (Py_ssize_t)e->unsent);
+        } else {
+            item = Py_BuildValue("(i)", (int)e->kind);
+        }
+        if (!item || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
             Py_DECREF(out);
             return NULL;
         }
+        Py_DECREF(item);
+    }
+    for (int t = 0; t < MAX_LISTENERS; t++) {
+        gone_t *g = &self->gone[t];
+        if (!g->count) continue;
+        PyObject *buckets = PyTuple_New(self->nbounds + 1);
+        if (!buckets) goto fail;
+        for (int b = 0; b <= self->nbounds; b++) {
+            PyObject *v = PyLong_FromSsize_t(g->buckets[b]);
+            if (!v) {
+                Py_DECREF(buckets);
+                goto fail;
+            }
+            PyTuple_SET_ITEM(buckets, b, v);
+        }
+        PyObject *item = Py_BuildValue("(iin(nnn)KKNd)", EV_GONE, t, g->count,
+                                       g->closed[R_PEER_CLOSED], g->closed[R_RESET],
+                                       g->closed[R_ERROR], g->bytes_in, g->bytes_out, buckets,
+                                       g->duration_sum);
+        if (!item || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            goto fail;
+        }
+        Py_DECREF(item);
+    }
+    if (self->refused_cap || self->refused_budget) {
+        PyObject *item = Py_BuildValue("(inn)", EV_REFUSED, self->refused_cap, self->refused_budget);
+        if (!item || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            goto fail;
+        }
+        Py_DECREF(item);
+    }
+    /* all of it is Python's now */
+    self->queued = 0;
+    memset(self->gone, 0, sizeof self->gone);
+    self->refused_cap = self->refused_budget = 0;
+    self->untold_since = 0;
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+static PyObject *Engine_take(Engine *self, PyObject *Py_UNUSED(ignored)) {
+    PyObject *out;
+    LOCKED(out = take_events(self));
+    return out;
+}
+
+/* (events, [(fd, gen, tag, opened_at)]): what was queued, and the connections Python has no
+ * object for, listed from now on (their close is an EV_CLOSED). One snapshot: the events
+ * come first, so a close queued for a reused descriptor is heard before its new tenant. */
+static PyObject *Engine_take_all(Engine *self, PyObject *Py_UNUSED(ignored)) {
+    PyObject *events = NULL, *listed = NULL, *out = NULL;
+    pthread_mutex_lock(&self->mu);
+    events = take_events(self);
+    if (!events || !(listed = PyList_New(0))) goto done;
+    for (size_t fd = 0; fd < self->capacity && self->unlisted > 0; fd++) {
+        conn_t *c = &self->conns[fd];
+        if (c->state == FREE || !c->unlisted) continue;
+        PyObject *item = Py_BuildValue("(nkid)", (Py_ssize_t)fd, (unsigned long)c->gen,
+                                       (int)c->tag, c->opened_at);
+        if (!item || PyList_Append(listed, item) < 0) {
+            Py_XDECREF(item);
+            goto done;
+        }
+        Py_DECREF(item);
         c->unlisted = 0;
         self->unlisted--;
     }
+    out = PyTuple_Pack(2, events, listed);
+done:
+    pthread_mutex_unlock(&self->mu);
+    Py_XDECREF(events);
+    Py_XDECREF(listed);
     return out;
 }
 
 static PyObject *Engine_shutdown(Engine *self, PyObject *Py_UNUSED(ignored)) {
+    stop_thread(self);
     close_everything(self);
     self->nlisteners = 0;
     Py_RETURN_NONE;
 }
 
+static PyObject *Engine_stop(Engine *self, PyObject *Py_UNUSED(ignored)) {
+    stop_thread(self);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Engine_methods[] = {
-    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll descriptor to watch."},
-    {"run", (PyCFunction)Engine_run, METH_NOARGS,
-     "Serve what is ready; a list of (kind, ...) state changes, or None."},
+    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS,
+     "The descriptor to watch: readable when take() has something."},
+    {"start", (PyCFunction)Engine_start, METH_NOARGS, "Start the engine's thread."},
+    {"stop", (PyCFunction)Engine_stop, METH_NOARGS,
+     "Stop the thread (connections stay open; take() still answers)."},
+    {"take", (PyCFunction)Engine_take, METH_NOARGS,
+     "The state changes since the last take: a list of (kind, ...)."},
+    {"take_all", (PyCFunction)Engine_take_all, METH_NOARGS,
+     "(take(), [(fd, gen, tag, opened_at)] of the unlisted connections, listed from now on)."},
     {"add_listener", (PyCFunction)Engine_add_listener, METH_VARARGS,
      "add_listener(fd, tag): accept from this listening socket."},
     {"stop_accepting", (PyCFunction)Engine_stop_accepting, METH_NOARGS, "Accept no more."},
     {"resume_accepting", (PyCFunction)Engine_resume_accepting, METH_NOARGS,
      "Accept again after a pause (EMFILE)."},
-    {"close", (PyCFunction)Engine_close, METH_O,
-     "close(fd): echo no more, deliver what is held, FIN, wait for the peer."},
-    {"abort", (PyCFunction)Engine_abort, METH_O,
-     "abort(fd) -> (bytes_in, unsent) or None: reset now."},
-    {"counters", (PyCFunction)Engine_counters, METH_O,
-     "counters(fd) -> (bytes_in, drains, held) or None."},
-    {"activity", (PyCFunction)Engine_activity, METH_O, "activity(fd) -> bytes_in + drains."},
-    {"held", (PyCFunction)Engine_held, METH_O, "held(fd) -> echo bytes not yet sent."},
-    {"bytes_in", (PyCFunction)Engine_bytes_in, METH_O, "bytes_in(fd) -> bytes received."},
-    {"set_lazy", (PyCFunction)Engine_set_lazy, METH_VARARGS,
-     "set_lazy(open_set, limit, max_connections): admit here; no event per opening."},
-    {"unlisted", (PyCFunction)Engine_unlisted, METH_NOARGS,
-     "Open connections Python has no object for."},
-    {"take_unlisted", (PyCFunction)Engine_take_unlisted, METH_NOARGS,
-     "[(fd, tag, opened_at)] of the unlisted connections, listed from now on."},
+    {"close", (PyCFunction)Engine_close, METH_VARARGS,
+     "close(fd, gen): echo no more, deliver what is held, FIN, wait for the peer."},
+    {"abort", (PyCFunction)Engine_abort, METH_VARARGS,
+     "abort(fd, gen) -> (bytes_in, unsent) or None: reset now."},
+    {"counters", (PyCFunction)Engine_counters, METH_VARARGS,
+     "counters(fd, gen) -> (bytes_in, drains, held), zeros once it is gone."},
+    {"activity", (PyCFunction)Engine_activity, METH_VARARGS,
+     "activity(fd, gen) -> bytes_in + drains."},
+    {"held", (PyCFunction)Engine_held, METH_VARARGS, "held(fd, gen) -> echo bytes not yet sent."},
+    {"bytes_in", (PyCFunction)Engine_bytes_in, METH_VARARGS, "bytes_in(fd, gen) -> bytes received."},
+    {"set_table", (PyCFunction)Engine_set_table, METH_VARARGS,
+     "set_table(limit, max_connections, duration_bounds): the table's limits and buckets."},
+    {"set_others", (PyCFunction)Engine_set_others, METH_O,
+     "set_others(n): the table's open connections that are not this engine's."},
+    {"open_count", (PyCFunction)Engine_open_count, METH_NOARGS,
+     "This engine's open connections, whether Python has heard of them or not."},
     {"shutdown", (PyCFunction)Engine_shutdown, METH_NOARGS,
-     "Close every connection and the epoll descriptor."},
+     "Stop the thread, close every connection and the epoll descriptor."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -711,7 +977,7 @@ static PyTypeObject EngineType = {
     .tp_name = "socket_echo.tcp._native.Engine",
     .tp_basicsize = sizeof(Engine),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "The TCP echo's ready loop: epoll, recv, send, held echoes, in C.",
+    .tp_doc = "The TCP echo's ready loop in a thread of its own: epoll, recv, send, held echoes.",
     .tp_new = Engine_new,
     .tp_init = (initproc)Engine_init,
     .tp_dealloc = (destructor)Engine_dealloc,

@@ -1,9 +1,10 @@
 """The native TCP data path: tcp/_native.c's ready loop, under the one connection lifecycle.
 
-The C engine owns the descriptors and moves the bytes (epoll, recv, send, held echoes,
-counters in C structs); this module turns what it reports (opened, closed, accept paused)
-into the lifecycle of tcp/lifecycle.py: admission, reasons, counters, log records, the sweep
-and the drain are the same code as on the pure paths. Nothing here runs per message.
+The C engine owns the descriptors and moves the bytes in a thread of its own (epoll, recv,
+send, held echoes, counters in C structs, admission against the table's limits); this module
+turns what it reports (opened, closed, accept paused) into the lifecycle of
+tcp/lifecycle.py: reasons, counters, log records, the sweep and the drain are the same code
+as on the pure paths. Nothing here runs per message.
 
 ``available()`` is False where the extension was not built (no compiler, not Linux, or
 ``SOCKET_ECHO_NO_EXTENSIONS=1`` at install time) or when ``SOCKET_ECHO_NO_EXTENSIONS=1`` is
@@ -30,10 +31,18 @@ except ImportError:  # not built here
 
 NO_EXTENSIONS = "SOCKET_ECHO_NO_EXTENSIONS"
 # the engine's event kinds and close causes (module constants: read once, not per event)
-OPENED, CLOSED, GONE, REFUSED, C_RESET, C_ERROR = (
-    (_native.OPENED, _native.CLOSED, _native.GONE, _native.REFUSED, _native.RESET, _native.ERROR)
+OPENED, CLOSED, GONE, REFUSED, PAUSED, C_RESET, C_ERROR = (
+    (
+        _native.OPENED,
+        _native.CLOSED,
+        _native.GONE,
+        _native.REFUSED,
+        _native.PAUSED,
+        _native.RESET,
+        _native.ERROR,
+    )
     if _native
-    else (0, 1, 2, 3, 4, 5)
+    else (0, 1, 2, 3, 4, 5, 6)
 )
 
 
@@ -49,29 +58,33 @@ def why_unavailable() -> str:
 
 class NativeConnection(Connection):
     """``bytes_in`` is counted in C while the connection is open (``received`` asks for it)
-    and set from the close event: a plain attribute, no property, on the per-connection path."""
+    and set from the close event: a plain attribute, no property, on the per-connection path.
+    ``fd`` and ``gen`` name it to the engine (the number alone may be reused by then)."""
 
-    __slots__ = ("engine", "fd")
+    __slots__ = ("engine", "fd", "gen")
 
-    def __init__(self, engine: NativeEngine, fd: int, peer: Any, ctx: ListenerContext) -> None:
+    def __init__(
+        self, engine: NativeEngine, fd: int, gen: int, peer: Any, ctx: ListenerContext
+    ) -> None:
         self.engine = engine
         self.fd = fd  # -1 once the engine has let it go
+        self.gen = gen
         super().__init__(ctx, peer)
 
     def received(self) -> int:
-        return int(self.engine.c.bytes_in(self.fd)) if self.fd >= 0 else self.bytes_in
+        return int(self.engine.c.bytes_in(self.fd, self.gen)) if self.fd >= 0 else self.bytes_in
 
     def activity(self) -> int:
-        return int(self.engine.c.activity(self.fd)) if self.fd >= 0 else 0
+        return int(self.engine.c.activity(self.fd, self.gen)) if self.fd >= 0 else 0
 
     def held(self) -> int:
-        return int(self.engine.c.held(self.fd)) if self.fd >= 0 else 0
+        return int(self.engine.c.held(self.fd, self.gen)) if self.fd >= 0 else 0
 
     def close(self, reason: str) -> None:
         self.give_reason(reason)
         self.closing = True
         if self.fd >= 0:
-            self.engine.c.close(self.fd)
+            self.engine.c.close(self.fd, self.gen)
 
     def abort(self, reason: str) -> None:
         self.give_reason(reason)
@@ -79,20 +92,24 @@ class NativeConnection(Connection):
 
 
 class NativeEngine:
-    """Drives one C engine on the running loop: one reader callback on its epoll descriptor."""
+    """Drives one C engine (its own thread) from the running loop: one reader callback on
+    the descriptor it signals when it has something to tell.
+
+    Admission is in C, against the table's limits: ``set_others`` keeps it told how many of
+    the table's connections are not its own. Without per-connection log lines
+    (``want_peers`` False) a connection gets its Python object only when the table lists
+    everything (limits.Unlisted: the sweep, the drain, a scrape); one that comes and goes in
+    between is counted in a sum, told within a few milliseconds. With them, each opening is
+    told at once (its log line needs the peer)."""
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         max_buffer: int,
         exhausted: RateLimitedLog,
+        table: ConnectionTable,
         want_peers: bool = True,
-        table: ConnectionTable | None = None,
     ) -> None:
-        """``table``: admit in C against it and make a connection's object only when the
-        table lists everything (limits.Unlisted); a connection that comes and goes between
-        two listings (churn) costs Python one call, at its close. Without per-connection log
-        lines only (``want_peers`` False): a log line needs the object from the start."""
         self.loop = loop
         self.exhausted = exhausted
         self.c = _native.Engine(max(1, min(READ_CHUNK, max_buffer)), want_peers)
@@ -100,20 +117,30 @@ class NativeEngine:
         self.contexts: list[ListenerContext] = []
         self.accepting = True
         self._retry: asyncio.TimerHandle | None = None
-        if table is not None and not want_peers:
-            self.c.set_lazy(table.open, table.limit, table.max_connections, DURATION_BUCKETS)
-            table.unlisted.append(self)
         self.table = table
+        self.c.set_table(table.limit, table.max_connections, DURATION_BUCKETS)
+        self.open_changed(len(table.open))
+        table.unlisted.append(self)
         loop.add_reader(self.c.fileno(), self._ready)
+        self.c.start()
 
+    # limits.Unlisted
     def unlisted(self) -> int:
-        return int(self.c.unlisted())
+        """Open here and not in the table: ``open_count`` counts a connection until the
+        engine closes it, the table until its close is heard, so the sum is exact."""
+        return int(self.c.open_count()) - len(self.conns)
 
     def list_unlisted(self) -> None:
+        events, listed = self.c.take_all()
+        self._handle(events)
         conns, contexts = self.conns, self.contexts
-        for fd, tag, opened_at in self.c.take_unlisted():
-            conn = conns[fd] = NativeConnection(self, fd, None, contexts[tag])
+        for fd, gen, tag, opened_at in listed:
+            conn = conns[fd] = NativeConnection(self, fd, gen, None, contexts[tag])
             conn.admit(opened_at, listed_late=True)
+        self.open_changed(len(self.table.open))
+
+    def open_changed(self, listed: int) -> None:
+        self.c.set_others(listed - len(self.conns))
 
     def add_listener(self, sock: socket.socket, ctx: ListenerContext) -> None:
         self.c.add_listener(sock.fileno(), len(self.contexts))
@@ -140,27 +167,27 @@ class NativeEngine:
                 self.c.resume_accepting()
 
     def _ready(self) -> None:
-        events = self.c.run()
-        if events is None:
+        self._handle(self.c.take())
+
+    def _handle(self, events: list[tuple[Any, ...]]) -> None:
+        if not events:
             return
-        # Runs once per wake-up, for every connection opened or closed (churn): one clock
-        # reading per batch, the reasons set without a call.
+        # Runs once per signal from the engine, for every connection opened or closed that
+        # Python hears of: one clock reading per batch, the reasons set without a call.
         conns, contexts = self.conns, self.contexts
         now = self.loop.time()
         for event in events:
             kind = event[0]
-            if kind == OPENED:
-                _, fd, tag, peer = event
-                conn = NativeConnection(self, fd, peer, contexts[tag])
-                if conn.admit(now):
-                    conns[fd] = conn
-                else:
-                    self.c.abort(fd)
+            if kind == OPENED:  # admitted in C; listed now for its log line
+                _, fd, gen, tag, peer, opened_at = event
+                conn = conns[fd] = NativeConnection(self, fd, gen, peer, contexts[tag])
+                conn.admit(opened_at, listed_late=True)
             elif kind == CLOSED:
-                _, fd, why, err, bytes_in, unsent = event
-                done = conns.pop(fd, None)
-                if done is None:
+                _, fd, gen, why, err, bytes_in, unsent = event
+                done = conns.get(fd)
+                if done is None or done.gen != gen:
                     continue
+                del conns[fd]
                 done.fd = -1
                 done.bytes_in = bytes_in
                 if not done.reason:
@@ -176,25 +203,30 @@ class NativeEngine:
                 ctx = contexts[tag]
                 reasons = {PEER_CLOSED: peers, RESET: resets, ERROR: errors}
                 ctx.table.count_gone(ctx.listener, n, reasons, bytes_in, bytes_out, buckets, spent)
-            elif kind == REFUSED:  # by the C admission (lazy mode)
+            elif kind == REFUSED:  # by the C admission
                 _, over_cap, over_budget = event
-                if over_cap and self.table is not None:
+                if over_cap:
                     self.table.rejected.note(over_cap)
-                if over_budget and self.table is not None:
+                if over_budget:
                     self.table.out_of_descriptors.note(over_budget)
-            elif kind == _native.PAUSED:
+            elif kind == PAUSED:
                 self._pause_accepting()
+        self.open_changed(len(self.table.open))
 
     def abort(self, conn: NativeConnection) -> None:
         if conn.fd < 0:
             return
-        result = self.c.abort(conn.fd)
-        self.conns.pop(conn.fd, None)
+        result = self.c.abort(conn.fd, conn.gen)
+        if result is None:  # the engine closed it already: its close event releases it
+            return
+        del self.conns[conn.fd]
         conn.fd = -1
-        if result is not None:
-            conn.bytes_in, unsent = result
-            conn.released(unsent)
+        conn.bytes_in, unsent = result
+        conn.released(unsent)
 
     def shutdown(self) -> None:
+        """Stop the thread, hear what it had not told yet, then close what is left."""
         self.loop.remove_reader(self.c.fileno())
+        self.c.stop()
+        self._handle(self.c.take())
         self.c.shutdown()

@@ -1,0 +1,150 @@
+"""The native engine's thread against Python's view of its connections, in process and over
+real sockets: the engine closes connections on its own thread while Python still holds their
+objects, and reuses their descriptor numbers at once. Each test sets up one such interleaving
+on purpose (the engine is seen to have closed a connection before Python has heard of it) and
+checks that nothing is counted twice, lost, or done to the wrong connection."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from conftest import NATIVE, exchange
+
+from socket_echo.limits import ConnectionTable
+from socket_echo.logs import RateLimitedLog
+from socket_echo.tcp.lifecycle import ListenerContext
+
+pytestmark = pytest.mark.skipif(not NATIVE, reason="the native extension is not built")
+
+LISTENER = "tcp://test"
+
+
+class Rig:
+    """One engine on a fresh event loop, one loopback listener, the table it admits against."""
+
+    def __init__(self, max_connections: int = 100, access_log: bool = False) -> None:
+        from socket_echo.tcp.native import NativeEngine
+
+        self.loop = asyncio.new_event_loop()
+        self.table = ConnectionTable(max_connections, idle_timeout=60)
+        self.engine = NativeEngine(
+            self.loop,
+            65536,
+            RateLimitedLog("descriptors_exhausted", "{count}"),
+            self.table,
+            want_peers=access_log,
+        )
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.setblocking(False)
+        self.port = self.listener.getsockname()[1]
+        ctx = ListenerContext(self.table, LISTENER, 65536, access_log, self.loop)
+        self.engine.add_listener(self.listener, ctx)
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        assert exchange(sock, b"hello") == b"hello"  # accepted and served by the thread
+        return sock
+
+    def until(self, condition: Callable[[], bool], what: str) -> None:
+        """Poll the engine (and let the loop hear it) until ``condition`` holds."""
+        deadline = time.monotonic() + 5
+        while not condition():
+            assert time.monotonic() < deadline, what
+            self.loop.run_until_complete(asyncio.sleep(0.002))
+
+    def closed(self, reason: str) -> int:
+        return self.table.by_listener[LISTENER].closed[reason] if self.table.by_listener else 0
+
+    def close(self) -> None:
+        self.engine.shutdown()
+        self.listener.close()
+        self.loop.close()
+
+
+@pytest.fixture
+def rig() -> Iterator[Callable[..., Rig]]:
+    made: list[Rig] = []
+
+    def make(**kwargs: object) -> Rig:
+        made.append(Rig(**kwargs))  # type: ignore[arg-type]
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def test_an_abort_of_a_connection_the_engine_closed_already_is_counted_once(rig):
+    r = rig()
+    sock = r.connect()
+    r.table.list_all()
+    (conn,) = r.table.open
+    sock.close()
+    # the engine has closed it (its count dropped) but Python has not heard yet
+    deadline = time.monotonic() + 5
+    while r.engine.c.open_count():
+        assert time.monotonic() < deadline
+    conn.abort("shutdown")  # the drain's reset, racing the peer's own close
+    r.until(lambda: not r.table.count() and not r.table.open, "the close event releases it")
+    assert r.closed("shutdown") == 1  # the reason given first, counted once
+    assert sum(r.table.by_listener[LISTENER].closed.values()) == 1
+    assert r.table.opened == 1
+
+
+def test_a_stale_close_never_reaches_the_new_tenant_of_a_descriptor(rig):
+    r = rig()
+    first = r.connect()
+    r.table.list_all()
+    (old,) = r.table.open
+    first.close()
+    deadline = time.monotonic() + 5
+    while r.engine.c.open_count():
+        assert time.monotonic() < deadline
+    second = r.connect()  # the lowest free number: the one the engine just closed
+    assert r.engine.c.open_count() == 1
+    old.close("idle timeout")  # Python's object still names the old connection
+    old.abort("idle timeout")
+    assert exchange(second, b"still mine") == b"still mine"
+    r.until(lambda: r.closed("idle timeout") == 1, "the old connection is counted out")
+    r.table.list_all()
+    assert len(r.table.open) == 1 and old not in r.table.open
+    assert exchange(second, b"and again") == b"and again"
+    second.close()
+
+
+def test_admission_counts_the_tables_other_connections(rig):
+    r = rig(max_connections=2)
+
+    class Other:  # a connection of another listener (TLS, PROXY: the pure paths)
+        active_since = 0.0
+
+    other = Other()
+    assert r.table.admit(other, 0.0, "tls://other")  # type: ignore[arg-type]
+    held = r.connect()
+    refused = socket.create_connection(("127.0.0.1", r.port), timeout=5)
+    try:
+        refused.sendall(b"over")
+        answer = refused.recv(10)
+    except (ConnectionResetError, BrokenPipeError):
+        answer = b""
+    assert answer == b""  # reset, never echoed: the other listener's connection counts
+    r.until(lambda: r.table.rejected.count >= 1, "the refusal is told to Python")
+    r.table.release(other, "peer closed", 0, 0, "tls://other")  # type: ignore[arg-type]
+    assert exchange(r.connect(), b"room") == b"room"
+    held.close()
+    refused.close()
+
+
+def test_openings_are_told_at_once_with_their_peer_when_each_is_logged(rig):
+    r = rig(access_log=True)
+    sock = r.connect()
+    r.until(lambda: len(r.table.open) == 1, "the opening is heard without a listing")
+    (conn,) = r.table.open
+    assert conn.peer == sock.getsockname()
+    sock.close()
+    r.until(lambda: not r.table.open, "and its close")
+    assert r.closed("peer closed") == 1
