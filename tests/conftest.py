@@ -229,6 +229,18 @@ def server_flags(request: pytest.FixtureRequest) -> list[str]:
     return ["--loop", loop, "--engine", engine]
 
 
+def refused_answer(port: int, host: str = "127.0.0.1") -> bytes:
+    """What a connection over the cap gets back: it is reset at once, at connect, send or
+    receive, whichever it meets first (a loaded machine may deliver the reset before
+    connect() returns); b"" unless the server echoed it (which it must never do)."""
+    try:
+        with socket.create_connection((host, port), timeout=5) as extra:
+            extra.sendall(b"over")
+            return extra.recv(10)
+    except (ConnectionResetError, BrokenPipeError):
+        return b""
+
+
 def exchange(sock: socket.socket, data: bytes, chunk: int = 1 << 20) -> bytes:
     """Send ``data`` (from a thread) while reading its echo; returns what came back.
 

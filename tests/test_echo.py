@@ -119,10 +119,11 @@ def test_server_sets_tcp_nodelay_on_every_connection(server_flags):
         reader, writer = await asyncio.open_connection("127.0.0.1", bound[0].spec.port)
         writer.write(b"ping")
         assert await reader.readexactly(4) == b"ping"
+        server.table.list_all()  # the native path's connection objects, made now if not yet
         (conn,) = server.table.open
         transport = getattr(conn, "transport", None)  # the protocol path's
-        if hasattr(conn, "fd") and not hasattr(conn, "sock"):  # native: the engine's descriptor
-            sock = socket.socket(fileno=os.dup(conn.fd))
+        if hasattr(conn, "handle"):  # native: the engine's descriptor, in its handle
+            sock = socket.socket(fileno=os.dup(conn.handle & 0xFFFFFFFF))
         else:
             sock = conn.sock if transport is None else transport.get_extra_info("socket")  # type: ignore[attr-defined]
         nodelay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import NATIVE, exchange
+from conftest import NATIVE, exchange, refused_answer
 
 from socket_echo.limits import ConnectionTable
 from socket_echo.logs import RateLimitedLog
@@ -125,18 +125,11 @@ def test_admission_counts_the_tables_other_connections(rig):
     other = Other()
     assert r.table.admit(other, 0.0, "tls://other")  # type: ignore[arg-type]
     held = r.connect()
-    refused = socket.create_connection(("127.0.0.1", r.port), timeout=5)
-    try:
-        refused.sendall(b"over")
-        answer = refused.recv(10)
-    except (ConnectionResetError, BrokenPipeError):
-        answer = b""
-    assert answer == b""  # reset, never echoed: the other listener's connection counts
+    assert refused_answer(r.port) == b""  # reset, never echoed: the other one counts
     r.until(lambda: r.table.rejected.count >= 1, "the refusal is told to Python")
     r.table.release(other, "peer closed", 0, 0, "tls://other")  # type: ignore[arg-type]
     assert exchange(r.connect(), b"room") == b"room"
     held.close()
-    refused.close()
 
 
 def test_openings_are_told_at_once_with_their_peer_when_each_is_logged(rig):

@@ -34,8 +34,8 @@
  * resets at once.
  *
  * Descriptors index the connection table; each epoll registration, each event told to Python
- * and each call from Python carries the descriptor and a generation, so nothing can reach a
- * newer connection on a reused number.
+ * and each call from Python carries the descriptor and a generation (to Python, one number:
+ * the handle), so nothing can reach a newer connection on a reused number.
  */
 #define _GNU_SOURCE /* splice, pipe2 */
 #define PY_SSIZE_T_CLEAN
@@ -154,10 +154,16 @@ static int grow(Engine *self, int fd) {
     return 0;
 }
 
-static conn_t *lookup(Engine *self, long fd, unsigned long gen) {
-    if (fd < 0 || (size_t)fd >= self->capacity) return NULL;
+/* A connection's name to Python: its descriptor and its generation in one number. */
+static unsigned long long handle_of(int fd, uint32_t gen) {
+    return ((unsigned long long)gen << 32) | (uint32_t)fd;
+}
+
+static conn_t *lookup(Engine *self, unsigned long long handle) {
+    size_t fd = (size_t)(handle & 0xffffffffu);
+    if (fd >= self->capacity) return NULL;
     conn_t *c = &self->conns[fd];
-    return c->state == FREE || c->gen != (uint32_t)gen ? NULL : c;
+    return c->state == FREE || c->gen != (uint32_t)(handle >> 32) ? NULL : c;
 }
 
 static int watch(Engine *self, int fd, uint32_t events, int op) {
@@ -490,7 +496,7 @@ static void serve(Engine *self, struct epoll_event *evs, int n) {
         }
         if (data & WAKE_MARK) continue; /* the stop flag is read under the mutex */
         int fd = (int)(uint32_t)data;
-        conn_t *c = lookup(self, fd, (uint32_t)(data >> 32));
+        conn_t *c = lookup(self, data);
         if (!c) continue; /* stale: closed, or the number reused */
         if (c->pending || c->piped) flush(self, fd);
         else echo(self, fd);
@@ -691,20 +697,16 @@ static PyObject *Engine_resume_accepting(Engine *self, PyObject *Py_UNUSED(ignor
     Py_RETURN_NONE;
 }
 
-static int fd_gen(PyObject *args, long *fd, unsigned long *gen) {
-    return PyArg_ParseTuple(args, "lk", fd, gen);
-}
-
-static PyObject *Engine_close(Engine *self, PyObject *args) {
-    long fd;
-    unsigned long gen;
+static PyObject *Engine_close(Engine *self, PyObject *arg) {
+    unsigned long long handle = PyLong_AsUnsignedLongLong(arg);
     int done = 0;
-    if (!fd_gen(args, &fd, &gen)) return NULL;
+    if (PyErr_Occurred()) return NULL;
+    int fd = (int)(handle & 0xffffffffu);
     LOCKED({
-        conn_t *c = lookup(self, fd, gen);
+        conn_t *c = lookup(self, handle);
         if (c && c->state == OPEN) {
             c->state = CLOSING;
-            if (!c->pending && !c->piped && shutdown((int)fd, SHUT_WR) == 0)
+            if (!c->pending && !c->piped && shutdown(fd, SHUT_WR) == 0)
                 c->state = FIN_SENT; /* on failure the next read reports it */
             done = 1;
         }
@@ -712,20 +714,20 @@ static PyObject *Engine_close(Engine *self, PyObject *args) {
     return PyBool_FromLong(done);
 }
 
-static PyObject *Engine_abort(Engine *self, PyObject *args) {
-    long fd;
-    unsigned long gen;
+static PyObject *Engine_abort(Engine *self, PyObject *arg) {
+    unsigned long long handle = PyLong_AsUnsignedLongLong(arg);
     int found = 0;
     unsigned long long bytes_in = 0;
     size_t unsent = 0;
-    if (!fd_gen(args, &fd, &gen)) return NULL;
+    if (PyErr_Occurred()) return NULL;
+    int fd = (int)(handle & 0xffffffffu);
     LOCKED({
-        conn_t *c = lookup(self, fd, gen);
+        conn_t *c = lookup(self, handle);
         if (c) {
             struct linger lg = {1, 0}; /* close() sends RST at once */
-            setsockopt((int)fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+            setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
             bytes_in = c->bytes_in;
-            unsent = release(self, (int)fd);
+            unsent = release(self, fd);
             found = 1;
         }
     });
@@ -734,13 +736,12 @@ static PyObject *Engine_abort(Engine *self, PyObject *args) {
 }
 
 /* (bytes_in, drains, held) of a connection, zeros when it is gone. */
-static int read_counters(Engine *self, PyObject *args, uint64_t out[3]) {
-    long fd;
-    unsigned long gen;
-    if (!fd_gen(args, &fd, &gen)) return -1;
+static int read_counters(Engine *self, PyObject *arg, uint64_t out[3]) {
+    unsigned long long handle = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred()) return -1;
     out[0] = out[1] = out[2] = 0;
     LOCKED({
-        conn_t *c = lookup(self, fd, gen);
+        conn_t *c = lookup(self, handle);
         if (c) {
             out[0] = c->bytes_in;
             out[1] = c->drains;
@@ -750,28 +751,28 @@ static int read_counters(Engine *self, PyObject *args, uint64_t out[3]) {
     return 0;
 }
 
-static PyObject *Engine_counters(Engine *self, PyObject *args) {
+static PyObject *Engine_counters(Engine *self, PyObject *arg) {
     uint64_t v[3];
-    if (read_counters(self, args, v) < 0) return NULL;
+    if (read_counters(self, arg, v) < 0) return NULL;
     return Py_BuildValue("(KKK)", (unsigned long long)v[0], (unsigned long long)v[1],
                          (unsigned long long)v[2]);
 }
 
-static PyObject *Engine_activity(Engine *self, PyObject *args) {
+static PyObject *Engine_activity(Engine *self, PyObject *arg) {
     uint64_t v[3];
-    if (read_counters(self, args, v) < 0) return NULL;
+    if (read_counters(self, arg, v) < 0) return NULL;
     return PyLong_FromUnsignedLongLong(v[0] + v[1]);
 }
 
-static PyObject *Engine_held(Engine *self, PyObject *args) {
+static PyObject *Engine_held(Engine *self, PyObject *arg) {
     uint64_t v[3];
-    if (read_counters(self, args, v) < 0) return NULL;
+    if (read_counters(self, arg, v) < 0) return NULL;
     return PyLong_FromUnsignedLongLong(v[2]);
 }
 
-static PyObject *Engine_bytes_in(Engine *self, PyObject *args) {
+static PyObject *Engine_bytes_in(Engine *self, PyObject *arg) {
     uint64_t v[3];
-    if (read_counters(self, args, v) < 0) return NULL;
+    if (read_counters(self, arg, v) < 0) return NULL;
     return PyLong_FromUnsignedLongLong(v[0]);
 }
 
@@ -830,13 +831,12 @@ static PyObject *take_events(Engine *self) {
         PyObject *item;
         if (e->kind == EV_OPENED) {
             PyObject *peer = peer_of(&e->peer);
-            item = peer ? Py_BuildValue("(iikiNd)", EV_OPENED, e->fd, (unsigned long)e->gen,
+            item = peer ? Py_BuildValue("(iKiNd)", EV_OPENED, handle_of(e->fd, e->gen),
                                         (int)e->tag, peer, e->opened_at)
                         : NULL;
         } else if (e->kind == EV_CLOSED) {
-            item = Py_BuildValue("(iikiiKn)", EV_CLOSED, e->fd, (unsigned long)e->gen,
-                                 (int)e->reason, e->err, (unsigned long long)e->bytes_in,
-                                 (Py_ssize_t)e->unsent);
+            item = Py_BuildValue("(iKiiKn)", EV_CLOSED, handle_of(e->fd, e->gen), (int)e->reason,
+                                 e->err, (unsigned long long)e->bytes_in, (Py_ssize_t)e->unsent);
         } else {
             item = Py_BuildValue("(i)", (int)e->kind);
         }
@@ -895,7 +895,7 @@ static PyObject *Engine_take(Engine *self, PyObject *Py_UNUSED(ignored)) {
     return out;
 }
 
-/* (events, [(fd, gen, tag, opened_at)]): what was queued, and the connections Python has no
+/* (events, [(handle, tag, opened_at)]): what was queued, and the connections Python has no
  * object for, listed from now on (their close is an EV_CLOSED). One snapshot: the events
  * come first, so a close queued for a reused descriptor is heard before its new tenant. */
 static PyObject *Engine_take_all(Engine *self, PyObject *Py_UNUSED(ignored)) {
@@ -906,8 +906,8 @@ static PyObject *Engine_take_all(Engine *self, PyObject *Py_UNUSED(ignored)) {
     for (size_t fd = 0; fd < self->capacity && self->unlisted > 0; fd++) {
         conn_t *c = &self->conns[fd];
         if (c->state == FREE || !c->unlisted) continue;
-        PyObject *item = Py_BuildValue("(nkid)", (Py_ssize_t)fd, (unsigned long)c->gen,
-                                       (int)c->tag, c->opened_at);
+        PyObject *item = Py_BuildValue("(Kid)", handle_of((int)fd, c->gen), (int)c->tag,
+                                       c->opened_at);
         if (!item || PyList_Append(listed, item) < 0) {
             Py_XDECREF(item);
             goto done;
@@ -945,22 +945,22 @@ static PyMethodDef Engine_methods[] = {
     {"take", (PyCFunction)Engine_take, METH_NOARGS,
      "The state changes since the last take: a list of (kind, ...)."},
     {"take_all", (PyCFunction)Engine_take_all, METH_NOARGS,
-     "(take(), [(fd, gen, tag, opened_at)] of the unlisted connections, listed from now on)."},
+     "(take(), [(handle, tag, opened_at)] of the unlisted connections, listed from now on)."},
     {"add_listener", (PyCFunction)Engine_add_listener, METH_VARARGS,
      "add_listener(fd, tag): accept from this listening socket."},
     {"stop_accepting", (PyCFunction)Engine_stop_accepting, METH_NOARGS, "Accept no more."},
     {"resume_accepting", (PyCFunction)Engine_resume_accepting, METH_NOARGS,
      "Accept again after a pause (EMFILE)."},
-    {"close", (PyCFunction)Engine_close, METH_VARARGS,
-     "close(fd, gen): echo no more, deliver what is held, FIN, wait for the peer."},
-    {"abort", (PyCFunction)Engine_abort, METH_VARARGS,
-     "abort(fd, gen) -> (bytes_in, unsent) or None: reset now."},
-    {"counters", (PyCFunction)Engine_counters, METH_VARARGS,
-     "counters(fd, gen) -> (bytes_in, drains, held), zeros once it is gone."},
-    {"activity", (PyCFunction)Engine_activity, METH_VARARGS,
-     "activity(fd, gen) -> bytes_in + drains."},
-    {"held", (PyCFunction)Engine_held, METH_VARARGS, "held(fd, gen) -> echo bytes not yet sent."},
-    {"bytes_in", (PyCFunction)Engine_bytes_in, METH_VARARGS, "bytes_in(fd, gen) -> bytes received."},
+    {"close", (PyCFunction)Engine_close, METH_O,
+     "close(handle): echo no more, deliver what is held, FIN, wait for the peer."},
+    {"abort", (PyCFunction)Engine_abort, METH_O,
+     "abort(handle) -> (bytes_in, unsent) or None: reset now."},
+    {"counters", (PyCFunction)Engine_counters, METH_O,
+     "counters(handle) -> (bytes_in, drains, held), zeros once it is gone."},
+    {"activity", (PyCFunction)Engine_activity, METH_O,
+     "activity(handle) -> bytes_in + drains."},
+    {"held", (PyCFunction)Engine_held, METH_O, "held(handle) -> echo bytes not yet sent."},
+    {"bytes_in", (PyCFunction)Engine_bytes_in, METH_O, "bytes_in(handle) -> bytes received."},
     {"set_table", (PyCFunction)Engine_set_table, METH_VARARGS,
      "set_table(limit, max_connections, duration_bounds): the table's limits and buckets."},
     {"set_others", (PyCFunction)Engine_set_others, METH_O,

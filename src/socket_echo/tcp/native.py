@@ -59,32 +59,30 @@ def why_unavailable() -> str:
 class NativeConnection(Connection):
     """``bytes_in`` is counted in C while the connection is open (``received`` asks for it)
     and set from the close event: a plain attribute, no property, on the per-connection path.
-    ``fd`` and ``gen`` name it to the engine (the number alone may be reused by then)."""
+    ``handle`` names it to the engine: its descriptor and a generation in one number, so a
+    call made after the engine closed it (and maybe reused the descriptor) finds nothing."""
 
-    __slots__ = ("engine", "fd", "gen")
+    __slots__ = ("engine", "handle")
 
-    def __init__(
-        self, engine: NativeEngine, fd: int, gen: int, peer: Any, ctx: ListenerContext
-    ) -> None:
+    def __init__(self, engine: NativeEngine, handle: int, peer: Any, ctx: ListenerContext) -> None:
         self.engine = engine
-        self.fd = fd  # -1 once the engine has let it go
-        self.gen = gen
+        self.handle = handle  # -1 once the engine has let it go
         super().__init__(ctx, peer)
 
     def received(self) -> int:
-        return int(self.engine.c.bytes_in(self.fd, self.gen)) if self.fd >= 0 else self.bytes_in
+        return int(self.engine.c.bytes_in(self.handle)) if self.handle >= 0 else self.bytes_in
 
     def activity(self) -> int:
-        return int(self.engine.c.activity(self.fd, self.gen)) if self.fd >= 0 else 0
+        return int(self.engine.c.activity(self.handle)) if self.handle >= 0 else 0
 
     def held(self) -> int:
-        return int(self.engine.c.held(self.fd, self.gen)) if self.fd >= 0 else 0
+        return int(self.engine.c.held(self.handle)) if self.handle >= 0 else 0
 
     def close(self, reason: str) -> None:
         self.give_reason(reason)
         self.closing = True
-        if self.fd >= 0:
-            self.engine.c.close(self.fd, self.gen)
+        if self.handle >= 0:
+            self.engine.c.close(self.handle)
 
     def abort(self, reason: str) -> None:
         self.give_reason(reason)
@@ -113,7 +111,7 @@ class NativeEngine:
         self.loop = loop
         self.exhausted = exhausted
         self.c = _native.Engine(max(1, min(READ_CHUNK, max_buffer)), want_peers)
-        self.conns: dict[int, NativeConnection] = {}
+        self.conns: dict[int, NativeConnection] = {}  # by handle
         self.contexts: list[ListenerContext] = []
         self.accepting = True
         self._retry: asyncio.TimerHandle | None = None
@@ -134,8 +132,8 @@ class NativeEngine:
         events, listed = self.c.take_all()
         self._handle(events)
         conns, contexts = self.conns, self.contexts
-        for fd, gen, tag, opened_at in listed:
-            conn = conns[fd] = NativeConnection(self, fd, gen, None, contexts[tag])
+        for handle, tag, opened_at in listed:
+            conn = conns[handle] = NativeConnection(self, handle, None, contexts[tag])
             conn.admit(opened_at, listed_late=True)
         self.open_changed(len(self.table.open))
 
@@ -179,16 +177,15 @@ class NativeEngine:
         for event in events:
             kind = event[0]
             if kind == OPENED:  # admitted in C; listed now for its log line
-                _, fd, gen, tag, peer, opened_at = event
-                conn = conns[fd] = NativeConnection(self, fd, gen, peer, contexts[tag])
+                _, handle, tag, peer, opened_at = event
+                conn = conns[handle] = NativeConnection(self, handle, peer, contexts[tag])
                 conn.admit(opened_at, listed_late=True)
             elif kind == CLOSED:
-                _, fd, gen, why, err, bytes_in, unsent = event
-                done = conns.get(fd)
-                if done is None or done.gen != gen:
+                _, handle, why, err, bytes_in, unsent = event
+                done = conns.pop(handle, None)
+                if done is None:
                     continue
-                del conns[fd]
-                done.fd = -1
+                done.handle = -1
                 done.bytes_in = bytes_in
                 if not done.reason:
                     if why == C_RESET:
@@ -214,13 +211,13 @@ class NativeEngine:
         self.open_changed(len(self.table.open))
 
     def abort(self, conn: NativeConnection) -> None:
-        if conn.fd < 0:
+        if conn.handle < 0:
             return
-        result = self.c.abort(conn.fd, conn.gen)
+        result = self.c.abort(conn.handle)
         if result is None:  # the engine closed it already: its close event releases it
             return
-        del self.conns[conn.fd]
-        conn.fd = -1
+        del self.conns[conn.handle]
+        conn.handle = -1
         conn.bytes_in, unsent = result
         conn.released(unsent)
 
