@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 from socket_echo.config import CLOSE_WAIT, UDP_REPORT_EVERY, ServerConfig
 from socket_echo.gates.credentials import Credentials
-from socket_echo.gates.quic import EchoQuicServer, quic_options, serve_quic
 from socket_echo.gates.wiring import Listening, StreamSetup, serve_stream_listener
 from socket_echo.impair.datagram import ImpairedUdpEcho
 from socket_echo.impair.stream import ImpairedEcho
@@ -36,6 +35,7 @@ from socket_echo.udp.guard import UdpGuard
 
 if TYPE_CHECKING:
     from socket_echo.gates.dtls import DtlsEchoServer
+    from socket_echo.gates.quic import EchoQuicServer
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 STREAM_NAMES = {
@@ -120,6 +120,8 @@ class EchoServer:
             kind = "dual-stack " if bound.dual_stack else ""
             impair = bound.spec.impair or None
             if bound.scheme == "quic":
+                from socket_echo.gates.quic import quic_options, serve_quic  # aioquic: here only
+
                 ctx = ListenerContext(self.table, bound.url, cfg.max_buffer, cfg.access_log, loop)
                 self._contexts.append(ctx)
                 options = quic_options(cfg)

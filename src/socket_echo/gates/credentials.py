@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 from socket_echo.config import DTLS_COOKIE_LIFETIME, ConfigError, ServerConfig
-from socket_echo.gates.quic import QuicSetupError, configuration, quic_options
 from socket_echo.gates.tls import (
     TlsSetupError,
     apply_ciphers,
@@ -79,6 +78,9 @@ def tls_context(cfg: ServerConfig, pair: tuple[Any, Any] | None = None) -> ssl.S
 
 
 def quic_configuration(cfg: ServerConfig, pair: tuple[Any, Any] | None) -> Any:
+    # imported here: aioquic (a tenth of a second to import) only for a quic:// listener
+    from socket_echo.gates.quic import QuicSetupError, configuration, quic_options
+
     try:
         quic = configuration(quic_options(cfg), cfg.tls_cert, cfg.tls_key, pair)
     except QuicSetupError as exc:
