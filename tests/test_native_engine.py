@@ -10,6 +10,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from conftest import NATIVE, exchange, refused_answer
@@ -49,6 +50,18 @@ class Rig:
         assert exchange(sock, b"hello") == b"hello"  # accepted and served by the thread
         return sock
 
+    def closed_unheard(self) -> Any:
+        """A listed connection whose peer closed and which the engine has closed (its count
+        dropped) while Python has not heard yet: the loop does not run meanwhile."""
+        sock = self.connect()
+        self.table.list_all()
+        (conn,) = self.table.open
+        sock.close()
+        deadline = time.monotonic() + 5
+        while self.engine.c.open_count():
+            assert time.monotonic() < deadline
+        return conn
+
     def until(self, condition: Callable[[], bool], what: str) -> None:
         """Poll the engine (and let the loop hear it) until ``condition`` holds."""
         deadline = time.monotonic() + 5
@@ -80,14 +93,7 @@ def rig() -> Iterator[Callable[..., Rig]]:
 
 def test_an_abort_of_a_connection_the_engine_closed_already_is_counted_once(rig):
     r = rig()
-    sock = r.connect()
-    r.table.list_all()
-    (conn,) = r.table.open
-    sock.close()
-    # the engine has closed it (its count dropped) but Python has not heard yet
-    deadline = time.monotonic() + 5
-    while r.engine.c.open_count():
-        assert time.monotonic() < deadline
+    conn = r.closed_unheard()
     conn.abort("shutdown")  # the drain's reset, racing the peer's own close
     r.until(lambda: not r.table.count() and not r.table.open, "the close event releases it")
     assert r.closed("shutdown") == 1  # the reason given first, counted once
@@ -97,13 +103,7 @@ def test_an_abort_of_a_connection_the_engine_closed_already_is_counted_once(rig)
 
 def test_a_stale_close_never_reaches_the_new_tenant_of_a_descriptor(rig):
     r = rig()
-    first = r.connect()
-    r.table.list_all()
-    (old,) = r.table.open
-    first.close()
-    deadline = time.monotonic() + 5
-    while r.engine.c.open_count():
-        assert time.monotonic() < deadline
+    old = r.closed_unheard()
     second = r.connect()  # the lowest free number: the one the engine just closed
     assert r.engine.c.open_count() == 1
     old.close("idle timeout")  # Python's object still names the old connection
