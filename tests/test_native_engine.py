@@ -141,3 +141,16 @@ def test_openings_are_told_at_once_with_their_peer_when_each_is_logged(rig):
     sock.close()
     r.until(lambda: not r.table.open, "and its close")
     assert r.closed("peer closed") == 1
+
+
+def test_unlisted_closes_are_told_within_the_flush_time_without_a_listing(rig):
+    r = rig()
+    for _ in range(3):
+        with r.connect():
+            pass
+    # no sweep, scrape or drain lists anything here: only the engine's own telling can
+    r.until(lambda: r.table.opened == 3, "the sums reach Python with no listing")
+    counters = r.table.by_listener[LISTENER]
+    assert counters.closed["peer closed"] == 3
+    assert counters.bytes_in == counters.bytes_out == 3 * len(b"hello")
+    assert not r.table.open and not r.table.count()
