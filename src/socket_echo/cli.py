@@ -533,6 +533,13 @@ def _server_name(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 
 def transport_options(f: F) -> F:
+    """The target's transport, for client, probe and bench alike."""
+    f = click.option(
+        "--alpn",
+        default=config.DEFAULT_QUIC_ALPN[0],
+        show_default=True,
+        help="quic://: the ALPN to offer (Zephyr's QUIC echo uses echo-quic).",
+    )(f)
     f = click.option(
         "--server-name",
         metavar="NAME",
@@ -559,12 +566,6 @@ def transport_options(f: F) -> F:
     show_default=True,
     metavar="SECONDS",
     help="Connect timeout; how long to wait for the last echo.",
-)
-@click.option(
-    "--alpn",
-    default="echo-quic",
-    show_default=True,
-    help="quic://: the ALPN to offer.",
 )
 def client(
     target: str,
@@ -621,12 +622,6 @@ def client(
     "--require-concurrency",
     is_flag=True,
     help="Fail (not just report) a server that serves one client at a time.",
-)
-@click.option(
-    "--alpn",
-    default="echo-quic",
-    show_default=True,
-    help="quic://: the ALPN to offer (Zephyr's QUIC echo uses echo-quic).",
 )
 def probe(
     target: str,
@@ -738,7 +733,6 @@ def probe(
     type=click.Path(dir_okay=False, writable=True),
     help="Draw the latency percentile curve to FILE.png (needs matplotlib).",
 )
-@click.option("--alpn", default="echo-quic", show_default=True, help="quic://: the ALPN to offer.")
 def bench(
     target: str,
     udp: bool,

@@ -27,10 +27,11 @@ from aioquic.quic.events import (
     StreamReset,
 )
 
+from socket_echo.config import DEFAULT_QUIC_ALPN
 from socket_echo.tools.probe import FAIL, FINDING, PASS, SKIP, Step
 from socket_echo.tools.target import Target, TlsOptions, Unreachable
 
-DEFAULT_ALPN = "echo-quic"
+DEFAULT_ALPN = DEFAULT_QUIC_ALPN[0]
 TEXT = (
     b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor "
     b"incididunt ut labore et dolore magna aliqua. "
