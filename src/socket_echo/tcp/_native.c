@@ -62,6 +62,7 @@
 #define MAX_EVENTS 256
 #define GONE_FLUSH_MS 10 /* unlisted closes and refusals are told to Python at most this late */
 #define SPLICE_FROM 16384 /* a read size below this never switches to splice (small buffers) */
+#define SPLICE_FLAGS (SPLICE_F_NONBLOCK | SPLICE_F_MOVE)
 #define ACCEPT_BATCH 128
 #define MAX_LISTENERS 64
 #define LISTENER_MARK (UINT64_C(1) << 63)
@@ -307,20 +308,31 @@ static void set_listeners(Engine *self, uint32_t events) {
     }
 }
 
+/* What a read (recv, or a splice into the pipe) returned: 1 when bytes came, else 0 (nothing
+ * now, or the connection ended and closed_event has told it). */
+static int arrived(Engine *self, int fd, ssize_t r) {
+    if (r > 0) return 1;
+    if (r == 0) closed_event(self, fd, R_PEER_CLOSED, 0);
+    else if (errno != EAGAIN && errno != EINTR) lost(self, fd, errno);
+    return 0;
+}
+
+/* What a write (send, or a splice out of the pipe) returned: the bytes the kernel took (0 when
+ * the socket is full), or -1 when the connection was lost (told). */
+static ssize_t taken(Engine *self, int fd, ssize_t w) {
+    if (w >= 0) return w;
+    if (errno == EAGAIN || errno == EINTR) return 0;
+    lost(self, fd, errno);
+    return -1;
+}
+
 /* The bulk path: what is readable goes into the connection's pipe and from there back out,
  * the kernel moving pages, never copying them through this process. What the socket does not
  * take stays in the pipe (held: reading stops until it drains, as for `pending`). */
 static void splice_echo(Engine *self, int fd) {
     conn_t *c = &self->conns[fd];
-    ssize_t r = splice(fd, NULL, c->pipe_w, NULL, self->bufsize, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
-    if (r < 0) {
-        if (errno != EAGAIN && errno != EINTR) lost(self, fd, errno);
-        return;
-    }
-    if (r == 0) {
-        closed_event(self, fd, R_PEER_CLOSED, 0);
-        return;
-    }
+    ssize_t r = splice(fd, NULL, c->pipe_w, NULL, self->bufsize, SPLICE_FLAGS);
+    if (!arrived(self, fd, r)) return;
     if (c->state != OPEN) { /* closing: what arrives now is not echoed; drop it */
         char sink[4096];
         for (ssize_t left = r; left > 0;) {
@@ -331,14 +343,8 @@ static void splice_echo(Engine *self, int fd) {
         return;
     }
     c->bytes_in += (uint64_t)r;
-    ssize_t w = splice(c->pipe_r, NULL, fd, NULL, (size_t)r, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
-    if (w < 0) {
-        if (errno != EAGAIN && errno != EINTR) {
-            lost(self, fd, errno);
-            return;
-        }
-        w = 0;
-    }
+    ssize_t w = taken(self, fd, splice(c->pipe_r, NULL, fd, NULL, (size_t)r, SPLICE_FLAGS));
+    if (w < 0) return;
     if (w < r) {
         c->piped = (size_t)(r - w);
         watch(self, fd, EPOLLOUT, EPOLL_CTL_MOD); /* stop reading until it drains */
@@ -366,24 +372,11 @@ static void echo(Engine *self, int fd) {
         return;
     }
     ssize_t r = recv(fd, self->buf, self->bufsize, 0);
-    if (r < 0) {
-        if (errno != EAGAIN && errno != EINTR) lost(self, fd, errno);
-        return;
-    }
-    if (r == 0) {
-        closed_event(self, fd, R_PEER_CLOSED, 0);
-        return;
-    }
+    if (!arrived(self, fd, r)) return;
     if (c->state != OPEN) return; /* closing: what arrives now is not echoed */
     c->bytes_in += (uint64_t)r;
-    ssize_t w = send(fd, self->buf, (size_t)r, MSG_NOSIGNAL);
-    if (w < 0) {
-        if (errno != EAGAIN && errno != EINTR) {
-            lost(self, fd, errno);
-            return;
-        }
-        w = 0;
-    }
+    ssize_t w = taken(self, fd, send(fd, self->buf, (size_t)r, MSG_NOSIGNAL));
+    if (w < 0) return;
     if (w < r) {
         c->len = (size_t)(r - w);
         c->off = 0;
@@ -455,19 +448,13 @@ static void accept_batch(Engine *self, int index) {
 static void flush(Engine *self, int fd) {
     conn_t *c = &self->conns[fd];
     if (c->piped) {
-        ssize_t w = splice(c->pipe_r, NULL, fd, NULL, c->piped, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
-        if (w < 0) {
-            if (errno != EAGAIN && errno != EINTR) lost(self, fd, errno);
-            return;
-        }
+        ssize_t w = taken(self, fd, splice(c->pipe_r, NULL, fd, NULL, c->piped, SPLICE_FLAGS));
+        if (w < 0) return;
         c->piped -= (size_t)w;
         if (c->piped) return;
     } else {
-        ssize_t w = send(fd, c->pending + c->off, c->len - c->off, MSG_NOSIGNAL);
-        if (w < 0) {
-            if (errno != EAGAIN && errno != EINTR) lost(self, fd, errno);
-            return;
-        }
+        ssize_t w = taken(self, fd, send(fd, c->pending + c->off, c->len - c->off, MSG_NOSIGNAL));
+        if (w < 0) return;
         c->off += (size_t)w;
         if (c->off < c->len) return;
         free(c->pending);
