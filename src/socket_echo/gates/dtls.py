@@ -37,6 +37,7 @@ import hmac
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import Any, cast
 
 from OpenSSL import SSL, crypto
@@ -316,13 +317,21 @@ class DtlsEchoServer(asyncio.DatagramProtocol):
             session.close(PEER_CLOSED)  # answers with our close_notify
 
     def _advance(self, session: DtlsSession) -> None:
+        self._step(session, session.endpoint.handshake)
+
+    def _retransmit(self, session: DtlsSession) -> None:
+        session.timer = None
+        self._step(session, session.endpoint.expire)
+
+    def _step(self, session: DtlsSession, step: Callable[[], object]) -> None:
+        """One handshake step (a flight in, or the retransmission timer): send what it made."""
         try:
-            session.endpoint.handshake()
+            step()
         except SSL.Error as exc:
             self._failed(session, exc, False)
             return
-        self._handshake_progress(session)
         self.flush(session)
+        self._handshake_progress(session)
 
     def _handshake_progress(self, session: DtlsSession) -> None:
         """Re-arm the retransmission timer, or end the handshake's timers once done."""
@@ -335,16 +344,6 @@ class DtlsEchoServer(asyncio.DatagramProtocol):
         wait = session.endpoint.timeout()
         if wait is not None:
             session.timer = self.ctx.loop.call_later(wait, self._retransmit, session)
-
-    def _retransmit(self, session: DtlsSession) -> None:
-        session.timer = None
-        try:
-            session.endpoint.expire()
-        except SSL.Error as exc:
-            self._failed(session, exc, False)
-            return
-        self.flush(session)
-        self._handshake_progress(session)
 
     def _too_slow(self, session: DtlsSession) -> None:
         session.deadline = None
