@@ -181,10 +181,14 @@ def test_initials_from_a_forbidden_port_create_nothing(start_server):
     assert total(m, "socket_echo_connections_opened_total") == 0
 
 
-def test_quic_without_a_certificate_or_with_an_empty_alpn_is_one_line():
+def test_quic_without_a_certificate_or_with_a_bad_alpn_is_one_line():
     assert_one_line_error(run_cli("serve", "--bind", "quic://127.0.0.1:0"), 2, "--tls-cert")
     empty = run_cli("serve", "--bind", "quic://127.0.0.1:0", "--tls-self-signed", "--quic-alpn", "")
     assert_one_line_error(empty, 2, "--quic-alpn '': an ALPN name is 1 to 255 bytes")
+    for command in ("client", "probe", "bench"):  # the tools' --alpn, by the same rule
+        for name in ("", "a" * 256):
+            bad = run_cli(command, "quic://127.0.0.1:9", "--alpn", name)
+            assert_one_line_error(bad, 2, f"--alpn {name!r}: an ALPN name is 1 to 255 bytes")
 
 
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) ")

@@ -532,12 +532,21 @@ def _server_name(ctx: click.Context, param: click.Parameter, value: str | None) 
     raise click.BadParameter(f"{value!r} is not a host name or an address")
 
 
+def _alpn(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``--alpn``: one name of 1 to 255 bytes, as the server's ``--quic-alpn``."""
+    try:
+        return config.check_alpn((value,), "--alpn")[0]
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 def transport_options(f: F) -> F:
     """The target's transport, for client, probe and bench alike."""
     f = click.option(
         "--alpn",
         default=config.DEFAULT_QUIC_ALPN[0],
         show_default=True,
+        callback=_alpn,
         help="quic://: the ALPN to offer (Zephyr's QUIC echo uses echo-quic).",
     )(f)
     f = click.option(

@@ -201,11 +201,12 @@ def parse_bind_url(url: str) -> ListenerSpec:
     return ListenerSpec(parts.scheme, host, DEFAULT_PORT if port is None else port, "", impair)
 
 
-def check_alpn(names: tuple[str, ...]) -> tuple[str, ...]:
-    """``--quic-alpn``: each name 1 to 255 bytes (RFC 7301); ConfigError otherwise."""
+def check_alpn(names: tuple[str, ...], flag: str = "--quic-alpn") -> tuple[str, ...]:
+    """``--quic-alpn`` (or the tools' ``--alpn``): each name 1 to 255 bytes (RFC 7301);
+    ConfigError otherwise."""
     for name in names:
         if not 0 < len(name.encode()) <= 255:
-            raise ConfigError(f"--quic-alpn {name!r}: an ALPN name is 1 to 255 bytes")
+            raise ConfigError(f"{flag} {name!r}: an ALPN name is 1 to 255 bytes")
     return names
 
 
