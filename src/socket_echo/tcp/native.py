@@ -135,9 +135,11 @@ class NativeEngine:
         for handle, tag, opened_at in listed:
             conn = conns[handle] = NativeConnection(self, handle, None, contexts[tag])
             conn.admit(opened_at, listed_late=True)
-        self.open_changed(len(self.table.open))
 
     def open_changed(self, listed: int) -> None:
+        """The table's ``open`` changed (limits.ConnectionTable.admit/release): tell the C
+        admission how many of them are not this engine's. A connection of ours enters
+        ``conns`` before the table and leaves it first, so the difference is exact."""
         self.c.set_others(listed - len(self.conns))
 
     def add_listener(self, sock: socket.socket, ctx: ListenerContext) -> None:
@@ -208,7 +210,6 @@ class NativeEngine:
                     self.table.out_of_descriptors.note(over_budget)
             elif kind == PAUSED:
                 self._pause_accepting()
-        self.open_changed(len(self.table.open))
 
     def abort(self, conn: NativeConnection) -> None:
         if conn.handle < 0:
