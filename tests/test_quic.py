@@ -181,6 +181,15 @@ def test_initials_from_a_forbidden_port_create_nothing(start_server):
     assert total(m, "socket_echo_connections_opened_total") == 0
 
 
+def test_a_ca_file_without_a_certificate_is_named_in_one_line(tmp_path):
+    """aioquic reads --ca only in the handshake, where a bad file looked like no answer."""
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    for command, code in (("client", 1), ("probe", 2), ("bench", 2)):
+        result = run_cli(command, "quic://127.0.0.1:9", "--ca", str(bad), "--timeout", "1")
+        assert_one_line_error(result, code, f"--ca {bad}: no certificate or crl found")
+
+
 def test_quic_without_a_certificate_or_with_a_bad_alpn_is_one_line():
     assert_one_line_error(run_cli("serve", "--bind", "quic://127.0.0.1:0"), 2, "--tls-cert")
     empty = run_cli("serve", "--bind", "quic://127.0.0.1:0", "--tls-self-signed", "--quic-alpn", "")

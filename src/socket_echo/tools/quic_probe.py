@@ -101,6 +101,7 @@ def configuration(alpn: str, tls: TlsOptions | None, host: str) -> QuicConfigura
     if tls is not None and tls.insecure:
         config.verify_mode = ssl.CERT_NONE
     elif tls is not None and tls.ca_file:
+        tls.context()  # aioquic reads the file only in the handshake: a bad one, one line now
         config.load_verify_locations(tls.ca_file)
     return config
 

@@ -17,6 +17,7 @@ import time
 from urllib.parse import urlsplit
 
 from socket_echo.config import DEFAULT_PORT, format_url
+from socket_echo.gates.tls import failure_reason
 
 SCHEMES = ("tcp", "udp", "tls", "unix", "quic", "dtls")
 QUIC_PORT = 4422  # Zephyr's QUIC echo samples and net-tools' quic-echo-server
@@ -53,7 +54,11 @@ class TlsOptions:
     server_name: str | None = None
 
     def context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=self.ca_file)
+        """The client context: a ``--ca`` file without a certificate is one line naming it."""
+        try:
+            ctx = ssl.create_default_context(cafile=self.ca_file)
+        except ssl.SSLError as exc:
+            raise Unreachable(f"--ca {self.ca_file}: {failure_reason(exc)}") from None
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if self.insecure:
             ctx.check_hostname = False
@@ -146,9 +151,12 @@ def connect(target: Target, timeout: float, tls: TlsOptions | None = None) -> so
         if target.scheme == "tls":
             opts = tls or TlsOptions()
             try:
-                return opts.context().wrap_socket(
-                    sock, server_hostname=opts.server_name or target.host
-                )
+                context = opts.context()
+            except Unreachable:
+                sock.close()
+                raise
+            try:
+                return context.wrap_socket(sock, server_hostname=opts.server_name or target.host)
             except (ssl.SSLError, OSError) as exc:
                 sock.close()
                 raise Unreachable(f"{target.url}: TLS handshake failed: {exc}") from None
