@@ -120,11 +120,11 @@ class EchoServer:
             kind = "dual-stack " if bound.dual_stack else ""
             impair = bound.spec.impair or None
             if bound.scheme == "quic":
-                from socket_echo.gates.quic import quic_options, serve_quic  # aioquic: here only
+                from socket_echo.gates.quic import serve_quic  # aioquic: here only
 
                 ctx = ListenerContext(self.table, bound.url, cfg.max_buffer, cfg.access_log, loop)
                 self._contexts.append(ctx)
-                options = quic_options(cfg)
+                options = self.credentials.quic_options
                 self._quic.append(
                     await serve_quic(
                         loop, bound.sock, ctx, guard, self.state, options, self.credentials.quic

@@ -17,6 +17,8 @@ from socket_echo.config import DTLS_COOKIE_LIFETIME, ConfigError, ServerConfig
 from socket_echo.gates.tls import (
     TlsSetupError,
     apply_ciphers,
+    describe_error,
+    require_client_certificates,
     self_signed_context,
     self_signed_pair,
     server_context,
@@ -34,6 +36,7 @@ class CredentialsError(Exception):
 class Credentials:
     tls: ssl.SSLContext | None = None
     quic: Any = None  # aioquic QuicConfiguration
+    quic_options: Any = None  # gates.quic.QuicOptions (the client CA read once, here)
     dtls: Any = None  # pyOpenSSL SSL.Context
 
 
@@ -48,17 +51,36 @@ def make_credentials(cfg: ServerConfig) -> Credentials:
     wants_quic, wants_dtls = "quic" in schemes, "dtls" in schemes
     if not (wants_tls or wants_quic or wants_dtls):
         return Credentials()
+    for flag, path in (
+        ("--tls-cert", cfg.tls_cert),
+        ("--tls-key", cfg.tls_key),
+        ("--tls-client-ca", cfg.tls_client_ca),
+    ):
+        if path:
+            check_readable(flag, path)
     pair = self_signed_pair() if cfg.tls_self_signed else None
     if pair is None and not (cfg.tls_cert and cfg.tls_key):
         kind = "tls://" if wants_tls else "quic://" if wants_quic else "dtls://"
         raise ConfigError(
             f"a {kind} listener needs --tls-cert and --tls-key (or --tls-self-signed)"
         )
+    quic, options = quic_configuration(cfg, pair) if wants_quic else (None, None)
     return Credentials(
         tls=tls_context(cfg, pair) if wants_tls else None,
-        quic=quic_configuration(cfg, pair) if wants_quic else None,
+        quic=quic,
+        quic_options=options,
         dtls=dtls_context(cfg, pair) if wants_dtls else None,
     )
+
+
+def check_readable(flag: str, path: str) -> None:
+    """A file a secure listener needs, named with its flag when it cannot be read: checked
+    once here for TLS, QUIC and DTLS alike, before any library reads it its own way."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise CredentialsError(f"cannot read {flag} {path}: {describe_error(exc)}") from None
 
 
 def tls_context(cfg: ServerConfig, pair: tuple[Any, Any] | None = None) -> ssl.SSLContext:
@@ -66,6 +88,11 @@ def tls_context(cfg: ServerConfig, pair: tuple[Any, Any] | None = None) -> ssl.S
     if pair is not None:
         ctx, fingerprint = self_signed_context(pair)
         logger.info("TLS: self-signed certificate for localhost, SHA-256 %s", fingerprint)
+        if cfg.tls_client_ca:
+            try:
+                require_client_certificates(ctx, cfg.tls_client_ca)
+            except TlsSetupError as exc:
+                raise CredentialsError(str(exc)) from None
     else:
         assert cfg.tls_cert and cfg.tls_key
         try:
@@ -73,20 +100,31 @@ def tls_context(cfg: ServerConfig, pair: tuple[Any, Any] | None = None) -> ssl.S
         except TlsSetupError as exc:
             raise CredentialsError(str(exc)) from None
     suites = apply_ciphers(ctx, cfg.tls_ciphers)
-    logger.info("TLS: cipher suites (--tls-ciphers %s): %s", cfg.tls_ciphers, ", ".join(suites))
+    logger.info(
+        "TLS: cipher suites (--tls-ciphers %s): %s%s",
+        cfg.tls_ciphers,
+        ", ".join(suites),
+        ", client certificates required" if cfg.tls_client_ca else "",
+    )
     return ctx
 
 
-def quic_configuration(cfg: ServerConfig, pair: tuple[Any, Any] | None) -> Any:
+def quic_configuration(cfg: ServerConfig, pair: tuple[Any, Any] | None) -> tuple[Any, Any]:
+    """(QuicConfiguration, QuicOptions) for the quic:// listeners."""
     # imported here: aioquic (a tenth of a second to import) only for a quic:// listener
     from socket_echo.gates.quic import QuicSetupError, configuration, quic_options
 
     try:
-        quic = configuration(quic_options(cfg), cfg.tls_cert, cfg.tls_key, pair)
+        options = quic_options(cfg)
+        quic = configuration(options, cfg.tls_cert, cfg.tls_key, pair)
     except QuicSetupError as exc:
         raise CredentialsError(str(exc)) from None
-    logger.info("QUIC: ALPN %s", ", ".join(cfg.quic_alpn))
-    return quic
+    logger.info(
+        "QUIC: ALPN %s%s",
+        ", ".join(cfg.quic_alpn),
+        ", client certificates required" if cfg.tls_client_ca else "",
+    )
+    return quic, options
 
 
 def dtls_context(cfg: ServerConfig, pair: tuple[Any, Any] | None) -> Any:

@@ -28,6 +28,7 @@ import logging
 import socket
 from typing import Any, cast
 
+from aioquic import tls
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
@@ -42,6 +43,7 @@ from aioquic.quic.events import (
     StreamReset,
 )
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
+from cryptography.x509 import load_pem_x509_certificates
 
 from socket_echo.config import (
     DEFAULT_QUIC_ALPN,
@@ -78,11 +80,17 @@ class QuicOptions:
     max_stream_data: int = DEFAULT_QUIC_MAX_STREAM_DATA  # per-stream window, bytes
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0  # 0 = never
+    client_ca: bytes | None = None  # --tls-client-ca's certificates (PEM): mutual TLS
 
 
 def quic_options(cfg: ServerConfig) -> QuicOptions:
-    """The QUIC listeners' options from the server's configuration."""
+    """The QUIC listeners' options from the server's configuration; QuicSetupError when the
+    client CA file holds no certificate."""
+    client_ca = None
+    if cfg.tls_client_ca:
+        client_ca = read_client_ca(cfg.tls_client_ca)
     return QuicOptions(
+        client_ca=client_ca,
         alpn=cfg.quic_alpn,
         retry=cfg.quic_retry,
         max_streams=cfg.quic_max_streams,
@@ -119,6 +127,60 @@ def configuration(
             f"{getattr(exc, 'strerror', None) or exc}"
         ) from None
     return config
+
+
+def read_client_ca(path: str) -> bytes:
+    """``--tls-client-ca`` read once, at start (not per handshake), and checked to hold at
+    least one PEM certificate."""
+    try:
+        with open(path, "rb") as f:
+            pem = f.read()
+        if not load_pem_x509_certificates(pem):
+            raise ValueError("no certificate in it")
+    except (OSError, ValueError) as exc:
+        raise QuicSetupError(
+            f"QUIC: cannot use --tls-client-ca {path}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    return pem
+
+
+class AlertCertificateRequired(tls.Alert):
+    description = tls.AlertDescription.certificate_required
+
+
+def require_client_certificates(quic: QuicConnection, cadata: bytes) -> None:
+    """Mutual TLS on quic:// (``--tls-client-ca``), as tls:// and dtls:// have it.
+
+    Why by hand: aioquic 1.7.2 can ask a client for its certificate (its TLS context's
+    ``_request_client_certificate``, "for test purposes only"), but then takes an empty one
+    and verifies none. So we ask, and when the client's Certificate message arrives (before
+    its Finished: no stream data can be read yet) refuse one that is empty with
+    certificate_required (RFC 8446 4.4.2.4) and one whose chain the CA did not sign with
+    bad_certificate: the handshake fails with that alert, as OpenSSL's does on tls://.
+    aioquic itself checks the CertificateVerify signature that proves the client holds the
+    key. The TLS context is made when the first Initial is read (``_initialize``), hence
+    the wrapper there. No session tickets are issued (QuicServer keeps none), so no client
+    can resume its way past the request."""
+    initialize = quic._initialize
+
+    def initialize_and_ask(peer_cid: bytes) -> None:
+        initialize(peer_cid)
+        context = quic.tls
+        context._request_client_certificate = True
+        handle = context._server_handle_certificate
+
+        def handle_and_verify(input_buf: Buffer) -> None:
+            handle(input_buf)
+            certificate = context._peer_certificate
+            if certificate is None:
+                raise AlertCertificateRequired("a client certificate is required")
+            tls.verify_certificate(
+                certificate=certificate, chain=context._peer_certificate_chain, cadata=cadata
+            )
+
+        context._server_handle_certificate = handle_and_verify  # type: ignore[method-assign]
+
+    quic._initialize = initialize_and_ask  # type: ignore[method-assign]
 
 
 class QuicLife(Connection):
@@ -226,6 +288,8 @@ class EchoQuicServer(QuicServer):
 
         def create(quic: QuicConnection, **kwargs: Any) -> QuicEcho:
             quic._local_max_streams_bidi.value = options.max_streams  # see the docstring
+            if options.client_ca is not None:
+                require_client_certificates(quic, options.client_ca)
             return QuicEcho(quic, ctx=ctx, **kwargs)
 
         super().__init__(configuration=configuration, create_protocol=create, retry=options.retry)

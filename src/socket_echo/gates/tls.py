@@ -75,15 +75,33 @@ def server_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext
             f"TLS: cannot use --tls-cert {cert} / --tls-key {key}: {reason}"
         ) from None
     if client_ca:
-        try:
-            ctx.load_verify_locations(client_ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise TlsSetupError(
-                f"TLS: cannot use --tls-client-ca {client_ca}: "
-                f"{getattr(exc, 'strerror', None) or exc}"
-            ) from None
-        ctx.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: a client certificate is required
+        require_client_certificates(ctx, client_ca)
     return ctx
+
+
+def require_client_certificates(ctx: ssl.SSLContext, client_ca: str) -> None:
+    """Mutual TLS (``--tls-client-ca``): a client certificate signed by this CA is required,
+    whatever the server's own certificate came from (files or ``--tls-self-signed``)."""
+    try:
+        ctx.load_verify_locations(client_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsSetupError(
+            f"TLS: cannot use --tls-client-ca {client_ca}: {describe_error(exc)}"
+        ) from None
+    ctx.verify_mode = ssl.CERT_REQUIRED
+
+
+def describe_error(exc: BaseException) -> str:
+    """An OSError's or SSLError's cause in words: "no such file", not "[Errno 2] ..."."""
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, IsADirectoryError):
+        return "is a folder"
+    if isinstance(exc, ssl.SSLError):
+        return (exc.reason or str(exc)).lower().replace("_", " ")
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 def self_signed_context(pair: tuple[Any, Any] | None = None) -> tuple[ssl.SSLContext, str]:
