@@ -223,7 +223,7 @@ def test_probe_passes_our_server_and_names_a_refused_alpn(start_server):
     assert result.returncode == 1
     (step,) = json.loads(result.stdout)["steps"]
     assert step["detail"] == "ALPN 'h3' refused by the server"
-    server.wait_for_log(r"closed: error: No common ALPN protocols")
+    server.wait_for_log(r"QUIC handshake from .* failed: No common ALPN protocols")
     assert [line for line in server.lines if not LOG_LINE.match(line)] == []  # no bare lines
     nothing = tool("probe", "quic://127.0.0.1:9", "--insecure", "--timeout", "0.5", "--json")
     assert nothing.returncode == 1
@@ -333,3 +333,144 @@ def test_bench_over_quic_verifies_every_mode_and_names_a_refused_certificate(sta
     assert total(m, "socket_echo_connections_opened_total") >= 12  # churn made many more
     refused = run_cli("bench", f"quic://{host}:{port}", "-d", "1")
     assert_one_line_error(refused, 2, "no QUIC handshake (self-signed certificate)")
+
+
+def junk_initial() -> bytes:
+    """1,226 bytes that look like a QUIC v1 Initial (long header, type Initial, a length
+    that fits) and decrypt with no key: what a flood of junk Initials is made of."""
+    dcid, scid = random.randbytes(8), random.randbytes(8)
+    header = b"\xc3" + (1).to_bytes(4, "big") + b"\x08" + dcid + b"\x08" + scid + b"\x00"
+    return header + (0x4000 | 1200).to_bytes(2, "big") + random.randbytes(1200)
+
+
+def real_initial(host: str, port: int) -> bytes:
+    """A real client's first Initial (it decrypts; its handshake is never continued)."""
+    import time
+
+    from aioquic.quic.connection import QuicConnection
+
+    quic = QuicConnection(configuration=client_config())
+    quic.connect((host, port), now=time.monotonic())
+    return quic.datagrams_to_send(now=time.monotonic())[0][0]
+
+
+def poll_metrics(server, check, timeout: float = 15.0):  # type: ignore[no-untyped-def]
+    """Scrape until ``check(metrics)`` holds; the last scrape."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        m = scrape(metrics_port(server))
+        if check(m) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.05)
+
+
+def test_junk_initials_make_no_connection_and_lock_no_tcp_client_out(start_server):
+    """150 undecryptable Initials from one socket, against --max-connections 100: none is a
+    connection or a handshake; every TCP client up to the cap is still served."""
+    from conftest import exchange
+
+    server, host, port = quic_server(
+        start_server, "--bind", "tcp://127.0.0.1:0", "--max-connections", "100"
+    )
+    dropped = "quic: undecryptable initial"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for sent in (50, 100, 150):  # in steps a receive buffer holds (about 90 such)
+            for _ in range(50):
+                sock.sendto(junk_initial(), (host, port))
+            m = poll_metrics(
+                server,
+                lambda m, n=sent: total(m, "socket_echo_udp_dropped_total", reason=dropped) >= n,
+            )
+    assert total(m, "socket_echo_udp_dropped_total", reason=dropped) == 150
+    assert total(m, "socket_echo_quic_handshakes_in_progress") == 0
+    _, _, tcp_port = server.listener("tcp")
+    clients = [socket.create_connection(("127.0.0.1", tcp_port), timeout=10) for _ in range(100)]
+    try:
+        for i, c in enumerate(clients):
+            assert exchange(c, b"tcp %d" % i) == b"tcp %d" % i
+    finally:
+        for c in clients:
+            c.close()
+    m = scrape(metrics_port(server))
+    assert total(m, "socket_echo_connections_opened_total") == 100
+
+
+def test_handshakes_in_progress_have_their_own_bound_apart_from_the_cap(start_server):
+    """60 real Initials never continued, --quic-max-handshakes 20, --max-connections 10: 20
+    handshakes are kept (40 Initials dropped and counted), all 10 TCP slots stay free, the
+    20 time out and are named, and then a QUIC client is served."""
+    from conftest import exchange
+
+    server, host, port = quic_server(
+        start_server, "--bind", "tcp://127.0.0.1:0", "--max-connections", "10",
+        "--quic-max-handshakes", "20", "--tls-handshake-timeout", "1",
+    )  # fmt: skip
+    socks = []
+    for _ in range(60):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.sendto(real_initial(host, port), (host, port))
+        socks.append(sock)
+    full = "quic: handshakes in progress"
+    m = poll_metrics(server, lambda m: total(m, "socket_echo_udp_dropped_total", reason=full) >= 40)
+    assert total(m, "socket_echo_udp_dropped_total", reason=full) == 40
+    assert total(m, "socket_echo_quic_handshakes_in_progress") == 20
+    _, _, tcp_port = server.listener("tcp")
+    clients = [socket.create_connection(("127.0.0.1", tcp_port), timeout=10) for _ in range(10)]
+    for i, c in enumerate(clients):
+        assert exchange(c, b"slot %d" % i) == b"slot %d" % i
+    for c in clients:
+        c.close()
+    m = poll_metrics(server, lambda m: total(m, "socket_echo_quic_handshakes_in_progress") == 0)
+    assert total(m, "socket_echo_quic_handshakes_in_progress") == 0
+    timed_out = total(m, "socket_echo_tls_handshake_failures_total", reason="handshake timeout")
+    assert timed_out == 20
+    for sock in socks:
+        sock.close()
+
+    async def real_client() -> bytes:
+        async with connect(
+            host, port, configuration=client_config(), create_protocol=EchoClient
+        ) as client:
+            client.send(0, b"after the flood", end=True)
+            await client.until(lambda: 0 in client.ended)
+            return bytes(client.got[0])
+
+    assert run(real_client()) == b"after the flood"
+
+
+def test_a_flood_of_handshakes_costs_bounded_memory_and_returns_it(start_server):
+    """3,000 real Initials at once from 3,000 ports, at the default bound: the memory they
+    hold is the bound's, not the flood's, and it comes back once they time out."""
+    import psutil
+
+    server, host, port = quic_server(
+        start_server, "--tls-handshake-timeout", "1", "--udp-rate", "100000",
+        "--udp-burst", "100000",
+    )  # fmt: skip
+    proc = psutil.Process(server.pid)
+    before = proc.memory_info().rss
+    initials = [real_initial(host, port) for _ in range(3000)]
+    socks = []
+    for initial in initials:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.sendto(initial, (host, port))
+        socks.append(sock)
+    m = poll_metrics(
+        server,
+        lambda m: (
+            total(m, "socket_echo_udp_dropped_total", reason="quic: handshakes in progress") > 0
+        ),
+    )
+    peak = proc.memory_info().rss
+    m = poll_metrics(server, lambda m: total(m, "socket_echo_quic_handshakes_in_progress") == 0)
+    after = proc.memory_info().rss
+    for sock in socks:
+        sock.close()
+    print(f"RSS before {before >> 20} MiB, flood {peak >> 20} MiB, after {after >> 20} MiB")
+    assert total(m, "socket_echo_connections_opened_total") == 0
+    assert peak - before < 48 << 20
+    assert after - before < 32 << 20

@@ -279,6 +279,16 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
     help="quic://: bidirectional streams a client may have open at once.",
 )
 @option(
+    "--quic-max-handshakes",
+    type=click.IntRange(min=1, max=100_000),
+    default=config.DEFAULT_QUIC_MAX_HANDSHAKES,
+    show_default=True,
+    help_group=TLS,
+    help="quic://: handshakes in progress at once per listener; Initials beyond it are dropped "
+    "(counted) until one finishes or times out. Apart from --max-connections, which a "
+    "connection joins when its handshake is done.",
+)
+@option(
     "--quic-max-data",
     type=ByteSize(),
     default=config.DEFAULT_QUIC_MAX_DATA,
@@ -403,6 +413,7 @@ def serve(
     quic_alpn: tuple[str, ...],
     quic_retry: bool,
     quic_max_streams: int,
+    quic_max_handshakes: int,
     quic_max_data: int,
     quic_max_stream_data: int,
     tls_ciphers: str,
@@ -454,6 +465,7 @@ def serve(
         quic_alpn=quic_alpn or config.DEFAULT_QUIC_ALPN,
         quic_retry=quic_retry,
         quic_max_streams=quic_max_streams,
+        quic_max_handshakes=quic_max_handshakes,
         quic_max_data=quic_max_data,
         quic_max_stream_data=quic_max_stream_data,
         proxy_header_timeout=proxy_header_timeout,

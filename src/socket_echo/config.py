@@ -75,6 +75,9 @@ DEFAULT_QUIC_ALPN = ("echo-quic",)
 DEFAULT_QUIC_MAX_STREAMS = 128  # bidirectional streams a peer may have open at once
 DEFAULT_QUIC_MAX_DATA = 1 << 20  # connection flow-control window, bytes
 DEFAULT_QUIC_MAX_STREAM_DATA = 256 << 10  # per-stream window, bytes
+# QUIC handshakes in progress at once, per listener: what a flood of Initials that never
+# finish can hold (about 90 KiB of aioquic state each), apart from the connection cap.
+DEFAULT_QUIC_MAX_HANDSHAKES = 256
 
 # -- tunables: fixed values the code relies on, kept here so each is set in one place ---------
 READ_CHUNK = 64 * 1024  # epoll path: bytes per recv (256 KiB reads stream slower, measured)
@@ -148,6 +151,7 @@ class ServerConfig:
     quic_max_streams: int = DEFAULT_QUIC_MAX_STREAMS
     quic_max_data: int = DEFAULT_QUIC_MAX_DATA
     quic_max_stream_data: int = DEFAULT_QUIC_MAX_STREAM_DATA
+    quic_max_handshakes: int = DEFAULT_QUIC_MAX_HANDSHAKES
     proxy_header_timeout: float = PROXY_HEADER_TIMEOUT
     metrics: ListenerSpec | None = None  # HTTP /metrics /healthz /readyz; None = off
     workers: int = DEFAULT_WORKERS  # processes serving the listeners (supervisors/ when > 1)

@@ -119,8 +119,13 @@ class ServerCollector:
         yield by_reason("socket_echo_udp_dropped", "UDP datagrams dropped, by reason.", u.drops())
         yield by_reason(
             "socket_echo_tls_handshake_failures",
-            "Failed TLS handshakes, by reason.",
+            "Failed TLS, DTLS and QUIC handshakes, by reason.",
             s.tls.handshake_failures,
+        )
+        yield GaugeMetricFamily(
+            "socket_echo_quic_handshakes_in_progress",
+            "quic://: handshakes begun and not yet done (at most --quic-max-handshakes each).",
+            value=s.tls.quic_handshakes(),
         )
         yield CounterMetricFamily(
             "socket_echo_dtls_hello_verify_requests",

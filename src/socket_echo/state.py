@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from typing import TYPE_CHECKING
 
 from socket_echo.limits import ConnectionTable
@@ -81,6 +81,11 @@ class TlsStats:
     def __init__(self) -> None:
         self.handshake_failures: Counter[str] = Counter()  # TLS and DTLS, by reason
         self.hello_verify_requests = 0  # dtls://: cookies sent, nothing kept
+        self.quic_handshaking: list[Sized] = []  # each quic:// listener's handshakes
+
+    def quic_handshakes(self) -> int:
+        """QUIC handshakes in progress over every quic:// listener."""
+        return sum(len(handshakes) for handshakes in self.quic_handshaking)
 
 
 class ProxyStats:

@@ -29,11 +29,13 @@ import socket
 from typing import Any, cast
 
 from aioquic import tls
+from aioquic._crypto import CryptoError
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.events import (
     ConnectionTerminated,
     DatagramFrameReceived,
@@ -48,10 +50,12 @@ from cryptography.x509 import load_pem_x509_certificates
 from socket_echo.config import (
     DEFAULT_QUIC_ALPN,
     DEFAULT_QUIC_MAX_DATA,
+    DEFAULT_QUIC_MAX_HANDSHAKES,
     DEFAULT_QUIC_MAX_STREAM_DATA,
     DEFAULT_QUIC_MAX_STREAMS,
     ServerConfig,
 )
+from socket_echo.gates.tls import report_failure
 from socket_echo.logs import log_event
 from socket_echo.state import ServerState
 from socket_echo.tcp.lifecycle import (
@@ -81,6 +85,7 @@ class QuicOptions:
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0  # 0 = never
     client_ca: bytes | None = None  # --tls-client-ca's certificates (PEM): mutual TLS
+    max_handshakes: int = DEFAULT_QUIC_MAX_HANDSHAKES  # in progress at once, per listener
 
 
 def quic_options(cfg: ServerConfig) -> QuicOptions:
@@ -98,6 +103,7 @@ def quic_options(cfg: ServerConfig) -> QuicOptions:
         max_stream_data=cfg.quic_max_stream_data,
         handshake_timeout=cfg.tls_handshake_timeout,
         idle_timeout=cfg.idle_timeout,
+        max_handshakes=cfg.quic_max_handshakes,
     )
 
 
@@ -208,32 +214,70 @@ class QuicLife(Connection):
 
 
 class QuicEcho(QuicConnectionProtocol):
-    """Echoes every stream and datagram of one QUIC connection."""
+    """Echoes every stream and datagram of one QUIC connection. Until its handshake is done it
+    is a handshake (the listener's :class:`Handshakes`), not a connection: it holds no slot
+    of the shared cap and is logged, if it fails, as a failed handshake, like TLS's."""
 
-    def __init__(self, quic: QuicConnection, *, ctx: ListenerContext, **kwargs: Any) -> None:
+    def __init__(
+        self, quic: QuicConnection, *, ctx: ListenerContext, server: EchoQuicServer, **kwargs: Any
+    ) -> None:
         super().__init__(quic, **kwargs)
         self.ctx = ctx
+        self.server = server
+        self.peer: Any = None
         self.life: QuicLife | None = None
         self.seen: set[int] = set()
         self.handshake_timer: asyncio.TimerHandle | None = None
+        self.timed_out = False
+        self.refused = False  # handshake done, but over the cap: counted as a drop
 
-    def start(self, peer: Any, handshake_timeout: float) -> bool:
-        life = QuicLife(self.ctx, peer, self)
-        if not life.admit():
-            return False
-        self.life = life
+    def begin(self, peer: Any, handshake_timeout: float) -> None:
+        """Its Initial decrypted and was let in: the handshake has this long to finish."""
+        self.peer = peer
         self.handshake_timer = self.ctx.loop.call_later(handshake_timeout, self._too_slow)
-        return True
 
     def _too_slow(self) -> None:
         self.handshake_timer = None
-        if self.life is not None:
-            self.life.give_reason(HANDSHAKE_TIMEOUT)
+        self.timed_out = True
         self.close()
+
+    def _handshake_over(self) -> None:
+        if self.handshake_timer is not None:
+            self.handshake_timer.cancel()
+            self.handshake_timer = None
+        self.server.handshaking.discard(self)
+
+    def _open(self) -> None:
+        """The handshake is done: now a connection, admitted (or refused) by the shared cap."""
+        self._handshake_over()
+        life = QuicLife(self.ctx, self.peer, self)
+        if not life.admit():
+            # CONNECTION_REFUSED (0x2): over the cap, or out of descriptors' budget
+            self.server.state.udp.dropped["quic: connection limit"] += 1
+            self.refused = True
+            self._quic.close(error_code=0x2, reason_phrase="connection limit")
+            self.transmit()
+            return
+        self.life = life
+
+    def _failed(self, event: ConnectionTerminated) -> None:
+        """Terminated before its handshake was done: a failed handshake, named."""
+        self._handshake_over()
+        if self.peer is None or self.refused:
+            return
+        if self.timed_out:
+            reason = HANDSHAKE_TIMEOUT
+        else:
+            reason = event.reason_phrase or f"error {event.error_code:#x}"
+        report_failure(self.ctx, self.server.state.tls, self.peer, reason, kind="QUIC")
 
     def quic_event_received(self, event: QuicEvent) -> None:
         life = self.life
         if life is None:
+            if isinstance(event, HandshakeCompleted):
+                self._open()
+            elif isinstance(event, ConnectionTerminated):
+                self._failed(event)
             return
         if isinstance(event, StreamDataReceived):
             if event.stream_id not in self.seen:
@@ -254,14 +298,7 @@ class QuicEcho(QuicConnectionProtocol):
             self.seen.discard(event.stream_id)
             self._quic.reset_stream(event.stream_id, event.error_code)
             self.transmit()
-        elif isinstance(event, HandshakeCompleted):
-            if self.handshake_timer is not None:
-                self.handshake_timer.cancel()
-                self.handshake_timer = None
         elif isinstance(event, ConnectionTerminated):
-            if self.handshake_timer is not None:
-                self.handshake_timer.cancel()
-                self.handshake_timer = None
             if "idle" in (event.reason_phrase or "").lower():
                 life.give_reason(IDLE)
             elif event.error_code == 0:  # NO_ERROR: a clean close (ours or the peer's)
@@ -272,8 +309,32 @@ class QuicEcho(QuicConnectionProtocol):
             self.life = None
 
 
+def initial_opens(data: bytes, cid_length: int) -> bool:
+    """Whether the datagram's first packet, an Initial, decrypts with the Initial keys its
+    destination connection ID derives (RFC 9001 5.2). Junk that merely looks like an Initial
+    (right first byte, 1,200 bytes) fails here, before aioquic makes a connection for it:
+    aioquic makes one for any such datagram and only then finds it cannot read it."""
+    buf = Buffer(data=data)
+    try:
+        header = pull_quic_header(buf, host_cid_length=cid_length)
+        crypto = CryptoPair()
+        version = header.version or 0  # a version aioquic supports: checked by the caller
+        crypto.setup_initial(cid=header.destination_cid, is_client=False, version=version)
+        crypto.decrypt_packet(data[: header.packet_length], buf.tell(), 0)
+    except (ValueError, CryptoError, KeyError):
+        return False
+    return True
+
+
 class EchoQuicServer(QuicServer):
-    """aioquic's server, with the guard, the cap and the lifecycle in front of new connections."""
+    """aioquic's server, with the guard, the handshake bound, the cap and the lifecycle in
+    front of new connections.
+
+    What an Initial for an unknown connection ID passes, in order, before aioquic keeps any
+    state for it: the UDP guard (per-source-prefix and global rates), a decryption check
+    (:func:`initial_opens`), and the bound on handshakes in progress (``--quic-max-handshakes``,
+    apart from the shared connection cap, so a flood of handshakes that never finish cannot
+    lock TCP clients out). The shared cap admits a connection when its handshake is done."""
 
     def __init__(
         self,
@@ -285,28 +346,32 @@ class EchoQuicServer(QuicServer):
         configuration: QuicConfiguration,
     ) -> None:
         self.ctx, self.guard, self.state, self.options = ctx, guard, state, options
+        self.handshaking: set[QuicEcho] = set()
+        state.tls.quic_handshaking.append(self.handshaking)
 
         def create(quic: QuicConnection, **kwargs: Any) -> QuicEcho:
             quic._local_max_streams_bidi.value = options.max_streams  # see the docstring
             if options.client_ca is not None:
                 require_client_certificates(quic, options.client_ca)
-            return QuicEcho(quic, ctx=ctx, **kwargs)
+            return QuicEcho(quic, ctx=ctx, server=self, **kwargs)
 
         super().__init__(configuration=configuration, create_protocol=create, retry=options.retry)
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         data = cast(bytes, data)
+        cid_length = self._configuration.connection_id_length
         try:
-            header = pull_quic_header(
-                Buffer(data=data), host_cid_length=self._configuration.connection_id_length
-            )
+            header = pull_quic_header(Buffer(data=data), host_cid_length=cid_length)
         except ValueError:
             self.state.udp.dropped["quic: not a QUIC packet"] += 1
             return
         if header.destination_cid in self._protocols:
             super().datagram_received(data, addr)
             return
-        if header.packet_type != QuicPacketType.INITIAL:
+        if (
+            header.packet_type != QuicPacketType.INITIAL
+            or header.version not in self._configuration.supported_versions
+        ):
             super().datagram_received(data, addr)  # version negotiation; otherwise ignored
             return
         reason = self.guard.check(addr[0], addr[1], self._loop.time())
@@ -315,15 +380,19 @@ class EchoQuicServer(QuicServer):
             return
         if self.ctx.draining:
             return
-        known = set(self._protocols.values())
+        if not initial_opens(data, cid_length):
+            self.state.udp.dropped["quic: undecryptable initial"] += 1
+            return
+        if len(self.handshaking) >= self.options.max_handshakes:
+            self.state.udp.dropped["quic: handshakes in progress"] += 1
+            return
+        known = len(self._protocols)
         super().datagram_received(data, addr)
-        for protocol in set(self._protocols.values()) - known:  # the connection just made
-            echo = cast(QuicEcho, protocol)
-            if not echo.start(addr, self.options.handshake_timeout):
-                # CONNECTION_REFUSED (0x2): over the cap, or out of descriptors' budget
-                echo._quic.close(error_code=0x2, reason_phrase="connection limit")
-                echo.transmit()
-                self._connection_terminated(echo)
+        if len(self._protocols) != known:  # a connection was made (not a Retry)
+            echo = cast(QuicEcho, self._protocols[header.destination_cid])
+            if echo.peer is None:
+                self.handshaking.add(echo)
+                echo.begin(addr, self.options.handshake_timeout)
 
     def close_all(self) -> None:
         for protocol in set(self._protocols.values()):
