@@ -336,6 +336,20 @@ def http_status(port: int, path: str) -> int:
         return exc.code
 
 
+def poll_scrape(
+    server: ServerProcess, check: Callable[[dict[str, float]], bool], timeout: float = 15.0
+) -> dict[str, float]:
+    """Scrape the server's /metrics until ``check(samples)`` holds or ``timeout`` passes;
+    returns the last scrape (the caller asserts on it, so a timeout shows the values)."""
+    port = metrics_port(server)
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(port)
+        if check(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.05)
+
+
 def total(samples: dict[str, float], name: str, **labels: str) -> float:
     """Sum of a series over the labels not given."""
     want = [f'{k}="{v}"' for k, v in labels.items()]

@@ -12,7 +12,7 @@ import ssl
 import pytest
 from aioquic.asyncio.client import connect
 from aioquic.quic.configuration import QuicConfiguration
-from conftest import assert_one_line_error, metrics_port, run_cli, scrape, total
+from conftest import assert_one_line_error, metrics_port, poll_scrape, run_cli, scrape, total
 
 from socket_echo.tools.quic_probe import ProbeClient
 
@@ -354,18 +354,6 @@ def real_initial(host: str, port: int) -> bytes:
     return quic.datagrams_to_send(now=time.monotonic())[0][0]
 
 
-def poll_metrics(server, check, timeout: float = 15.0):  # type: ignore[no-untyped-def]
-    """Scrape until ``check(metrics)`` holds; the last scrape."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        m = scrape(metrics_port(server))
-        if check(m) or time.monotonic() > deadline:
-            return m
-        time.sleep(0.05)
-
-
 def test_junk_initials_make_no_connection_and_lock_no_tcp_client_out(start_server):
     """150 undecryptable Initials from one socket, against --max-connections 100: none is a
     connection or a handshake; every TCP client up to the cap is still served."""
@@ -379,12 +367,12 @@ def test_junk_initials_make_no_connection_and_lock_no_tcp_client_out(start_serve
         for sent in (50, 100, 150):  # in steps a receive buffer holds (about 90 such)
             for _ in range(50):
                 sock.sendto(junk_initial(), (host, port))
-            m = poll_metrics(
+            m = poll_scrape(
                 server,
                 lambda m, n=sent: total(m, "socket_echo_udp_dropped_total", reason=dropped) >= n,
             )
     assert total(m, "socket_echo_udp_dropped_total", reason=dropped) == 150
-    assert total(m, "socket_echo_quic_handshakes_in_progress") == 0
+    assert total(m, "socket_echo_handshakes_in_progress") == 0
     _, _, tcp_port = server.listener("tcp")
     clients = [socket.create_connection(("127.0.0.1", tcp_port), timeout=10) for _ in range(100)]
     try:
@@ -398,14 +386,14 @@ def test_junk_initials_make_no_connection_and_lock_no_tcp_client_out(start_serve
 
 
 def test_handshakes_in_progress_have_their_own_bound_apart_from_the_cap(start_server):
-    """60 real Initials never continued, --quic-max-handshakes 20, --max-connections 10: 20
+    """60 real Initials never continued, --max-handshakes 20, --max-connections 10: 20
     handshakes are kept (40 Initials dropped and counted), all 10 TCP slots stay free, the
     20 time out and are named, and then a QUIC client is served."""
     from conftest import exchange
 
     server, host, port = quic_server(
         start_server, "--bind", "tcp://127.0.0.1:0", "--max-connections", "10",
-        "--quic-max-handshakes", "20", "--tls-handshake-timeout", "1",
+        "--max-handshakes", "20", "--tls-handshake-timeout", "1",
     )  # fmt: skip
     socks = []
     for _ in range(60):
@@ -414,17 +402,17 @@ def test_handshakes_in_progress_have_their_own_bound_apart_from_the_cap(start_se
         sock.sendto(real_initial(host, port), (host, port))
         socks.append(sock)
     full = "quic: handshakes in progress"
-    m = poll_metrics(server, lambda m: total(m, "socket_echo_udp_dropped_total", reason=full) >= 40)
+    m = poll_scrape(server, lambda m: total(m, "socket_echo_udp_dropped_total", reason=full) >= 40)
     assert total(m, "socket_echo_udp_dropped_total", reason=full) == 40
-    assert total(m, "socket_echo_quic_handshakes_in_progress") == 20
+    assert total(m, "socket_echo_handshakes_in_progress") == 20
     _, _, tcp_port = server.listener("tcp")
     clients = [socket.create_connection(("127.0.0.1", tcp_port), timeout=10) for _ in range(10)]
     for i, c in enumerate(clients):
         assert exchange(c, b"slot %d" % i) == b"slot %d" % i
     for c in clients:
         c.close()
-    m = poll_metrics(server, lambda m: total(m, "socket_echo_quic_handshakes_in_progress") == 0)
-    assert total(m, "socket_echo_quic_handshakes_in_progress") == 0
+    m = poll_scrape(server, lambda m: total(m, "socket_echo_handshakes_in_progress") == 0)
+    assert total(m, "socket_echo_handshakes_in_progress") == 0
     timed_out = total(m, "socket_echo_tls_handshake_failures_total", reason="handshake timeout")
     assert timed_out == 20
     for sock in socks:
@@ -459,14 +447,14 @@ def test_a_flood_of_handshakes_costs_bounded_memory_and_returns_it(start_server)
         sock.bind(("127.0.0.1", 0))
         sock.sendto(initial, (host, port))
         socks.append(sock)
-    m = poll_metrics(
+    m = poll_scrape(
         server,
         lambda m: (
             total(m, "socket_echo_udp_dropped_total", reason="quic: handshakes in progress") > 0
         ),
     )
     peak = proc.memory_info().rss
-    m = poll_metrics(server, lambda m: total(m, "socket_echo_quic_handshakes_in_progress") == 0)
+    m = poll_scrape(server, lambda m: total(m, "socket_echo_handshakes_in_progress") == 0)
     after = proc.memory_info().rss
     for sock in socks:
         sock.close()

@@ -383,3 +383,74 @@ def test_a_cipher_string_that_matches_nothing_is_one_line():
         "serve", "--bind", "tls://127.0.0.1:0", "--tls-self-signed", "--tls-ciphers", "NOPE-AES"
     )
     assert_one_line_error(result, 2, "--tls-ciphers 'NOPE-AES': no cipher suite matches")
+
+
+def half_hellos(port: int, n: int) -> list[socket.socket]:
+    """``n`` connections that each send half a real ClientHello and then nothing: handshakes
+    that hold the server's TLS state until its handshake timeout."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    out, into = ssl.MemoryBIO(), ssl.MemoryBIO()
+    with contextlib.suppress(ssl.SSLWantReadError):
+        ctx.wrap_bio(into, out, server_hostname="localhost").do_handshake()
+    hello = out.read()
+    socks = []
+    for _ in range(n):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with contextlib.suppress(OSError):  # reset at once when over the bound
+            sock.sendall(hello[: len(hello) // 2])
+        socks.append(sock)
+    return socks
+
+
+def test_handshakes_in_progress_are_bounded_and_a_client_is_served_after(
+    start_server, pki, loop_name
+):
+    """60 handshakes that never finish against --max-handshakes 20: 20 are held (the gauge
+    says so), 40 are reset at once and counted; once the 20 time out a client is served."""
+    from conftest import metrics_port, poll_scrape, total
+
+    server = start_tls(
+        start_server, pki, "--max-handshakes", "20", "--tls-handshake-timeout", "1",
+        "--metrics", "127.0.0.1:0", loop_flags=("--loop", loop_name),
+    )  # fmt: skip
+    _, _, port = server.listener("tls")
+    socks = half_hellos(port, 60)
+    failures = "socket_echo_tls_handshake_failures_total"
+    over = "too many handshakes in progress"
+    m = poll_scrape(server, lambda m: total(m, failures, reason=over) >= 40)
+    assert total(m, failures, reason=over) == 40
+    assert total(m, "socket_echo_handshakes_in_progress") == 20
+    m = poll_scrape(server, lambda m: total(m, "socket_echo_handshakes_in_progress") == 0)
+    assert total(m, "socket_echo_handshakes_in_progress") == 0
+    assert total(m, failures, reason="handshake timeout") == 20
+    for sock in socks:
+        sock.close()
+    with tls_connect(port, client_context(pki)) as sock:
+        assert exchange(sock, b"after the flood") == b"after the flood"
+    assert metrics_port(server)
+
+
+def test_a_flood_of_handshakes_costs_the_bounds_memory_not_the_floods(start_server, pki, loop_name):
+    """1,500 handshakes that never finish at once: the server holds at most the default
+    --max-handshakes of them (a stdlib-loop handshake holds ~300 KiB), so its memory grows
+    by the bound's worth, not 1,500 handshakes' (about 450 MiB on the stdlib loop before)."""
+    import psutil
+    from conftest import poll_scrape, total
+
+    server = start_tls(
+        start_server, pki, "--tls-handshake-timeout", "2", "--metrics", "127.0.0.1:0",
+        "--no-access-log", loop_flags=("--loop", loop_name),
+    )  # fmt: skip
+    _, _, port = server.listener("tls")
+    proc = psutil.Process(server.pid)
+    before = proc.memory_info().rss
+    socks = half_hellos(port, 1500)
+    poll_scrape(server, lambda m: total(m, "socket_echo_handshakes_in_progress") == 256)
+    peak = proc.memory_info().rss
+    m = poll_scrape(server, lambda m: total(m, "socket_echo_handshakes_in_progress") == 0)
+    for sock in socks:
+        sock.close()
+    print(f"{loop_name}: RSS {before >> 20} -> {peak >> 20} MiB with 1,500 handshakes waiting")
+    assert total(m, "socket_echo_handshakes_in_progress") == 0
+    assert peak - before < 112 << 20

@@ -248,6 +248,16 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
     "fingerprint: a quick try without files.",
 )
 @option(
+    "--max-handshakes",
+    type=click.IntRange(min=1, max=100_000),
+    default=config.DEFAULT_MAX_HANDSHAKES,
+    show_default=True,
+    help_group=TLS,
+    help="tls://, tls+proxy://, quic://: handshakes in progress at once per listener; a TLS "
+    "connection beyond it is reset and a QUIC Initial dropped (both counted). Apart from "
+    "--max-connections, which a connection joins once its handshake is done (QUIC) or begun (TLS).",
+)
+@option(
     "--tls-handshake-timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=config.DEFAULT_TLS_HANDSHAKE_TIMEOUT,
@@ -277,16 +287,6 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
     show_default=True,
     help_group=TLS,
     help="quic://: bidirectional streams a client may have open at once.",
-)
-@option(
-    "--quic-max-handshakes",
-    type=click.IntRange(min=1, max=100_000),
-    default=config.DEFAULT_QUIC_MAX_HANDSHAKES,
-    show_default=True,
-    help_group=TLS,
-    help="quic://: handshakes in progress at once per listener; Initials beyond it are dropped "
-    "(counted) until one finishes or times out. Apart from --max-connections, which a "
-    "connection joins when its handshake is done.",
 )
 @option(
     "--quic-max-data",
@@ -409,11 +409,11 @@ def serve(
     tls_key: str | None,
     tls_client_ca: str | None,
     tls_self_signed: bool,
+    max_handshakes: int,
     tls_handshake_timeout: float,
     quic_alpn: tuple[str, ...],
     quic_retry: bool,
     quic_max_streams: int,
-    quic_max_handshakes: int,
     quic_max_data: int,
     quic_max_stream_data: int,
     tls_ciphers: str,
@@ -460,12 +460,12 @@ def serve(
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,
         tls_self_signed=tls_self_signed,
+        max_handshakes=max_handshakes,
         tls_handshake_timeout=tls_handshake_timeout,
         tls_ciphers=tls_ciphers,
         quic_alpn=quic_alpn or config.DEFAULT_QUIC_ALPN,
         quic_retry=quic_retry,
         quic_max_streams=quic_max_streams,
-        quic_max_handshakes=quic_max_handshakes,
         quic_max_data=quic_max_data,
         quic_max_stream_data=quic_max_stream_data,
         proxy_header_timeout=proxy_header_timeout,

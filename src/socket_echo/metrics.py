@@ -123,9 +123,9 @@ class ServerCollector:
             s.tls.handshake_failures,
         )
         yield GaugeMetricFamily(
-            "socket_echo_quic_handshakes_in_progress",
-            "quic://: handshakes begun and not yet done (at most --quic-max-handshakes each).",
-            value=s.tls.quic_handshakes(),
+            "socket_echo_handshakes_in_progress",
+            "TLS and QUIC handshakes begun and not yet done (--max-handshakes per listener).",
+            value=s.tls.handshakes(),
         )
         yield CounterMetricFamily(
             "socket_echo_dtls_hello_verify_requests",

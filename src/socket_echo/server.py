@@ -113,6 +113,7 @@ class EchoServer:
             cfg.backlog,
             cfg.tls_handshake_timeout,
             cfg.proxy_header_timeout,
+            cfg.max_handshakes,
             self.credentials.tls,
             self.engine,
         )

@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Callable, Sized
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from socket_echo.limits import ConnectionTable
@@ -81,11 +81,38 @@ class TlsStats:
     def __init__(self) -> None:
         self.handshake_failures: Counter[str] = Counter()  # TLS and DTLS, by reason
         self.hello_verify_requests = 0  # dtls://: cookies sent, nothing kept
-        self.quic_handshaking: list[Sized] = []  # each quic:// listener's handshakes
+        self.handshaking: list[HandshakeSlots] = []  # each TLS and QUIC listener's
 
-    def quic_handshakes(self) -> int:
-        """QUIC handshakes in progress over every quic:// listener."""
-        return sum(len(handshakes) for handshakes in self.quic_handshaking)
+    def slots(self, limit: int) -> HandshakeSlots:
+        """A listener's bound on handshakes in progress (``--max-handshakes``)."""
+        slots = HandshakeSlots(limit)
+        self.handshaking.append(slots)
+        return slots
+
+    def handshakes(self) -> int:
+        """TLS and QUIC handshakes in progress over every listener."""
+        return sum(slots.busy for slots in self.handshaking)
+
+
+class HandshakeSlots:
+    """Handshakes in progress on one listener, at most ``limit``: a handshake that never
+    finishes holds its state (and its memory) until the handshake timeout, so a flood of
+    them must not be able to hold more than this many at once."""
+
+    __slots__ = ("busy", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.busy = 0
+
+    def take(self) -> bool:
+        if self.busy >= self.limit:
+            return False
+        self.busy += 1
+        return True
+
+    def give(self) -> None:
+        self.busy -= 1
 
 
 class ProxyStats:

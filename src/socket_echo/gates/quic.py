@@ -48,9 +48,9 @@ from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from cryptography.x509 import load_pem_x509_certificates
 
 from socket_echo.config import (
+    DEFAULT_MAX_HANDSHAKES,
     DEFAULT_QUIC_ALPN,
     DEFAULT_QUIC_MAX_DATA,
-    DEFAULT_QUIC_MAX_HANDSHAKES,
     DEFAULT_QUIC_MAX_STREAM_DATA,
     DEFAULT_QUIC_MAX_STREAMS,
     ServerConfig,
@@ -85,7 +85,7 @@ class QuicOptions:
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0  # 0 = never
     client_ca: bytes | None = None  # --tls-client-ca's certificates (PEM): mutual TLS
-    max_handshakes: int = DEFAULT_QUIC_MAX_HANDSHAKES  # in progress at once, per listener
+    max_handshakes: int = DEFAULT_MAX_HANDSHAKES  # in progress at once, per listener
 
 
 def quic_options(cfg: ServerConfig) -> QuicOptions:
@@ -103,7 +103,7 @@ def quic_options(cfg: ServerConfig) -> QuicOptions:
         max_stream_data=cfg.quic_max_stream_data,
         handshake_timeout=cfg.tls_handshake_timeout,
         idle_timeout=cfg.idle_timeout,
-        max_handshakes=cfg.quic_max_handshakes,
+        max_handshakes=cfg.max_handshakes,
     )
 
 
@@ -230,10 +230,12 @@ class QuicEcho(QuicConnectionProtocol):
         self.handshake_timer: asyncio.TimerHandle | None = None
         self.timed_out = False
         self.refused = False  # handshake done, but over the cap: counted as a drop
+        self.in_handshake = False  # holds one of the listener's handshake slots
 
     def begin(self, peer: Any, handshake_timeout: float) -> None:
         """Its Initial decrypted and was let in: the handshake has this long to finish."""
         self.peer = peer
+        self.in_handshake = True
         self.handshake_timer = self.ctx.loop.call_later(handshake_timeout, self._too_slow)
 
     def _too_slow(self) -> None:
@@ -245,7 +247,9 @@ class QuicEcho(QuicConnectionProtocol):
         if self.handshake_timer is not None:
             self.handshake_timer.cancel()
             self.handshake_timer = None
-        self.server.handshaking.discard(self)
+        if self.in_handshake:
+            self.in_handshake = False
+            self.server.handshaking.give()
 
     def _open(self) -> None:
         """The handshake is done: now a connection, admitted (or refused) by the shared cap."""
@@ -332,7 +336,7 @@ class EchoQuicServer(QuicServer):
 
     What an Initial for an unknown connection ID passes, in order, before aioquic keeps any
     state for it: the UDP guard (per-source-prefix and global rates), a decryption check
-    (:func:`initial_opens`), and the bound on handshakes in progress (``--quic-max-handshakes``,
+    (:func:`initial_opens`), and the bound on handshakes in progress (``--max-handshakes``,
     apart from the shared connection cap, so a flood of handshakes that never finish cannot
     lock TCP clients out). The shared cap admits a connection when its handshake is done."""
 
@@ -346,8 +350,7 @@ class EchoQuicServer(QuicServer):
         configuration: QuicConfiguration,
     ) -> None:
         self.ctx, self.guard, self.state, self.options = ctx, guard, state, options
-        self.handshaking: set[QuicEcho] = set()
-        state.tls.quic_handshaking.append(self.handshaking)
+        self.handshaking = state.tls.slots(options.max_handshakes)
 
         def create(quic: QuicConnection, **kwargs: Any) -> QuicEcho:
             quic._local_max_streams_bidi.value = options.max_streams  # see the docstring
@@ -383,16 +386,16 @@ class EchoQuicServer(QuicServer):
         if not initial_opens(data, cid_length):
             self.state.udp.dropped["quic: undecryptable initial"] += 1
             return
-        if len(self.handshaking) >= self.options.max_handshakes:
+        if not self.handshaking.take():
             self.state.udp.dropped["quic: handshakes in progress"] += 1
             return
         known = len(self._protocols)
         super().datagram_received(data, addr)
-        if len(self._protocols) != known:  # a connection was made (not a Retry)
-            echo = cast(QuicEcho, self._protocols[header.destination_cid])
-            if echo.peer is None:
-                self.handshaking.add(echo)
-                echo.begin(addr, self.options.handshake_timeout)
+        if len(self._protocols) == known:  # a Retry was sent, or nothing made: no handshake
+            self.handshaking.give()
+            return
+        echo = cast(QuicEcho, self._protocols[header.destination_cid])
+        echo.begin(addr, self.options.handshake_timeout)
 
     def close_all(self) -> None:
         for protocol in set(self._protocols.values()):

@@ -25,9 +25,10 @@ from typing import Any, cast
 from socket_echo.config import TLS_CIPHER_PRESETS, ConfigError
 from socket_echo.logs import log_event
 from socket_echo.state import TlsStats
-from socket_echo.tcp.lifecycle import ListenerContext, format_peer
+from socket_echo.tcp.lifecycle import ListenerContext, format_peer, peer_of
 
 MIN_VERSION = ssl.TLSVersion.TLSv1_2
+TOO_MANY_HANDSHAKES = "too many handshakes in progress"  # --max-handshakes: reset at once
 
 
 class TlsSetupError(Exception):
@@ -196,12 +197,7 @@ async def native_handshake(
 ) -> None:
     """uvloop: TLS by uvloop itself on an accepted socket (its start_tls() hangs handshakes
     here, cf. MagicStack/uvloop#707); a failed handshake raises here, so it is named too."""
-    shown = peer
-    if shown is None:
-        try:
-            shown = sock.getpeername()
-        except OSError:
-            shown = None
+    shown = peer if peer is not None else peer_of(sock)
 
     def echo() -> asyncio.Protocol:
         return ctx.new_echo(peer)
@@ -278,16 +274,3 @@ class TlsGate(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         pass
-
-
-def gate_factory(
-    ctx: ListenerContext,
-    sslcontext: ssl.SSLContext,
-    timeout: float,
-    stats: TlsStats,
-    peer: Any = None,
-) -> Any:
-    def factory() -> TlsGate:
-        return TlsGate(ctx, sslcontext, timeout, stats, peer)
-
-    return factory

@@ -26,12 +26,11 @@ from typing import Any
 
 from socket_echo.gates.proxy_gate import HeaderPreReader
 from socket_echo.gates.proxy_gate import gate_factory as proxy_gate_factory
-from socket_echo.gates.tls import gate_factory as tls_gate_factory
-from socket_echo.gates.tls import native_handshake
+from socket_echo.gates.tls import TOO_MANY_HANDSHAKES, TlsGate, native_handshake, report_failure
 from socket_echo.state import ServerState
 from socket_echo.tcp.accept import AcceptReader, adopt
 from socket_echo.tcp.epoll import EpollEngine
-from socket_echo.tcp.lifecycle import ListenerContext
+from socket_echo.tcp.lifecycle import ListenerContext, peer_of, reset
 from socket_echo.tcp.native import NativeEngine
 
 
@@ -45,6 +44,7 @@ class StreamSetup:
     backlog: int
     tls_handshake_timeout: float
     proxy_header_timeout: float
+    max_handshakes: int
     sslcontext: ssl.SSLContext | None = None
     engine: EpollEngine | NativeEngine | None = None  # native or epoll path for tcp/unix
 
@@ -109,13 +109,27 @@ def _tls_acceptor(
     assert setup.sslcontext is not None
     loop, stats = setup.loop, setup.state
     sslcontext, timeout = setup.sslcontext, setup.tls_handshake_timeout
+    slots = stats.tls.slots(setup.max_handshakes)
 
     def handshake(sock: socket.socket, peer: Any = None) -> None:
-        if setup.uvloop:
-            loop.create_task(native_handshake(ctx, sock, sslcontext, timeout, stats.tls, peer))
-        else:
-            factory = tls_gate_factory(ctx, sslcontext, timeout, stats.tls, peer)
-            loop.create_task(adopt(loop, factory, sock))
+        if not slots.take():  # --max-handshakes: reset at once, as the cap does
+            shown = peer if peer is not None else peer_of(sock)
+            reset(sock)
+            report_failure(ctx, stats.tls, shown, TOO_MANY_HANDSHAKES)
+            return
+        loop.create_task(handshake_in_slot(sock, peer))
+
+    async def handshake_in_slot(sock: socket.socket, peer: Any) -> None:
+        try:
+            if setup.uvloop:
+                await native_handshake(ctx, sock, sslcontext, timeout, stats.tls, peer)
+            else:
+                gate = TlsGate(ctx, sslcontext, timeout, stats.tls, peer)
+                await adopt(loop, lambda: gate, sock)
+                if gate.task is not None:  # made in connection_made, before adopt returns
+                    await gate.task
+        finally:
+            slots.give()
 
     if scheme == "tls":
         return handshake

@@ -21,13 +21,18 @@ import collections
 import contextlib
 import random
 import socket
-import struct
 from typing import Any
 
-from socket_echo.tcp.lifecycle import CLOSE_AFTER, ERROR, PEER_CLOSED, RESET_AFTER, ListenerContext
+from socket_echo.tcp.lifecycle import (
+    CLOSE_AFTER,
+    ERROR,
+    LINGER_ABORT,
+    PEER_CLOSED,
+    RESET_AFTER,
+    ListenerContext,
+)
 from socket_echo.tcp.protocol import EchoProtocol
 
-LINGER_ABORT = struct.pack("ii", 1, 0)
 RATE_SLICES_PER_SECOND = 50  # a rate-limited chunk leaves in 20 ms slices, not in one burst
 DRAIN_POLL = 0.005  # reset-after: how often to look whether the last bytes reached the kernel
 

@@ -22,16 +22,21 @@ import contextlib
 import errno
 import select
 import socket
-import struct
 from typing import Any
 
 from socket_echo.config import ACCEPT_RETRY_DELAY, READ_CHUNK
 from socket_echo.logs import RateLimitedLog
 from socket_echo.tcp.accept import accept_batch
-from socket_echo.tcp.lifecycle import ERROR, PEER_CLOSED, RESET, Connection, ListenerContext
+from socket_echo.tcp.lifecycle import (
+    ERROR,
+    LINGER_ABORT,
+    PEER_CLOSED,
+    RESET,
+    Connection,
+    ListenerContext,
+)
 
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
-LINGER_ABORT = struct.pack("ii", 1, 0)  # close() sends RST at once
 
 
 def available() -> bool:

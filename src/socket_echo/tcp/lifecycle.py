@@ -19,7 +19,10 @@ with "Broken pipe"), never free text split apart later.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -59,6 +62,25 @@ def format_peer(peer: Any) -> str:
             host = host[7:]  # an IPv4 client on the dual-stack socket
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(peer) if peer else "local socket"  # a Unix-socket peer has no address
+
+
+def peer_of(sock: socket.socket) -> Any:
+    """The peer of an accepted socket, or None once it is gone (a reset before we asked)."""
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
+
+
+# SO_LINGER on, 0 s: close() sends RST at once and drops what is unsent (an abort).
+LINGER_ABORT = struct.pack("ii", 1, 0)
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with a reset: what a refused connection gets (RST, not an orderly FIN)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ABORT)
+    sock.close()
 
 
 class ListenerContext:
