@@ -238,3 +238,30 @@ def test_the_native_extensions_are_built_where_they_can_be():
     assert tcp_native._native is not None
     assert udp_native._native is not None
     assert bench._native is not None
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        # nan passed click's ranges (it compares false with every bound) and lifted limits
+        (["--udp-rate", "nan"], ["--udp-rate", "not a finite number"]),
+        (["--udp-max-rate", "nan"], ["--udp-max-rate", "not a finite number"]),
+        (["--idle-timeout", "nan"], ["--idle-timeout", "not a finite number"]),
+        (["--graceful-timeout", "inf"], ["--graceful-timeout", "range"]),
+        (["--tls-handshake-timeout", "nan"], ["--tls-handshake-timeout", "not a finite"]),
+        (["--proxy-header-timeout", "nan"], ["--proxy-header-timeout", "not a finite"]),
+        (["--backlog", "99999999999"], ["--backlog", "65535"]),
+        (["--max-buffer", "99999999999999999999KiB"], ["--max-buffer", "16 KiB and 1 GiB"]),
+        (["--max-buffer", "100"], ["--max-buffer", "16 KiB and 1 GiB"]),
+        (["--workers", "100000"], ["--workers 100000: at most", "per usable core"]),
+        (["--metrics", "127.0.0.1:70000"], ["port 70000 is out of range"]),
+        (["bench", "127.0.0.1:9", "-p", "100000"], ["--processes 100000: at most"]),
+        (["bench", "127.0.0.1:9", "-d", "nan"], ["--duration", "not a finite number"]),
+        (["bench", "127.0.0.1:9", "--rate", "nan"], ["--rate", "not a finite number"]),
+        (["bench", "127.0.0.1:9", "--rate", "inf"], ["--rate", "range"]),
+        (["client", "tcp://[::1"], ["malformed 'tcp://[::1'"]),
+        (["probe", "udp://[zz]:5"], ["malformed 'udp://[zz]:5'", "zz"]),
+    ],
+)
+def test_a_value_that_would_hurt_is_refused_before_anything_starts(args, words):
+    assert_one_line_error(run_cli(*args), 2, *words)

@@ -7,6 +7,7 @@ User mistakes end in one line on stderr and exit 2 (usage) or 1 (run time), neve
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from socket_echo.logs import quiet_aioquic
 from socket_echo.main import StartError, check_choices
 from socket_echo.main import serve as serve_config
 from socket_echo.server import EXIT_FAILURE, EXIT_USAGE
-from socket_echo.supervisors.cpu import worker_count
+from socket_echo.supervisors.cpu import check_process_count, worker_count
 
 ENV_PREFIX = "SOCKET_ECHO_"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -36,13 +37,54 @@ class ByteSize(click.ParamType):  # type: ignore[type-arg]
     name = "BYTES"
     _units = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
+    def __init__(self, minimum: int = 1, maximum: int = 1 << 30) -> None:
+        self.minimum, self.maximum = minimum, maximum
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
-            return value
-        m = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", str(value), re.IGNORECASE)
-        if not m:
-            self.fail(f"{value!r} is not a byte size (e.g. 262144, 256KiB, 1MiB)", param, ctx)
-        return int(m.group(1)) * self._units[m.group(2).lower()]
+            size = value
+        else:
+            m = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", str(value), re.IGNORECASE)
+            if not m:
+                self.fail(f"{value!r} is not a byte size (e.g. 262144, 256KiB, 1MiB)", param, ctx)
+            size = int(m.group(1)) * self._units[m.group(2).lower()]
+        if not self.minimum <= size <= self.maximum:
+            self.fail(
+                f"{value!r} is not between {show_size(self.minimum)} and {show_size(self.maximum)}",
+                param,
+                ctx,
+            )
+        return size
+
+
+def show_size(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} B"
+
+
+class Finite(click.FloatRange):
+    """A number in a range, and finite: click's FloatRange takes "nan" (it compares false
+    with every bound, so it passed any range and lifted the limits it set) and "inf"."""
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        number = float(super().convert(value, param, ctx))  # "nan" is in range for click
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+def _processes(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    """bench ``--processes``: at most the bound ``--workers`` has, before anything forks."""
+    if value is None:
+        return None
+    try:
+        return check_process_count("--processes", value)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 class GroupedCommand(click.Command):
@@ -133,7 +175,7 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
 )
 @option(
     "--backlog",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=config.MAX_BACKLOG),
     default=config.DEFAULT_BACKLOG,
     show_default=True,
     help_group=LISTEN,
@@ -141,7 +183,7 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
 )
 @option(
     "--max-connections",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=config.MAX_CONNECTIONS),
     default=config.DEFAULT_MAX_CONNECTIONS,
     show_default=True,
     help_group=LIMITS,
@@ -149,7 +191,7 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
 )
 @option(
     "--idle-timeout",
-    type=click.FloatRange(min=0),
+    type=Finite(min=0, max=config.MAX_SECONDS),
     default=config.DEFAULT_IDLE_TIMEOUT,
     show_default=True,
     metavar="SECONDS",
@@ -158,7 +200,7 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
 )
 @option(
     "--max-buffer",
-    type=ByteSize(),
+    type=ByteSize(config.MIN_MAX_BUFFER, config.MAX_MAX_BUFFER),
     default=config.DEFAULT_MAX_BUFFER,
     show_default=True,
     help_group=LIMITS,
@@ -168,7 +210,7 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
 )
 @option(
     "--graceful-timeout",
-    type=click.FloatRange(min=0),
+    type=Finite(min=0, max=config.MAX_SECONDS),
     default=config.DEFAULT_GRACEFUL_TIMEOUT,
     show_default=True,
     metavar="SECONDS",
@@ -177,7 +219,7 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
 )
 @option(
     "--udp-rate",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Finite(min=0, min_open=True, max=config.MAX_RATE),
     default=config.DEFAULT_UDP_RATE,
     show_default=True,
     metavar="PPS",
@@ -186,7 +228,7 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
 )
 @option(
     "--udp-burst",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=int(config.MAX_RATE)),
     default=config.DEFAULT_UDP_BURST,
     show_default=True,
     metavar="N",
@@ -195,7 +237,7 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
 )
 @option(
     "--udp-max-rate",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Finite(min=0, min_open=True, max=config.MAX_RATE),
     default=config.DEFAULT_UDP_MAX_RATE,
     show_default=True,
     metavar="PPS",
@@ -204,7 +246,7 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
 )
 @option(
     "--udp-max-sources",
-    type=click.IntRange(min=16),
+    type=click.IntRange(min=16, max=config.MAX_CONNECTIONS * 16),
     default=config.DEFAULT_UDP_MAX_SOURCES,
     show_default=True,
     metavar="N",
@@ -259,7 +301,7 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
 )
 @option(
     "--tls-handshake-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Finite(min=0, min_open=True, max=config.MAX_SECONDS),
     default=config.DEFAULT_TLS_HANDSHAKE_TIMEOUT,
     show_default=True,
     metavar="SECONDS",
@@ -282,7 +324,7 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
 )
 @option(
     "--quic-max-streams",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=config.MAX_CONNECTIONS),
     default=config.DEFAULT_QUIC_MAX_STREAMS,
     show_default=True,
     help_group=TLS,
@@ -316,7 +358,7 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
 )
 @option(
     "--proxy-header-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Finite(min=0, min_open=True, max=config.MAX_SECONDS),
     default=config.PROXY_HEADER_TIMEOUT,
     show_default=True,
     metavar="SECONDS",
@@ -582,7 +624,7 @@ def transport_options(f: F) -> F:
 @transport_options
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0.1),
+    type=Finite(min=0.1, max=config.MAX_SECONDS),
     default=5.0,
     show_default=True,
     metavar="SECONDS",
@@ -631,7 +673,7 @@ def client(
 @transport_options
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0.1),
+    type=Finite(min=0.1, max=config.MAX_SECONDS),
     default=5.0,
     show_default=True,
     metavar="SECONDS",
@@ -710,7 +752,13 @@ def probe(
     help="pingpong: one message in flight per connection; stream: both ways at "
     "once; churn: connect, echo, close; udp: datagram ping-pong.",
 )
-@click.option("--connections", "-c", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option(
+    "--connections",
+    "-c",
+    type=click.IntRange(min=1, max=config.MAX_CONNECTIONS),
+    default=50,
+    show_default=True,
+)
 @click.option(
     "--size",
     "-s",
@@ -721,7 +769,7 @@ def probe(
 @click.option(
     "--duration",
     "-d",
-    type=click.FloatRange(min=0.1),
+    type=Finite(min=0.1, max=config.MAX_SECONDS),
     default=10.0,
     show_default=True,
     metavar="SECONDS",
@@ -731,16 +779,21 @@ def probe(
     "-p",
     type=click.IntRange(min=1),
     default=None,
+    callback=_processes,
     help="Load generator processes [default: all cores].",
 )
 @click.option(
     "--rate",
-    type=click.FloatRange(min=0),
+    type=Finite(min=0, max=config.MAX_RATE),
     default=0.0,
     help="Open loop: requests/s in all; latency counts from each intended send time.",
 )
 @click.option(
-    "--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True, metavar="SECONDS"
+    "--timeout",
+    type=Finite(min=0.1, max=config.MAX_SECONDS),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
 )
 @click.option(
     "--json",

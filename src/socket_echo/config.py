@@ -28,6 +28,15 @@ DEFAULT_MAX_BUFFER = 256 * 1024
 DEFAULT_GRACEFUL_TIMEOUT = 10.0
 DEFAULT_LOG_LEVEL = "info"
 DEFAULT_WORKERS = 1  # --workers N|auto ("auto": one per usable core)
+PROCESSES_PER_CORE = 4  # --workers and bench --processes: at most this many per usable core
+PROCESSES_AT_LEAST = 8  # ... but this many whatever the cores
+# Bounds of the numeric options (cli.py): past them a value would hurt, not help.
+MAX_SECONDS = 7 * 24 * 3600.0  # any timeout or duration (0 means "never" where it says so)
+MAX_RATE = 1e9  # datagrams or requests per second
+MAX_BACKLOG = 65535  # listen(): the kernel caps it at net.core.somaxconn anyway
+MIN_MAX_BUFFER = 16 * 1024  # --max-buffer: one TLS record (16 KiB) must fit, or TLS stalls
+MAX_MAX_BUFFER = 1 << 30
+MAX_CONNECTIONS = 1_000_000  # --max-connections, bench --connections
 DEFAULT_LOG_FORMAT = "text"
 DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0
 # TLS and QUIC handshakes in progress at once, per listener, apart from the connection cap:
@@ -229,6 +238,9 @@ def parse_metrics_address(text: str) -> ListenerSpec:
     """``HOST:PORT`` or ``[V6]:PORT`` for the metrics and health endpoint (port required)."""
     if not text.rsplit("]", 1)[-1].count(":"):
         raise ConfigError(f"--metrics {text!r}: give HOST:PORT (e.g. 127.0.0.1:9100)")
+    port = text.rsplit(":", 1)[1]
+    if port.isdigit() and int(port) > 65535:
+        raise ConfigError(f"--metrics {text!r}: port {port} is out of range (0-65535)")
     try:
         spec = parse_bind_url(f"tcp://{text}")
     except ConfigError:

@@ -164,7 +164,10 @@ def _bind_unix(spec: ListenerSpec, backlog: int) -> BoundListener:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        hint = _HINTS.get(exc.errno or 0, exc.strerror or str(exc))
+        if exc.errno in (errno.EACCES, errno.EROFS):  # a folder, not a port, said no
+            hint = f"permission denied: cannot create a socket in {os.path.dirname(path)}"
+        else:
+            hint = _HINTS.get(exc.errno or 0, exc.strerror or str(exc))
         raise BindError(exc.errno, f"cannot listen on {spec.url}: {hint}") from None
     return BoundListener(spec, sock, inode=os.stat(path).st_ino)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 
-from socket_echo.config import ConfigError
+from socket_echo.config import PROCESSES_AT_LEAST, PROCESSES_PER_CORE, ConfigError
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 
@@ -53,4 +53,25 @@ def worker_count(text: str) -> int:
         n = 0
     if n < 1:
         raise ConfigError(f"--workers {text!r}: expected a positive number or 'auto'")
+    check_process_count("--workers", n)
+    return n
+
+
+def max_processes() -> int:
+    """The most processes a count may ask for: PROCESSES_PER_CORE per usable core (and
+    PROCESSES_AT_LEAST however few the cores). More
+    only contend for the same cores, and a typo (100000) would fork until the machine
+    stalls."""
+    return max(PROCESSES_AT_LEAST, PROCESSES_PER_CORE * cpu_count())
+
+
+def check_process_count(flag: str, n: int) -> int:
+    """``--workers`` and bench's ``--processes``: ConfigError past :func:`max_processes`,
+    before anything forks."""
+    bound = max_processes()
+    if n > bound:
+        raise ConfigError(
+            f"{flag} {n}: at most {bound} here ({PROCESSES_PER_CORE} per usable core, "
+            f"{cpu_count()} usable)"
+        )
     return n

@@ -1,7 +1,8 @@
 """``socket-echo client``: telnet-like on a terminal, a binary-safe pipe otherwise.
 
 From a pipe, stdin goes out and the echo goes to stdout; when stdin ends the client half-closes
-and exits 0 once every byte came back, 1 if the server stopped short:
+and exits 0 once every byte came back as sent, 1 if the server stopped short or sent back
+other bytes:
 
     head -c 10M /dev/urandom > f; socket-echo client HOST < f | cmp - f
 """
@@ -39,7 +40,7 @@ def run(target: Target, tls: TlsOptions | None, timeout: float) -> int:
 def pipe(sock: socket.socket, timeout: float) -> int:
     out = sys.stdout.buffer
     try:
-        duplex(sock, sys.stdin.fileno(), out.write, timeout)
+        duplex(sock, sys.stdin.fileno(), out.write, timeout, verify=True)
     except DuplexError as exc:
         raise ClientError(str(exc)) from None
     finally:
@@ -57,7 +58,7 @@ def interactive(sock: socket.socket, timeout: float) -> int:
         sys.stdout.flush()
 
     try:
-        duplex(sock, sys.stdin.fileno(), show, timeout)
+        duplex(sock, sys.stdin.fileno(), show, timeout, verify=True)
     except DuplexError as exc:
         raise ClientError(str(exc)) from None
     except KeyboardInterrupt:

@@ -30,15 +30,19 @@ def duplex(
     timeout: float,
     expect: int | None = None,
     half_close: bool = True,
+    verify: bool = False,
 ) -> tuple[int, int]:
     """Send ``source`` (bytes, or a file descriptor read to its end) while passing what comes
     back to ``sink``. Stops once the source is sent and ``expect`` bytes (default: as many as
-    were sent) came back, or at EOF. Returns (sent, received). ``timeout`` bounds silence."""
+    were sent) came back, or at EOF. Returns (sent, received). ``timeout`` bounds silence.
+    ``verify``: what comes back must be what was sent, byte for byte, in order (an echo);
+    DuplexError at the first byte that differs. Only the bytes in flight are kept for it."""
     sock.setblocking(False)
     fd_source = source if isinstance(source, int) else None
     outgoing = memoryview(source if isinstance(source, bytes) else b"")
     source_done = fd_source is None
     sent = received = 0
+    unechoed = bytearray()  # sent and not yet back (verify)
     eof = shut = False
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
@@ -85,6 +89,8 @@ def duplex(
                 if mask & selectors.EVENT_WRITE and outgoing:
                     n = _send(sock, outgoing)
                     if n:
+                        if verify:
+                            unechoed += outgoing[:n]
                         outgoing = outgoing[n:]
                         sent += n
                         progressed = True
@@ -103,6 +109,8 @@ def duplex(
                     if data == b"":
                         eof = True
                         break
+                    if verify:
+                        _check_echo(unechoed, data, received)
                     received += len(data)
                     sink(data)
                     progressed = True
@@ -122,6 +130,18 @@ def duplex(
         sel.close()
         if fd_source is not None and not file_source:
             os.set_blocking(fd_source, True)
+
+
+def _check_echo(unechoed: bytearray, data: bytes, offset: int) -> None:
+    """``data`` came back at ``offset``: it must be the next bytes that were sent."""
+    if len(data) > len(unechoed):
+        raise DuplexError(
+            f"the server sent more than it was sent (byte {offset + len(unechoed)} on)"
+        )
+    if unechoed[: len(data)] != data:
+        at = next(i for i, (a, b) in enumerate(zip(unechoed, data, strict=False)) if a != b)
+        raise DuplexError(f"the echo differs from what was sent at byte {offset + at}")
+    del unechoed[: len(data)]
 
 
 def _half_close(sock: socket.socket) -> None:

@@ -69,7 +69,11 @@ class TlsOptions:
 def parse_target(text: str, scheme: str | None = None) -> Target:
     """``HOST[:PORT]``, ``[V6]:PORT`` or a URL; ``scheme`` overrides a bare HOST's tcp."""
     if "://" in text:
-        parts = urlsplit(text)
+        try:  # urlsplit itself checks brackets ("Invalid IPv6 URL") and the address in them
+            parts = urlsplit(text)
+            parts.hostname  # noqa: B018
+        except ValueError as exc:
+            raise TargetError(f"malformed {text!r}: {exc}") from None
         if parts.scheme not in SCHEMES:
             raise TargetError(
                 f"unknown scheme in {text!r} "
