@@ -367,7 +367,7 @@ def test_certificate_and_cipher_mistakes_are_one_line():
         "serve", "--bind", "dtls://127.0.0.1:0", "--tls-cert", "/nonexistent.pem",
         "--tls-key", "/nonexistent.pem",
     )  # fmt: skip
-    assert_one_line_error(missing, 1, "DTLS: cannot use --tls-cert /nonexistent.pem")
+    assert_one_line_error(missing, 1, "cannot read --tls-cert /nonexistent.pem: no such file")
     impaired = run_cli("serve", "--bind", "dtls://127.0.0.1:0?delay=5ms", "--tls-self-signed")
     assert_one_line_error(impaired, 2, "dtls:// listeners take no impairments yet")
 

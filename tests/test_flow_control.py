@@ -89,3 +89,37 @@ def test_reader_stalled_past_the_idle_timeout_is_closed(start_server, server_fla
     with server.connect() as sock:
         sock.sendall(b"still here")
         assert sock.recv(100) == b"still here"
+
+
+def test_a_slow_but_live_reader_is_not_stalled_and_a_stopped_one_is(start_server, server_flags):
+    """A client that sends flat out and reads 10 KB/s, with --idle-timeout 1: its echo
+    moves, slowly, so it is not reset as "write stalled" (the rule is no progress, not too
+    little); once it stops reading altogether it is."""
+    server = start_server(*server_flags, "--idle-timeout", "1", "--max-buffer", "16KiB")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.listener("tcp")[2]))
+    sock.settimeout(10)
+    stop = threading.Event()
+
+    def flood() -> None:
+        block = b"s" * 65536
+        try:
+            while not stop.is_set():
+                sock.sendall(block)
+        except OSError:
+            pass
+
+    threading.Thread(target=flood, daemon=True).start()
+    got = 0
+    until = time.monotonic() + 4  # four idle timeouts of reading 1 KiB every 0.1 s
+    while time.monotonic() < until:
+        part = sock.recv(1024)
+        assert part, "the slow reader was closed: " + server.log
+        got += len(part)
+        time.sleep(0.1)
+    assert got >= 20_000
+    assert "write stalled" not in server.log
+    server.wait_for_log(r"closed: write stalled", timeout=15)  # now it reads nothing
+    stop.set()
+    sock.close()

@@ -396,8 +396,11 @@ def half_hellos(port: int, n: int) -> list[socket.socket]:
     hello = out.read()
     socks = []
     for _ in range(n):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        with contextlib.suppress(OSError):  # reset at once when over the bound
+        try:  # over the bound the reset can come while connect() returns, or at the send
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        except ConnectionResetError:
+            continue
+        with contextlib.suppress(OSError):
             sock.sendall(hello[: len(hello) // 2])
         socks.append(sock)
     return socks

@@ -54,6 +54,8 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <linux/sockios.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
@@ -722,43 +724,50 @@ static PyObject *Engine_abort(Engine *self, PyObject *arg) {
     return Py_BuildValue("(Kn)", bytes_in, (Py_ssize_t)unsent);
 }
 
-/* (bytes_in, drains, held) of a connection, zeros when it is gone. */
-static int read_counters(Engine *self, PyObject *arg, uint64_t out[3]) {
+/* (bytes_in, drains, held, unacked) of a connection, zeros when it is gone. unacked (the
+ * kernel's SIOCOUTQ: sent, not yet taken by the peer) only while an echo is held: then the
+ * kernel's buffer is full, and a slow reader's progress shows only there. */
+static int read_counters(Engine *self, PyObject *arg, uint64_t out[4]) {
     unsigned long long handle = PyLong_AsUnsignedLongLong(arg);
     if (PyErr_Occurred()) return -1;
-    out[0] = out[1] = out[2] = 0;
+    out[0] = out[1] = out[2] = out[3] = 0;
     LOCKED({
         conn_t *c = lookup(self, handle);
         if (c) {
             out[0] = c->bytes_in;
             out[1] = c->drains;
             out[2] = (c->pending ? c->len - c->off : 0) + c->piped;
+            int unacked = 0;
+            if (out[2] && ioctl((int)(handle & 0xffffffffu), SIOCOUTQ, &unacked) == 0)
+                out[3] = (uint64_t)unacked;
         }
     });
     return 0;
 }
 
 static PyObject *Engine_counters(Engine *self, PyObject *arg) {
-    uint64_t v[3];
+    uint64_t v[4];
     if (read_counters(self, arg, v) < 0) return NULL;
     return Py_BuildValue("(KKK)", (unsigned long long)v[0], (unsigned long long)v[1],
                          (unsigned long long)v[2]);
 }
 
 static PyObject *Engine_activity(Engine *self, PyObject *arg) {
-    uint64_t v[3];
+    uint64_t v[4];
     if (read_counters(self, arg, v) < 0) return NULL;
-    return PyLong_FromUnsignedLongLong(v[0] + v[1]);
+    /* bytes in + bytes the peer took (in - held - unacked) + drains: a slow reader is
+     * progress too (lifecycle.activity is the one rule; this is its twin) */
+    return PyLong_FromUnsignedLongLong(2 * v[0] - v[2] - v[3] + v[1]);
 }
 
 static PyObject *Engine_held(Engine *self, PyObject *arg) {
-    uint64_t v[3];
+    uint64_t v[4];
     if (read_counters(self, arg, v) < 0) return NULL;
     return PyLong_FromUnsignedLongLong(v[2]);
 }
 
 static PyObject *Engine_bytes_in(Engine *self, PyObject *arg) {
-    uint64_t v[3];
+    uint64_t v[4];
     if (read_counters(self, arg, v) < 0) return NULL;
     return PyLong_FromUnsignedLongLong(v[0]);
 }
@@ -945,7 +954,7 @@ static PyMethodDef Engine_methods[] = {
     {"counters", (PyCFunction)Engine_counters, METH_O,
      "counters(handle) -> (bytes_in, drains, held), zeros once it is gone."},
     {"activity", (PyCFunction)Engine_activity, METH_O,
-     "activity(handle) -> bytes_in + drains."},
+     "activity(handle) -> 2 * bytes_in - held - unacked + drains (lifecycle.activity)."},
     {"held", (PyCFunction)Engine_held, METH_O, "held(handle) -> echo bytes not yet sent."},
     {"bytes_in", (PyCFunction)Engine_bytes_in, METH_O, "bytes_in(handle) -> bytes received."},
     {"set_table", (PyCFunction)Engine_set_table, METH_VARARGS,

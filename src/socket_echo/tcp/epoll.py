@@ -34,6 +34,7 @@ from socket_echo.tcp.lifecycle import (
     RESET,
     Connection,
     ListenerContext,
+    unacked_on,
 )
 
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
@@ -57,6 +58,9 @@ class EpollConnection(Connection):
 
     def held(self) -> int:
         return len(self.pending) if self.pending is not None else 0
+
+    def unacked(self) -> int:
+        return unacked_on(self.sock)
 
     def close(self, reason: str) -> None:
         self.engine.close(self, reason)

@@ -6,7 +6,8 @@ a connection goes through is here, written once:
 - **admit**: refused while draining, over ``--max-connections`` or over the descriptor budget
   (limits.ConnectionTable); an admitted connection gets its number and an open log record;
 - **activity**: the data path adds to ``bytes_in`` and ``drains`` (plain integer adds); the
-  table's sweep compares them with what it saw last time, so no timer runs per message;
+  table's sweep compares :func:`activity` (bytes in, bytes the peer took, drains) with what
+  it saw last time, so no timer runs per message, and a slow reader is not a stalled one;
 - **close** (deliver what is owed, then FIN) and **abort** (RST now), with a reason from
   :data:`REASONS`, asked for by the sweep, the drain or the data path itself;
 - **release**: once the socket is gone the data path calls :meth:`Connection.released` with
@@ -52,6 +53,27 @@ REASONS = (
     CLOSE_AFTER,
     HANDSHAKE_TIMEOUT,
 )
+
+
+def activity(bytes_in: int, drains: int, held: int, unacked: int) -> int:
+    """The one rule for a connection's progress (tcp/_native.c's ``Engine.activity`` is its
+    C twin): bytes received, plus bytes the peer took (received minus held minus what the
+    kernel still has unacknowledged), plus drains. So a reader that takes 10 KB/s is
+    progress, and "write stalled" means no progress at all, not too little."""
+    return 2 * bytes_in - held - unacked + drains
+
+
+SIOCOUTQ = 0x5411  # linux/sockios.h (= TIOCOUTQ): bytes not yet acknowledged by the peer
+
+
+def unacked_on(sock: Any) -> int:
+    """SIOCOUTQ of a TCP socket, 0 where it cannot be asked (a Unix socket, not Linux)."""
+    try:
+        import fcntl  # POSIX only; the Protocol path runs anywhere
+
+        return int.from_bytes(fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"), "little")
+    except (ImportError, OSError, ValueError, AttributeError):
+        return 0
 
 
 def format_peer(peer: Any) -> str:
@@ -194,7 +216,18 @@ class Connection:
             self.reason, self.detail = reason, detail
 
     def activity(self) -> int:
-        return self.bytes_in + self.drains
+        """Progress, by which the sweep judges idle and stalled: bytes in, plus bytes handed
+        to the kernel (in minus held), plus drains. A slow reader is progress: each byte it
+        takes frees room the echo moves into. Only a peer that neither sends nor reads
+        stands still."""
+        held = self.held()
+        return activity(self.bytes_in, self.drains, held, self.unacked() if held else 0)
+
+    def unacked(self) -> int:
+        """Bytes the kernel sent on that the peer has not taken yet (SIOCOUTQ); asked only
+        while an echo is held, when the kernel's buffer is full and a slow reader's progress
+        shows nowhere else. A path with a socket at hand says so (:func:`unacked_on`)."""
+        return 0
 
     def received(self) -> int:
         """Echo bytes received so far (a data path that counts elsewhere, as the native one

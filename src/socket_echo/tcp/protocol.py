@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
-from socket_echo.tcp.lifecycle import ERROR, PEER_CLOSED, Connection, ListenerContext
+from socket_echo.tcp.lifecycle import ERROR, PEER_CLOSED, Connection, ListenerContext, unacked_on
 
 
 class EchoProtocol(Connection, asyncio.Protocol):
@@ -73,6 +73,9 @@ class EchoProtocol(Connection, asyncio.Protocol):
     # -- asked by the sweep, the drain and the metrics ---------------------------------
     def held(self) -> int:
         return self.transport.get_write_buffer_size() if self.conn_id else 0
+
+    def unacked(self) -> int:
+        return unacked_on(self.transport.get_extra_info("socket"))
 
     def close(self, reason: str) -> None:
         self.give_reason(reason)
