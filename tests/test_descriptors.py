@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import socket
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 
-from conftest import exchange
+import pytest
+from conftest import NATIVE, exchange, metrics_port
+
+from socket_echo.limits import FD_RESERVE
 
 
 def low_nofile(n: int):  # type: ignore[no-untyped-def]
@@ -125,3 +130,60 @@ def test_accept_meeting_emfile_recovers(server_flags):
     finally:
         proc.kill()
         proc.wait(5)
+
+
+def pump(socks: list[socket.socket], seconds: float) -> int:
+    """Stream on every socket at once for ``seconds``: 256 KiB writes (reads that fill the
+    engine's buffer: it moves them to splice, a pipe each), echo read back and dropped."""
+    import selectors
+
+    block = b"b" * (256 << 10)
+    sel = selectors.DefaultSelector()
+    for s in socks:
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE)
+    moved = 0
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        for key, mask in sel.select(0.1):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            with contextlib.suppress(BlockingIOError, ConnectionError):
+                if mask & selectors.EVENT_WRITE:
+                    sock.send(block)
+                if mask & selectors.EVENT_READ:
+                    moved += len(sock.recv(1 << 20))
+    sel.close()
+    return moved
+
+
+@pytest.mark.skipif(not NATIVE, reason="splice is the native engine's")
+def test_splice_pipes_count_in_the_descriptor_budget_and_health_still_answers(start_server):
+    """Under ulimit -n 256, 120 streaming connections (each would hold a pipe: three
+    descriptors) against a budget of ~200: the server's descriptors stay within the limit
+    less its reserve (they reached all 256 before), new clients are answered, not left in
+    the backlog, and /healthz answers: the budget counts every descriptor it uses."""
+    server = start_server(
+        "--engine", "native", "--no-access-log", "--metrics", "127.0.0.1:0",
+        preexec_fn=low_nofile(256),
+    )  # fmt: skip
+    mport = metrics_port(server)
+    streams = []
+    for _ in range(120):
+        with contextlib.suppress(OSError):
+            streams.append(socket.create_connection(("127.0.0.1", server.port), timeout=2))
+    assert pump(streams, 2.0) > 0
+    in_use = len(os.listdir(f"/proc/{server.pid}/fd"))  # pipes and all: within the budget
+    assert in_use <= 256 - FD_RESERVE, f"{in_use} descriptors of 256 with {len(streams)} streams"
+    late = socket.create_connection(("127.0.0.1", server.port), timeout=3)
+    try:  # refused (a reset or EOF) or served, within 3 s: never left hanging
+        late.sendall(b"late")
+        assert late.recv(10) in (b"", b"late")
+    except ConnectionResetError:
+        pass
+    finally:
+        late.close()
+    health = urllib.request.urlopen(f"http://127.0.0.1:{mport}/healthz", timeout=3).read()
+    assert health == b"ok\n"
+    for s in streams:
+        s.close()

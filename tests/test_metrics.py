@@ -89,3 +89,24 @@ def test_readyz_turns_503_when_the_drain_starts_healthz_stays_200(start_server):
 
 def test_bad_metrics_address_is_usage_error():
     assert_one_line_error(run_cli("--metrics", "9100"), 2, "HOST:PORT")
+
+
+def test_idle_connections_to_the_endpoint_cannot_keep_a_probe_out(start_server):
+    """400 connections to /metrics's port that never ask anything: they do not take the
+    server's descriptors (at most METRICS_MAX_CONNECTIONS are kept, the oldest idle one
+    makes room), and /healthz still answers at once."""
+    import psutil
+
+    from socket_echo.config import METRICS_MAX_CONNECTIONS
+
+    server = start_server("--metrics", "127.0.0.1:0")
+    port = metrics_port(server)
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(400)]
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=3).read()
+        assert body == b"ok\n"
+        held = [c for c in psutil.Process(server.pid).net_connections() if c.laddr.port == port]
+        assert len([c for c in held if c.status == "ESTABLISHED"]) <= METRICS_MAX_CONNECTIONS
+    finally:
+        for s in idle:
+            s.close()

@@ -98,6 +98,7 @@ CLOSE_WAIT = 1.0  # after the graceful timeout: time to deliver what is owed bef
 UDP_BATCH = 64  # datagrams per readiness event (and per recvmmsg) at most
 UDP_REPORT_EVERY = 10.0  # UDP drops are logged at most this often, as one line
 METRICS_BACKLOG = 64  # listen() backlog of the metrics endpoint
+METRICS_MAX_CONNECTIONS = 16  # ... its connections at once (kept out of the descriptor budget)
 WORKER_METRICS_BACKLOG = 16  # ... of each worker's private metrics socket
 HTTP_MAX_REQUEST = 8192  # metrics endpoint: bytes of request head at most
 HTTP_REQUEST_TIMEOUT = 5.0  # ... and seconds for it to arrive

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from socket_echo.config import METRICS_MAX_CONNECTIONS
 from socket_echo.logs import RateLimitedLog
 
 
@@ -62,14 +63,17 @@ def raise_descriptor_limit(wanted: int) -> int:
     return wanted if soft == resource.RLIM_INFINITY else soft
 
 
-def descriptor_budget(max_connections: int) -> int:
-    """How many connections the descriptor limit leaves room for."""
+def descriptor_budget(max_connections: int, metrics: bool = False) -> int:
+    """How many connections the descriptor limit leaves room for; with ``metrics``, less the
+    metrics endpoint's connections (METRICS_MAX_CONNECTIONS), so a scrape or a liveness
+    probe always finds a descriptor."""
     limit = raise_descriptor_limit(max_connections + 256)
     try:
         in_use = len(os.listdir("/proc/self/fd"))
     except OSError:
         in_use = 32
-    return max(1, limit - in_use - FD_RESERVE)
+    reserve = FD_RESERVE + (METRICS_MAX_CONNECTIONS if metrics else 0)
+    return max(1, limit - in_use - reserve)
 
 
 class Unlisted(Protocol):

@@ -21,7 +21,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from socket_echo.config import HTTP_MAX_REQUEST, HTTP_REQUEST_TIMEOUT
+from socket_echo.config import HTTP_MAX_REQUEST, HTTP_REQUEST_TIMEOUT, METRICS_MAX_CONNECTIONS
 from socket_echo.limits import DURATION_BUCKETS
 from socket_echo.state import ServerState
 
@@ -167,6 +167,14 @@ def render_registry(registry: CollectorRegistry) -> Render:
     return render
 
 
+def health_factory(
+    registry: CollectorRegistry | Render, ready: Callable[[], bool], loop: asyncio.AbstractEventLoop
+) -> Callable[[], HealthHttp]:
+    """The protocol factory of one metrics endpoint: its connections share one bound."""
+    connections: dict[HealthHttp, None] = {}  # open ones, oldest first
+    return lambda: HealthHttp(registry, ready, loop, connections)
+
+
 class HealthHttp(asyncio.Protocol):
     """One GET per connection, answered and closed. ``/metrics`` comes from ``render`` (a
     registry, or the supervisor's sum over its workers, made without blocking the loop)."""
@@ -176,7 +184,9 @@ class HealthHttp(asyncio.Protocol):
         registry: CollectorRegistry | Render,
         ready: Callable[[], bool],
         loop: asyncio.AbstractEventLoop,
+        connections: dict[HealthHttp, None],
     ) -> None:
+        self.connections = connections  # the endpoint's, at most METRICS_MAX_CONNECTIONS
         self.render = (
             render_registry(registry) if isinstance(registry, CollectorRegistry) else registry
         )
@@ -189,6 +199,18 @@ class HealthHttp(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        # At most METRICS_MAX_CONNECTIONS at once (idle ones must not take the server's
+        # descriptors): a new one pushes out the oldest that has not asked anything yet, so
+        # idle connections cannot keep a liveness probe out either.
+        if len(self.connections) >= METRICS_MAX_CONNECTIONS:
+            idle = next((c for c in self.connections if not c.answering), None)
+            if idle is None:
+                self.transport.abort()
+                return
+            self.connections.pop(idle)
+            assert idle.transport is not None
+            idle.transport.abort()
+        self.connections[self] = None
         self.timer = self.loop.call_later(HTTP_REQUEST_TIMEOUT, self.transport.abort)
 
     def data_received(self, data: bytes) -> None:
@@ -202,6 +224,7 @@ class HealthHttp(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        self.connections.pop(self, None)
 
     async def _answer(self) -> None:
         assert self.transport is not None

@@ -22,7 +22,7 @@ from socket_echo.limits import ConnectionTable, descriptor_budget
 from socket_echo.listeners import BoundListener, close_all
 from socket_echo.logs import log_event, logger
 from socket_echo.loops import loop_factory, resolve_loop
-from socket_echo.metrics import HealthHttp, registry_for
+from socket_echo.metrics import health_factory, registry_for
 from socket_echo.state import ServerState
 from socket_echo.tcp import resolve_engine
 from socket_echo.tcp.accept import RESOURCE_ERRORS
@@ -57,7 +57,7 @@ class EchoServer:
         self.config = config
         self.credentials = credentials or Credentials()
         self.listeners = listeners
-        budget = descriptor_budget(config.max_connections)
+        budget = descriptor_budget(config.max_connections, config.metrics is not None)
         self.table = ConnectionTable(config.max_connections, config.idle_timeout, budget)
         self.state = ServerState(self.table)
         if budget < config.max_connections:
@@ -216,8 +216,7 @@ class EchoServer:
             return
         registry = registry_for(self.state)
 
-        def health() -> asyncio.Protocol:
-            return HealthHttp(registry, lambda: self.state.accepting, loop)
+        health = health_factory(registry, lambda: self.state.accepting, loop)
 
         for bound in self.metrics_listeners:
             self._metrics_servers.append(await loop.create_server(health, sock=bound.sock))

@@ -81,11 +81,11 @@ class TlsStats:
     def __init__(self) -> None:
         self.handshake_failures: Counter[str] = Counter()  # TLS and DTLS, by reason
         self.hello_verify_requests = 0  # dtls://: cookies sent, nothing kept
-        self.handshaking: list[HandshakeSlots] = []  # each TLS and QUIC listener's
+        self.handshaking: list[Slots] = []  # each TLS and QUIC listener's
 
-    def slots(self, limit: int) -> HandshakeSlots:
+    def slots(self, limit: int) -> Slots:
         """A listener's bound on handshakes in progress (``--max-handshakes``)."""
-        slots = HandshakeSlots(limit)
+        slots = Slots(limit)
         self.handshaking.append(slots)
         return slots
 
@@ -94,10 +94,10 @@ class TlsStats:
         return sum(slots.busy for slots in self.handshaking)
 
 
-class HandshakeSlots:
-    """Handshakes in progress on one listener, at most ``limit``: a handshake that never
-    finishes holds its state (and its memory) until the handshake timeout, so a flood of
-    them must not be able to hold more than this many at once."""
+class Slots:
+    """At most ``limit`` at once: handshakes in progress on one listener (one
+    that never finishes holds its state and memory until the handshake timeout, so a flood
+    must not hold more than this many)."""
 
     __slots__ = ("busy", "limit")
 

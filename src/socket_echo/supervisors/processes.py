@@ -48,7 +48,7 @@ from socket_echo.config import (
 from socket_echo.gates.credentials import Credentials
 from socket_echo.listeners import BindError, BoundListener, bind_all, close_all, rebind
 from socket_echo.logs import log_event, logger, set_worker
-from socket_echo.metrics import HealthHttp
+from socket_echo.metrics import health_factory
 from socket_echo.server import EXIT_FAILURE, EXIT_OK, run
 from socket_echo.supervisors import metrics_sum
 
@@ -170,7 +170,7 @@ class Supervisor:
 
         for bound in self.metrics_listeners:
             self._metrics_servers.append(
-                await loop.create_server(lambda: HealthHttp(render, ready, loop), sock=bound.sock)
+                await loop.create_server(health_factory(render, ready, loop), sock=bound.sock)
             )
             url = bound.url.replace("tcp://", "http://")
             log_event(

@@ -128,7 +128,8 @@ typedef struct {
     /* Admission: the table's entries that are not this engine's (set_others) plus this
      * engine's open connections, against the table's limits. */
     Py_ssize_t others, open_here, unlisted;
-    Py_ssize_t limit, max_connections;
+    Py_ssize_t fd_budget, max_connections; /* the table's two limits */
+    Py_ssize_t pipes;                      /* spliced connections: two descriptors more each */
     Py_ssize_t refused_cap, refused_budget;
     int lazy; /* no per-connection log lines: no EV_OPENED, connections start unlisted */
     /* Connections that closed unlisted, summed per listener tag until Python takes them
@@ -183,6 +184,7 @@ static size_t release(Engine *self, int fd) {
     if (c->spliced) {
         close(c->pipe_r);
         close(c->pipe_w);
+        self->pipes--;
         c->spliced = 0;
         c->piped = 0;
     }
@@ -270,10 +272,12 @@ static void closed_event(Engine *self, int fd, int reason, int err) {
     e->unsent = unsent;
 }
 
-/* Is there room for one more connection? (the table's rule: limits.ConnectionTable.admit) */
+/* Is there room for one more connection? (the table's rule: limits.ConnectionTable.admit,
+ * with this engine's pipes counted: each spliced connection holds two descriptors more, so
+ * streaming ones could otherwise run the process out of descriptors under the budget) */
 static int room(Engine *self) {
     Py_ssize_t open = self->others + self->open_here;
-    if (open < self->limit) return 1;
+    if (open < self->max_connections && open + 2 * self->pipes < self->fd_budget) return 1;
     if (open >= self->max_connections) self->refused_cap++;
     else self->refused_budget++;
     untold(self);
@@ -357,7 +361,9 @@ static void splice_echo(Engine *self, int fd) {
  * pipe can be had (two more descriptors; none left: it stays on recv/send). */
 static void maybe_splice(Engine *self, conn_t *c) {
     int p[2];
+    if (self->others + self->open_here + 2 * (self->pipes + 1) > self->fd_budget) return;
     if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0) return;
+    self->pipes++;
     fcntl(p[1], F_SETPIPE_SZ, (int)self->bufsize); /* at most one read held, as with recv */
     c->pipe_r = p[0];
     c->pipe_w = p[1];
@@ -564,7 +570,7 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kwds) {
     self->want_peers = want_peers;
     self->lazy = !want_peers;
     self->accepting = 1;
-    self->limit = self->max_connections = PY_SSIZE_T_MAX;
+    self->fd_budget = self->max_connections = PY_SSIZE_T_MAX;
     return 0;
 }
 
@@ -774,8 +780,8 @@ static PyObject *Engine_bytes_in(Engine *self, PyObject *arg) {
 
 static PyObject *Engine_set_table(Engine *self, PyObject *args) {
     PyObject *bounds;
-    Py_ssize_t limit, max_connections;
-    if (!PyArg_ParseTuple(args, "nnO!", &limit, &max_connections, &PyTuple_Type, &bounds))
+    Py_ssize_t fd_budget, max_connections;
+    if (!PyArg_ParseTuple(args, "nnO!", &fd_budget, &max_connections, &PyTuple_Type, &bounds))
         return NULL;
     Py_ssize_t nb = PyTuple_GET_SIZE(bounds);
     if (nb > MAX_BOUNDS) {
@@ -790,7 +796,7 @@ static PyObject *Engine_set_table(Engine *self, PyObject *args) {
     LOCKED({
         memcpy(self->bounds, values, sizeof values);
         self->nbounds = (int)nb;
-        self->limit = limit;
+        self->fd_budget = fd_budget;
         self->max_connections = max_connections;
     });
     Py_RETURN_NONE;
@@ -958,7 +964,7 @@ static PyMethodDef Engine_methods[] = {
     {"held", (PyCFunction)Engine_held, METH_O, "held(handle) -> echo bytes not yet sent."},
     {"bytes_in", (PyCFunction)Engine_bytes_in, METH_O, "bytes_in(handle) -> bytes received."},
     {"set_table", (PyCFunction)Engine_set_table, METH_VARARGS,
-     "set_table(limit, max_connections, duration_bounds): the table's limits and buckets."},
+     "set_table(fd_budget, max_connections, duration_bounds): the table's limits and buckets."},
     {"set_others", (PyCFunction)Engine_set_others, METH_O,
      "set_others(n): the table's open connections that are not this engine's."},
     {"open_count", (PyCFunction)Engine_open_count, METH_NOARGS,

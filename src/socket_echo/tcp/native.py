@@ -116,7 +116,7 @@ class NativeEngine:
         self.accepting = True
         self._retry: asyncio.TimerHandle | None = None
         self.table = table
-        self.c.set_table(table.limit, table.max_connections, DURATION_BUCKETS)
+        self.c.set_table(table.fd_budget, table.max_connections, DURATION_BUCKETS)
         self.open_changed(len(table.open))
         table.unlisted.append(self)
         loop.add_reader(self.c.fileno(), self._ready)
