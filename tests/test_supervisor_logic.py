@@ -92,5 +92,5 @@ def test_a_worker_that_never_answers_costs_one_timeout_not_the_loop(tmp_path):
     assert text == "" and 0.25 <= elapsed < 1.5
     assert ticks >= 10  # the loop kept running meanwhile
 
-    body = asyncio.run(render(1, 3, [str(tmp_path / "gone.sock")]))
+    body = asyncio.run(render(1, 3, [str(tmp_path / "gone.sock")], {}))
     assert b"socket_echo_workers 1.0" in body and b"socket_echo_worker_restarts_total 3.0" in body

@@ -7,6 +7,8 @@ import re
 import signal
 import socket
 import time
+import urllib.error
+import urllib.request
 
 import psutil
 import pytest
@@ -17,6 +19,7 @@ from conftest import (
     metrics_port,
     run_cli,
     scrape,
+    total,
 )
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="workers need fork()")
@@ -249,7 +252,7 @@ def test_a_hung_worker_delays_neither_readyz_nor_signals(start_server):
         fetcher.start()
         time.sleep(0.2)  # the scrape is now waiting for the hung worker
         started = time.monotonic()
-        assert http_status(mport, "/readyz") == 200
+        assert http_status(mport, "/readyz") in (200, 503)  # at once, whatever it says
         assert time.monotonic() - started < SCRAPE_TIMEOUT / 2
         fetcher.join(SCRAPE_TIMEOUT + 5)
         assert slow and SCRAPE_TIMEOUT * 0.8 <= slow[0] < SCRAPE_TIMEOUT + 2
@@ -258,3 +261,40 @@ def test_a_hung_worker_delays_neither_readyz_nor_signals(start_server):
     finally:
         hung.resume()
     assert server.wait(20) == 0
+
+
+def test_a_stopped_worker_is_stale_in_metrics_and_makes_readyz_fail(start_server):
+    """SIGSTOP one of two workers: summed counters keep its last scrape (never going back,
+    which Prometheus would read as a counter reset), the stale gauge says so, and /readyz
+    says a worker is not answering (connections the kernel routes to it would hang); once
+    it is continued, /readyz is 200 again."""
+    server = start_workers(start_server)
+    mport = metrics_port(server)
+    for _ in range(20):  # connections on both workers
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            assert echo_ok(sock, b"count me")
+    deadline = time.monotonic() + 10
+    while total(scrape(mport), "socket_echo_connections_opened_total") < 20:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    before = total(scrape(mport), "socket_echo_connections_opened_total")
+    hung, _ = server.children()
+    hung.suspend()
+    try:
+        deadline = time.monotonic() + 10
+        while http_status(mport, "/readyz") != 503:
+            assert time.monotonic() < deadline, "/readyz stayed 200 with a stopped worker"
+            time.sleep(0.1)
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{mport}/readyz", timeout=5)
+        except urllib.error.HTTPError as exc:
+            assert re.fullmatch(rb"worker \d not answering\n", exc.read())
+        m = scrape(mport)
+        assert total(m, "socket_echo_connections_opened_total") == before  # not 105 of 200
+        assert total(m, "socket_echo_workers_stale") == 1
+    finally:
+        hung.resume()
+    deadline = time.monotonic() + 10
+    while http_status(mport, "/readyz") != 200:
+        assert time.monotonic() < deadline, "/readyz did not recover"
+        time.sleep(0.1)

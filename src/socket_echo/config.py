@@ -107,6 +107,8 @@ RESTART_MAX_DELAY = 30.0
 STABLE_AFTER = 30.0  # a worker that lived this long starts the doubling afresh
 READY_TIMEOUT = 15.0  # how long the supervisor waits for its first workers to be ready
 SCRAPE_TIMEOUT = 2.0  # the supervisor's /metrics waits this long for each worker at most
+WORKER_CHECK_EVERY = 1.0  # the supervisor asks each worker's /healthz this often
+WORKER_CHECK_TIMEOUT = 0.5  # ... and takes no answer within this as "not answering"
 
 
 class ConfigError(ValueError):

@@ -168,7 +168,7 @@ def render_registry(registry: CollectorRegistry) -> Render:
 
 
 def health_factory(
-    registry: CollectorRegistry | Render, ready: Callable[[], bool], loop: asyncio.AbstractEventLoop
+    registry: CollectorRegistry | Render, ready: Callable[[], str], loop: asyncio.AbstractEventLoop
 ) -> Callable[[], HealthHttp]:
     """The protocol factory of one metrics endpoint: its connections share one bound."""
     connections: dict[HealthHttp, None] = {}  # open ones, oldest first
@@ -182,7 +182,7 @@ class HealthHttp(asyncio.Protocol):
     def __init__(
         self,
         registry: CollectorRegistry | Render,
-        ready: Callable[[], bool],
+        ready: Callable[[], str],  # "" when ready, else why not
         loop: asyncio.AbstractEventLoop,
         connections: dict[HealthHttp, None],
     ) -> None:
@@ -240,8 +240,8 @@ class HealthHttp(asyncio.Protocol):
         elif path == b"/readyz":
             code, body = (
                 ("200 OK", b"ready\n")
-                if self.ready()
-                else ("503 Service Unavailable", b"draining\n")
+                if not (why := self.ready())
+                else ("503 Service Unavailable", why.encode() + b"\n")
             )
         else:
             code, body = "404 Not Found", b"/metrics, /healthz, /readyz\n"

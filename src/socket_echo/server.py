@@ -216,7 +216,7 @@ class EchoServer:
             return
         registry = registry_for(self.state)
 
-        health = health_factory(registry, lambda: self.state.accepting, loop)
+        health = health_factory(registry, lambda: "" if self.state.accepting else "draining", loop)
 
         for bound in self.metrics_listeners:
             self._metrics_servers.append(await loop.create_server(health, sock=bound.sock))

@@ -20,14 +20,14 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from socket_echo.config import SCRAPE_TIMEOUT
 
 
-async def scrape(path: str, timeout: float = SCRAPE_TIMEOUT) -> str:
-    """One worker's /metrics text over its private Unix socket; "" if it does not answer
-    within ``timeout``."""
+async def scrape(path: str, timeout: float = SCRAPE_TIMEOUT, what: str = "/metrics") -> str:
+    """One worker's /metrics text (or ``what``) over its private Unix socket; "" if it does
+    not answer within ``timeout``."""
 
     async def fetch() -> bytes:
         reader, writer = await asyncio.open_unix_connection(path)
         try:
-            writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+            writer.write(f"GET {what} HTTP/1.0\r\n\r\n".encode())
             return await reader.read()
         finally:
             writer.close()
@@ -70,11 +70,33 @@ class _Fixed(Collector):
         return self.metrics
 
 
-async def render(ready_workers: int, restarts: int, metrics_paths: Iterable[str]) -> bytes:
-    """The supervisor's /metrics body: its own counts and the workers' sums."""
-    texts = await asyncio.gather(*(scrape(path) for path in metrics_paths))
+async def answers(path: str, timeout: float) -> bool:
+    """Whether a worker answers its /healthz within ``timeout`` (a SIGSTOPped one does not)."""
+    return await scrape(path, timeout, "/healthz") == "ok\n"
+
+
+async def render(
+    ready_workers: int, restarts: int, metrics_paths: Iterable[str], last: dict[str, str]
+) -> bytes:
+    """The supervisor's /metrics body: its own counts and the workers' sums. A worker that
+    does not answer in time counts with its last scrape (``last``, by path, kept here), so
+    summed counters never go backwards (Prometheus would read a counter reset), and is
+    counted as stale."""
+    paths = list(metrics_paths)
+    texts = await asyncio.gather(*(scrape(path) for path in paths))
+    stale = 0
+    for path, text in zip(paths, texts, strict=True):
+        if text:
+            last[path] = text
+        elif path in last:
+            stale += 1
     own: list[Metric] = [
         GaugeMetricFamily("socket_echo_workers", "Worker processes ready.", value=ready_workers),
+        GaugeMetricFamily(
+            "socket_echo_workers_stale",
+            "Workers that did not answer this scrape: their last scrape is summed instead.",
+            value=stale,
+        ),
         CounterMetricFamily(
             "socket_echo_worker_restarts",
             "Worker processes restarted after they died.",
@@ -82,5 +104,5 @@ async def render(ready_workers: int, restarts: int, metrics_paths: Iterable[str]
         ),
     ]
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Fixed(own + sum_metrics(texts)))
+    registry.register(_Fixed(own + sum_metrics(last[p] for p in paths if p in last)))
     return generate_latest(registry)

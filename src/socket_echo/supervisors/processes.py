@@ -41,6 +41,8 @@ from socket_echo.config import (
     RESTART_DELAY,
     RESTART_MAX_DELAY,
     STABLE_AFTER,
+    WORKER_CHECK_EVERY,
+    WORKER_CHECK_TIMEOUT,
     WORKER_METRICS_BACKLOG,
     ListenerSpec,
     ServerConfig,
@@ -70,6 +72,7 @@ class Worker:
     metrics_path: str
     pid: int = 0
     ready: bool = False
+    answering: bool = True  # its /healthz answered at the last look (_watch_workers)
     ever_ready: bool = False
     started_at: float = 0.0
     quick_deaths: int = 0
@@ -158,15 +161,25 @@ class Supervisor:
         if not self.metrics_listeners:
             return
 
+        last: dict[str, str] = {}
+
         def render() -> Awaitable[bytes]:
             return metrics_sum.render(
                 sum(w.ready for w in self.workers),
                 self.restarts,
                 [w.metrics_path for w in self.workers if w.pid],
+                last,
             )
 
-        def ready() -> bool:
-            return not self.stopping and any(w.ready for w in self.workers)
+        def ready() -> str:
+            if self.stopping:
+                return "draining"
+            if not any(w.ready for w in self.workers):
+                return "no worker ready"
+            silent = [str(w.index) for w in self.workers if w.ready and not w.answering]
+            return f"worker {', '.join(silent)} not answering" if silent else ""
+
+        loop.create_task(self._watch_workers())
 
         for bound in self.metrics_listeners:
             self._metrics_servers.append(
@@ -180,6 +193,19 @@ class Supervisor:
                 listener=url,
                 port=bound.spec.port,
             )
+
+    async def _watch_workers(self) -> None:
+        """Each ready worker's /healthz, every WORKER_CHECK_EVERY: one that does not answer
+        within WORKER_CHECK_TIMEOUT (stopped, or its loop stuck) makes /readyz say so, as the
+        connections the kernel routes to it would hang."""
+        while not self.stopping:
+            workers = [w for w in self.workers if w.pid and w.ready]
+            verdicts = await asyncio.gather(
+                *(metrics_sum.answers(w.metrics_path, WORKER_CHECK_TIMEOUT) for w in workers)
+            )
+            for worker, answering in zip(workers, verdicts, strict=True):
+                worker.answering = answering
+            await asyncio.sleep(WORKER_CHECK_EVERY)
 
     def _spawn(self, loop: asyncio.AbstractEventLoop, worker: Worker) -> None:
         ready_r, ready_w = os.pipe()
