@@ -242,7 +242,8 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
     show_default=True,
     metavar="PPS",
     help_group=UDP,
-    help="Datagrams/s answered over all sources.",
+    help="Datagrams/s answered over all sources: a token bucket that holds one second's "
+    "worth, so after a quiet spell the first second can answer up to twice this.",
 )
 @option(
     "--udp-max-sources",
