@@ -217,9 +217,13 @@ ENGINES = ["native", "epoll", "protocol"] if NATIVE else ["epoll", "protocol"]
 # both (transports, EMFILE handling and TLS differ between uvloop and the stdlib loop); the
 # native and epoll paths run their own epoll and only register one descriptor with the loop,
 # so one loop covers each: the default one, as users run it.
-PATHS = [(LOOPS[-1], e) for e in ENGINES if e != "protocol"] + [
-    (loop, "protocol") for loop in LOOPS
-]
+# The native cases carry the ``native`` marker: the sanitizer gates select them by it (a
+# substring of ids would not do: "uvloop-native" contains "loop").
+PATHS = [
+    pytest.param((LOOPS[-1], e), marks=[pytest.mark.native] if e == "native" else [])
+    for e in ENGINES
+    if e != "protocol"
+] + [pytest.param((loop, "protocol")) for loop in LOOPS]
 
 
 @pytest.fixture(params=PATHS, ids=lambda p: f"{p[0]}-{p[1]}")

@@ -7,6 +7,9 @@ import json
 import pytest
 from tools_helpers import Broken, tool
 
+pytestmark = pytest.mark.native  # the sanitizer gates run these
+
+
 FIELDS = {
     "requests_per_second",
     "megabytes_per_second",

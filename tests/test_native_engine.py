@@ -19,7 +19,11 @@ from socket_echo.limits import ConnectionTable
 from socket_echo.logs import RateLimitedLog
 from socket_echo.tcp.lifecycle import ListenerContext
 
-pytestmark = pytest.mark.skipif(not NATIVE, reason="the native extension is not built")
+pytestmark = [
+    pytest.mark.skipif(not NATIVE, reason="the native extension is not built"),
+    pytest.mark.native,  # the sanitizer gates run these
+]
+
 
 LISTENER = "tcp://test"
 

@@ -12,7 +12,10 @@ import time
 import pytest
 from conftest import NATIVE, exchange, metrics_port, refused_answer, scrape, total
 
-pytestmark = pytest.mark.skipif(not NATIVE, reason="the native extension is not built")
+pytestmark = [
+    pytest.mark.skipif(not NATIVE, reason="the native extension is not built"),
+    pytest.mark.native,  # the sanitizer gates run these
+]
 
 
 def unlisted_server(start_server, *args: str):  # type: ignore[no-untyped-def]

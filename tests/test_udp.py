@@ -20,7 +20,11 @@ from socket_echo.udp import native as native_udp
 from socket_echo.udp.guard import BUCKETS, UdpGuard, classify
 
 NATIVE_UDP = native_udp.available()
-UDP_PATHS = ["native", "mmsg", "loop"] if NATIVE_UDP else ["mmsg", "loop"]
+UDP_PATHS = [
+    *([pytest.param("native", marks=pytest.mark.native)] if NATIVE_UDP else []),
+    "mmsg",
+    "loop",
+]
 
 
 @pytest.fixture(params=UDP_PATHS)
