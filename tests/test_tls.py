@@ -457,3 +457,20 @@ def test_a_flood_of_handshakes_costs_the_bounds_memory_not_the_floods(start_serv
     print(f"{loop_name}: RSS {before >> 20} -> {peak >> 20} MiB with 1,500 handshakes waiting")
     assert total(m, "socket_echo_handshakes_in_progress") == 0
     assert peak - before < 112 << 20
+
+
+def test_tls_at_the_smallest_max_buffer_still_echoes(start_server, loop_name, tmp_path):
+    """--max-buffer's floor is one TLS record (16 KiB): below ~1000 bytes uvloop's TLS
+    transport stopped the echo altogether, so smaller values are refused."""
+    server = start_server(
+        "--loop", loop_name, "--bind", "tls://127.0.0.1:0", "--tls-self-signed",
+        "--max-buffer", "16KiB",
+    )  # fmt: skip
+    _, _, port = server.listener("tls")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with ctx.wrap_socket(raw, server_hostname="localhost") as sock:
+        data = os.urandom(1 << 20)
+        assert exchange(sock, data) == data
+    assert_one_line_error(run_cli("--max-buffer", "1000"), 2, "16 KiB and 1 GiB")

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 
+import pytest
 from conftest import assert_one_line_error, exchange, run_cli
 from tools_helpers import tool
 
@@ -63,3 +64,13 @@ def test_path_that_is_not_a_socket_is_an_error(tmp_path):
 
 def test_relative_unix_path_is_bad_usage():
     assert_one_line_error(run_cli("--bind", "unix://relative"), 2, "absolute")
+
+
+def test_a_folder_that_refuses_the_socket_is_named_not_ports():
+    """The refusal of a folder (read-only, or a filesystem that takes no sockets) is told as
+    such; it was told "ports below 1024 need root"."""
+    result = run_cli("--bind", "unix:///sys/socket-echo-test.sock")
+    if result.returncode == 0:
+        pytest.skip("this machine let us make a socket in /sys")
+    assert_one_line_error(result, 1, "permission denied: cannot create a socket in /sys")
+    assert "ports below 1024" not in result.stderr

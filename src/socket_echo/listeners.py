@@ -164,7 +164,7 @@ def _bind_unix(spec: ListenerSpec, backlog: int) -> BoundListener:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        if exc.errno in (errno.EACCES, errno.EROFS):  # a folder, not a port, said no
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # a folder said no, not a port
             hint = f"permission denied: cannot create a socket in {os.path.dirname(path)}"
         else:
             hint = _HINTS.get(exc.errno or 0, exc.strerror or str(exc))
