@@ -25,11 +25,11 @@ from typing import Any
 
 from socket_echo.tcp.lifecycle import (
     CLOSE_AFTER,
-    ERROR,
     LINGER_ABORT,
     PEER_CLOSED,
     RESET_AFTER,
     ListenerContext,
+    lost_reason,
 )
 from socket_echo.tcp.protocol import EchoProtocol
 
@@ -105,7 +105,7 @@ class ImpairedEcho(EchoProtocol):
             self.timer.cancel()
             self.timer = None
         if exc is not None:
-            self.give_reason(ERROR, str(exc))
+            self.give_reason(*lost_reason(exc))
         self.released(self.unsent + self.queued)
         self.queue.clear()
         self.queued = 0

@@ -285,6 +285,7 @@ static int room(Engine *self) {
 }
 
 static void lost(Engine *self, int fd, int err) {
+    /* the twin of tcp/lifecycle.lost_reason: a peer's reset is RESET, else ERROR */
     if (err == ECONNRESET || err == EPIPE) closed_event(self, fd, R_RESET, 0);
     else closed_event(self, fd, R_ERROR, err);
 }

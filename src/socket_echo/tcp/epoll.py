@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import select
 import socket
 from typing import Any
@@ -28,12 +27,11 @@ from socket_echo.config import ACCEPT_RETRY_DELAY, READ_CHUNK
 from socket_echo.logs import RateLimitedLog
 from socket_echo.tcp.accept import accept_batch
 from socket_echo.tcp.lifecycle import (
-    ERROR,
     LINGER_ABORT,
     PEER_CLOSED,
-    RESET,
     Connection,
     ListenerContext,
+    lost_reason,
     unacked_on,
 )
 
@@ -209,10 +207,7 @@ class EpollEngine:
         self._finish(conn, reason)
 
     def _lost(self, conn: EpollConnection, exc: OSError) -> None:
-        if exc.errno in (errno.ECONNRESET, errno.EPIPE):
-            self._finish(conn, RESET)
-        else:
-            self._finish(conn, ERROR, exc.strerror or str(exc))
+        self._finish(conn, *lost_reason(exc))
 
     def _finish(self, conn: EpollConnection, reason: str, detail: str = "") -> None:
         if self.conns.pop(conn.fd, None) is None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import struct
@@ -53,6 +54,19 @@ REASONS = (
     CLOSE_AFTER,
     HANDSHAKE_TIMEOUT,
 )
+
+
+def lost_reason(exc: BaseException) -> tuple[str, str]:
+    """(reason, detail) of a connection lost to ``exc``: the one rule every stream path
+    follows (tcp/_native.c's ``lost`` is its C twin), so closed_total{reason} does not
+    depend on the scheme or the engine. A peer's reset (ECONNRESET, EPIPE), whatever raised
+    it, is RESET; anything else is ERROR with its cause."""
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError)) or getattr(exc, "errno", None) in (
+        errno.ECONNRESET,
+        errno.EPIPE,
+    ):
+        return RESET, ""
+    return ERROR, getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 def activity(bytes_in: int, drains: int, held: int, unacked: int) -> int:

@@ -16,7 +16,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
-from socket_echo.tcp.lifecycle import ERROR, PEER_CLOSED, Connection, ListenerContext, unacked_on
+from socket_echo.tcp.lifecycle import (
+    PEER_CLOSED,
+    Connection,
+    ListenerContext,
+    lost_reason,
+    unacked_on,
+)
 
 
 class EchoProtocol(Connection, asyncio.Protocol):
@@ -67,7 +73,7 @@ class EchoProtocol(Connection, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
-            self.give_reason(ERROR, str(exc))
+            self.give_reason(*lost_reason(exc))
         self.released(self.unsent)
 
     # -- asked by the sweep, the drain and the metrics ---------------------------------
