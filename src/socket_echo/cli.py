@@ -892,7 +892,7 @@ def bench(
     finally:
         progress.stop()
     summary = tool.summarize(cfg, results)
-    report.bench_table(summary)
+    report.bench_table(summary, sys.stderr if json_file == "-" else sys.stdout)  # stdout: JSON
     try:
         _write_results(summary, json_file, plot_file)
     except OSError as exc:

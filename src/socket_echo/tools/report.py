@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 from socket_echo.tools.probe import FAIL, FINDING, PASS, SKIP, Step
 
@@ -92,21 +92,23 @@ def bench_lines(summary: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def bench_table(summary: dict[str, Any]) -> None:
+def bench_table(summary: dict[str, Any], out: TextIO | None = None) -> None:
+    """The human table, on ``out`` (stdout; stderr when stdout carries ``--json -``)."""
+    out = out or sys.stdout
     rows = bench_lines(summary)
-    if sys.stdout.isatty():
+    if out.isatty():
         from rich.console import Console
         from rich.table import Table
 
         table = Table(show_header=False, title="socket-echo bench", title_justify="left")
         for k, v in rows:
             table.add_row(k, v)
-        Console().print(table)
+        Console(file=out).print(table)
     else:
         for k, v in rows:
-            print(f"{k:<15} {v}")
+            print(f"{k:<15} {v}", file=out)
     if summary.get("loss_explanation"):
-        print(f"note: {summary['loss_explanation']}")
+        print(f"note: {summary['loss_explanation']}", file=out)
     if summary["client_saturated"]:
         print(
             "warning: the load generator used its whole CPU: these figures measure the "
