@@ -24,9 +24,35 @@ def test_idle_connection_is_closed_and_busy_one_is_not(start_server, server_flag
     busy.close()
 
 
-def test_idle_timeout_zero_never_closes(start_server):
-    server = start_server("--idle-timeout", "0")
-    with server.connect() as sock:
-        time.sleep(1.5)
-        sock.sendall(b"later")
-        assert sock.recv(10) == b"later"
+def test_idle_timeout_zero_never_closes():
+    """0 means never: the table's sweep closes nothing however long a connection is quiet
+    (a fake clock, a day on; the real-socket sleep this replaced would also have passed had
+    0 fallen back to the 300 s default)."""
+    from socket_echo.limits import ConnectionTable
+
+    class Quiet:
+        listener, seen_activity, active_since, closed = "tcp://x", 0, 0.0, False
+
+        def activity(self) -> int:
+            return 0
+
+        def received(self) -> int:
+            return 0
+
+        def held(self) -> int:
+            return 0
+
+        def idle_expired(self) -> None:
+            self.closed = True
+
+        def close(self, reason: str) -> None: ...
+
+        def abort(self, reason: str) -> None: ...
+
+    for timeout, closes in ((0.0, False), (300.0, True)):
+        table = ConnectionTable(10, timeout)
+        conn = Quiet()
+        assert table.admit(conn, 0.0, conn.listener)  # type: ignore[arg-type]
+        for now in (1.0, 301.0, 86400.0):
+            table.sweep(now)
+        assert conn.closed is closes, timeout

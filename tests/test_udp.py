@@ -242,6 +242,31 @@ def test_never_answers_forbidden_ports():
     assert guard.verdict("127.0.0.1", 8484, 0.0) is None
 
 
+@pytest.mark.parametrize("twin", ["python", "c"])
+def test_allowing_privileged_ports_lifts_that_rule_alone(twin):
+    """--udp-allow-privileged-ports, in-process (binding a port below 1024 needs root, so the
+    real-socket test above skips elsewhere): ports below 1024 are answered, port 0, NFS's
+    2049 and our own ports still are not; without the flag none below 1024 is."""
+    if twin == "c" and not NATIVE_UDP:
+        pytest.skip("the native extension is not built here")
+    raw, family = socket.inet_pton(socket.AF_INET, "127.0.0.1"), socket.AF_INET
+
+    def guard(allow: bool):  # type: ignore[no-untyped-def]
+        g = UdpGuard(1e9, 1e9, 1e9, allow, frozenset({4242}))
+        if twin == "c":
+            c = g.native()
+            return lambda port: c.check(raw, family, port, 0.0)
+        return lambda port: g.check(raw, port, 0.0, family)
+
+    allowed, default = guard(True), guard(False)
+    for port in (7, 19, 123, 700, 1023):
+        assert allowed(port) is None, port
+        assert default(port) is not None, port
+    for port in (0, 2049, 4242):
+        assert allowed(port) is not None, port
+    assert allowed(8484) is None and default(8484) is None
+
+
 # -- the C twin of the guard ----------------------------------------------------------------
 
 SPECIAL_SOURCES = [

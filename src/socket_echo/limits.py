@@ -256,7 +256,8 @@ class ConnectionTable:
 
     def sweep(self, now: float) -> None:
         """One look at every open connection: those whose activity counter has not moved
-        for ``idle_timeout`` are told so (they close, or abort if their echo is stuck)."""
+        for ``idle_timeout`` are told so (they close, or abort if their echo is stuck).
+        An idle timeout of 0 means never (and no sweep is scheduled for it at all)."""
         self.list_all()
         expired = []
         for conn in self.open:
@@ -264,7 +265,7 @@ class ConnectionTable:
             if seen != conn.seen_activity:
                 conn.seen_activity = seen
                 conn.active_since = now
-            elif now - conn.active_since >= self.idle_timeout:
+            elif self.idle_timeout > 0 and now - conn.active_since >= self.idle_timeout:
                 expired.append(conn)
         for conn in expired:
             conn.active_since = now  # one closing gets another timeout to finish, then a reset
