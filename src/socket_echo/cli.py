@@ -703,6 +703,7 @@ def probe(
     """Check that any echo server conforms. Exit 0 passed, 1 failed, 2 unreachable."""
     from socket_echo.tools import probe as tool
     from socket_echo.tools import report
+    from socket_echo.tools.steps import FAIL
     from socket_echo.tools.target import Unreachable
 
     t = _target(target, udp, tls)
@@ -722,12 +723,12 @@ def probe(
             click.echo(f"socket-echo: error: unreachable: {exc}", err=True)
             sys.exit(EXIT_USAGE)
         if quick:  # exit code only, as for the other schemes
-            sys.exit(EXIT_FAILURE if any(s.status == tool.FAIL for s in steps) else 0)
+            sys.exit(EXIT_FAILURE if any(s.status == FAIL for s in steps) else 0)
         if as_json:
             click.echo(report.probe_json(t.url, steps))
         else:
             report.probe_table(t.url, steps)
-        sys.exit(EXIT_FAILURE if any(s.status == tool.FAIL for s in steps) else 0)
+        sys.exit(EXIT_FAILURE if any(s.status == FAIL for s in steps) else 0)
     if quick:
         sys.exit(0 if tool.Probe(t, timeout, options).quick() else EXIT_FAILURE)
     try:
@@ -739,7 +740,7 @@ def probe(
         click.echo(report.probe_json(t.url, steps))
     else:
         report.probe_table(t.url, steps)
-    sys.exit(EXIT_FAILURE if any(s.status == tool.FAIL for s in steps) else 0)
+    sys.exit(EXIT_FAILURE if any(s.status == FAIL for s in steps) else 0)
 
 
 @cli.command(epilog=TARGET_HELP)

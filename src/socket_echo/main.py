@@ -15,8 +15,8 @@ from socket_echo.logs import setup_logging
 from socket_echo.loops import resolve_loop
 from socket_echo.server import run
 from socket_echo.supervisors.processes import Supervisor
-from socket_echo.tcp import resolve_engine
-from socket_echo.udp import resolve_udp_io
+from socket_echo.tcp.paths import resolve_engine
+from socket_echo.udp.paths import resolve_udp_io
 
 
 class StartError(Exception):

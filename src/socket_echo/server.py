@@ -24,14 +24,14 @@ from socket_echo.logs import log_event, logger
 from socket_echo.loops import loop_factory, resolve_loop
 from socket_echo.metrics import health_factory, registry_for
 from socket_echo.state import ServerState
-from socket_echo.tcp import resolve_engine
 from socket_echo.tcp.accept import RESOURCE_ERRORS
 from socket_echo.tcp.epoll import EpollEngine
 from socket_echo.tcp.lifecycle import SHUTDOWN, ListenerContext
 from socket_echo.tcp.native import NativeEngine
+from socket_echo.tcp.paths import resolve_engine
 from socket_echo.tcp.protocol import EchoProtocol
-from socket_echo.udp import UdpServing, resolve_udp_io, serve_udp
 from socket_echo.udp.guard import UdpGuard
+from socket_echo.udp.paths import UdpServing, resolve_udp_io, serve_udp
 
 if TYPE_CHECKING:
     from socket_echo.gates.dtls import DtlsEchoServer

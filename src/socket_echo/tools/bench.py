@@ -11,13 +11,10 @@ stalls by slowing the client down (coordinated omission).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import heapq
-import ipaddress
 import multiprocessing
 import os
-import resource
 import select
 import socket
 import time
@@ -25,7 +22,15 @@ from collections import Counter
 from typing import Any
 
 from socket_echo.config import DEFAULT_UDP_BURST, DEFAULT_UDP_MAX_RATE, DEFAULT_UDP_RATE
-from socket_echo.tools.target import Patterns, Target, TlsOptions, Unreachable, connect
+from socket_echo.tools.bench_model import BenchConfig, WorkerResult, cpu_seconds
+from socket_echo.tools.target import (
+    Patterns,
+    Unreachable,
+    connect,
+    is_loopback,
+)
+
+__all__ = ["BenchConfig", "WorkerResult"]  # the model, here too for the tools' callers
 
 _native: Any
 try:  # the closed-loop ping-pong in C (tools/_native.c); the Python loop below is its twin
@@ -52,34 +57,6 @@ UDP_TIMEOUT = 1.0  # a datagram not answered by then counts as lost and is sent 
 SATURATED = 0.90  # a worker busier than this measured itself, not the server
 
 
-@dataclasses.dataclass(frozen=True)
-class BenchConfig:
-    target: Target
-    mode: str = "pingpong"
-    connections: int = 50
-    size: int = 64
-    duration: float = 10.0
-    processes: int = 1
-    rate: float = 0.0  # requests/s over all connections; 0 = closed loop
-    timeout: float = 5.0
-    tls: TlsOptions | None = None  # quic://, dtls://: --ca, --insecure
-    alpn: str = "echo-quic"  # quic://
-
-
-@dataclasses.dataclass
-class WorkerResult:
-    requests: int = 0
-    bytes: int = 0
-    mismatches: int = 0
-    lost: int = 0
-    duplicates: int = 0  # UDP: a second answer to a datagram already answered
-    late: int = 0  # UDP: an answer that came after its datagram was counted lost
-    errors: Counter[str] = dataclasses.field(default_factory=Counter)
-    latency_us: Counter[int] = dataclasses.field(default_factory=Counter)
-    cpu_seconds: float = 0.0
-    elapsed: float = 0.0
-
-
 class _Conn:
     __slots__ = ("expected", "got", "intended", "lost", "out", "seq", "sock", "state", "t0")
 
@@ -93,11 +70,6 @@ class _Conn:
         self.seq = 0
         self.state = 0
         self.lost: set[int] = set()  # UDP: sequence numbers counted lost, for late answers
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 class Worker:
@@ -116,11 +88,11 @@ class Worker:
         self.interval = 0.0
 
     def run(self) -> WorkerResult:
-        cpu0 = _cpu()
+        cpu0 = cpu_seconds()
         started = time.perf_counter()
         getattr(self, f"_run_{self.cfg.mode}")()
         self.result.elapsed = time.perf_counter() - started
-        self.result.cpu_seconds = _cpu() - cpu0
+        self.result.cpu_seconds = cpu_seconds() - cpu0
         for conn in self.conns.values():
             conn.sock.close()
         self.epoll.close()
@@ -672,13 +644,6 @@ def explain_losses(cfg: BenchConfig, answered: int, lost: int, elapsed: float) -
             "server's own counters tell which"
         )
     return text
-
-
-def is_loopback(target: Target) -> bool:
-    try:
-        return ipaddress.ip_address(target.host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return target.host == "localhost"
 
 
 def plot(summary: dict[str, Any], path: str) -> None:

@@ -22,7 +22,7 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived
 
-from socket_echo.tools.bench import BenchConfig, WorkerResult, _cpu
+from socket_echo.tools.bench_model import BenchConfig, WorkerResult, cpu_seconds
 from socket_echo.tools.dtls_client import DtlsFailed, open_dtls
 from socket_echo.tools.quic_probe import configuration
 from socket_echo.tools.target import Patterns, Target, TlsOptions, Unreachable
@@ -80,11 +80,11 @@ class SecureWorker:
         self.seq = index
 
     def run(self) -> WorkerResult:
-        cpu0 = _cpu()
+        cpu0 = cpu_seconds()
         started = time.perf_counter()
         asyncio.run(self._main())
         self.result.elapsed = time.perf_counter() - started
-        self.result.cpu_seconds = _cpu() - cpu0
+        self.result.cpu_seconds = cpu_seconds() - cpu0
         if self.cfg.mode != "stream":
             self.result.bytes = self.result.requests * self.cfg.size * 2
         return self.result

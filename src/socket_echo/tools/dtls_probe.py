@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from socket_echo.tools.dtls_client import DtlsClient, DtlsFailed, open_dtls
-from socket_echo.tools.probe import FAIL, FINDING, PASS, Step
+from socket_echo.tools.steps import FAIL, FINDING, PASS, Step
 from socket_echo.tools.target import Target, TlsOptions, Unreachable
 
 TEXT = (

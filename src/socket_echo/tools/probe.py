@@ -6,7 +6,6 @@ that is not a conformance failure, such as "serves one client at a time").
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import selectors
@@ -18,24 +17,22 @@ from typing import Any, cast
 
 from socket_echo.payloads import NET_TOOLS_PAYLOADS
 from socket_echo.tools.duplex import DuplexError, duplex
-from socket_echo.tools.target import Target, TlsOptions, Unreachable, connect, connect_many
+from socket_echo.tools.steps import FAIL, FINDING, PASS, SKIP, Step
+from socket_echo.tools.target import (
+    Target,
+    TlsOptions,
+    Unreachable,
+    connect,
+    connect_many,
+    is_loopback,
+)
 
-PASS, FAIL, FINDING, SKIP = "pass", "fail", "finding", "skip"
 CONCURRENT_CLIENTS = 20
 LATENCY_ROUNDS = 200
 NAGLE_THRESHOLD_MS = 10.0
 UDP_MAX = 1280
 UDP_TRIES = 3  # the first send and two retries
 REFUSAL = b"Too many connections"
-
-
-@dataclasses.dataclass
-class Step:
-    name: str
-    status: str
-    detail: str = ""
-    seconds: float = 0.0
-    data: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 Outcome = tuple[str, str] | tuple[str, str, dict[str, Any]]
@@ -311,7 +308,6 @@ class Probe:
 
     def _loss_hint(self) -> str:
         """Why a datagram may go unanswered by a server on this machine."""
-        from socket_echo.tools.bench import is_loopback
 
         if not is_loopback(self.target):
             return " (lost on the path, or refused by the server: its counters tell which)"

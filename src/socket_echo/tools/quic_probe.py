@@ -28,7 +28,7 @@ from aioquic.quic.events import (
 )
 
 from socket_echo.config import DEFAULT_QUIC_ALPN
-from socket_echo.tools.probe import FAIL, FINDING, PASS, SKIP, Step
+from socket_echo.tools.steps import FAIL, FINDING, PASS, SKIP, Step
 from socket_echo.tools.target import Target, TlsOptions, Unreachable
 
 DEFAULT_ALPN = DEFAULT_QUIC_ALPN[0]

@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Any, TextIO
 
-from socket_echo.tools.probe import FAIL, FINDING, PASS, SKIP, Step
+from socket_echo.tools.steps import FAIL, FINDING, PASS, SKIP, Step
 
 MARK = {PASS: "✓ pass", FAIL: "✗ FAIL", FINDING: "! finding", SKIP: "- skip"}
 STYLE = {PASS: "green", FAIL: "bold red", FINDING: "yellow", SKIP: "dim"}

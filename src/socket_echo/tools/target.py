@@ -238,3 +238,11 @@ class Patterns:
     def message(self, seed: int) -> bytes:
         start = seed % 251
         return self.base[start : start + self.size]
+
+
+def is_loopback(target: Target) -> bool:
+    """Whether the target is this machine (bench and probe read their figures by it)."""
+    try:
+        return ipaddress.ip_address(target.host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return target.host == "localhost"
