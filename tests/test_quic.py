@@ -49,6 +49,20 @@ def run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
+def one_stream_echo(host: str, port: int, data: bytes) -> bytes:
+    """A real client's handshake and one stream's echo (FIN mirrored)."""
+
+    async def main() -> bytes:
+        async with connect(
+            host, port, configuration=client_config(), create_protocol=EchoClient
+        ) as client:
+            client.send(0, data, end=True)
+            await client.until(lambda: 0 in client.ended)
+            return bytes(client.got[0])
+
+    return run(main())
+
+
 def test_zephyr_client_pattern_three_streams_no_fin_between_rounds(start_server):
     """As Zephyr's QUIC echo client: several streams, random 1-1199 B prefixes of a text,
     each echo awaited before the next round, no FIN between rounds."""
@@ -254,15 +268,7 @@ def test_an_initial_flood_with_retry_allocates_nothing_and_a_client_is_served(st
         sock.sendto(b"\x00garbage" * 10, (host, port))
         socks.append(sock)
 
-    async def real_client() -> bytes:
-        async with connect(
-            host, port, configuration=client_config(), create_protocol=EchoClient
-        ) as client:
-            client.send(0, b"still served", end=True)
-            await client.until(lambda: 0 in client.ended)
-            return bytes(client.got[0])
-
-    assert run(real_client()) == b"still served"
+    assert one_stream_echo(host, port, b"still served") == b"still served"
     for sock in socks:
         sock.close()
     m = scrape(metrics_port(server))
@@ -418,15 +424,7 @@ def test_handshakes_in_progress_have_their_own_bound_apart_from_the_cap(start_se
     for sock in socks:
         sock.close()
 
-    async def real_client() -> bytes:
-        async with connect(
-            host, port, configuration=client_config(), create_protocol=EchoClient
-        ) as client:
-            client.send(0, b"after the flood", end=True)
-            await client.until(lambda: 0 in client.ended)
-            return bytes(client.got[0])
-
-    assert run(real_client()) == b"after the flood"
+    assert one_stream_echo(host, port, b"after the flood") == b"after the flood"
 
 
 def test_a_flood_of_handshakes_costs_bounded_memory_and_returns_it(start_server):
