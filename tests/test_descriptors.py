@@ -157,6 +157,7 @@ def pump(socks: list[socket.socket], seconds: float) -> int:
     return moved
 
 
+@pytest.mark.native
 @pytest.mark.skipif(not NATIVE, reason="splice is the native engine's")
 def test_splice_pipes_count_in_the_descriptor_budget_and_health_still_answers(start_server):
     """Under ulimit -n 256, 120 streaming connections (each would hold a pipe: three

@@ -55,7 +55,7 @@ from socket_echo.config import (
     DEFAULT_QUIC_MAX_STREAMS,
     ServerConfig,
 )
-from socket_echo.gates.tls import report_failure
+from socket_echo.gates.tls import describe_error, report_failure
 from socket_echo.logs import log_event
 from socket_echo.state import ServerState
 from socket_echo.tcp.lifecycle import (
@@ -145,7 +145,7 @@ def read_client_ca(path: str) -> bytes:
             raise ValueError("no certificate in it")
     except (OSError, ValueError) as exc:
         raise QuicSetupError(
-            f"QUIC: cannot use --tls-client-ca {path}: {getattr(exc, 'strerror', None) or exc}"
+            f"QUIC: cannot use --tls-client-ca {path}: {describe_error(exc)}"
         ) from None
     return pem
 
@@ -215,7 +215,7 @@ class QuicLife(Connection):
 
 class QuicEcho(QuicConnectionProtocol):
     """Echoes every stream and datagram of one QUIC connection. Until its handshake is done it
-    is a handshake (the listener's :class:`Handshakes`), not a connection: it holds no slot
+    is a handshake (one of the listener's ``Slots``), not a connection: it holds no slot
     of the shared cap and is logged, if it fails, as a failed handshake, like TLS's."""
 
     def __init__(
@@ -394,8 +394,11 @@ class EchoQuicServer(QuicServer):
         if len(self._protocols) == known:  # a Retry was sent, or nothing made: no handshake
             self.handshaking.give()
             return
-        echo = cast(QuicEcho, self._protocols[header.destination_cid])
-        echo.begin(addr, self.options.handshake_timeout)
+        made = self._protocols.get(header.destination_cid)
+        if made is None:  # made and already gone: nothing holds the slot
+            self.handshaking.give()
+            return
+        cast(QuicEcho, made).begin(addr, self.options.handshake_timeout)
 
     def close_all(self) -> None:
         for protocol in set(self._protocols.values()):

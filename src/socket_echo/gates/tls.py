@@ -64,16 +64,16 @@ def server_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext
     ctx = new_context()
     try:
         ctx.load_cert_chain(cert, key)
-    except FileNotFoundError as exc:
-        raise TlsSetupError(f"TLS: cannot read {exc.filename}: no such file") from None
-    except PermissionError as exc:
-        raise TlsSetupError(f"TLS: cannot read {exc.filename}: permission denied") from None
     except ssl.SSLError as exc:
         reason = exc.reason or str(exc)
         if "KEY_VALUES_MISMATCH" in str(exc):
             reason = "the key does not match the certificate"
         raise TlsSetupError(
             f"TLS: cannot use --tls-cert {cert} / --tls-key {key}: {reason}"
+        ) from None
+    except OSError as exc:  # (SSLError is one, caught above) checked by flag before: a race
+        raise TlsSetupError(
+            f"TLS: cannot read --tls-cert {cert} / --tls-key {key}: {describe_error(exc)}"
         ) from None
     if client_ca:
         require_client_certificates(ctx, client_ca)
