@@ -285,10 +285,10 @@ def test_a_stopped_worker_is_stale_in_metrics_and_makes_readyz_fail(start_server
         while http_status(mport, "/readyz") != 503:
             assert time.monotonic() < deadline, "/readyz stayed 200 with a stopped worker"
             time.sleep(0.1)
-        try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"http://127.0.0.1:{mport}/readyz", timeout=5)
-        except urllib.error.HTTPError as exc:
-            assert re.fullmatch(rb"worker \d not answering\n", exc.read())
+        assert refused.value.code == 503
+        assert re.fullmatch(rb"worker \d not answering\n", refused.value.read())
         m = scrape(mport)
         assert total(m, "socket_echo_connections_opened_total") == before  # not 105 of 200
         assert total(m, "socket_echo_workers_stale") == 1

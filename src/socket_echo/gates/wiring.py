@@ -26,11 +26,12 @@ from typing import Any
 
 from socket_echo.gates.proxy_gate import HeaderPreReader
 from socket_echo.gates.proxy_gate import gate_factory as proxy_gate_factory
-from socket_echo.gates.tls import TOO_MANY_HANDSHAKES, TlsGate, native_handshake, report_failure
+from socket_echo.gates.tls import TOO_MANY_HANDSHAKES, TlsGate, native_handshake
+from socket_echo.logs import RateLimitedLog
 from socket_echo.state import ServerState
 from socket_echo.tcp.accept import AcceptReader, adopt
 from socket_echo.tcp.epoll import EpollEngine
-from socket_echo.tcp.lifecycle import ListenerContext, peer_of, reset
+from socket_echo.tcp.lifecycle import ListenerContext, reset
 from socket_echo.tcp.native import NativeEngine
 
 
@@ -110,12 +111,18 @@ def _tls_acceptor(
     loop, stats = setup.loop, setup.state
     sslcontext, timeout = setup.sslcontext, setup.tls_handshake_timeout
     slots = stats.tls.slots(setup.max_handshakes)
+    # under a flood a line per reset would be a flood of lines: counted each, logged a second
+    full = RateLimitedLog(
+        "handshakes_full",
+        f"{ctx.listener}: {{count}} connection(s) reset: {setup.max_handshakes} handshakes "
+        "already in progress (--max-handshakes)",
+    )
 
     def handshake(sock: socket.socket, peer: Any = None) -> None:
         if not slots.take():  # --max-handshakes: reset at once, as the cap does
-            shown = peer if peer is not None else peer_of(sock)
             reset(sock)
-            report_failure(ctx, stats.tls, shown, TOO_MANY_HANDSHAKES)
+            stats.tls.handshake_failures[TOO_MANY_HANDSHAKES] += 1
+            full.note()
             return
         loop.create_task(handshake_in_slot(sock, peer))
 
