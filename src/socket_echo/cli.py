@@ -17,6 +17,7 @@ import click
 
 from socket_echo import __version__, config
 from socket_echo.config import ConfigError, ServerConfig
+from socket_echo.kinds import kind
 from socket_echo.logs import quiet_aioquic
 from socket_echo.main import StartError, check_choices
 from socket_echo.main import serve as serve_config
@@ -479,7 +480,7 @@ def serve(
         else:
             listeners = config.listeners_from_hosts(host, port)
         for spec in listeners:
-            if spec.scheme != "unix":
+            if not kind(spec.scheme).unix:
                 config.check_port(spec.port)
         metrics_spec = config.parse_metrics_address(metrics) if metrics else None
         check_choices(loop, engine, udp_io, tls_ciphers)  # a path this platform lacks: exit 2

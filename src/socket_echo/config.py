@@ -13,8 +13,9 @@ from urllib.parse import urlsplit
 
 from socket_echo.impair.params import ImpairmentError, Impairments
 from socket_echo.impair.params import parse as parse_impairments
+from socket_echo.kinds import DEFAULT_PORT as DEFAULT_PORT
+from socket_echo.kinds import SCHEMES, kind
 
-DEFAULT_PORT = 4242
 DEFAULT_HOSTS = ("127.0.0.1", "::1")  # localhost only: safe on a laptop
 DEFAULT_BACKLOG = 4096
 DEFAULT_MAX_CONNECTIONS = 10_000
@@ -78,8 +79,6 @@ ENGINES, DEFAULT_ENGINE = CHOICES["engine"]
 UDP_IO, DEFAULT_UDP_IO = CHOICES["udp_io"]
 LOG_LEVELS = CHOICES["log_level"][0]
 LOG_FORMATS = CHOICES["log_format"][0]
-SCHEMES = ("tcp", "udp", "tls", "unix", "tcp+proxy", "tls+proxy", "quic", "dtls")
-DATAGRAM_SCHEMES = ("udp", "quic", "dtls")  # one UDP socket per address
 # dtls:// (gates/dtls.py): Zephyr's echo_server with overlay-tls.conf speaks DTLS 1.2 on UDP 4242.
 DTLS_MTU = 1200  # bytes per handshake datagram: fits the IPv6 minimum MTU (1280) with headers
 DTLS_COOKIE_LIFETIME = 60.0  # seconds a HelloVerifyRequest cookie secret is current
@@ -173,8 +172,8 @@ class ServerConfig:
 
 def format_url(scheme: str, host: str, port: int, path: str = "") -> str:
     """The one way addresses are written: tcp://h:p, tcp://[v6]:p, unix:///path."""
-    if scheme == "unix":
-        return f"unix://{path}"
+    if kind(scheme).unix:
+        return f"{scheme}://{path}"
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
@@ -198,11 +197,11 @@ def parse_bind_url(url: str) -> ListenerSpec:
         impair = parse_impairments(parts.query, parts.scheme, url)
     except ImpairmentError as exc:
         raise ConfigError(str(exc)) from None
-    if parts.scheme == "unix":
+    if kind(parts.scheme).unix:
         path = parts.netloc + parts.path
         if not path.startswith("/"):
             raise ConfigError(f"malformed --bind {url!r}: use unix:///absolute/path")
-        return ListenerSpec("unix", "", 0, path, impair)
+        return ListenerSpec(parts.scheme, "", 0, path, impair)
     if not parts.hostname:
         raise ConfigError(f"malformed --bind {url!r}: no host (e.g. tcp://127.0.0.1:4242)")
     if parts.path not in ("", "/") or parts.fragment:

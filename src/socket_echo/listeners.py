@@ -17,6 +17,7 @@ import stat
 import sys
 
 from socket_echo.config import DEFAULT_HOSTS, ConfigError, ListenerSpec, format_url
+from socket_echo.kinds import kind
 
 
 class BindError(OSError):
@@ -41,7 +42,7 @@ class BoundListener:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
-        if self.spec.scheme == "unix" and self.inode:
+        if kind(self.spec.scheme).unix and self.inode:
             with contextlib.suppress(OSError):
                 if os.stat(self.spec.path).st_ino == self.inode:
                     os.unlink(self.spec.path)
@@ -55,15 +56,11 @@ _HINTS = {
 }
 
 
-KINDS = {
-    "tcp": (socket.SOCK_STREAM, socket.IPPROTO_TCP),
-    "tls": (socket.SOCK_STREAM, socket.IPPROTO_TCP),
-    "tcp+proxy": (socket.SOCK_STREAM, socket.IPPROTO_TCP),
-    "tls+proxy": (socket.SOCK_STREAM, socket.IPPROTO_TCP),
-    "udp": (socket.SOCK_DGRAM, socket.IPPROTO_UDP),
-    "quic": (socket.SOCK_DGRAM, socket.IPPROTO_UDP),
-    "dtls": (socket.SOCK_DGRAM, socket.IPPROTO_UDP),
-}
+def socket_type(scheme: str) -> tuple[socket.SocketKind, int]:
+    """(type, proto) of a host-and-port listener's sockets."""
+    if kind(scheme).datagram:
+        return socket.SOCK_DGRAM, socket.IPPROTO_UDP
+    return socket.SOCK_STREAM, socket.IPPROTO_TCP
 
 
 def _addresses(host: str, port: int) -> list[tuple[socket.AddressFamily, str]]:
@@ -114,10 +111,10 @@ def _bind_one(
     opts = backlog if isinstance(backlog, BindOptions) else BindOptions(backlog)
     # proto=IPPROTO_TCP, not 0: accepted sockets inherit it, and the stdlib loop turns
     # TCP_NODELAY on only for sockets whose proto says TCP (base_events._set_nodelay).
-    kind, proto = KINDS[scheme]
-    sock = socket.socket(family, kind, proto)
+    sock_type, proto = socket_type(scheme)
+    sock = socket.socket(family, sock_type, proto)
     try:
-        if kind == socket.SOCK_STREAM:
+        if sock_type == socket.SOCK_STREAM:
             # Not for UDP: there SO_REUSEADDR lets a second server bind the same port.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if opts.reuse_port:
@@ -126,7 +123,7 @@ def _bind_one(
             # The seed's "sharing same socket between IPv6 and IPv4": V6ONLY off on '::' only.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
         sock.bind((address, port))
-        if kind == socket.SOCK_STREAM and opts.listen:
+        if sock_type == socket.SOCK_STREAM and opts.listen:
             sock.listen(opts.backlog)
         sock.setblocking(False)
     except BaseException:
@@ -175,7 +172,7 @@ def _bind_unix(spec: ListenerSpec, backlog: int) -> BoundListener:
 def _bind_spec(
     spec: ListenerSpec, port: int, backlog: BindOptions, optional: bool
 ) -> list[BoundListener]:
-    if spec.scheme == "unix":
+    if kind(spec.scheme).unix:
         return [_bind_unix(spec, backlog.backlog)]
     bound: list[BoundListener] = []
     try:
@@ -232,11 +229,15 @@ def bind_all(specs: tuple[ListenerSpec, ...], backlog: int | BindOptions) -> lis
         try:
             for spec in specs:
                 port = spec.port
-                kind = KINDS.get(spec.scheme, (0, 0))[0]
-                if port == 0 and shared_port is not None and (kind, spec.host) not in on_shared:
+                sock_type = 0 if kind(spec.scheme).unix else socket_type(spec.scheme)[0]
+                if (
+                    port == 0
+                    and shared_port is not None
+                    and (sock_type, spec.host) not in on_shared
+                ):
                     port = shared_port
                 if port == shared_port or (spec.port == 0 and shared_port is None):
-                    on_shared.add((kind, spec.host))
+                    on_shared.add((sock_type, spec.host))
                 optional = spec.host in DEFAULT_HOSTS and spec.host == "::1"
                 got = _bind_spec(spec, port, backlog, optional)
                 if spec.port == 0 and shared_port is None and got:

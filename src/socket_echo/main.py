@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from socket_echo.config import METRICS_BACKLOG, ServerConfig
 from socket_echo.gates.credentials import CredentialsError, check_ciphers, make_credentials
+from socket_echo.kinds import kind
 from socket_echo.listeners import REUSE_PORT, BindError, BindOptions, adopt_fd, bind_all
 from socket_echo.logs import setup_logging
 from socket_echo.loops import resolve_loop
@@ -55,7 +56,7 @@ def serve(cfg: ServerConfig) -> int:
         raise StartError(exc.strerror or str(exc)) from None
     if cfg.workers == 1:
         return run(cfg, bound + fd_bound, credentials, metrics_bound)
-    own = [b for b in bound if reuse and b.scheme != "unix"]
+    own = [b for b in bound if reuse and not kind(b.scheme).unix]
     shared = [b for b in bound if b not in own] + fd_bound
     try:
         supervisor = Supervisor(cfg, cfg.workers, shared, own, metrics_bound, credentials)

@@ -18,6 +18,7 @@ from socket_echo.gates.credentials import Credentials
 from socket_echo.gates.wiring import Listening, StreamSetup, serve_stream_listener
 from socket_echo.impair.datagram import ImpairedUdpEcho
 from socket_echo.impair.stream import ImpairedEcho
+from socket_echo.kinds import DTLS, QUIC, UDP, kind
 from socket_echo.limits import ConnectionTable, descriptor_budget
 from socket_echo.listeners import BoundListener, close_all
 from socket_echo.logs import log_event, logger
@@ -38,13 +39,6 @@ if TYPE_CHECKING:
     from socket_echo.gates.quic import EchoQuicServer
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-STREAM_NAMES = {
-    "tcp": "TCP",
-    "tls": "TLS",
-    "unix": "Unix-socket",
-    "tcp+proxy": "TCP (PROXY protocol)",
-    "tls+proxy": "TLS (PROXY protocol)",
-}
 
 
 class EchoServer:
@@ -97,7 +91,7 @@ class EchoServer:
             )
         elif engine == "epoll":
             self.engine = EpollEngine(loop, cfg.max_buffer, self.state.accept_paused)
-        own_ports = frozenset(b.spec.port for b in self.listeners if b.scheme != "unix")
+        own_ports = frozenset(b.spec.port for b in self.listeners if not kind(b.scheme).unix)
         guard = self.state.udp_guard = UdpGuard(
             cfg.udp_rate,
             cfg.udp_burst,
@@ -118,9 +112,10 @@ class EchoServer:
             self.engine,
         )
         for bound in self.listeners:
-            kind = "dual-stack " if bound.dual_stack else ""
+            listener_kind = kind(bound.scheme)
+            dual = "dual-stack " if bound.dual_stack else ""
             impair = bound.spec.impair or None
-            if bound.scheme == "quic":
+            if listener_kind.served_by == QUIC:
                 from socket_echo.gates.quic import serve_quic  # aioquic: here only
 
                 ctx = ListenerContext(self.table, bound.url, cfg.max_buffer, cfg.access_log, loop)
@@ -132,11 +127,11 @@ class EchoServer:
                     )
                 )
                 what = (
-                    f"QUIC echo server listening on {bound.url} ({kind}ALPN "
+                    f"QUIC echo server listening on {bound.url} ({dual}ALPN "
                     f"{', '.join(options.alpn)}, up to {cfg.max_connections} clients, "
                     f"{options.max_streams} streams each{', Retry' if options.retry else ''})"
                 )
-            elif bound.scheme == "dtls":
+            elif listener_kind.served_by == DTLS:
                 from socket_echo.gates.dtls import dtls_options, serve_dtls  # pyOpenSSL: here only
 
                 ctx = ListenerContext(self.table, bound.url, cfg.max_buffer, cfg.access_log, loop)
@@ -153,11 +148,11 @@ class EchoServer:
                     )
                 )
                 what = (
-                    f"DTLS 1.2 echo server listening on {bound.url} ({kind}up to "
+                    f"DTLS 1.2 echo server listening on {bound.url} ({dual}up to "
                     f"{cfg.max_connections} sessions, HelloVerifyRequest cookies"
                     f"{', client certificates required' if cfg.tls_client_ca else ''})"
                 )
-            elif bound.scheme == "udp":
+            elif listener_kind.served_by == UDP:
                 if impair:
                     udp: UdpServing = ImpairedUdpEcho(
                         loop,
@@ -174,7 +169,7 @@ class EchoServer:
                     path = resolve_udp_io(cfg.udp_io)
                 self._udp.append(udp)
                 what = (
-                    f"UDP echo server listening on {bound.url} ({kind}up to "
+                    f"UDP echo server listening on {bound.url} ({dual}up to "
                     f"{cfg.udp_rate:g} datagrams/s per source prefix; {path} path)"
                 )
             else:
@@ -192,10 +187,10 @@ class EchoServer:
                 self._listening.append(
                     await serve_stream_listener(setup, bound.scheme, bound.sock, ctx)
                 )
-                path = engine if bound.scheme in ("tcp", "unix") and not impair else "protocol"
+                path = engine if listener_kind.takes_engine(bool(impair)) else "protocol"
                 what = (
-                    f"{STREAM_NAMES[bound.scheme]} echo server listening on {bound.url} "
-                    f"({kind}backlog {cfg.backlog}, up to {cfg.max_connections} clients; "
+                    f"{listener_kind.name} echo server listening on {bound.url} "
+                    f"({dual}backlog {cfg.backlog}, up to {cfg.max_connections} clients; "
                     f"{'impaired' if impair else path} path)"
                 )
             extra = {}
@@ -222,7 +217,7 @@ class EchoServer:
             self._metrics_servers.append(await loop.create_server(health, sock=bound.sock))
             url = bound.url.replace("tcp://", "http://")
             log_event(
-                logging.DEBUG if bound.scheme == "unix" else logging.INFO,  # a worker's own
+                logging.DEBUG if kind(bound.scheme).unix else logging.INFO,  # a worker's own
                 "metrics",
                 f"metrics and health on {url} (/metrics, /healthz, /readyz)",
                 listener=url,

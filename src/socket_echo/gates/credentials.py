@@ -23,9 +23,8 @@ from socket_echo.gates.tls import (
     self_signed_pair,
     server_context,
 )
+from socket_echo.kinds import DTLS, QUIC, kind
 from socket_echo.logs import logger
-
-TLS_SCHEMES = ("tls", "tls+proxy")
 
 
 class CredentialsError(Exception):
@@ -46,9 +45,10 @@ def check_ciphers(choice: str) -> None:
 
 
 def make_credentials(cfg: ServerConfig) -> Credentials:
-    schemes = {spec.scheme for spec in cfg.listeners}
-    wants_tls = bool(schemes & set(TLS_SCHEMES))
-    wants_quic, wants_dtls = "quic" in schemes, "dtls" in schemes
+    kinds = [kind(spec.scheme) for spec in cfg.listeners]
+    wants_tls = any(k.tls for k in kinds)
+    wants_quic = any(k.served_by == QUIC for k in kinds)
+    wants_dtls = any(k.served_by == DTLS for k in kinds)
     if not (wants_tls or wants_quic or wants_dtls):
         return Credentials()
     for flag, path in (
@@ -60,9 +60,9 @@ def make_credentials(cfg: ServerConfig) -> Credentials:
             check_readable(flag, path)
     pair = self_signed_pair() if cfg.tls_self_signed else None
     if pair is None and not (cfg.tls_cert and cfg.tls_key):
-        kind = "tls://" if wants_tls else "quic://" if wants_quic else "dtls://"
+        which = "tls://" if wants_tls else "quic://" if wants_quic else "dtls://"
         raise ConfigError(
-            f"a {kind} listener needs --tls-cert and --tls-key (or --tls-self-signed)"
+            f"a {which} listener needs --tls-cert and --tls-key (or --tls-self-signed)"
         )
     quic, options = quic_configuration(cfg, pair) if wants_quic else (None, None)
     return Credentials(

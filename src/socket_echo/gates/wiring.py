@@ -27,6 +27,7 @@ from typing import Any
 from socket_echo.gates.proxy_gate import HeaderPreReader
 from socket_echo.gates.proxy_gate import gate_factory as proxy_gate_factory
 from socket_echo.gates.tls import TOO_MANY_HANDSHAKES, TlsGate, native_handshake
+from socket_echo.kinds import kind
 from socket_echo.logs import RateLimitedLog
 from socket_echo.state import ServerState
 from socket_echo.tcp.accept import AcceptReader, adopt
@@ -70,13 +71,14 @@ async def serve_stream_listener(
     setup: StreamSetup, scheme: str, sock: socket.socket, ctx: ListenerContext
 ) -> Listening:
     loop, state = setup.loop, setup.state
-    if setup.engine is not None and scheme in ("tcp", "unix") and not ctx.impair:
+    listener_kind = kind(scheme)
+    if setup.engine is not None and listener_kind.takes_engine(bool(ctx.impair)):
         setup.engine.add_listener(sock, ctx)
         return Listening()  # the engine stops accepting with the rest of its work
-    if scheme in ("tls", "tls+proxy"):
+    if listener_kind.tls:
         return _listen(setup, sock, ctx, on_accept=_tls_acceptor(setup, scheme, ctx))
     factory: Callable[[], asyncio.Protocol]
-    if scheme == "tcp+proxy":
+    if listener_kind.proxy:
         factory = proxy_gate_factory(ctx, state.proxy, setup.proxy_header_timeout)
     else:
 
@@ -138,7 +140,7 @@ def _tls_acceptor(
         finally:
             slots.give()
 
-    if scheme == "tls":
+    if not kind(scheme).proxy:
         return handshake
 
     def after_header(sock: socket.socket) -> None:

@@ -15,6 +15,8 @@ import dataclasses
 import re
 from urllib.parse import parse_qsl
 
+from socket_echo.kinds import kind
+
 
 class ImpairmentError(ValueError):
     """A malformed or out-of-range impairment; config.py shows it as a usage error."""
@@ -117,9 +119,10 @@ def parse(query: str, scheme: str, url: str) -> Impairments | None:
     """The impairments a listener's query asks for; None when it has no query."""
     if not query:
         return None
-    if scheme in ("quic", "dtls"):
+    kinds = kind(scheme).impairments
+    if kinds is None:
         raise ImpairmentError(f"--bind {url!r}: {scheme}:// listeners take no impairments yet")
-    allowed = DATAGRAM if scheme == "udp" else STREAM
+    allowed = DATAGRAM if kinds == "datagram" else STREAM
     values: dict[str, object] = {}
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
@@ -129,7 +132,6 @@ def parse(query: str, scheme: str, url: str) -> Impairments | None:
         ) from None
     for name, text in pairs:
         if name not in allowed:
-            kinds = "datagram" if scheme == "udp" else "stream"
             raise ImpairmentError(
                 f"--bind {url!r}: unknown impairment {name!r} for a {kinds} listener "
                 f"(use {', '.join(allowed)})"

@@ -36,7 +36,6 @@ import traceback
 from collections.abc import Awaitable
 
 from socket_echo.config import (
-    DATAGRAM_SCHEMES,
     READY_TIMEOUT,
     RESTART_DELAY,
     RESTART_MAX_DELAY,
@@ -48,6 +47,7 @@ from socket_echo.config import (
     ServerConfig,
 )
 from socket_echo.gates.credentials import Credentials
+from socket_echo.kinds import kind
 from socket_echo.listeners import BindError, BoundListener, bind_all, close_all, rebind
 from socket_echo.logs import log_event, logger, set_worker
 from socket_echo.metrics import health_factory
@@ -153,7 +153,7 @@ class Supervisor:
 
     def _release_udp(self) -> None:
         """The workers have their own UDP sockets now: ours would take a share of datagrams."""
-        for bound in [b for b in self.placeholders if b.scheme in DATAGRAM_SCHEMES]:
+        for bound in [b for b in self.placeholders if kind(b.scheme).datagram]:
             bound.close()
             self.placeholders.remove(bound)
 

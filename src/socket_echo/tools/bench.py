@@ -22,6 +22,7 @@ from collections import Counter
 from typing import Any
 
 from socket_echo.config import DEFAULT_UDP_BURST, DEFAULT_UDP_MAX_RATE, DEFAULT_UDP_RATE
+from socket_echo.kinds import kind
 from socket_echo.tools.bench_model import BenchConfig, WorkerResult, cpu_seconds
 from socket_echo.tools.target import (
     Patterns,
@@ -46,7 +47,7 @@ def native_pingpong(cfg: BenchConfig) -> bool:
         _native is not None
         and not os.environ.get("SOCKET_ECHO_NO_EXTENSIONS")
         and not cfg.rate
-        and cfg.target.scheme in ("tcp", "unix")
+        and kind(cfg.target.scheme).engine
     )
 
 

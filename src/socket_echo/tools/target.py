@@ -18,9 +18,7 @@ from urllib.parse import urlsplit
 
 from socket_echo.config import DEFAULT_PORT, format_url
 from socket_echo.gates.tls import failure_reason
-
-SCHEMES = ("tcp", "udp", "tls", "unix", "quic", "dtls")
-QUIC_PORT = 4422  # Zephyr's QUIC echo samples and net-tools' quic-echo-server
+from socket_echo.kinds import TARGET_SCHEMES, kind
 
 
 class TargetError(ValueError):
@@ -44,7 +42,7 @@ class Target:
 
     @property
     def stream(self) -> bool:
-        return self.scheme not in ("udp", "quic", "dtls")
+        return not kind(self.scheme).datagram
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +72,12 @@ def parse_target(text: str, scheme: str | None = None) -> Target:
             parts.hostname  # noqa: B018
         except ValueError as exc:
             raise TargetError(f"malformed {text!r}: {exc}") from None
-        if parts.scheme not in SCHEMES:
+        if parts.scheme not in TARGET_SCHEMES:
             raise TargetError(
                 f"unknown scheme in {text!r} "
                 "(use tcp://, udp://, tls://, unix://, quic://, dtls://)"
             )
-        if parts.scheme == "unix":
+        if kind(parts.scheme).unix:
             path = parts.netloc + parts.path
             if not path:
                 raise TargetError(f"no socket path in {text!r} (unix:///path/to/socket)")
@@ -90,7 +88,7 @@ def parse_target(text: str, scheme: str | None = None) -> Target:
             raise TargetError(f"bad port in {text!r}: {exc}") from None
         if not parts.hostname:
             raise TargetError(f"no host in {text!r}")
-        default = QUIC_PORT if parts.scheme == "quic" else DEFAULT_PORT
+        default = kind(parts.scheme).default_port
         return Target(parts.scheme, parts.hostname, default if port is None else port)
     host, port_text = text, ""
     if text.startswith("["):
