@@ -231,15 +231,15 @@ def test_classify_any_address(ip):
 def test_bucket_table_is_bounded_under_a_spoofed_flood():
     guard = UdpGuard(rate=1, burst=1, max_rate=1e9)
     for i in range(BUCKETS + 5000):
-        guard.verdict(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 40000, now=i * 1e-6)
+        guard.check(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 40000, now=i * 1e-6)
     assert len(guard.buckets) <= BUCKETS
 
 
 def test_never_answers_forbidden_ports():
     guard = UdpGuard(rate=1e9, burst=1e9, max_rate=1e9, own_ports=frozenset({4242}))
     for port in (0, 7, 19, 53, 123, 1023, 2049, 4242):
-        assert guard.verdict("127.0.0.1", port, 0.0) is not None, port
-    assert guard.verdict("127.0.0.1", 8484, 0.0) is None
+        assert guard.check("127.0.0.1", port, 0.0) is not None, port
+    assert guard.check("127.0.0.1", 8484, 0.0) is None
 
 
 @pytest.mark.parametrize("twin", ["python", "c"])

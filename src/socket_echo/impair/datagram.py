@@ -15,7 +15,7 @@ import socket
 from socket_echo.config import UDP_BATCH
 from socket_echo.impair.params import Impairments
 from socket_echo.state import UdpStats
-from socket_echo.udp.guard import UdpGuard
+from socket_echo.udp.guard import RECEIVE_ERROR, SEND_ERROR, SEND_FULL, UdpGuard
 from socket_echo.udp.loop import MAX_DATAGRAM
 
 MAX_PENDING = 4096  # delayed answers waiting at most
@@ -49,7 +49,7 @@ class ImpairedUdpEcho:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                stats.dropped["receive error"] += 1
+                stats.dropped[RECEIVE_ERROR] += 1
                 continue
             stats.datagrams_in += 1
             stats.bytes_in += n
@@ -91,10 +91,10 @@ class ImpairedUdpEcho:
         try:
             self.sock.sendto(data, addr)
         except (BlockingIOError, InterruptedError):
-            self.stats.dropped["send buffer full"] += 1
+            self.stats.dropped[SEND_FULL] += 1
             return
         except OSError:
-            self.stats.dropped["send error"] += 1
+            self.stats.dropped[SEND_ERROR] += 1
             return
         self.stats.datagrams_out += 1
         self.stats.bytes_out += len(data)

@@ -21,6 +21,24 @@ from typing import Any
 from socket_echo.config import DEFAULT_UDP_MAX_SOURCES
 
 NFS_PORT = 2049
+
+# Why a datagram was not echoed: the label of socket_echo_udp_dropped_total{reason}, one name
+# per cause on every UDP data path. REASONS is in the order of udp/_native.c's REASONS array
+# (tests/test_udp.py holds the two equal).
+FORBIDDEN_PORT = "forbidden source port"
+PRIVILEGED_PORT = "privileged source port"
+MARTIAN = "martian source"
+MULTICAST = "multicast source"
+BROADCAST = "broadcast source"
+SOURCE_RATE = "source rate limit"
+GLOBAL_RATE = "global rate limit"
+SEND_FULL = "send buffer full"
+SEND_ERROR = "send error"
+RECEIVE_ERROR = "receive error"
+REASONS = (
+    FORBIDDEN_PORT, PRIVILEGED_PORT, MARTIAN, MULTICAST, BROADCAST,
+    SOURCE_RATE, GLOBAL_RATE, SEND_FULL, SEND_ERROR, RECEIVE_ERROR,
+)  # fmt: skip
 BUCKETS = DEFAULT_UDP_MAX_SOURCES  # rate-limit buckets kept; least recently used go first
 
 V4_MARTIANS = [
@@ -35,23 +53,19 @@ def classify(host: str) -> tuple[str | None, str]:
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
-        return "martian source", host
+        return MARTIAN, host
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped  # ::ffff:a.b.c.d is judged as a.b.c.d
     if isinstance(ip, ipaddress.IPv4Address):
         if ip.is_multicast:
-            return "multicast source", ""
+            return MULTICAST, ""
         if any(ip in net for net in V4_MARTIANS):
-            return (
-                "broadcast source"
-                if ip == ipaddress.IPv4Address("255.255.255.255")
-                else "martian source"
-            ), ""
+            return (BROADCAST if ip == ipaddress.IPv4Address("255.255.255.255") else MARTIAN), ""
         return None, str(ipaddress.ip_network(f"{ip}/24", strict=False).network_address)
     if ip.is_multicast:
-        return "multicast source", ""
+        return MULTICAST, ""
     if ip.is_unspecified or (ip in V6_MARTIANS[2] and not ip.is_loopback):  # ::/96 but ::1
-        return "martian source", ""
+        return MARTIAN, ""
     return None, str(ipaddress.ip_network(f"{ip}/56", strict=False).network_address)
 
 
@@ -79,7 +93,7 @@ class UdpGuard:
     without per-datagram bookkeeping: when one is full, the least recently used tenth goes
     (amortized over thousands of datagrams).
 
-    Source addresses are cached under any hashable key: the text form (``verdict``) or the raw
+    Source addresses are cached under any hashable key: the text form or the raw
     address bytes (the batched Linux path in udp/mmsg.py, which never builds text
     for a known source)."""
 
@@ -123,18 +137,15 @@ class UdpGuard:
         """Source prefixes whose rate is tracked, on every path."""
         return len(self.buckets) + (int(self._native.sources) if self._native else 0)  # type: ignore[attr-defined]
 
-    def verdict(self, host: str, port: int, now: float) -> str | None:
-        """One datagram from (host, port) at ``now``: None to answer, else the reason to drop."""
-        return self.check(host, port, now)
-
     def check(self, key: str | bytes, port: int, now: float, family: int = 0) -> str | None:
-        """``verdict`` for a source given as text, or as raw address bytes of ``family`` (the
+        """One datagram from (``key``, port) at ``now``: None to answer, else the reason to
+        drop. The source is given as text, or as raw address bytes of ``family`` (the
         batched path: a known source is never turned into text). The one place the rules are
         applied, for both UDP data paths."""
         if port in self.forbidden_ports:
-            return "forbidden source port"
+            return FORBIDDEN_PORT
         if port < self.min_port:
-            return "privileged source port"
+            return PRIVILEGED_PORT
         bucket = self.sources.get(key)
         if bucket is None:
             host = key if isinstance(key, str) else socket.inet_ntop(family, key)
@@ -144,12 +155,12 @@ class UdpGuard:
         if bucket.last != now:
             bucket.refill(now)
         if bucket.tokens < 1.0:
-            return "source rate limit"
+            return SOURCE_RATE
         total = self.global_bucket
         if total.last != now:
             total.refill(now)
         if total.tokens < 1.0:
-            return "global rate limit"
+            return GLOBAL_RATE
         bucket.tokens -= 1.0
         total.tokens -= 1.0
         return None

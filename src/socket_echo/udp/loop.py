@@ -15,7 +15,7 @@ import socket
 
 from socket_echo.config import UDP_BATCH
 from socket_echo.state import UdpStats
-from socket_echo.udp.guard import UdpGuard
+from socket_echo.udp.guard import RECEIVE_ERROR, SEND_ERROR, SEND_FULL, UdpGuard
 
 MAX_DATAGRAM = 65535
 
@@ -35,7 +35,7 @@ class UdpEcho:
         loop.add_reader(sock.fileno(), self._ready)
 
     def _ready(self) -> None:
-        view, buf, verdict = self._view, self._buf, self.guard.verdict
+        view, buf, verdict = self._view, self._buf, self.guard.check
         recvfrom_into, sendto = self.sock.recvfrom_into, self.sock.sendto
         dropped = self.stats.dropped
         now = self.loop.time()
@@ -47,7 +47,7 @@ class UdpEcho:
                 except (BlockingIOError, InterruptedError):
                     return
                 except OSError:  # e.g. an ICMP error reported on the socket
-                    dropped["receive error"] += 1
+                    dropped[RECEIVE_ERROR] += 1
                     continue
                 n_in += 1
                 b_in += n
@@ -58,10 +58,10 @@ class UdpEcho:
                 try:
                     sendto(view[:n], addr)
                 except (BlockingIOError, InterruptedError):
-                    dropped["send buffer full"] += 1
+                    dropped[SEND_FULL] += 1
                     continue
                 except OSError:
-                    dropped["send error"] += 1
+                    dropped[SEND_ERROR] += 1
                     continue
                 n_out += 1
                 b_out += n

@@ -27,7 +27,7 @@ import sys
 
 from socket_echo.config import UDP_BATCH
 from socket_echo.state import UdpStats
-from socket_echo.udp.guard import UdpGuard
+from socket_echo.udp.guard import RECEIVE_ERROR, SEND_ERROR, SEND_FULL, UdpGuard
 from socket_echo.udp.loop import MAX_DATAGRAM
 
 SLOTS = UDP_BATCH  # datagrams per recvmmsg call
@@ -129,7 +129,7 @@ class MmsgUdpEcho:
         if got < 0:
             err = ctypes.get_errno()
             if err not in (errno.EAGAIN, errno.EINTR):
-                dropped["receive error"] += 1  # e.g. an ICMP error reported on the socket
+                dropped[RECEIVE_ERROR] += 1  # e.g. an ICMP error reported on the socket
             return
         check, now, family = self.guard.check, self.loop.time(), self.family
         names, recv_q, recv_i = self._names, self._recv_q, self._recv_i
@@ -173,11 +173,11 @@ class MmsgUdpEcho:
             if err == errno.EINTR:
                 continue
             if err in (errno.EAGAIN, errno.ENOBUFS):  # kernel buffer full: drop, never queue
-                dropped["send buffer full"] += count - sent
+                dropped[SEND_FULL] += count - sent
                 failed += count - sent
                 size -= sum(lengths[i * 2 + 1] for i in range(sent, count))
                 break
-            dropped["send error"] += 1  # this datagram failed; go on with the next one
+            dropped[SEND_ERROR] += 1  # this datagram failed; go on with the next one
             failed += 1
             size -= lengths[sent * 2 + 1]
             sent += 1

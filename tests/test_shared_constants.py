@@ -1,0 +1,46 @@
+"""Sizes and names the C extensions and the Python paths share, held equal: each has its owner
+in Python (config.py, udp/guard.py, tcp/accept.py) and the C code says the same, or this fails.
+READ_CHUNK needs no test: Python passes it to the engine (tcp/native.py)."""
+
+from __future__ import annotations
+
+import errno
+import pathlib
+import re
+
+from socket_echo import config
+from socket_echo.tcp.accept import RESOURCE_ERRORS
+from socket_echo.udp.guard import REASONS
+
+PACKAGE = pathlib.Path(config.__file__).parent
+TCP_C = (PACKAGE / "tcp" / "_native.c").read_text()
+UDP_C = (PACKAGE / "udp" / "_native.c").read_text()
+
+
+def define(source: str, name: str) -> int:
+    match = re.search(rf"^#define {name} (\d+)\b", source, re.M)
+    assert match, f"#define {name} not found"
+    return int(match.group(1))
+
+
+def test_the_accept_batch_is_the_same_in_c_and_python():
+    assert define(TCP_C, "ACCEPT_BATCH") == config.ACCEPT_BATCH
+
+
+def test_the_udp_batch_is_the_same_in_c_and_python():
+    assert define(UDP_C, "SLOTS") == config.UDP_BATCH
+
+
+def test_the_accept_errors_that_pause_accepting_are_the_same_in_c_and_python():
+    line = next(ln for ln in TCP_C.splitlines() if "errno == EMFILE" in ln)
+    names = set(re.findall(r"errno == (E[A-Z]+)", line))
+    assert {getattr(errno, n) for n in names} == set(RESOURCE_ERRORS)
+
+
+def test_udp_drop_reasons_are_named_the_same_in_c_and_python():
+    array = re.search(r"REASONS\[D_COUNT\] = \{(.*?)\};", UDP_C, re.S)
+    assert array
+    assert tuple(re.findall(r'"([^"]+)"', array.group(1))) == REASONS
+    enum = re.search(r"enum \{(.*?)\};", UDP_C, re.S)
+    assert enum
+    assert len(re.findall(r"\bD_[A-Z_]+", enum.group(1))) == len(REASONS) + 1  # D_COUNT
