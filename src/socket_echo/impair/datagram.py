@@ -13,6 +13,7 @@ import random
 import socket
 
 from socket_echo.config import UDP_BATCH
+from socket_echo.impair.clock import call_when_due, now
 from socket_echo.impair.params import Impairments
 from socket_echo.state import UdpStats
 from socket_echo.udp.guard import RECEIVE_ERROR, SEND_ERROR, SEND_FULL, UdpGuard
@@ -42,7 +43,7 @@ class ImpairedUdpEcho:
 
     def _ready(self) -> None:
         imp, stats, rng = self.impair, self.stats, self.rng
-        now = self.loop.time()
+        t = self.loop.time()  # the guard's buckets: the loop's clock will do
         for _ in range(UDP_BATCH):
             try:
                 n, addr = self.sock.recvfrom_into(self._buf)
@@ -53,7 +54,7 @@ class ImpairedUdpEcho:
                 continue
             stats.datagrams_in += 1
             stats.bytes_in += n
-            reason = self.guard.check(addr[0], addr[1], now)
+            reason = self.guard.check(addr[0], addr[1], t)
             if reason is not None:
                 stats.dropped[reason] += 1
                 continue
@@ -73,18 +74,23 @@ class ImpairedUdpEcho:
                 else:
                     self.pending += 1
                     self._count("delayed")
-                    self._later(wait, data, addr)
+                    self._later(now() + wait, data, addr)
 
-    def _later(self, wait: float, data: bytes, addr: tuple[str, int]) -> None:
+    def _later(self, due: float, data: bytes, addr: tuple[str, int]) -> None:
         handle: asyncio.TimerHandle | None = None
 
         def fire() -> None:
-            self.pending -= 1
+            nonlocal handle
             if handle is not None:
                 self._handles.discard(handle)
+            if now() < due:  # early (uvloop): arm again for what is left
+                handle = call_when_due(self.loop, due, fire)
+                self._handles.add(handle)
+                return
+            self.pending -= 1
             self._send(data, addr)
 
-        handle = self.loop.call_later(wait, fire)
+        handle = call_when_due(self.loop, due, fire)
         self._handles.add(handle)
 
     def _send(self, data: bytes, addr: tuple[str, int]) -> None:

@@ -23,6 +23,7 @@ import random
 import socket
 from typing import Any
 
+from socket_echo.impair.clock import call_when_due, now
 from socket_echo.tcp.lifecycle import (
     CLOSE_AFTER,
     LINGER_ABORT,
@@ -75,8 +76,7 @@ class ImpairedEcho(EchoProtocol):
             return
         imp = self.ctx.impair
         assert imp is not None
-        now = self.ctx.loop.time()
-        due = now + imp.delay + (self.rng.random() * imp.jitter if imp.jitter else 0.0)
+        due = now() + imp.delay + (self.rng.random() * imp.jitter if imp.jitter else 0.0)
         due = max(due, self.free_at)  # never before the chunk before it
         if imp.delay or imp.jitter:
             self.ctx.applied[(self.ctx.listener, "delayed")] += 1
@@ -113,12 +113,12 @@ class ImpairedEcho(EchoProtocol):
     # -- the queue ------------------------------------------------------------------------
     def _arm(self) -> None:
         if self.timer is None and self.queue:
-            self.timer = self.ctx.loop.call_at(self.queue[0][0], self._release)
+            self.timer = call_when_due(self.ctx.loop, self.queue[0][0], self._release)
 
     def _release(self) -> None:
         self.timer = None
-        now = self.ctx.loop.time()
-        while self.queue and self.queue[0][0] <= now and not self.transport.is_closing():
+        t = now()
+        while self.queue and self.queue[0][0] <= t and not self.transport.is_closing():
             _, chunk = self.queue.popleft()
             self.queued -= len(chunk)
             self._write(chunk)
