@@ -158,3 +158,31 @@ def test_unlisted_closes_are_told_within_the_flush_time_without_a_listing(rig):
     assert counters.closed["peer closed"] == 3
     assert counters.bytes_in == counters.bytes_out == 3 * len(b"hello")
     assert not r.table.open and not r.table.count()
+
+
+def test_a_scrape_counts_unlisted_connections_from_the_engine_and_leaves_them_unlisted(rig):
+    from socket_echo.metrics import ServerCollector
+    from socket_echo.state import ServerState
+
+    r = rig()
+    socks = [r.connect() for _ in range(4)]  # 5 bytes echoed on each
+    closed = r.connect()
+    closed.close()
+    r.until(lambda: r.table.opened == 1, "the closed one is told as a sum")
+    families = {m.name: m for m in ServerCollector(ServerState(r.table)).collect()}
+    assert r.engine.unlisted() == 4 and not r.table.open  # no object was made for any
+
+    def value(family: str, **labels: str) -> float:
+        return sum(
+            s.value
+            for s in families[family].samples
+            if s.name.endswith("_total") or s.name == family
+            if all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+    assert value("socket_echo_connections_opened", listener=LISTENER) == 5
+    assert value("socket_echo_connections_active") == 4
+    assert value("socket_echo_bytes", listener=LISTENER, direction="in") == 5 * 5
+    assert value("socket_echo_bytes", listener=LISTENER, direction="out") == 5 * 5
+    for sock in socks:
+        sock.close()

@@ -84,6 +84,7 @@ class Unlisted(Protocol):
 
     def unlisted(self) -> int: ...
     def list_unlisted(self) -> None: ...
+    def unlisted_by_listener(self) -> dict[str, tuple[int, int, int]]: ...
     def open_changed(self, listed: int) -> None: ...
 
 
@@ -137,6 +138,17 @@ class ConnectionTable:
         for source in self.unlisted:
             n += source.unlisted()
         return n
+
+    def unlisted_by_listener(self) -> dict[str, tuple[int, int, int]]:
+        """(connections, bytes in, bytes out) of the open connections that have no object, by
+        listener, from the paths that own them (a scrape: listing them would end a native
+        path's unlisted mode for all of them)."""
+        sums: dict[str, tuple[int, int, int]] = {}
+        for source in self.unlisted:
+            for listener, (n, got, sent) in source.unlisted_by_listener().items():
+                n0, got0, sent0 = sums.get(listener, (0, 0, 0))
+                sums[listener] = (n0 + n, got0 + got, sent0 + sent)
+        return sums
 
     def list_all(self) -> None:
         """Make every open connection an object in ``open`` (before looking at all of them)."""

@@ -37,14 +37,17 @@ class ServerCollector:
     def collect(self) -> Iterator[Metric]:
         s = self.state
         table = s.table
-        table.list_all()  # connections a native path admitted without an object yet
+        unlisted = table.unlisted_by_listener()  # admitted by a native path, no object yet
+        live = s.live_bytes(unlisted)  # bytes of open connections, read from their owners
         opened = CounterMetricFamily(
             "socket_echo_connections_opened",
             "Connections admitted, by listener.",
             labels=["listener"],
         )
-        for listener, counters in table.by_listener.items():
-            opened.add_metric([listener], counters.opened)
+        for listener in set(table.by_listener) | set(unlisted):
+            counters = table.by_listener.get(listener)
+            n = unlisted.get(listener, (0, 0, 0))[0]
+            opened.add_metric([listener], (counters.opened if counters else 0) + n)
         yield opened
         closed = CounterMetricFamily(
             "socket_echo_connections_closed",
@@ -72,7 +75,6 @@ class ServerCollector:
             "Times accepting paused on EMFILE/ENFILE/ENOBUFS/ENOMEM.",
             value=s.accept_paused.count,
         )
-        live = s.live_bytes()  # bytes of open connections, read at scrape time
         moved = CounterMetricFamily(
             "socket_echo_bytes",
             "Bytes echoed, by listener and direction.",

@@ -109,6 +109,24 @@ typedef struct {
     double duration_sum;
 } gone_t;
 
+/* What was told, moved out of the engine under its mutex and made into Python objects after
+ * unlocking it (libuv's uv__work_done moves its queue the same way): the thread never waits
+ * while Python builds lists, raises or collects garbage. Only the GIL holder touches it; what
+ * could not be built (a MemoryError) stays here for the next take. */
+typedef struct {
+    event_t *queue;
+    size_t queued, cap;
+    gone_t gone[MAX_LISTENERS];
+    Py_ssize_t refused_cap, refused_budget;
+} told_t;
+
+/* A connection listed by take_all, copied out under the mutex. */
+typedef struct {
+    unsigned long long handle;
+    int tag;
+    double opened_at;
+} listed_t;
+
 typedef struct {
     PyObject_HEAD
     int ep;
@@ -144,6 +162,7 @@ typedef struct {
     int paused;
     int want_peers;
     uint32_t next_gen;
+    told_t told; /* Python's side: no lock */
 } Engine;
 
 static int grow(Engine *self, int fd) {
@@ -614,6 +633,7 @@ static void Engine_dealloc(Engine *self) {
     free(self->conns);
     free(self->buf);
     free(self->queue);
+    free(self->told.queue);
     pthread_mutex_destroy(&self->mu);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -816,21 +836,61 @@ static PyObject *Engine_open_count(Engine *self, PyObject *Py_UNUSED(ignored)) {
     return PyLong_FromSsize_t(n);
 }
 
-/* What the thread queued, as Python objects; called with the mutex held. NULL on a Python
- * error, the queue then kept for the next call. */
-static PyObject *take_events(Engine *self) {
+/* Move what the thread queued into ``told`` (called with the mutex held; no Python). */
+static int move_told(Engine *self) {
     uint64_t count;
     ssize_t r = read(self->notify_fd, &count, sizeof count); /* EAGAIN: nothing was told */
     (void)r;
     self->notified = 0;
-    if (self->failed) {
-        errno = self->failed;
-        return PyErr_SetFromErrno(PyExc_OSError);
+    told_t *t = &self->told;
+    if (self->queued) {
+        if (t->queued == 0) { /* the usual case: swap the buffers, nothing copied */
+            event_t *q = t->queue;
+            size_t cap = t->cap;
+            t->queue = self->queue;
+            t->cap = self->queue_cap;
+            t->queued = self->queued;
+            self->queue = q;
+            self->queue_cap = cap;
+        } else { /* an earlier take failed to build: append */
+            size_t need = t->queued + self->queued;
+            if (need > t->cap) {
+                event_t *q = realloc(t->queue, need * sizeof(event_t));
+                if (!q) return ENOMEM; /* left in the engine's queue for the next take */
+                t->queue = q;
+                t->cap = need;
+            }
+            memcpy(t->queue + t->queued, self->queue, self->queued * sizeof(event_t));
+            t->queued = need;
+        }
+        self->queued = 0;
     }
+    for (int i = 0; i < MAX_LISTENERS; i++) {
+        gone_t *g = &self->gone[i], *to = &t->gone[i];
+        if (!g->count) continue;
+        to->count += g->count;
+        for (int k = 0; k < 3; k++) to->closed[k] += g->closed[k];
+        to->bytes_in += g->bytes_in;
+        to->bytes_out += g->bytes_out;
+        for (int b = 0; b <= MAX_BOUNDS; b++) to->buckets[b] += g->buckets[b];
+        to->duration_sum += g->duration_sum;
+    }
+    memset(self->gone, 0, sizeof self->gone);
+    t->refused_cap += self->refused_cap;
+    t->refused_budget += self->refused_budget;
+    self->refused_cap = self->refused_budget = 0;
+    self->untold_since = 0;
+    return self->failed;
+}
+
+/* ``told`` as a list of Python event tuples, emptied; NULL on a Python error (kept then).
+ * Called without the mutex. */
+static PyObject *build_told(Engine *self) {
+    told_t *t = &self->told;
     PyObject *out = PyList_New(0);
     if (!out) return NULL;
-    for (size_t i = 0; i < self->queued; i++) {
-        event_t *e = &self->queue[i];
+    for (size_t i = 0; i < t->queued; i++) {
+        event_t *e = &t->queue[i];
         PyObject *item;
         if (e->kind == EV_OPENED) {
             PyObject *peer = peer_of(&e->peer);
@@ -845,13 +905,12 @@ static PyObject *take_events(Engine *self) {
         }
         if (!item || PyList_Append(out, item) < 0) {
             Py_XDECREF(item);
-            Py_DECREF(out);
-            return NULL;
+            goto fail;
         }
         Py_DECREF(item);
     }
-    for (int t = 0; t < MAX_LISTENERS; t++) {
-        gone_t *g = &self->gone[t];
+    for (int i = 0; i < MAX_LISTENERS; i++) {
+        gone_t *g = &t->gone[i];
         if (!g->count) continue;
         PyObject *buckets = PyTuple_New(self->nbounds + 1);
         if (!buckets) goto fail;
@@ -863,7 +922,7 @@ static PyObject *take_events(Engine *self) {
             }
             PyTuple_SET_ITEM(buckets, b, v);
         }
-        PyObject *item = Py_BuildValue("(iin(nnn)KKNd)", EV_GONE, t, g->count,
+        PyObject *item = Py_BuildValue("(iin(nnn)KKNd)", EV_GONE, i, g->count,
                                        g->closed[R_PEER_CLOSED], g->closed[R_RESET],
                                        g->closed[R_ERROR], g->bytes_in, g->bytes_out, buckets,
                                        g->duration_sum);
@@ -873,8 +932,8 @@ static PyObject *take_events(Engine *self) {
         }
         Py_DECREF(item);
     }
-    if (self->refused_cap || self->refused_budget) {
-        PyObject *item = Py_BuildValue("(inn)", EV_REFUSED, self->refused_cap, self->refused_budget);
+    if (t->refused_cap || t->refused_budget) {
+        PyObject *item = Py_BuildValue("(inn)", EV_REFUSED, t->refused_cap, t->refused_budget);
         if (!item || PyList_Append(out, item) < 0) {
             Py_XDECREF(item);
             goto fail;
@@ -882,48 +941,112 @@ static PyObject *take_events(Engine *self) {
         Py_DECREF(item);
     }
     /* all of it is Python's now */
-    self->queued = 0;
-    memset(self->gone, 0, sizeof self->gone);
-    self->refused_cap = self->refused_budget = 0;
-    self->untold_since = 0;
+    t->queued = 0;
+    memset(t->gone, 0, sizeof t->gone);
+    t->refused_cap = t->refused_budget = 0;
     return out;
 fail:
     Py_DECREF(out);
     return NULL;
 }
 
+static PyObject *failed_error(int failed) {
+    errno = failed;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
 static PyObject *Engine_take(Engine *self, PyObject *Py_UNUSED(ignored)) {
-    PyObject *out;
-    LOCKED(out = take_events(self));
-    return out;
+    int failed;
+    LOCKED(failed = move_told(self));
+    if (failed) return failed_error(failed);
+    return build_told(self);
 }
 
 /* (events, [(handle, tag, opened_at)]): what was queued, and the connections Python has no
  * object for, listed from now on (their close is an EV_CLOSED). One snapshot: the events
- * come first, so a close queued for a reused descriptor is heard before its new tenant. */
+ * come first, so a close queued for a reused descriptor is heard before its new tenant. The
+ * connections are copied out under the mutex; their Python objects are made after it. */
 static PyObject *Engine_take_all(Engine *self, PyObject *Py_UNUSED(ignored)) {
     PyObject *events = NULL, *listed = NULL, *out = NULL;
-    pthread_mutex_lock(&self->mu);
-    events = take_events(self);
-    if (!events || !(listed = PyList_New(0))) goto done;
-    for (size_t fd = 0; fd < self->capacity && self->unlisted > 0; fd++) {
-        conn_t *c = &self->conns[fd];
-        if (c->state == FREE || !c->unlisted) continue;
-        PyObject *item = Py_BuildValue("(Kid)", handle_of((int)fd, c->gen), (int)c->tag,
-                                       c->opened_at);
-        if (!item || PyList_Append(listed, item) < 0) {
-            Py_XDECREF(item);
-            goto done;
+    listed_t *copied = NULL;
+    size_t n = 0;
+    int failed;
+    LOCKED({
+        failed = move_told(self);
+        if (!failed && self->unlisted > 0) {
+            copied = malloc((size_t)self->unlisted * sizeof *copied);
+            if (!copied) failed = ENOMEM;
         }
-        Py_DECREF(item);
-        c->unlisted = 0;
-        self->unlisted--;
+        for (size_t fd = 0; copied && fd < self->capacity && self->unlisted > 0; fd++) {
+            conn_t *c = &self->conns[fd];
+            if (c->state == FREE || !c->unlisted) continue;
+            copied[n].handle = handle_of((int)fd, c->gen);
+            copied[n].tag = (int)c->tag;
+            copied[n].opened_at = c->opened_at;
+            n++;
+            c->unlisted = 0;
+            self->unlisted--;
+        }
+    });
+    if (failed) {
+        free(copied);
+        return failed_error(failed);
+    }
+    if (!(events = build_told(self)) || !(listed = PyList_New((Py_ssize_t)n))) goto done;
+    for (size_t i = 0; i < n; i++) {
+        PyObject *item = Py_BuildValue("(Kid)", copied[i].handle, copied[i].tag,
+                                       copied[i].opened_at);
+        if (!item) goto done;
+        PyList_SET_ITEM(listed, (Py_ssize_t)i, item);
     }
     out = PyTuple_Pack(2, events, listed);
 done:
-    pthread_mutex_unlock(&self->mu);
+    if (!out && n) { /* not listed after all: unlisted again, as they were */
+        LOCKED({
+            for (size_t i = 0; i < n; i++) {
+                conn_t *c = lookup(self, copied[i].handle);
+                if (c && !c->unlisted) {
+                    c->unlisted = 1;
+                    self->unlisted++;
+                }
+            }
+        });
+    }
+    free(copied);
     Py_XDECREF(events);
     Py_XDECREF(listed);
+    return out;
+}
+
+/* [(tag, connections, bytes_in, bytes_out)] of the open connections Python has no object for,
+ * per listener, leaving them unlisted: what a scrape counts (the owner tells its counts; a
+ * scrape that listed them all would end the unlisted mode for every one). */
+static PyObject *Engine_unlisted_sums(Engine *self, PyObject *Py_UNUSED(ignored)) {
+    Py_ssize_t count[MAX_LISTENERS] = {0};
+    unsigned long long in[MAX_LISTENERS] = {0}, held[MAX_LISTENERS] = {0};
+    LOCKED({
+        Py_ssize_t left = self->unlisted;
+        for (size_t fd = 0; fd < self->capacity && left > 0; fd++) {
+            conn_t *c = &self->conns[fd];
+            if (c->state == FREE || !c->unlisted || c->tag >= MAX_LISTENERS) continue;
+            left--;
+            count[c->tag]++;
+            in[c->tag] += c->bytes_in;
+            held[c->tag] += (c->pending ? c->len - c->off : 0) + c->piped;
+        }
+    });
+    PyObject *out = PyList_New(0);
+    if (!out) return NULL;
+    for (int t = 0; t < MAX_LISTENERS; t++) {
+        if (!count[t]) continue;
+        PyObject *item = Py_BuildValue("(inKK)", t, count[t], in[t], in[t] - held[t]);
+        if (!item || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
     return out;
 }
 
@@ -947,6 +1070,8 @@ static PyMethodDef Engine_methods[] = {
      "Stop the thread (connections stay open; take() still answers)."},
     {"take", (PyCFunction)Engine_take, METH_NOARGS,
      "The state changes since the last take: a list of (kind, ...)."},
+    {"unlisted_sums", (PyCFunction)Engine_unlisted_sums, METH_NOARGS,
+     "[(tag, connections, bytes_in, bytes_out)] of the open unlisted connections."},
     {"take_all", (PyCFunction)Engine_take_all, METH_NOARGS,
      "(take(), [(handle, tag, opened_at)] of the unlisted connections, listed from now on)."},
     {"add_listener", (PyCFunction)Engine_add_listener, METH_VARARGS,

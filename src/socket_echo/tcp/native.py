@@ -136,6 +136,15 @@ class NativeEngine:
             conn = conns[handle] = NativeConnection(self, handle, None, contexts[tag])
             conn.admit(opened_at, listed_late=True)
 
+    def unlisted_by_listener(self) -> dict[str, tuple[int, int, int]]:
+        """(connections, bytes in, bytes out) of the open unlisted ones, by listener, leaving
+        them unlisted; what the engine had not told yet is heard first."""
+        self._handle(self.c.take())
+        contexts = self.contexts
+        return {
+            contexts[tag].listener: (n, got, sent) for tag, n, got, sent in self.c.unlisted_sums()
+        }
+
     def open_changed(self, listed: int) -> None:
         """The table's ``open`` changed (limits.ConnectionTable.admit/release): tell the C
         admission how many of them are not this engine's. A connection of ours enters
