@@ -60,14 +60,30 @@ def test_server_that_loses_bytes_is_exit_1():
     assert b"came back" in result.stderr or b"the echo differs" in result.stderr
 
 
-def test_connection_refused_is_one_line_exit_1():
+def test_connection_refused_is_one_line_exit_2():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result = tool("client", f"127.0.0.1:{port}", stdin=b"x")
-    assert result.returncode == 1
+    assert result.returncode == 2  # unreachable, as for probe and bench
     assert len(result.stderr.strip().splitlines()) == 1
     assert b"refused" in result.stderr.lower()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("client",), ("probe",), ("probe", "--quick"), ("bench", "-d", "0.2", "-p", "1")],
+    ids=lambda a: " ".join(a),
+)
+def test_nothing_listening_is_exit_2_for_every_tool(args):
+    """The exit-code table (socket_echo/exits.py): the same condition, the same code."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = tool(*args, f"127.0.0.1:{port}", "--timeout", "1", stdin=b"x")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.decode().strip().splitlines()
+    assert lines == [f"socket-echo: error: unreachable: tcp://127.0.0.1:{port}: Connection refused"]
 
 
 def test_udp_pipe():
@@ -117,7 +133,7 @@ def test_tls_client_and_probe_verify_the_certificate(tls_echo):
     assert result.returncode == 0, result.stdout
     # without the CA the certificate is not trusted: one clear line, no traceback
     result = tool("client", f"tls://127.0.0.1:{port}", stdin=b"x")
-    assert result.returncode == 1
+    assert result.returncode == 2  # no handshake: unreachable
     assert b"certificate" in result.stderr and len(result.stderr.splitlines()) == 1
     result = tool("client", f"tls://127.0.0.1:{port}", "--insecure", stdin=b"insecure ok")
     assert result.returncode == 0 and result.stdout == b"insecure ok"

@@ -17,11 +17,11 @@ import click
 
 from socket_echo import __version__, config
 from socket_echo.config import ConfigError, ServerConfig
+from socket_echo.exits import FAILED, UNREACHABLE, USAGE, error_line
 from socket_echo.kinds import kind
 from socket_echo.logs import quiet_aioquic
 from socket_echo.main import StartError, check_choices
 from socket_echo.main import serve as serve_config
-from socket_echo.server import EXIT_FAILURE, EXIT_USAGE
 from socket_echo.supervisors.cpu import check_process_count, worker_count
 
 ENV_PREFIX = "SOCKET_ECHO_"
@@ -537,13 +537,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="socket-echo", standalone_mode=False)
     except click.exceptions.Abort:
-        sys.exit(EXIT_FAILURE)
+        sys.exit(FAILED)
     except click.UsageError as exc:
-        click.echo(f"socket-echo: error: {exc.format_message()}", err=True)
-        sys.exit(EXIT_USAGE)
+        click.echo(error_line(exc.format_message()), err=True)
+        sys.exit(USAGE)
     except click.ClickException as exc:
-        click.echo(f"socket-echo: error: {exc.format_message()}", err=True)
-        sys.exit(EXIT_FAILURE)
+        click.echo(error_line(exc.format_message()), err=True)
+        sys.exit(FAILED)
 
 
 # -- client tools ----------------------------------------------------------------------------
@@ -552,6 +552,18 @@ TARGET_HELP = (
     "TARGET is HOST[:PORT] (port 4242), [IPV6]:PORT, or a tcp:// udp:// tls:// unix:// "
     "quic:// (port 4422) dtls:// URL."
 )
+
+
+def _exit_with(run: Callable[[], int]) -> None:
+    """Run a tool and exit with its code; a ToolError is its one line (tools/exits.py)."""
+    from socket_echo.exits import ToolError
+
+    try:
+        code = run()
+    except ToolError as exc:
+        click.echo(error_line(str(exc)), err=True)
+        code = exc.code
+    sys.exit(code)
 
 
 def _target(text: str, udp: bool, tls: bool) -> Any:
@@ -643,31 +655,12 @@ def client(
     alpn: str,
 ) -> None:
     """Talk to an echo server: line mode on a terminal, binary-safe pipe otherwise (quic://:
-    a pipe over one stream; dtls://: one record per line, or per 1 KiB from a pipe)."""
+    a pipe over one stream; dtls://: one record per line, or per 1 KiB from a pipe). Exit 0
+    when every byte came back as sent, 1 when not, 2 when nothing answered."""
     from socket_echo.tools import client as tool
-    from socket_echo.tools.target import Unreachable
 
     t = _target(target, udp, tls)
-    if t.scheme == "quic":
-        from socket_echo.tools import quic_client
-
-        try:
-            sys.exit(quic_client.run(t, _tls_options(ca, insecure, server_name), timeout, alpn))
-        except Unreachable as exc:
-            raise click.ClickException(str(exc)) from None
-    if t.scheme == "dtls":
-        from socket_echo.tools import dtls_client
-
-        try:
-            sys.exit(dtls_client.run(t, _tls_options(ca, insecure, server_name), timeout))
-        except (Unreachable, dtls_client.DtlsFailed) as exc:
-            raise click.ClickException(f"{t.url}: {exc}") from None
-    try:
-        sys.exit(tool.run(t, _tls_options(ca, insecure, server_name), timeout))
-    except (Unreachable, tool.ClientError) as exc:
-        raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(f"{t.url}: {exc.strerror or exc}") from None
+    _exit_with(lambda: tool.main(t, _tls_options(ca, insecure, server_name), timeout, alpn))
 
 
 @cli.command(epilog=TARGET_HELP)
@@ -701,47 +694,13 @@ def probe(
     require_concurrency: bool,
     alpn: str,
 ) -> None:
-    """Check that any echo server conforms. Exit 0 passed, 1 failed, 2 unreachable."""
+    """Check that any echo server conforms. Exit 0 passed, 1 failed, 2 unreachable
+    (--quick too)."""
     from socket_echo.tools import probe as tool
-    from socket_echo.tools import report
-    from socket_echo.tools.steps import FAIL
-    from socket_echo.tools.target import Unreachable
 
     t = _target(target, udp, tls)
     options = _tls_options(ca, insecure, server_name)
-    if t.scheme in ("quic", "dtls"):
-        from socket_echo.tools import dtls_probe, quic_probe
-
-        try:
-            steps = (
-                quic_probe.run(t, timeout, options, alpn, quick)
-                if t.scheme == "quic"
-                else dtls_probe.run(t, timeout, options, quick)
-            )
-        except Unreachable as exc:
-            if quick:
-                sys.exit(EXIT_FAILURE)
-            click.echo(f"socket-echo: error: unreachable: {exc}", err=True)
-            sys.exit(EXIT_USAGE)
-        if quick:  # exit code only, as for the other schemes
-            sys.exit(EXIT_FAILURE if any(s.status == FAIL for s in steps) else 0)
-        if as_json:
-            click.echo(report.probe_json(t.url, steps))
-        else:
-            report.probe_table(t.url, steps)
-        sys.exit(EXIT_FAILURE if any(s.status == FAIL for s in steps) else 0)
-    if quick:
-        sys.exit(0 if tool.Probe(t, timeout, options).quick() else EXIT_FAILURE)
-    try:
-        steps = tool.run(t, timeout, options, require_concurrency)
-    except Unreachable as exc:
-        click.echo(f"socket-echo: error: unreachable: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    if as_json:
-        click.echo(report.probe_json(t.url, steps))
-    else:
-        report.probe_table(t.url, steps)
-    sys.exit(EXIT_FAILURE if any(s.status == FAIL for s in steps) else 0)
+    _exit_with(lambda: tool.main(t, timeout, options, alpn, quick, require_concurrency, as_json))
 
 
 @cli.command(epilog=TARGET_HELP)
@@ -874,8 +833,8 @@ def bench(
         else:
             connect(t, timeout).close()
     except Unreachable as exc:
-        click.echo(f"socket-echo: error: unreachable: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+        click.echo(error_line(f"unreachable: {exc}"), err=True)
+        sys.exit(UNREACHABLE)
     cfg = tool.BenchConfig(
         t,
         mode,
@@ -899,7 +858,7 @@ def bench(
         _write_results(summary, json_file, plot_file)
     except OSError as exc:
         raise click.ClickException(f"cannot write results: {exc.strerror or exc}") from None
-    sys.exit(EXIT_FAILURE if summary["errors"] or summary["mismatches"] else 0)
+    sys.exit(FAILED if summary["errors"] or summary["mismatches"] else 0)
 
 
 def _write_results(summary: dict[str, Any], json_file: str | None, plot_file: str | None) -> None:

@@ -14,6 +14,7 @@ import signal
 from typing import TYPE_CHECKING, Any
 
 from socket_echo.config import CLOSE_WAIT, UDP_REPORT_EVERY, ServerConfig
+from socket_echo.exits import FAILED, OK
 from socket_echo.gates.credentials import Credentials
 from socket_echo.gates.wiring import Listening, StreamSetup, serve_stream_listener
 from socket_echo.impair.datagram import ImpairedUdpEcho
@@ -37,8 +38,6 @@ from socket_echo.udp.paths import UdpServing, resolve_udp_io, serve_udp
 if TYPE_CHECKING:
     from socket_echo.gates.dtls import DtlsEchoServer
     from socket_echo.gates.quic import EchoQuicServer
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 class EchoServer:
@@ -233,7 +232,7 @@ class EchoServer:
             if sig == signal.SIGINT:
                 log_event(logging.WARNING, "forced_exit", "second interrupt: exiting now")
                 logging.shutdown()
-                os._exit(EXIT_FAILURE)
+                os._exit(FAILED)
             return
         self.stop_signal = sig.name
         self.stopping.set()
@@ -347,9 +346,9 @@ def run(
         loop.run_until_complete(server.serve())
     except OSError as exc:
         logger.error("server failed: %s", exc.strerror or exc)
-        return EXIT_FAILURE
+        return FAILED
     finally:
         close_all(listeners)
         close_all(metrics_listeners or [])
         loop.close()
-    return EXIT_OK
+    return OK

@@ -46,12 +46,13 @@ from socket_echo.config import (
     ListenerSpec,
     ServerConfig,
 )
+from socket_echo.exits import FAILED, OK
 from socket_echo.gates.credentials import Credentials
 from socket_echo.kinds import kind
 from socket_echo.listeners import BindError, BoundListener, bind_all, close_all, rebind
 from socket_echo.logs import log_event, logger, set_worker
 from socket_echo.metrics import health_factory
-from socket_echo.server import EXIT_FAILURE, EXIT_OK, run
+from socket_echo.server import run
 from socket_echo.supervisors import metrics_sum
 
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
@@ -101,7 +102,7 @@ class Supervisor:
         ]
         self.stopping = False
         self.restarts = 0
-        self.exit_code = EXIT_OK
+        self.exit_code = OK
         self._finished: asyncio.Event | None = None
         self._all_ready: asyncio.Event | None = None
         self._metrics_servers: list[asyncio.AbstractServer] = []
@@ -213,7 +214,7 @@ class Supervisor:
         try:
             pid = os.fork()
             if pid == 0:  # the worker: never returns into the supervisor's code
-                code = EXIT_FAILURE
+                code = FAILED
                 try:
                     os.close(ready_r)
                     code = self._worker_main(worker, ready_w)
@@ -285,7 +286,7 @@ class Supervisor:
                 f"worker {worker.index} {how} before it was ready: stopping",
                 worker=worker.index,
             )
-            self.exit_code = EXIT_FAILURE
+            self.exit_code = FAILED
             self._on_signal(signal.SIGTERM)
             return
         lived = loop.time() - worker.started_at
@@ -329,7 +330,7 @@ class Supervisor:
         supervisor = os.getppid()
         die_with_parent()
         if os.getppid() != supervisor:  # it died before we asked to be told
-            return EXIT_FAILURE
+            return FAILED
         signal.set_wakeup_fd(-1)  # that was the supervisor loop's pipe
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
@@ -350,7 +351,7 @@ class Supervisor:
             )
         except BindError as exc:
             logger.error("%s", exc.strerror or exc)
-            return EXIT_FAILURE
+            return FAILED
         finally:
             for bound in self.placeholders:
                 bound.sock.close()

@@ -13,8 +13,9 @@ import os
 import socket
 import sys
 
+from socket_echo.exits import FAILED, UNREACHABLE, ToolError
 from socket_echo.tools.duplex import DuplexError, duplex
-from socket_echo.tools.target import Target, TlsOptions, connect
+from socket_echo.tools.target import Target, TlsOptions, Unreachable, connect
 
 CHUNK = 64 * 1024
 UDP_CHUNK = 1024  # bytes per datagram from a pipe: fits every path's MTU
@@ -23,6 +24,29 @@ UDP_TRIES = 3
 
 class ClientError(Exception):
     """One line for the user; exit 1."""
+
+
+def main(target: Target, tls: TlsOptions | None, timeout: float, alpn: str) -> int:
+    """``socket-echo client`` on any target: the exit code (tools/exits.py), or ToolError."""
+    try:
+        if target.scheme == "quic":
+            from socket_echo.tools import quic_client
+
+            return quic_client.run(target, tls, timeout, alpn)
+        if target.scheme == "dtls":
+            from socket_echo.tools import dtls_client
+
+            try:
+                return dtls_client.run(target, tls, timeout)
+            except dtls_client.DtlsFailed as exc:
+                raise ToolError(f"{target.url}: {exc}", FAILED) from None
+        return run(target, tls, timeout)
+    except Unreachable as exc:
+        raise ToolError(f"unreachable: {exc}", UNREACHABLE) from None
+    except ClientError as exc:
+        raise ToolError(str(exc), FAILED) from None
+    except OSError as exc:
+        raise ToolError(f"{target.url}: {exc.strerror or exc}", FAILED) from None
 
 
 def run(target: Target, tls: TlsOptions | None, timeout: float) -> int:

@@ -236,7 +236,10 @@ async def pipe(target: Target, tls: TlsOptions | None, timeout: float) -> int:
     no echo is sent again (UDP loses datagrams), up to 3 times. Exit 0 once stdin ended and
     every record came back, 1 otherwise (one line)."""
     loop = asyncio.get_running_loop()
-    client = await open_dtls(target, tls, timeout)
+    try:
+        client = await open_dtls(target, tls, timeout)
+    except DtlsFailed as exc:  # no session: nothing answered as a DTLS echo should
+        raise Unreachable(f"{target.url}: {exc}") from None
     tty = sys.stdin.isatty()
     fd = sys.stdin.fileno()
     out = sys.stdout.buffer
@@ -264,5 +267,6 @@ async def pipe(target: Target, tls: TlsOptions | None, timeout: float) -> int:
 
 
 def run(target: Target, tls: TlsOptions | None, timeout: float) -> int:
-    """``client dtls://``; DtlsFailed or Unreachable carry the one line to show."""
+    """``client dtls://``; DtlsFailed (the echo) or Unreachable (the handshake) carry the one
+    line to show."""
     return asyncio.run(pipe(target, tls, timeout))

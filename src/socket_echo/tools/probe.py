@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
+from socket_echo.exits import FAILED, OK, UNREACHABLE, ToolError
 from socket_echo.payloads import NET_TOOLS_PAYLOADS
 from socket_echo.tools.duplex import DuplexError, duplex
 from socket_echo.tools.steps import FAIL, FINDING, PASS, SKIP, Step
@@ -353,7 +354,8 @@ class Probe:
             self._udp_sent.add(payload)
 
     def quick(self) -> bool:
-        """One short round trip: fit for a container health check."""
+        """One short round trip: fit for a container health check. Unreachable when
+        nothing answers (exit 2, as for a full probe); False when the echo is wrong."""
         try:
             if self.target.scheme == "udp":
                 with connect(self.target, self.timeout) as sock:
@@ -362,6 +364,8 @@ class Probe:
                 return round_trip(sock, b"socket-echo health", self.timeout) == (
                     b"socket-echo health"
                 )
+        except Unreachable:
+            raise
         except (OSError, StepFailed):
             return False
 
@@ -377,3 +381,38 @@ def run(
 ) -> list[Step]:
     probe = Probe(target, timeout, tls, require_concurrency)
     return probe.run_udp() if target.scheme == "udp" else probe.run_stream()
+
+
+def main(
+    target: Target,
+    timeout: float,
+    tls: TlsOptions | None,
+    alpn: str,
+    quick: bool = False,
+    require_concurrency: bool = False,
+    as_json: bool = False,
+) -> int:
+    """``socket-echo probe`` on any target: prints the report (none with ``quick``) and
+    returns the exit code (tools/exits.py); ToolError when nothing answers."""
+    from socket_echo.tools import report
+
+    try:
+        if target.scheme == "quic":
+            from socket_echo.tools import quic_probe
+
+            steps = quic_probe.run(target, timeout, tls, alpn, quick)
+        elif target.scheme == "dtls":
+            from socket_echo.tools import dtls_probe
+
+            steps = dtls_probe.run(target, timeout, tls, quick)
+        elif quick:
+            return OK if Probe(target, timeout, tls).quick() else FAILED
+        else:
+            steps = run(target, timeout, tls, require_concurrency)
+    except Unreachable as exc:
+        raise ToolError(f"unreachable: {exc}", UNREACHABLE) from None
+    if as_json and not quick:
+        print(report.probe_json(target.url, steps))
+    elif not quick:
+        report.probe_table(target.url, steps)
+    return FAILED if any(s.status == FAIL for s in steps) else OK

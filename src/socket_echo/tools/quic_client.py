@@ -15,6 +15,7 @@ from typing import Any
 from aioquic.asyncio.client import connect
 from aioquic.quic.events import QuicEvent, StreamDataReceived
 
+from socket_echo.exits import FAILED, ToolError
 from socket_echo.tools.quic_probe import Failed, ProbeClient, configuration, describe
 from socket_echo.tools.target import Target, TlsOptions, Unreachable
 
@@ -68,15 +69,11 @@ async def pipe(target: Target, tls: TlsOptions | None, timeout: float, alpn: str
                 await client.until(lambda: 0 in client.ended, timeout, "the echo")
             except Failed as exc:
                 client.out.flush()
-                print(
-                    f"socket-echo: error: {exc} ({client.echoed} of {sent} B back)", file=sys.stderr
-                )
-                return 1
+                raise ToolError(f"{exc} ({client.echoed} of {sent} B back)", FAILED) from None
             client.out.flush()
             if client.echoed != sent:
-                print(f"socket-echo: error: {client.echoed} of {sent} B came back", file=sys.stderr)
-                return 1
-    except Unreachable:
+                raise ToolError(f"{client.echoed} of {sent} B came back", FAILED)
+    except (Unreachable, ToolError):
         raise
     except OSError as exc:
         raise Unreachable(f"{target.url}: {exc.strerror or exc}") from None
