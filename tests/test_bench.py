@@ -180,26 +180,26 @@ def test_a_send_the_server_never_takes_ends_on_time(monkeypatch, native):
     import time
     import types
 
-    from socket_echo.tools import bench as tool
+    from socket_echo.tools import load as tool
     from socket_echo.tools.target import parse_target
 
     if not native:
         monkeypatch.setenv("SOCKET_ECHO_NO_EXTENSIONS", "1")
     server = Broken("deaf")
     try:
-        cfg = tool.BenchConfig(
+        cfg = tool.BenchConfig(  # the model, as load.py imports it
             parse_target(f"127.0.0.1:{server.port}"), size=65536, duration=1.0, timeout=0.5
         )
-        worker = tool.Worker(cfg, 2, 0, types.SimpleNamespace(value=0))
-        plain_open = worker._open
+        worker = tool.Worker(cfg, 2, 0.0, 0, types.SimpleNamespace(value=0))
+        plain_connect = worker._connect
 
-        def small_buffer_open():  # type: ignore[no-untyped-def]
-            conn = plain_open()
-            if conn is not None:
-                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            return conn
+        def small_buffer_connect():  # type: ignore[no-untyped-def]
+            sock = plain_connect()
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            return sock
 
-        worker._open = small_buffer_open  # type: ignore[method-assign]
+        worker._connect = small_buffer_connect  # type: ignore[method-assign]
         started = time.monotonic()
         result = worker.run()
         elapsed = time.monotonic() - started
@@ -208,3 +208,113 @@ def test_a_send_the_server_never_takes_ends_on_time(monkeypatch, native):
     assert elapsed < 3, elapsed  # the run's duration and one timeout, not for ever
     assert result.requests == 0
     assert result.errors["no complete answer within the timeout"] >= 2
+
+
+# -- the open loop: a schedule kept, both figures, pipelining, warm-up ----------------------
+
+
+def delayed_server(start_server, delay: str):  # type: ignore[no-untyped-def]
+    server = start_server("--bind", f"tcp://127.0.0.1:0?delay={delay}")
+    _, host, port = server.listener()
+    return f"{host}:{port}"
+
+
+@pytest.mark.parametrize("env", LOOPS, ids=LOOP_IDS)
+def test_open_loop_pipelines_through_a_slow_server_and_keeps_its_schedule(start_server, env):
+    """A 30 ms echo, each connection asked for a request every 10 ms: only several in flight
+    per connection keep the schedule; every echo is matched by position and verified."""
+    target = delayed_server(start_server, "30ms")
+    code, report, _ = bench(target, "--rate", "200", "-c", "2", "-d", "1", "-p", "1", env=env)
+    assert code == 0, report
+    assert report["mismatches"] == 0 and report["errors"] == 0
+    assert report["held_sends"] == 0  # the window (16 in flight) never filled
+    assert 150 <= report["sends"] <= 201 and report["requests"] >= 140, report
+    assert report["latency_us"]["p50"] >= 30_000  # never earlier than the delay
+    assert report["latency_uncorrected_us"]["p50"] >= 30_000
+    assert report["latency_from"] == "intended send time (corrected)"
+    assert report["parameters"]["in_flight"] == 16
+
+
+@pytest.mark.parametrize("env", LOOPS, ids=LOOP_IDS)
+def test_one_in_flight_behind_a_slow_server_is_held_and_corrected(start_server, env):
+    """wrk2's case: one request in flight, a server slower than the schedule. The sends wait
+    (held: the server's doing, not late: ours), and latency from the intended send time
+    counts the wait the uncorrected figure hides (coordinated omission)."""
+    target = delayed_server(start_server, "30ms")
+    code, report, _ = bench(
+        target, "--rate", "200", "-c", "2", "-d", "1", "-p", "1", "--in-flight", "1", env=env
+    )
+    assert code == 0, report
+    assert report["held_sends"] > 0
+    corrected, uncorrected = report["latency_us"], report["latency_uncorrected_us"]
+    assert uncorrected["p50"] < 60_000  # each echo itself took about 30 ms
+    assert corrected["p99"] > 2 * uncorrected["p99"], (corrected, uncorrected)
+
+
+@pytest.mark.parametrize("env", LOOPS, ids=LOOP_IDS)
+@pytest.mark.parametrize("arrival", ["uniform", "poisson"])
+def test_open_loop_figures_and_what_they_mean(start_server, env, arrival):
+    server = start_server()
+    code, report, table = bench(
+        f"127.0.0.1:{server.port}", "--rate", "400", "-c", "4", "-d", "1", "-p", "1",
+        "--arrival", arrival, env=env,
+    )  # fmt: skip
+    assert code == 0, report
+    assert 300 <= report["sends"] <= 500 and report["parameters"]["arrival"] == arrival
+    for p in ("p50", "p90", "p99", "p999", "p9999", "p99999", "max"):
+        assert report["latency_us"][p] >= report["latency_uncorrected_us"][p]  # slot <= send
+    lat = report["latency_us"]
+    assert lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p999"] <= lat["p9999"] <= lat["max"]
+    assert report["send_lateness_us"]["p50"] is not None
+    assert report["latency_resolution_us"] == 1
+    assert "from send" in table and "late" in table
+
+
+@pytest.mark.parametrize("env", LOOPS, ids=LOOP_IDS)
+def test_the_warmup_is_left_out_of_every_figure(start_server, env):
+    server = start_server()
+    code, report, _ = bench(
+        f"127.0.0.1:{server.port}", "--rate", "400", "-c", "2", "-d", "0.5", "--warmup", "0.5",
+        "-p", "1", env=env,
+    )  # fmt: skip
+    assert code == 0, report
+    assert report["sends"] <= 201 and report["requests"] <= 201  # 0.5 s of 400/s, not 1 s
+    assert report["requests"] >= 150
+    assert report["window"]["seconds"] == pytest.approx(0.5, abs=0.1)
+    per_second = report["per_second"]
+    assert sum(s["requests"] for s in per_second) == report["requests"]
+
+
+@pytest.mark.parametrize("env", LOOPS, ids=LOOP_IDS)
+def test_pipelined_echoes_out_of_order_are_caught(env):
+    server = Broken("reorder")
+    try:
+        code, report, _ = bench(
+            f"127.0.0.1:{server.port}", "--rate", "2000", "-c", "1", "-s", "1000", "-d", "0.5",
+            "-p", "1", "--timeout", "0.3", env=env,
+        )  # fmt: skip
+    finally:
+        server.close()
+    assert code == 1 and report["mismatches"] + report["errors"] > 0
+
+
+def test_rate_is_refused_where_there_is_no_open_loop(start_server):
+    server = start_server()
+    result = tool("bench", f"127.0.0.1:{server.port}", "--mode", "stream", "--rate", "10")
+    assert result.returncode == 2
+    assert result.stderr.decode().strip().splitlines() == [
+        "socket-echo: error: --rate is the open loop of --mode pingpong, not of stream"
+    ]
+
+
+def test_hgrm_is_hdrhistograms_percentile_distribution(start_server, tmp_path):
+    server = start_server()
+    out = tmp_path / "run.hgrm"
+    code, report, _ = bench(
+        f"127.0.0.1:{server.port}", "-c", "2", "-d", "0.3", "-p", "1", "--hgrm", str(out)
+    )
+    assert code == 0
+    lines = out.read_text().splitlines()
+    assert lines[0].split() == ["Value", "Percentile", "TotalCount", "1/(1-Percentile)"]
+    assert lines[-2].split("TotalCount")[1].strip(" =]") == f"{report['requests']}.000"
+    assert float(lines[2].split()[0]) == report["latency_us"]["min"]

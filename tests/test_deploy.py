@@ -174,8 +174,8 @@ def flag_args(args: list[str]) -> list[str]:
 def test_kubernetes_manifests_agree_with_the_cli_and_each_other():
     m = manifests()
     assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= set(m)
-    assert set(m["Kustomization"]["resources"]) == {
-        p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"
+    assert set(m["Kustomization"]["resources"]) == {  # the bench Job is applied on its own
+        p.name for p in K8S.glob("*.yaml") if p.name not in ("kustomization.yaml", BENCH_JOB)
     }
     deploy = m["Deployment"]
     pod = deploy["spec"]["template"]
@@ -220,6 +220,62 @@ def test_kubernetes_manifests_agree_with_the_cli_and_each_other():
     assert (target["kind"], target["name"]) == ("Deployment", deploy["metadata"]["name"])
     assert hpa["spec"]["minReplicas"] >= pdb["spec"]["minAvailable"] + 1
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+
+
+BENCH_JOB = "bench-job.yaml"
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in K8S.glob("*.yaml")))
+def test_kubernetes_manifests_are_valid_against_kubernetes_schemas(path):
+    """Offline, strict (an unknown field fails): kubernetes-validate's copy of the schemas."""
+    import kubernetes_validate
+
+    for doc in yaml.safe_load_all((K8S / path).read_text()):
+        if doc and doc["kind"] != "Kustomization":
+            kubernetes_validate.validate(doc, "1.30", strict=True)
+
+
+def test_the_bench_job_runs_one_segment_per_index_on_nodes_of_their_own():
+    docs = {d["kind"]: d for d in yaml.safe_load_all((K8S / BENCH_JOB).read_text())}
+    job, claim = docs["Job"], docs["PersistentVolumeClaim"]
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["backoffLimit"] == 0
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["socket-echo", "bench"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["SEGMENT"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
+    # Kubernetes expands $(VAR) in args from env: do it as it does, for every index
+    start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 120))
+    for index in range(spec["completions"]):
+        values = {"$(SEGMENT)": str(index), "$(START_AT)": start}
+        args = [
+            re.sub(r"\$\(\w+\)", lambda m, v=values: v[m.group(0)], a)  # type: ignore[misc]
+            for a in container["args"]
+        ]
+        params = parse("bench", flag_args(args))
+        assert params["segment"] == (index, spec["parallelism"])  # N = parallelism = completions
+        assert params["segment"][1] == spec["completions"]
+        assert params["start_at"] == pytest.approx(time.time() + 120, abs=5)
+        assert params["json_file"] == f"/results/segment-{index}.json"
+    assert "REPLACE-WITH-START-TIME" in env["START_AT"]["value"]  # docs/distributed-bench.md
+    (mount,) = container["volumeMounts"]
+    assert params["json_file"].startswith(mount["mountPath"] + "/")
+    (volume,) = pod["volumes"]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]
+    anti = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["topologyKey"] == "kubernetes.io/hostname"
+    labels = spec["template"]["metadata"]["labels"]
+    assert anti[0]["labelSelector"]["matchLabels"].items() <= labels.items()
+    server = manifests()["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    service = manifests()["Service"]
+    host, port = args[0].removeprefix("tcp://").split(":")
+    assert host == service["metadata"]["name"] and int(port) == service["spec"]["ports"][0]["port"]
+    avoid = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert avoid[0]["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= server.items()
 
 
 def test_kubernetes_container_answers_its_probes_and_turns_unready_on_sigterm(start_server):

@@ -10,6 +10,7 @@ import ipaddress
 import math
 import re
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -23,6 +24,15 @@ from socket_echo.logs import quiet_aioquic
 from socket_echo.main import StartError, check_choices
 from socket_echo.main import serve as serve_config
 from socket_echo.supervisors.cpu import check_process_count, worker_count
+from socket_echo.tools.defaults import (
+    ARRIVALS,
+    DEFAULT_CONNECTIONS,
+    DEFAULT_DURATION,
+    DEFAULT_IN_FLIGHT,
+    DEFAULT_SIZE,
+    DEFAULT_STREAM_SIZE,
+    DEFAULT_TIMEOUT,
+)
 
 ENV_PREFIX = "SOCKET_ECHO_"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -703,6 +713,100 @@ def probe(
     _exit_with(lambda: tool.main(t, timeout, options, alpn, quick, require_concurrency, as_json))
 
 
+def _segment(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:
+    """``--segment I/N``: this run is part I (from 0) of a run spread over N."""
+    match = re.fullmatch(r"(\d+)/(\d+)", value.strip())
+    if not match or not 0 <= int(match.group(1)) < int(match.group(2)) <= 10_000:
+        raise click.BadParameter(f"{value!r}: give I/N with 0 <= I < N <= 10000 (e.g. 0/4)")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _start_at(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """``--start-at``: Unix seconds or ISO 8601 (a zone, or UTC); not past, not a day away."""
+    if value is None:
+        return None
+    import datetime
+
+    try:
+        when = float(value)
+    except ValueError:
+        try:
+            moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise click.BadParameter(
+                f"{value!r} is neither Unix seconds nor ISO 8601 (2026-12-03T10:00:00Z)"
+            ) from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.timezone.utc)
+        when = moment.timestamp()
+    now = time.time()
+    if not math.isfinite(when) or when <= now:
+        raise click.BadParameter(
+            f"{value!r} is already past ({now - when:,.1f} s ago): every segment must start "
+            "together, so give a time still to come"
+        )
+    if when - now > MAX_START_WAIT:
+        raise click.BadParameter(f"{value!r} is more than a day away")
+    return when
+
+
+MAX_START_WAIT = 24 * 3600.0
+
+
+def _outputs(f: F) -> F:
+    """Where bench and report write their figures."""
+    f = click.option(
+        "--hgrm",
+        "hgrm_file",
+        type=click.Path(dir_okay=False, writable=True),
+        help="Write HdrHistogram's percentile distribution (µs) to FILE ('-' = stdout).",
+    )(f)
+    f = click.option(
+        "--plot",
+        "plot_file",
+        type=click.Path(dir_okay=False, writable=True),
+        help="Draw the latency percentile curve to FILE.png (needs matplotlib).",
+    )(f)
+    f = click.option(
+        "--json",
+        "json_file",
+        type=click.Path(dir_okay=False, writable=True),
+        help="Write the results (histograms included: report adds them) to FILE ('-' = stdout).",
+    )(f)
+    return f
+
+
+def _check_outputs(json_file: str | None, plot_file: str | None, hgrm_file: str | None) -> None:
+    """Fail before the run, not after it."""
+    import os
+
+    if json_file == "-" and hgrm_file == "-":
+        raise click.UsageError("--json - and --hgrm - cannot both have stdout")
+    for out in (json_file, plot_file, hgrm_file):
+        if out and out != "-":
+            folder = os.path.dirname(os.path.abspath(out))
+            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                raise click.UsageError(f"cannot write {out}: {folder} is not a writable folder")
+    if plot_file:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.UsageError("--plot needs matplotlib (pip install matplotlib)") from None
+
+
+def _show(summary: dict[str, Any], json_file: str | None, plot_file: str | None,
+          hgrm_file: str | None, note: str | None = None) -> None:  # fmt: skip
+    """The table (stderr when stdout carries JSON or hgrm), then the files asked for."""
+    from socket_echo.tools import report
+
+    stdout_taken = "-" in (json_file, hgrm_file)
+    report.bench_table(summary, sys.stderr if stdout_taken else sys.stdout, note)
+    try:
+        _write_results(summary, json_file, plot_file, hgrm_file)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write results: {exc.strerror or exc}") from None
+
+
 @cli.command(epilog=TARGET_HELP)
 @click.argument("target")
 @transport_options
@@ -711,30 +815,33 @@ def probe(
     type=click.Choice(["pingpong", "stream", "churn", "udp"]),
     default="pingpong",
     show_default=True,
-    help="pingpong: one message in flight per connection; stream: both ways at "
-    "once; churn: connect, echo, close; udp: datagram ping-pong.",
+    help="pingpong: one message in flight per connection (open loop: up to --in-flight); "
+    "stream: both ways at once; churn: connect, echo, close; udp: datagram ping-pong.",
 )
 @click.option(
     "--connections",
     "-c",
     type=click.IntRange(min=1, max=config.MAX_CONNECTIONS),
-    default=50,
+    default=DEFAULT_CONNECTIONS,
     show_default=True,
+    help="Connections of the whole run (with --segment: of every segment together).",
 )
 @click.option(
     "--size",
     "-s",
     type=click.IntRange(min=1, max=65536),
     default=None,
-    help="Bytes per message; per write in stream mode [default: 64; stream: 65536].",
+    help=f"Bytes per message; per write in stream mode [default: {DEFAULT_SIZE}; stream: "
+    f"{DEFAULT_STREAM_SIZE}].",
 )
 @click.option(
     "--duration",
     "-d",
     type=Finite(min=0.1, max=config.MAX_SECONDS),
-    default=10.0,
+    default=DEFAULT_DURATION,
     show_default=True,
     metavar="SECONDS",
+    help="Measured time, after the warm-up.",
 )
 @click.option(
     "--processes",
@@ -748,27 +855,52 @@ def probe(
     "--rate",
     type=Finite(min=0, max=config.MAX_RATE),
     default=0.0,
-    help="Open loop: requests/s in all; latency counts from each intended send time.",
+    help="Open loop: requests/s of the whole run; latency counts from each intended send "
+    "time (corrected) and from the actual send (uncorrected).",
+)
+@click.option(
+    "--arrival",
+    type=click.Choice(ARRIVALS),
+    default="uniform",
+    show_default=True,
+    help="Open loop: even gaps between requests, or Poisson arrivals (no synchronised bursts).",
+)
+@click.option(
+    "--in-flight",
+    type=click.IntRange(min=1, max=4096),
+    default=DEFAULT_IN_FLIGHT,
+    show_default=True,
+    help="Open loop: requests in flight per connection at most (echoes matched by position).",
+)
+@click.option(
+    "--warmup",
+    type=Finite(min=0, max=config.MAX_SECONDS),
+    default=0.0,
+    metavar="SECONDS",
+    help="Run this long first and leave it out of every figure.",
+)
+@click.option(
+    "--segment",
+    default="0/1",
+    callback=_segment,
+    metavar="I/N",
+    help="Run part I (from 0) of a load spread over N machines: connections and rate "
+    "divided so the N parts sum to the whole; add the results with 'socket-echo report'.",
+)
+@click.option(
+    "--start-at",
+    callback=_start_at,
+    metavar="TIME",
+    help="Start the load at TIME (Unix seconds or ISO 8601), so segments start together.",
 )
 @click.option(
     "--timeout",
     type=Finite(min=0.1, max=config.MAX_SECONDS),
-    default=5.0,
+    default=DEFAULT_TIMEOUT,
     show_default=True,
     metavar="SECONDS",
 )
-@click.option(
-    "--json",
-    "json_file",
-    type=click.Path(dir_okay=False, writable=True),
-    help="Write the results as one JSON object to FILE ('-' = stdout).",
-)
-@click.option(
-    "--plot",
-    "plot_file",
-    type=click.Path(dir_okay=False, writable=True),
-    help="Draw the latency percentile curve to FILE.png (needs matplotlib).",
-)
+@_outputs
 def bench(
     target: str,
     udp: bool,
@@ -782,9 +914,15 @@ def bench(
     duration: float,
     processes: int | None,
     rate: float,
+    arrival: str,
+    in_flight: int,
+    warmup: float,
+    segment: tuple[int, int],
+    start_at: float | None,
     timeout: float,
     json_file: str | None,
     plot_file: str | None,
+    hgrm_file: str | None,
     alpn: str,
 ) -> None:
     """Load any echo server and verify every byte. Exit 1 on errors or mismatches."""
@@ -792,15 +930,23 @@ def bench(
 
     from socket_echo.tools import bench as tool
     from socket_echo.tools import report
+    from socket_echo.tools.stats import summarize
     from socket_echo.tools.target import Unreachable, connect
 
     t = _target(target, udp or mode == "udp", tls)
     if size is None:
-        size = 65536 if mode == "stream" else 64
+        size = DEFAULT_STREAM_SIZE if mode == "stream" else DEFAULT_SIZE
     if t.scheme == "udp" and mode != "udp":
         mode = "udp"
     if t.scheme == "tls":
         raise click.UsageError("bench over TLS is not supported yet (probe and client are)")
+    if rate and mode != "pingpong":
+        raise click.UsageError(f"--rate is the open loop of --mode pingpong, not of {mode}")
+    if segment[1] > connections:
+        raise click.UsageError(
+            f"--segment {segment[0]}/{segment[1]}: {connections} connections cannot be divided "
+            f"into {segment[1]} segments (each needs one)"
+        )
     secure = t.scheme in ("quic", "dtls")
     if secure:
         from socket_echo.tools.bench_secure import DTLS_MAX_RECORD, MODES
@@ -815,16 +961,7 @@ def bench(
             raise click.UsageError(f"--size is at most {DTLS_MAX_RECORD} for DTLS (one record)")
     if mode == "udp" and size > 65507:
         raise click.UsageError("--size is at most 65507 for UDP (the largest IPv4 datagram)")
-    for out in (json_file, plot_file):  # fail before the run, not after it
-        if out and out != "-":
-            folder = os.path.dirname(os.path.abspath(out))
-            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-                raise click.UsageError(f"cannot write {out}: {folder} is not a writable folder")
-    if plot_file:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise click.UsageError("--plot needs matplotlib (pip install matplotlib)") from None
+    _check_outputs(json_file, plot_file, hgrm_file)
     try:
         if secure:
             from socket_echo.tools.bench_secure import check_reachable
@@ -846,30 +983,58 @@ def bench(
         timeout,
         _tls_options(ca, insecure, server_name),
         alpn,
+        arrival,
+        warmup,
+        in_flight,
+        segment,
+        start_at,
     )
-    progress = report.Progress(duration, "bytes" if mode == "stream" else "requests")
+    progress = report.Progress(duration + warmup, "bytes" if mode == "stream" else "requests")
     try:
         results = tool.run_workers(cfg, progress)
     finally:
         progress.stop()
-    summary = tool.summarize(cfg, results)
-    report.bench_table(summary, sys.stderr if json_file == "-" else sys.stdout)  # stdout: JSON
-    try:
-        _write_results(summary, json_file, plot_file)
-    except OSError as exc:
-        raise click.ClickException(f"cannot write results: {exc.strerror or exc}") from None
+    summary = summarize(cfg, results)
+    _show(summary, json_file, plot_file, hgrm_file)
     sys.exit(FAILED if summary["errors"] or summary["mismatches"] else 0)
 
 
-def _write_results(summary: dict[str, Any], json_file: str | None, plot_file: str | None) -> None:
-    import json
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_outputs
+def report(
+    files: tuple[str, ...], json_file: str | None, plot_file: str | None, hgrm_file: str | None
+) -> None:
+    """Add bench results (the --json files of the segments of one run, or of several runs
+    of one load): histograms added, counters and rates summed, the window the common one.
+    Prints the table a single run prints; exit 1 if any had errors or mismatches."""
+    from socket_echo.tools.stats import ResultError, coverage_note, load, merge
 
-    from socket_echo.tools import bench as tool
+    _check_outputs(json_file, plot_file, hgrm_file)
+    try:
+        merged = merge([load(path) for path in files])
+    except ResultError as exc:
+        raise click.UsageError(str(exc)) from None
+    _show(merged, json_file, plot_file, hgrm_file, coverage_note(merged))
+    sys.exit(FAILED if merged["errors"] or merged["mismatches"] else 0)
+
+
+def _write_results(
+    summary: dict[str, Any], json_file: str | None, plot_file: str | None, hgrm_file: str | None
+) -> None:
+    from socket_echo.tools import advice
+    from socket_echo.tools.stats import to_json
 
     if plot_file:
-        tool.plot(summary, plot_file)
+        advice.plot(summary, plot_file)
+    if hgrm_file == "-":
+        sys.stdout.flush()
+        summary["_histogram"].output_percentile_distribution(sys.stdout.buffer, 1.0)
+        sys.stdout.buffer.flush()
+    elif hgrm_file:
+        advice.write_hgrm(summary, hgrm_file)
     if json_file:
-        text = json.dumps({k: v for k, v in summary.items() if not k.startswith("_")}, indent=2)
+        text = to_json(summary)
         if json_file == "-":
             click.echo(text)
         else:

@@ -1,37 +1,108 @@
-/* The bench tool's closed-loop ping-pong in C, so that the load generator is never the limit.
+/* The bench tool's ping-pong in C, closed and open loop, so that the load generator is never
+ * the limit and its clock is not the figure.
  *
- * tools/bench.py opens the connections and keeps every decision that is not per message:
+ * tools/load.py opens the connections and keeps every decision that is not per message:
  * replacing a connection that failed (its callback), the progress display (another callback,
- * ten times a second), the report. Here, per message: epoll_wait, recv until the whole echo is
- * back, compare it with what was sent (Patterns' bytes: the buffer Python made), count its
- * latency in microseconds, send the next one. The same rules as the Python loop: one message
- * in flight per connection, a connection that answers wrongly or not within the timeout is
- * replaced, latency counts from the send.
+ * ten times a second), the report. Here, per message: epoll_wait, send, recv, compare the
+ * echo with what was sent (Patterns' bytes: the buffer Python made), count its latency in
+ * microseconds. tools/load.py's Python loop is the twin: the same rules, tested alike.
+ *
+ * Closed loop (rate 0): one message in flight per connection, the next sent when its echo is
+ * back; latency counts from the send.
+ *
+ * Open loop (rate > 0), as wrk2 and HdrHistogram model it: every request has an intended send
+ * time on a schedule (uniform, or Poisson arrivals) and its latency counts from then
+ * ("corrected"), beside the latency from when it actually left ("uncorrected"). Up to
+ * `depth` requests are in flight per connection; an echo keeps order on a stream, so echoes
+ * are matched to requests by position and verified byte for byte. A request whose slot comes
+ * while its connection has `depth` in flight waits (the server is behind: counted as held); one
+ * that leaves more than LATE_US after its slot with room to go was late because this process
+ * was (counted as late_sends: the generator, not the server, fell behind).
+ *
+ * The schedule's clock: epoll_wait's timeout is whole milliseconds and the kernel adds timer
+ * slack (50 us by default), which made bench report its own sleeping as latency. Here a
+ * timerfd armed at an absolute CLOCK_MONOTONIC time in nanoseconds (timer slack set to 1 ns)
+ * wakes the loop SPIN_US before the next slot, and the last stretch is spent polling with a
+ * zero timeout (echoes are read meanwhile), so a send leaves within a few microseconds of its
+ * slot on an idle machine.
+ *
+ * Latencies are kept in 1-us buckets (up to 10 s; slower counts as 10 s), one histogram per
+ * second of the measured window (touched buckets only), and returned as {us: count} per
+ * second; the warm-up is run but not counted.
  */
+#define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <errno.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
 
 #define MAX_EVENTS 256
 #define HIST_US 10000000 /* 1 us buckets up to 10 s; slower answers count as 10 s */
 #define CHECK_EVERY 0.1
+#define SPIN_US 200     /* the last stretch before a slot is polled, not slept */
+#define LATE_US 10     /* a send this much after its slot (with room to go) is late */
+#define LATENESS_US 1000000 /* how late sends left, in 1-us buckets up to 1 s */
+#define TIMER_MARK UINT64_MAX
+#define RBUF 65536
+
+typedef struct {
+    double intended, sent;
+    uint64_t seq;
+} req_t;
 
 typedef struct {
     int fd;
-    uint64_t seq;
-    size_t sent, got;
-    double t0;
-    const unsigned char *expected;
-    unsigned char *buf;
+    int writing;  /* EPOLLOUT armed: a message is partly sent */
+    int in_heap;  /* waiting for its next slot */
+    int held;     /* its slot came while `depth` were in flight */
+    uint64_t seq; /* the last message number given out */
+    req_t *ring;  /* requests in flight, [head, tail); ring[tx] is being sent */
+    uint64_t head, tx, tail;
+    size_t off, got; /* bytes of ring[tx] sent, of ring[head] received */
+    double next_slot;
 } peer_t;
+
+typedef struct {
+    uint32_t *us, *count;
+    size_t n;
+} second_t;
+
+typedef struct {
+    int ep, tfd, index, open, poisson;
+    size_t size;
+    uint64_t depth, mask;
+    double interval, mstart, timeout;
+    const unsigned char *base;
+    peer_t *peers;
+    Py_ssize_t n;
+    unsigned char *rbuf;
+    /* the current second's histogram (touched buckets listed) and the seconds before it */
+    uint32_t *shist, *touched;
+    size_t ntouched, touched_cap;
+    second_t *seconds;
+    size_t nseconds, seconds_cap;
+    long bin;
+    uint32_t *uhist; /* open loop: uncorrected, the whole window */
+    uint32_t *lhist; /* open loop: how late each send left after its slot */
+    unsigned long long requests, mismatches, late_sends, held_sends, sends;
+    uint64_t rng;
+    double armed; /* the timerfd's absolute expiry, 0: disarmed */
+    double spun;  /* seconds spent polling for a slot: CPU used, not work done */
+    int failed;   /* ENOMEM in the bookkeeping */
+    int *heap;    /* peers by next_slot */
+    Py_ssize_t nheap;
+    PyObject *replace;
+} run_t;
 
 static double now(void) {
     struct timespec ts;
@@ -39,53 +110,194 @@ static double now(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-typedef struct {
-    int ep, index;
-    size_t size;
-    const unsigned char *base;
-    peer_t *peers;
-    Py_ssize_t n;
-    uint32_t *hist;
-    unsigned long long requests, mismatches;
-    PyObject *replace;
-} run_t;
+/* xorshift64*: Poisson gaps need uniform doubles, not cryptographic ones */
+static double uniform(run_t *r) {
+    r->rng ^= r->rng >> 12;
+    r->rng ^= r->rng << 25;
+    r->rng ^= r->rng >> 27;
+    return (double)((r->rng * 2685821657736338717ULL) >> 11) / 9007199254740992.0;
+}
 
-/* Send the rest of the current message; -1 on an error (errno set). */
+static double gap(run_t *r) {
+    return r->poisson ? -log(1.0 - uniform(r)) * r->interval : r->interval;
+}
+
+/* -- the slot heap ------------------------------------------------------------------------ */
+static int before(run_t *r, int a, int b) {
+    return r->peers[a].next_slot < r->peers[b].next_slot;
+}
+
+static void heap_push(run_t *r, int i) {
+    if (r->peers[i].in_heap) return;
+    r->peers[i].in_heap = 1;
+    Py_ssize_t k = r->nheap++;
+    r->heap[k] = i;
+    while (k > 0 && before(r, r->heap[k], r->heap[(k - 1) / 2])) {
+        int t = r->heap[k];
+        r->heap[k] = r->heap[(k - 1) / 2];
+        r->heap[(k - 1) / 2] = t;
+        k = (k - 1) / 2;
+    }
+}
+
+static int heap_pop(run_t *r) {
+    int top = r->heap[0];
+    r->peers[top].in_heap = 0;
+    r->heap[0] = r->heap[--r->nheap];
+    for (Py_ssize_t k = 0;;) {
+        Py_ssize_t l = 2 * k + 1, m = k;
+        if (l < r->nheap && before(r, r->heap[l], r->heap[m])) m = l;
+        if (l + 1 < r->nheap && before(r, r->heap[l + 1], r->heap[m])) m = l + 1;
+        if (m == k) break;
+        int t = r->heap[k];
+        r->heap[k] = r->heap[m];
+        r->heap[m] = t;
+        k = m;
+    }
+    return top;
+}
+
+/* -- histograms --------------------------------------------------------------------------- */
+static void end_second(run_t *r) {
+    if (r->nseconds == r->seconds_cap) {
+        size_t cap = r->seconds_cap ? 2 * r->seconds_cap : 64;
+        second_t *s = realloc(r->seconds, cap * sizeof *s);
+        if (!s) {
+            r->failed = ENOMEM;
+            return;
+        }
+        r->seconds = s;
+        r->seconds_cap = cap;
+    }
+    second_t *s = &r->seconds[r->nseconds++];
+    s->n = r->ntouched;
+    s->us = r->ntouched ? malloc(r->ntouched * sizeof(uint32_t)) : NULL;
+    s->count = r->ntouched ? malloc(r->ntouched * sizeof(uint32_t)) : NULL;
+    if (r->ntouched && (!s->us || !s->count)) {
+        r->failed = ENOMEM;
+        s->n = 0;
+    }
+    for (size_t i = 0; i < r->ntouched; i++) {
+        uint32_t us = r->touched[i];
+        if (s->n) {
+            s->us[i] = us;
+            s->count[i] = r->shist[us];
+        }
+        r->shist[us] = 0;
+    }
+    r->ntouched = 0;
+    r->bin++;
+}
+
+static void record(run_t *r, req_t *q, double t) {
+    if (q->intended < r->mstart) return; /* the warm-up: run, not counted */
+    long bin = (long)(t - r->mstart);
+    while (r->bin < bin) end_second(r);
+    uint64_t us = (uint64_t)((t - q->intended) * 1e6);
+    if (us > HIST_US) us = HIST_US;
+    if (!r->shist[us]++) {
+        if (r->ntouched == r->touched_cap) {
+            size_t cap = r->touched_cap ? 2 * r->touched_cap : 1024;
+            uint32_t *p = realloc(r->touched, cap * sizeof *p);
+            if (!p) {
+                r->failed = ENOMEM;
+                r->shist[us]--;
+                return;
+            }
+            r->touched = p;
+            r->touched_cap = cap;
+        }
+        r->touched[r->ntouched++] = (uint32_t)us;
+    }
+    if (r->uhist) {
+        uint64_t u = (uint64_t)((t - q->sent) * 1e6);
+        r->uhist[u > HIST_US ? HIST_US : u]++;
+    }
+    r->requests++;
+}
+
+/* -- sending ------------------------------------------------------------------------------ */
+static const unsigned char *message(run_t *r, uint64_t seq) {
+    return r->base + (seq * 7 + (uint64_t)r->index) % 251;
+}
+
+static void want_out(run_t *r, peer_t *p, int on) {
+    if (p->writing == on) return;
+    p->writing = on;
+    struct epoll_event e = {.events = EPOLLIN | (on ? EPOLLOUT : 0),
+                            .data.u64 = (uint64_t)(p - r->peers)};
+    epoll_ctl(r->ep, EPOLL_CTL_MOD, p->fd, &e);
+}
+
+/* Send what is queued, message after message; -1 on an error (errno set). */
 static int push(run_t *r, peer_t *p) {
-    while (p->sent < r->size) {
-        ssize_t w = send(p->fd, p->expected + p->sent, r->size - p->sent, MSG_NOSIGNAL);
+    while (p->tx < p->tail) {
+        req_t *q = &p->ring[p->tx & r->mask];
+        if (p->off == 0) q->sent = now();
+        ssize_t w = send(p->fd, message(r, q->seq) + p->off, r->size - p->off, MSG_NOSIGNAL);
         if (w < 0) {
             if (errno == EAGAIN || errno == EINTR) {
-                struct epoll_event e = {.events = EPOLLIN | EPOLLOUT, .data.u64 = (uint64_t)(p - r->peers)};
-                epoll_ctl(r->ep, EPOLL_CTL_MOD, p->fd, &e);
+                want_out(r, p, 1);
                 return 0;
             }
             return -1;
         }
-        p->sent += (size_t)w;
+        p->off += (size_t)w;
+        if (p->off == r->size) {
+            p->off = 0;
+            p->tx++;
+        }
     }
+    want_out(r, p, 0);
     return 0;
 }
 
-static int next_message(run_t *r, peer_t *p, double t) {
-    p->seq++;
-    p->expected = r->base + (p->seq * 7 + (uint64_t)r->index) % 251;
-    p->sent = p->got = 0;
-    p->t0 = t;
-    return push(r, p);
+/* One more request on this connection, meant for `intended`; `held`: its slot came while the
+ * window was full (the server's delay, not this process's). */
+static int issue(run_t *r, peer_t *p, double intended, double t, int held) {
+    req_t *q = &p->ring[p->tail & r->mask];
+    q->intended = intended;
+    q->sent = t;
+    q->seq = ++p->seq;
+    p->tail++;
+    if (r->open && intended >= r->mstart) {
+        r->sends++;
+        uint64_t late_us = (uint64_t)((t - intended) * 1e6);
+        r->lhist[late_us > LATENESS_US ? LATENESS_US : late_us]++;
+        if (t - intended > LATE_US * 1e-6) {
+            if (held) r->held_sends++;
+            else r->late_sends++;
+        }
+    }
+    return p->tx + 1 == p->tail ? push(r, p) : 0;
+}
+
+/* Send every request whose slot has come and for which there is room; -1 on an error. */
+static int fill(run_t *r, peer_t *p, double t) {
+    if (!r->open) return p->head == p->tail ? issue(r, p, t, t, 0) : 0;
+    int held = p->held; /* the slots due now came while the window was full */
+    while (p->next_slot <= t) {
+        if (p->tail - p->head >= r->depth) {
+            p->held = 1; /* the server has not answered enough: wait for an echo */
+            return 0;
+        }
+        double slot = p->next_slot;
+        p->next_slot += gap(r);
+        if (issue(r, p, slot, t, held) < 0) return -1;
+    }
+    p->held = 0;
+    if (p->tail - p->head < r->depth) heap_push(r, (int)(p - r->peers));
+    return 0;
 }
 
 static int watch(run_t *r, peer_t *p) {
     struct epoll_event e = {.events = EPOLLIN, .data.u64 = (uint64_t)(p - r->peers)};
+    p->writing = 0;
     return epoll_ctl(r->ep, EPOLL_CTL_ADD, p->fd, &e);
 }
 
-static void read_only(run_t *r, peer_t *p) { /* the message is out: wait for its echo */
-    struct epoll_event e = {.events = EPOLLIN, .data.u64 = (uint64_t)(p - r->peers)};
-    epoll_ctl(r->ep, EPOLL_CTL_MOD, p->fd, &e);
-}
-
-/* Ask Python for a new connection in place of this one (reason None: already counted). */
+/* Ask Python for a new connection in place of this one (reason None: already counted). The
+ * requests in flight are gone with it; the schedule goes on. */
 static int replace(run_t *r, peer_t *p, const char *reason) {
     int old = p->fd;
     epoll_ctl(r->ep, EPOLL_CTL_DEL, old, NULL);
@@ -95,63 +307,185 @@ static int replace(run_t *r, peer_t *p, const char *reason) {
     Py_DECREF(res);
     if (fd == -1 && PyErr_Occurred()) return -1;
     p->fd = (int)fd;
+    p->head = p->tx = p->tail = 0;
+    p->off = p->got = 0;
     if (fd < 0) return 0; /* none to be had: this slot rests */
     if (watch(r, p) < 0) return replace(r, p, "register: epoll_ctl failed");
-    if (next_message(r, p, now()) < 0) return replace(r, p, "send failed");
+    if (fill(r, p, now()) < 0) return replace(r, p, "send failed");
     return 0;
 }
 
-static PyObject *pingpong(PyObject *self, PyObject *args) {
+static int replace_errno(run_t *r, peer_t *p, const char *what) {
+    char why[96];
+    snprintf(why, sizeof why, "%s: %s", what, strerror(errno));
+    return replace(r, p, why);
+}
+
+/* Read what came back, match it to the requests in flight by position, verify it. */
+static int readable(run_t *r, peer_t *p) {
+    ssize_t got = recv(p->fd, r->rbuf, RBUF, 0);
+    if (got < 0) return errno == EAGAIN || errno == EINTR ? 0 : replace_errno(r, p, "recv");
+    if (got == 0) return replace(r, p, "closed by server");
+    double t = now();
+    for (size_t off = 0; off < (size_t)got;) {
+        if (p->head == p->tx && p->got + ((size_t)got - off) > p->off) {
+            r->mismatches++; /* more bytes back than were sent */
+            return replace(r, p, NULL);
+        }
+        req_t *q = &p->ring[p->head & r->mask];
+        size_t take = r->size - p->got;
+        if (take > (size_t)got - off) take = (size_t)got - off;
+        if (memcmp(r->rbuf + off, message(r, q->seq) + p->got, take) != 0) {
+            r->mismatches++;
+            return replace(r, p, NULL); /* out of step: a new connection */
+        }
+        p->got += take;
+        off += take;
+        if (p->got == r->size) {
+            record(r, q, t);
+            p->head++;
+            p->got = 0;
+        }
+    }
+    return fill(r, p, t) < 0 ? replace_errno(r, p, "send") : 0;
+}
+
+/* Wake at `when` (absolute CLOCK_MONOTONIC seconds) through the timerfd. */
+static void arm(run_t *r, double when) {
+    if (r->armed == when) return;
+    struct itimerspec its = {0};
+    its.it_value.tv_sec = (time_t)when;
+    its.it_value.tv_nsec = (long)((when - (double)(time_t)when) * 1e9);
+    if (its.it_value.tv_sec == 0 && its.it_value.tv_nsec == 0) its.it_value.tv_nsec = 1;
+    timerfd_settime(r->tfd, TFD_TIMER_ABSTIME, &its, NULL);
+    r->armed = when;
+}
+
+/* Send for every slot that has come; -1 on a Python error. */
+static int due(run_t *r, double t) {
+    while (r->nheap && r->peers[r->heap[0]].next_slot <= t) {
+        peer_t *p = &r->peers[heap_pop(r)];
+        if (p->fd >= 0 && fill(r, p, t) < 0 && replace_errno(r, p, "send") < 0) return -1;
+    }
+    return 0;
+}
+
+/* {us: count}: of n (us, count) pairs, or of a flat array of n 1-us buckets. */
+static PyObject *histogram_dict(const uint32_t *us, const uint32_t *count, size_t n,
+                                const uint32_t *flat) {
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t key = flat ? (uint32_t)i : us[i], value = flat ? flat[i] : count[i];
+        if (!value) continue;
+        PyObject *k = PyLong_FromUnsignedLong(key), *v = PyLong_FromUnsignedLong(value);
+        if (!k || !v || PyDict_SetItem(d, k, v) < 0) {
+            Py_XDECREF(k);
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return NULL;
+        }
+        Py_DECREF(k);
+        Py_DECREF(v);
+    }
+    return d;
+}
+
+static PyObject *pingpong(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"fds",   "size",    "seconds", "timeout", "index", "base",
+                             "replace", "tick",  "rate",    "poisson", "seed",  "warmup",
+                             "start", "depth",   NULL};
     PyObject *fds, *replace_cb, *tick_cb;
     Py_buffer base;
-    Py_ssize_t size;
-    double seconds, timeout;
-    int index;
-    if (!PyArg_ParseTuple(args, "Onddiy*OO", &fds, &size, &seconds, &timeout, &index, &base,
-                          &replace_cb, &tick_cb))
+    Py_ssize_t size, depth = 16;
+    double seconds, timeout, rate = 0.0, warmup = 0.0, start = 0.0;
+    int index, poisson = 0;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Onddiy*OO|dpKddn", kwlist, &fds, &size,
+                                     &seconds, &timeout, &index, &base, &replace_cb, &tick_cb,
+                                     &rate, &poisson, &seed, &warmup, &start, &depth))
         return NULL;
-    run_t r = {.index = index, .size = (size_t)size, .base = base.buf, .replace = replace_cb};
+    run_t r = {.index = index, .size = (size_t)size, .base = base.buf, .replace = replace_cb,
+               .open = rate > 0, .poisson = poisson, .timeout = timeout, .tfd = -1, .ep = -1,
+               .rng = seed * 0x9E3779B97F4A7C15ULL + (uint64_t)index + 1};
     PyObject *result = NULL, *seq = NULL;
     if (size < 1 || size > 65536 || base.len < size + 251) {
         PyErr_SetString(PyExc_ValueError, "size must be 1..65536 and base size + 251 bytes");
         goto done;
     }
+    if (depth < 1 || depth > 4096 || !(rate >= 0) || !(warmup >= 0)) {
+        PyErr_SetString(PyExc_ValueError, "depth 1..4096, rate and warmup >= 0");
+        goto done;
+    }
+    r.depth = r.open ? (uint64_t)depth : 1;
+    uint64_t cap = 1;
+    while (cap < r.depth) cap <<= 1;
+    r.mask = cap - 1;
     seq = PySequence_Fast(fds, "fds must be a sequence");
     if (!seq) goto done;
     r.n = PySequence_Fast_GET_SIZE(seq);
     r.peers = calloc((size_t)(r.n ? r.n : 1), sizeof(peer_t));
-    r.hist = calloc(HIST_US + 1, sizeof(uint32_t));
+    r.heap = calloc((size_t)(r.n ? r.n : 1), sizeof(int));
+    r.shist = calloc(HIST_US + 1, sizeof(uint32_t)); /* pages are touched only where used */
+    r.uhist = r.open ? calloc(HIST_US + 1, sizeof(uint32_t)) : NULL;
+    r.lhist = r.open ? calloc(LATENESS_US + 1, sizeof(uint32_t)) : NULL;
+    r.rbuf = malloc(RBUF);
     r.ep = epoll_create1(EPOLL_CLOEXEC);
-    if (!r.peers || !r.hist || r.ep < 0) {
+    r.tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (!r.peers || !r.heap || !r.shist || (r.open && (!r.uhist || !r.lhist)) || !r.rbuf || r.ep < 0 ||
+        r.tfd < 0) {
         PyErr_NoMemory();
         goto done;
     }
+    struct epoll_event te = {.events = EPOLLIN, .data.u64 = TIMER_MARK};
+    epoll_ctl(r.ep, EPOLL_CTL_ADD, r.tfd, &te);
+    prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0); /* this thread's timers: 1 ns slack, not 50 us */
     for (Py_ssize_t i = 0; i < r.n; i++) {
         peer_t *p = &r.peers[i];
         p->fd = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
         if (p->fd == -1 && PyErr_Occurred()) goto done;
-        p->buf = malloc((size_t)size);
-        if (!p->buf) {
+        p->ring = calloc((size_t)cap, sizeof(req_t));
+        if (!p->ring) {
             PyErr_NoMemory();
             goto done;
         }
     }
-    double start = now(), deadline = start + seconds, next_check = start + CHECK_EVERY;
+    if (start > 0) { /* every process (and every segment) begins together */
+        double until = start - SPIN_US * 1e-6;
+        struct timespec ts = {(time_t)until, (long)((until - (double)(time_t)until) * 1e9)};
+        while (now() < until) {
+            int err;
+            Py_BEGIN_ALLOW_THREADS
+            err = clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
+            Py_END_ALLOW_THREADS
+            if (err == EINTR && PyErr_CheckSignals() < 0) goto done;
+        }
+        while (now() < start) {
+        }
+    } else {
+        start = now();
+    }
+    r.mstart = start + warmup;
+    double deadline = r.mstart + seconds, next_check = start + CHECK_EVERY;
+    r.interval = r.open ? (double)r.n / rate : 0.0;
     for (Py_ssize_t i = 0; i < r.n; i++) {
         peer_t *p = &r.peers[i];
-        if (watch(&r, p) < 0 || next_message(&r, p, start) < 0) {
+        p->next_slot = start + (r.poisson ? gap(&r) : r.interval * (double)i / (double)r.n);
+        if (watch(&r, p) < 0 || fill(&r, p, start) < 0) {
             if (replace(&r, p, "send failed") < 0) goto done;
         }
     }
     struct epoll_event evs[MAX_EVENTS];
     for (;;) {
         double t = now();
-        if (t >= deadline) break;
+        if (t >= deadline || r.failed) break;
+        if (due(&r, t) < 0) goto done;
         if (t >= next_check) { /* unanswered this long: the server lost bytes */
             next_check = t + CHECK_EVERY;
             for (Py_ssize_t i = 0; i < r.n; i++) {
                 peer_t *p = &r.peers[i];
-                if (p->fd >= 0 && p->t0 < t - timeout &&
+                if (p->fd >= 0 && p->head < p->tail &&
+                    p->ring[p->head & r.mask].sent < t - timeout &&
                     replace(&r, p, "no complete answer within the timeout") < 0)
                     goto done;
             }
@@ -159,11 +493,25 @@ static PyObject *pingpong(PyObject *self, PyObject *args) {
             if (!ok) goto done;
             Py_DECREF(ok);
         }
-        double wait = deadline - t < CHECK_EVERY ? deadline - t : CHECK_EVERY;
+        int wait_ms; /* -1: until the timerfd (or an echo) wakes the loop */
+        double wake = next_check < deadline ? next_check : deadline;
+        if (r.nheap) {
+            double slot = r.peers[r.heap[0]].next_slot;
+            if (slot - SPIN_US * 1e-6 < wake) wake = slot - SPIN_US * 1e-6;
+        }
+        if (wake <= t) {
+            wait_ms = 0; /* the last stretch: poll */
+        } else if (r.open) {
+            arm(&r, wake);
+            wait_ms = -1;
+        } else {
+            wait_ms = (int)((wake - t) * 1000) + 1;
+        }
         int n;
         Py_BEGIN_ALLOW_THREADS
-        n = epoll_wait(r.ep, evs, MAX_EVENTS, (int)(wait * 1000) + 1);
+        n = epoll_wait(r.ep, evs, MAX_EVENTS, wait_ms);
         Py_END_ALLOW_THREADS
+        if (wait_ms == 0 && n == 0) r.spun += now() - t;
         if (n < 0) {
             if (errno == EINTR) {
                 if (PyErr_CheckSignals() < 0) goto done;
@@ -173,99 +521,109 @@ static PyObject *pingpong(PyObject *self, PyObject *args) {
             goto done;
         }
         for (int k = 0; k < n; k++) {
+            if (evs[k].data.u64 == TIMER_MARK) {
+                uint64_t expirations;
+                ssize_t rd = read(r.tfd, &expirations, sizeof expirations);
+                (void)rd;
+                r.armed = 0;
+                continue;
+            }
+            if (r.nheap && due(&r, now()) < 0) goto done; /* a slot first, then the echoes */
             peer_t *p = &r.peers[evs[k].data.u64];
             if (p->fd < 0) continue;
-            if (p->sent < r.size && (evs[k].events & EPOLLOUT)) {
+            if (p->writing && (evs[k].events & EPOLLOUT)) {
                 if (push(&r, p) < 0) {
-                    char why[96];
-                    snprintf(why, sizeof why, "send: %s", strerror(errno));
-                    if (replace(&r, p, why) < 0) goto done;
+                    if (replace_errno(&r, p, "send") < 0) goto done;
                     continue;
                 }
-                if (p->sent == r.size) read_only(&r, p);
             }
             if (!(evs[k].events & (EPOLLIN | EPOLLERR | EPOLLHUP))) continue;
-            ssize_t got = recv(p->fd, p->buf + p->got, r.size - p->got, 0);
-            if (got < 0) {
-                if (errno == EAGAIN || errno == EINTR) continue;
-                char why[96];
-                snprintf(why, sizeof why, "recv: %s", strerror(errno));
-                if (replace(&r, p, why) < 0) goto done;
-                continue;
-            }
-            if (got == 0) {
-                if (replace(&r, p, "closed by server") < 0) goto done;
-                continue;
-            }
-            p->got += (size_t)got;
-            if (p->got < r.size) continue;
-            double done_at = now();
-            if (memcmp(p->buf, p->expected, r.size) != 0) {
-                r.mismatches++;
-                if (replace(&r, p, NULL) < 0) goto done; /* out of step: a new connection */
-                continue;
-            }
-            uint64_t us = (uint64_t)((done_at - p->t0) * 1e6);
-            r.hist[us > HIST_US ? HIST_US : us]++;
-            r.requests++;
-            if (next_message(&r, p, done_at) < 0) {
-                char why[96];
-                snprintf(why, sizeof why, "send: %s", strerror(errno));
-                if (replace(&r, p, why) < 0) goto done;
-            }
+            if (readable(&r, p) < 0) goto done;
         }
     }
+    if (r.failed) {
+        errno = r.failed;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    end_second(&r); /* the last (partial) second */
     /* Still waiting at the end, longer than the timeout: the server lost an answer. */
     unsigned long long late = 0;
     double end = now();
-    for (Py_ssize_t i = 0; i < r.n; i++)
-        if (r.peers[i].fd >= 0 && end - r.peers[i].t0 > timeout) late++;
-    PyObject *latency = PyDict_New();
-    if (!latency) goto done;
-    for (uint64_t us = 0; us <= HIST_US; us++) {
-        if (!r.hist[us]) continue;
-        PyObject *k = PyLong_FromUnsignedLongLong(us), *v = PyLong_FromUnsignedLong(r.hist[us]);
-        if (!k || !v || PyDict_SetItem(latency, k, v) < 0) {
-            Py_XDECREF(k);
-            Py_XDECREF(v);
-            Py_DECREF(latency);
+    for (Py_ssize_t i = 0; i < r.n; i++) {
+        peer_t *p = &r.peers[i];
+        if (p->fd >= 0 && p->head < p->tail && end - p->ring[p->head & r.mask].sent > timeout)
+            late++;
+    }
+    PyObject *per_second = PyList_New((Py_ssize_t)r.nseconds);
+    if (!per_second) goto done;
+    for (size_t i = 0; i < r.nseconds; i++) {
+        PyObject *d = histogram_dict(r.seconds[i].us, r.seconds[i].count, r.seconds[i].n, NULL);
+        if (!d) {
+            Py_DECREF(per_second);
             goto done;
         }
-        Py_DECREF(k);
-        Py_DECREF(v);
+        PyList_SET_ITEM(per_second, (Py_ssize_t)i, d);
     }
-    PyObject *open_fds = PyList_New(0);
-    if (!open_fds) {
-        Py_DECREF(latency);
+    PyObject *uncorrected = r.uhist ? histogram_dict(NULL, NULL, HIST_US + 1, r.uhist) : Py_None;
+    PyObject *lateness = r.lhist ? histogram_dict(NULL, NULL, LATENESS_US + 1, r.lhist) : Py_None;
+    if (!uncorrected || !lateness) {
+        Py_DECREF(per_second);
+        if (uncorrected != Py_None) Py_XDECREF(uncorrected);
+        if (lateness != Py_None) Py_XDECREF(lateness);
         goto done;
     }
-    for (Py_ssize_t i = 0; i < r.n; i++) {
+    if (uncorrected == Py_None) Py_INCREF(Py_None);
+    if (lateness == Py_None) Py_INCREF(Py_None);
+    PyObject *open_fds = PyList_New(0);
+    for (Py_ssize_t i = 0; open_fds && i < r.n; i++) {
         if (r.peers[i].fd < 0) continue;
         PyObject *v = PyLong_FromLong(r.peers[i].fd);
         if (!v || PyList_Append(open_fds, v) < 0) {
             Py_XDECREF(v);
-            Py_DECREF(latency);
-            Py_DECREF(open_fds);
-            goto done;
+            Py_CLEAR(open_fds);
         }
-        Py_DECREF(v);
+        Py_XDECREF(v);
     }
-    result = Py_BuildValue("(KNKKN)", r.requests, latency, r.mismatches, late, open_fds);
+    if (!open_fds) {
+        Py_DECREF(per_second);
+        Py_DECREF(uncorrected);
+        Py_DECREF(lateness);
+        goto done;
+    }
+    result = Py_BuildValue(
+        "{sKsNsNsNsKsKsNsKsKsKsdsdsd}", "requests", r.requests, "per_second", per_second,
+        "uncorrected", uncorrected, "lateness", lateness, "mismatches", r.mismatches, "late", late, "open_fds",
+        open_fds, "late_sends", r.late_sends, "held_sends", r.held_sends, "sends", r.sends,
+        "start", start, "measured_from", r.mstart, "spun", r.spun);
 done:
-    if (r.ep > 0) close(r.ep);
+    if (r.ep >= 0) close(r.ep);
+    if (r.tfd >= 0) close(r.tfd);
     if (r.peers)
-        for (Py_ssize_t i = 0; i < r.n; i++) free(r.peers[i].buf);
+        for (Py_ssize_t i = 0; i < r.n; i++) free(r.peers[i].ring);
+    for (size_t i = 0; i < r.nseconds; i++) {
+        free(r.seconds[i].us);
+        free(r.seconds[i].count);
+    }
+    free(r.seconds);
+    free(r.touched);
     free(r.peers);
-    free(r.hist);
+    free(r.heap);
+    free(r.shist);
+    free(r.uhist);
+    free(r.lhist);
+    free(r.rbuf);
     Py_XDECREF(seq);
     PyBuffer_Release(&base);
     return result;
 }
 
 static PyMethodDef methods[] = {
-    {"pingpong", pingpong, METH_VARARGS,
-     "pingpong(fds, size, seconds, timeout, index, base, replace, tick) -> "
-     "(requests, {latency_us: count}, mismatches, late, open_fds)"},
+    {"pingpong", (PyCFunction)(void (*)(void))pingpong, METH_VARARGS | METH_KEYWORDS,
+     "pingpong(fds, size, seconds, timeout, index, base, replace, tick, rate=0, poisson=False, "
+     "seed=0, warmup=0, start=0, depth=16) -> {requests, per_second: [{us: count}], "
+     "uncorrected: {us: count} | None, lateness: {us: count} | None, mismatches, late, open_fds, late_sends, held_sends, "
+     "sends, start, measured_from, spun}"},
     {NULL, NULL, 0, NULL},
 };
 

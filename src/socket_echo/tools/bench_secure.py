@@ -1,5 +1,5 @@
 """``bench`` over ``quic://`` and ``dtls://``: a worker per process on asyncio, verifying every
-byte as the TCP and UDP workers do, with the same figures (bench.WorkerResult).
+byte as the TCP and UDP workers do, with the same figures (bench_model.WorkerResult).
 
 aioquic and pyOpenSSL's record layer are driven from Python on both ends, so one client
 process costs about as much per message as the server: give the load more processes (``-p``)
@@ -72,7 +72,9 @@ def quic_config(cfg: BenchConfig) -> QuicConfiguration:
 
 
 class SecureWorker:
-    def __init__(self, cfg: BenchConfig, connections: int, index: int, progress: Any) -> None:
+    def __init__(
+        self, cfg: BenchConfig, connections: int, rate: float, index: int, progress: Any
+    ) -> None:
         self.cfg, self.n, self.index, self.progress = cfg, connections, index, progress
         self.result = WorkerResult()
         self.patterns = Patterns(cfg.size)
@@ -81,9 +83,8 @@ class SecureWorker:
 
     def run(self) -> WorkerResult:
         cpu0 = cpu_seconds()
-        started = time.perf_counter()
         asyncio.run(self._main())
-        self.result.elapsed = time.perf_counter() - started
+        self.result.elapsed = time.monotonic() - self.result.mono_start  # the measured window
         self.result.cpu_seconds = cpu_seconds() - cpu0
         if self.cfg.mode != "stream":
             self.result.bytes = self.result.requests * self.cfg.size * 2
@@ -91,7 +92,8 @@ class SecureWorker:
 
     async def _main(self) -> None:
         asyncio.get_running_loop().set_exception_handler(lambda loop, context: None)
-        self.deadline = time.perf_counter() + self.cfg.duration
+        self.result.begin(time.monotonic() + self.cfg.warmup)
+        self.deadline = time.perf_counter() + self.cfg.warmup + self.cfg.duration
         scheme, mode = self.cfg.target.scheme, self.cfg.mode
         body = getattr(self, f"_{scheme}_{mode}")
         ticker = asyncio.ensure_future(self._tick())
@@ -124,8 +126,8 @@ class SecureWorker:
         return self.patterns.message(self.seq)
 
     def _count(self, started: float) -> None:
-        self.result.latency_us[int((time.perf_counter() - started) * 1e6)] += 1
-        self.result.requests += 1
+        now = time.perf_counter()
+        self.result.record(int((now - started) * 1e6), time.monotonic())
 
     # -- QUIC ----------------------------------------------------------------------------
     def _quic_connect(self) -> Any:
@@ -185,8 +187,9 @@ class SecureWorker:
                 if await client.collect(len(message), self.cfg.timeout) != message:
                     self.result.mismatches += 1
                     return
-                self.result.bytes += len(message)
-                self.result.requests += 1
+                if time.monotonic() >= self.result.mono_start:  # not in the warm-up
+                    self.result.bytes += len(message)
+                    self.result.requests += 1
 
     # -- DTLS ----------------------------------------------------------------------------
     async def _dtls_pingpong(self) -> None:

@@ -63,6 +63,11 @@ def probe_table(target: str, steps: list[Step]) -> None:
     print(verdict)
 
 
+def _spectrum(lat: dict[str, Any]) -> str:
+    keys = ("p50", "p90", "p99", "p999", "p9999", "max")
+    return "  ".join(f"{k} {lat[k]:,}" for k in keys if lat.get(k) is not None)
+
+
 def bench_lines(summary: dict[str, Any]) -> list[tuple[str, str]]:
     lat = summary["latency_us"]
     rows = [
@@ -70,8 +75,25 @@ def bench_lines(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("requests/s", f"{summary['requests_per_second']:,.0f}"),
         ("MB/s", f"{summary['megabytes_per_second']:,.2f}"),
     ]
+    uncorrected = summary.get("latency_uncorrected_us")
     if lat["p50"] is not None:
-        rows.append(("latency µs", "  ".join(f"{k} {lat[k]:,}" for k in lat)))
+        name = "latency µs" if not uncorrected else "latency µs (from slot)"
+        rows.append((name, _spectrum(lat)))
+    if uncorrected and uncorrected["p50"] is not None:
+        rows.append(("  (from send)", _spectrum(uncorrected)))
+    if summary.get("sends"):
+        rows.append(
+            (
+                "sends",
+                f"{summary['sends']:,}: {summary['late_sends']:,} late (over "
+                f"{summary['late_send_threshold_us']} µs, ours), {summary['held_sends']:,} held "
+                "(window full, the server's)",
+            )
+        )
+    lateness = summary.get("send_lateness_us")
+    if lateness and lateness["p50"] is not None:
+        keys = ("p50", "p99", "p999", "max")
+        rows.append(("  after slot µs", "  ".join(f"{k} {lateness[k]:,}" for k in keys)))
     rows += [
         (
             "errors",
@@ -83,8 +105,24 @@ def bench_lines(summary: dict[str, Any]) -> list[tuple[str, str]]:
             ),
         ),
         ("mismatches", str(summary["mismatches"])),
-        ("client CPU", f"{summary['client_cpu_percent']:.0f}% per process"),
+        (
+            "client CPU",
+            f"{summary['client_cpu_percent']:.0f}% per process"
+            + (
+                f" ({summary['client_spin_percent']:.0f}% of it polling for the next slot)"
+                if summary.get("client_spin_percent", 0) >= 1
+                else ""
+            ),
+        ),
     ]
+    segment = summary.get("segment") or {}
+    if segment.get("count", 1) > 1:
+        which = (
+            f"{segment['index']} of {segment['count']}"
+            if segment.get("index") is not None
+            else f"{len(segment.get('merged', []))} of {segment['count']} added"
+        )
+        rows.append(("segments", which))
     if summary["mode"] == "udp":
         rows.append(("lost datagrams", str(summary["lost_datagrams"])))
         rows.append(("late answers", str(summary["late_datagrams"])))
@@ -92,8 +130,13 @@ def bench_lines(summary: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def bench_table(summary: dict[str, Any], out: TextIO | None = None) -> None:
-    """The human table, on ``out`` (stdout; stderr when stdout carries ``--json -``)."""
+def bench_table(
+    summary: dict[str, Any], out: TextIO | None = None, note: str | None = None
+) -> None:
+    """The human table, on ``out`` (stdout; stderr when stdout carries ``--json -``); the
+    notes and warnings on stderr."""
+    from socket_echo.tools.advice import warnings
+
     out = out or sys.stdout
     rows = bench_lines(summary)
     if out.isatty():
@@ -109,12 +152,10 @@ def bench_table(summary: dict[str, Any], out: TextIO | None = None) -> None:
             print(f"{k:<15} {v}", file=out)
     if summary.get("loss_explanation"):
         print(f"note: {summary['loss_explanation']}", file=out)
-    if summary["client_saturated"]:
-        print(
-            "warning: the load generator used its whole CPU: these figures measure the "
-            "client as much as the server (add --processes, or pin server and client apart)",
-            file=sys.stderr,
-        )
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    for line in warnings(summary):
+        print(line, file=sys.stderr)
 
 
 class Progress:

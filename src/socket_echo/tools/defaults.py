@@ -1,0 +1,13 @@
+"""The tools' defaults, once: cli.py shows them and bench_model.BenchConfig holds them. A leaf
+that imports nothing (cli.py reads it at every start, the server's too)."""
+
+ARRIVALS = ("uniform", "poisson")
+DEFAULT_CONNECTIONS = 50
+DEFAULT_SIZE = 64
+DEFAULT_STREAM_SIZE = 65536
+DEFAULT_DURATION = 10.0
+DEFAULT_TIMEOUT = 5.0
+DEFAULT_IN_FLIGHT = 16  # open loop: requests in flight per connection at most
+LATE_SEND_US = 10  # a send this much after its slot, with room to go, was late (ours)
+BEHIND_US = 100  # sends this late (or later) ...
+BEHIND_SHARE = 0.01  # ... over this share of all: the generator fell behind (a warning)
