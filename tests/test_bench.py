@@ -318,3 +318,23 @@ def test_hgrm_is_hdrhistograms_percentile_distribution(start_server, tmp_path):
     assert lines[0].split() == ["Value", "Percentile", "TotalCount", "1/(1-Percentile)"]
     assert lines[-2].split("TotalCount")[1].strip(" =]") == f"{report['requests']}.000"
     assert float(lines[2].split()[0]) == report["latency_us"]["min"]
+
+
+@pytest.mark.parametrize("env", LOOPS, ids=LOOP_IDS)
+def test_latency_under_load_is_a_flow_beside_the_stream(start_server, env):
+    """iperf2's --bounceback-congest: a 64 B ping-pong at a low rate on a connection of its
+    own while the others saturate the path; its figures apart from the stream's."""
+    server = start_server()
+    code, report, table = bench(
+        f"127.0.0.1:{server.port}", "--mode", "stream", "-c", "2", "-d", "1", "-p", "1",
+        "--probe-rate", "200", env=env,
+    )  # fmt: skip
+    assert code == 0, report
+    flow = report["under_load"]
+    assert flow["rate"] == 200 and flow["size"] == 64 and flow["mismatches"] == 0
+    assert 150 <= flow["requests"] <= 201, flow
+    assert flow["latency_us"]["p50"] >= flow["latency_uncorrected_us"]["p50"]
+    assert report["megabytes_per_second"] > 0 and report["parameters"]["connections"] == 2
+    assert "under load" in table
+    refused = tool("bench", f"127.0.0.1:{server.port}", "--probe-rate", "10")
+    assert refused.returncode == 2 and b"--mode stream" in refused.stderr

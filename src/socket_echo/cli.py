@@ -873,6 +873,14 @@ def _show(summary: dict[str, Any], json_file: str | None, plot_file: str | None,
     help="Open loop: requests in flight per connection at most (echoes matched by position).",
 )
 @click.option(
+    "--probe-rate",
+    type=Finite(min=0, max=100_000),
+    default=0.0,
+    metavar="R",
+    help="stream: also run a 64 B ping-pong at R req/s and measure its latency under the "
+    "load (bufferbloat: iperf2's --bounceback-congest).",
+)
+@click.option(
     "--warmup",
     type=Finite(min=0, max=config.MAX_SECONDS),
     default=0.0,
@@ -917,6 +925,7 @@ def bench(
     arrival: str,
     in_flight: int,
     warmup: float,
+    probe_rate: float,
     segment: tuple[int, int],
     start_at: float | None,
     timeout: float,
@@ -942,6 +951,10 @@ def bench(
         raise click.UsageError("bench over TLS is not supported yet (probe and client are)")
     if rate and mode != "pingpong":
         raise click.UsageError(f"--rate is the open loop of --mode pingpong, not of {mode}")
+    if probe_rate and (mode != "stream" or t.scheme not in ("tcp", "unix")):
+        raise click.UsageError(
+            "--probe-rate measures latency under --mode stream over tcp:// or unix://"
+        )
     if segment[1] > connections:
         raise click.UsageError(
             f"--segment {segment[0]}/{segment[1]}: {connections} connections cannot be divided "
@@ -988,6 +1001,7 @@ def bench(
         in_flight,
         segment,
         start_at,
+        probe_rate,
     )
     progress = report.Progress(duration + warmup, "bytes" if mode == "stream" else "requests")
     try:
@@ -996,7 +1010,9 @@ def bench(
         progress.stop()
     summary = summarize(cfg, results)
     _show(summary, json_file, plot_file, hgrm_file)
-    sys.exit(FAILED if summary["errors"] or summary["mismatches"] else 0)
+    flow = summary["under_load"] or {"errors": 0, "mismatches": 0}
+    bad = summary["errors"] + summary["mismatches"] + flow["errors"] + flow["mismatches"]
+    sys.exit(FAILED if bad else 0)
 
 
 @cli.command()

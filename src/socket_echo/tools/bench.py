@@ -35,6 +35,16 @@ def run_workers(cfg: BenchConfig, on_progress: Any = None) -> list[WorkerResult]
         )
         for i, n in enumerate(shares)
     ]
+    if cfg.probe_rate:  # the latency-under-load flow, in a process of its own
+        probe = cfg.probe()
+        index = len(procs)
+        procs.append(
+            ctx.Process(
+                target=worker_main,
+                args=(probe, 1, probe.rate, index, ctx.Value("q", 0, lock=False), results, True),
+                daemon=True,
+            )
+        )
     for p in procs:
         p.start()
     collected: dict[int, WorkerResult] = {}

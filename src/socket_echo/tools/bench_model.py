@@ -37,6 +37,14 @@ class BenchConfig:
     in_flight: int = DEFAULT_IN_FLIGHT
     segment: tuple[int, int] = (0, 1)  # this run is segment I of N (bench --segment I/N)
     start_at: float | None = None  # wall-clock seconds every segment starts at
+    probe_rate: float = 0.0  # stream: a ping-pong flow at this rate, measured under the load
+
+    def probe(self) -> BenchConfig:
+        """The latency-under-load flow: one connection, 64 B, open loop at ``probe_rate``."""
+        return dataclasses.replace(
+            self, mode="pingpong", size=DEFAULT_SIZE, connections=1, processes=1,
+            rate=self.probe_rate, segment=(0, 1), probe_rate=0.0,
+        )  # fmt: skip
 
     @property
     def share(self) -> tuple[int, float]:
@@ -71,6 +79,7 @@ class WorkerResult:
     held_sends: int = 0  # ... that waited because `in_flight` were unanswered (the server)
     measured_from: float = 0.0  # wall-clock seconds the window began
     mono_start: float = 0.0  # the same instant on the monotonic clock (this process's)
+    probe: bool = False  # the latency-under-load flow's, not the load's
     cpu_seconds: float = 0.0
     spun_seconds: float = 0.0  # of cpu_seconds, polling for a slot to come (open loop)
     elapsed: float = 0.0

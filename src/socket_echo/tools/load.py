@@ -659,9 +659,16 @@ class PingPong:
 
 
 def worker_main(
-    cfg: BenchConfig, connections: int, rate: float, index: int, progress: Any, results: Any
+    cfg: BenchConfig,
+    connections: int,
+    rate: float,
+    index: int,
+    progress: Any,
+    results: Any,
+    probe: bool = False,
 ) -> None:
-    """One load process: its share of the connections and of the rate."""
+    """One load process: its share of the connections and of the rate (``probe``: the
+    latency-under-load flow)."""
     try:
         if kind(cfg.target.scheme).served_by in (QUIC, DTLS):
             from socket_echo.tools.bench_secure import SecureWorker
@@ -669,6 +676,7 @@ def worker_main(
             result = SecureWorker(cfg, connections, rate, index, progress).run()
         else:
             result = Worker(cfg, connections, rate, index, progress).run()
+        result.probe = probe
         results.put((index, result))
     except Exception as exc:  # reported by the parent as this worker's error
         failed = WorkerResult()

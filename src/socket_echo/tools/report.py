@@ -123,6 +123,16 @@ def bench_lines(summary: dict[str, Any]) -> list[tuple[str, str]]:
             else f"{len(segment.get('merged', []))} of {segment['count']} added"
         )
         rows.append(("segments", which))
+    flow = summary.get("under_load")
+    if flow and flow["latency_us"]["p50"] is not None:
+        rows.append(
+            (
+                "under load µs",
+                f"{_spectrum(flow['latency_us'])}  ({flow['size']} B ping-pong at "
+                f"{flow['rate']:g}/s beside the load; {flow['errors'] + flow['mismatches']} "
+                "errors)",
+            )
+        )
     if summary["mode"] == "udp":
         rows.append(("lost datagrams", str(summary["lost_datagrams"])))
         rows.append(("late answers", str(summary["late_datagrams"])))

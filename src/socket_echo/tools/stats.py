@@ -89,6 +89,8 @@ def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> dict[str, Any]:
     """One run's summary, from what each worker process brought back."""
     from socket_echo.tools.advice import explain_losses
 
+    probes = [r for r in results if r.probe]
+    results = [r for r in results if not r.probe]
     corrected = histogram()
     uncorrected = histogram()
     lateness: Counter[int] = Counter()
@@ -171,7 +173,27 @@ def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> dict[str, Any]:
         "_histogram": corrected,
     }
     summary["loss_explanation"] = explain_losses(cfg, requests, lost, elapsed)
+    summary["under_load"] = under_load(cfg, probes) if cfg.probe_rate else None
     return summary
+
+
+def under_load(cfg: BenchConfig, probes: list[WorkerResult]) -> dict[str, Any]:
+    """The ping-pong flow measured while the load ran (iperf2's --bounceback-congest)."""
+    corrected, uncorrected = histogram(), histogram()
+    for r in probes:
+        corrected.add(histogram(r.latency_us))
+        uncorrected.add(histogram(r.uncorrected_us))
+    return {
+        "rate": cfg.probe_rate,
+        "size": cfg.probe().size,
+        "requests": sum(r.requests for r in probes),
+        "errors": sum(sum(r.errors.values()) for r in probes),
+        "mismatches": sum(r.mismatches for r in probes),
+        "latency_us": spectrum(corrected),
+        "latency_uncorrected_us": spectrum(uncorrected),
+        "histogram": encode(corrected),
+        "histogram_uncorrected": encode(uncorrected),
+    }
 
 
 def to_json(summary: dict[str, Any]) -> str:
@@ -305,9 +327,31 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
             for t, (n, h) in sorted(seconds.items())
         ],
         "loss_explanation": None,
+        "under_load": merge_under_load(results),
         "_histogram": corrected,
     }
     return merged
+
+
+def merge_under_load(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    flows = [r["under_load"] for r in results if r.get("under_load")]
+    if not flows:
+        return None
+    corrected, uncorrected = histogram(), histogram()
+    for f in flows:
+        corrected.add(decode(f["histogram"], "under_load"))
+        uncorrected.add(decode(f["histogram_uncorrected"], "under_load"))
+    return {
+        "rate": sum(f["rate"] for f in flows),
+        "size": flows[0]["size"],
+        "requests": sum(f["requests"] for f in flows),
+        "errors": sum(f["errors"] for f in flows),
+        "mismatches": sum(f["mismatches"] for f in flows),
+        "latency_us": spectrum(corrected),
+        "latency_uncorrected_us": spectrum(uncorrected),
+        "histogram": encode(corrected),
+        "histogram_uncorrected": encode(uncorrected),
+    }
 
 
 def coverage_note(merged: dict[str, Any]) -> str | None:
