@@ -649,7 +649,7 @@ def transport_options(f: F) -> F:
 @click.option(
     "--timeout",
     type=Finite(min=0.1, max=config.MAX_SECONDS),
-    default=5.0,
+    default=DEFAULT_TIMEOUT,
     show_default=True,
     metavar="SECONDS",
     help="Connect timeout; how long to wait for the last echo.",
@@ -679,7 +679,7 @@ def client(
 @click.option(
     "--timeout",
     type=Finite(min=0.1, max=config.MAX_SECONDS),
-    default=5.0,
+    default=DEFAULT_TIMEOUT,
     show_default=True,
     metavar="SECONDS",
     help="Timeout of each step (as net-tools' echo-client).",
