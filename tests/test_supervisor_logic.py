@@ -1,9 +1,11 @@
-"""The supervisor's logic in-process: restart backoff, the cgroup CPU count, and summing the
-workers' metrics (with a worker that hangs). Real processes are in test_workers.py."""
+"""The supervisor's logic in-process: restart backoff, the cgroup CPU count, summing the
+workers' metrics (with a worker that hangs), and a real Supervisor given a target that
+exits (uvicorn's Multiprocess target). The real server's workers are in test_workers.py."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import socket
 import time
@@ -94,3 +96,48 @@ def test_a_worker_that_never_answers_costs_one_timeout_not_the_loop(tmp_path):
 
     body = asyncio.run(render(1, 3, [str(tmp_path / "gone.sock")], {}))
     assert b"socket_echo_workers 1.0" in body and b"socket_echo_worker_restarts_total 3.0" in body
+
+
+def supervise(target, seconds: float) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """A real Supervisor (it forks) with one worker running ``target``, stopped by SIGTERM
+    after ``seconds``: (its exit code, its restarts)."""
+    import os
+    import signal
+    import threading
+
+    from socket_echo.config import ServerConfig
+    from socket_echo.supervisors.processes import Supervisor
+
+    sup = Supervisor(ServerConfig(listeners=()), 1, [], [], [], target=target)
+    stop = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGTERM))
+    stop.start()
+    try:
+        return sup.run(), sup.restarts
+    finally:
+        stop.cancel()
+
+
+def test_a_worker_that_exits_after_serving_is_restarted_with_a_doubling_delay(tmp_path):
+    import time
+
+    starts = tmp_path / "starts"
+
+    def serve_briefly(config, listeners, credentials, private, serving):  # type: ignore[no-untyped-def]
+        serving()  # ready, then gone at once: a worker that keeps dying
+        with open(starts, "a") as f:
+            f.write(f"{time.monotonic()}\n")
+        return 0
+
+    code, restarts = supervise(serve_briefly, 2.2)
+    times = [float(t) for t in starts.read_text().split()]
+    assert code == 0 and restarts == len(times) - 1 >= 2
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps[0] >= 0.5 and gaps[1] >= 1.0  # RESTART_DELAY, then doubled
+
+
+def test_a_worker_that_never_serves_stops_the_supervisor_instead_of_restarting():
+    def fail_to_start(config, listeners, credentials, private, serving):  # type: ignore[no-untyped-def]
+        return 1  # never said it serves (readiness comes once a worker serves, not before)
+
+    code, restarts = supervise(fail_to_start, 5.0)
+    assert (code, restarts) == (1, 0)

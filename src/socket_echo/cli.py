@@ -19,9 +19,8 @@ import click
 from socket_echo import __version__, config
 from socket_echo.config import ConfigError, ServerConfig
 from socket_echo.exits import FAILED, UNREACHABLE, USAGE, error_line
-from socket_echo.kinds import kind
 from socket_echo.logs import quiet_aioquic
-from socket_echo.main import StartError, check_choices
+from socket_echo.main import StartError
 from socket_echo.main import serve as serve_config
 from socket_echo.supervisors.cpu import check_process_count, worker_count
 from socket_echo.tools.defaults import (
@@ -489,52 +488,47 @@ def serve(
             listeners = ()
         else:
             listeners = config.listeners_from_hosts(host, port)
-        for spec in listeners:
-            if not kind(spec.scheme).unix:
-                config.check_port(spec.port)
         metrics_spec = config.parse_metrics_address(metrics) if metrics else None
-        check_choices(loop, engine, udp_io, tls_ciphers)  # a path this platform lacks: exit 2
-        config.check_alpn(quic_alpn)
         worker_total = worker_count(workers)
+        cfg = ServerConfig(
+            listeners=listeners,
+            backlog=backlog,
+            max_connections=max_connections,
+            idle_timeout=idle_timeout,
+            max_buffer=max_buffer,
+            graceful_timeout=graceful_timeout,
+            udp_rate=udp_rate,
+            udp_burst=udp_burst,
+            udp_max_rate=udp_max_rate,
+            udp_max_sources=udp_max_sources,
+            udp_allow_privileged_ports=udp_allow_privileged_ports,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            tls_self_signed=tls_self_signed,
+            max_handshakes=max_handshakes,
+            tls_handshake_timeout=tls_handshake_timeout,
+            tls_ciphers=tls_ciphers,
+            quic_alpn=quic_alpn or config.DEFAULT_QUIC_ALPN,
+            quic_retry=quic_retry,
+            quic_max_streams=quic_max_streams,
+            quic_max_data=quic_max_data,
+            quic_max_stream_data=quic_max_stream_data,
+            proxy_header_timeout=proxy_header_timeout,
+            loop=loop,
+            engine=engine,
+            udp_io=udp_io,
+            workers=worker_total,
+            fds=fds,
+            metrics=metrics_spec,
+            log_level=log_level,
+            log_format=log_format,
+            access_log=access_log,
+        )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    cfg = ServerConfig(
-        listeners=listeners,
-        backlog=backlog,
-        max_connections=max_connections,
-        idle_timeout=idle_timeout,
-        max_buffer=max_buffer,
-        graceful_timeout=graceful_timeout,
-        udp_rate=udp_rate,
-        udp_burst=udp_burst,
-        udp_max_rate=udp_max_rate,
-        udp_max_sources=udp_max_sources,
-        udp_allow_privileged_ports=udp_allow_privileged_ports,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        tls_client_ca=tls_client_ca,
-        tls_self_signed=tls_self_signed,
-        max_handshakes=max_handshakes,
-        tls_handshake_timeout=tls_handshake_timeout,
-        tls_ciphers=tls_ciphers,
-        quic_alpn=quic_alpn or config.DEFAULT_QUIC_ALPN,
-        quic_retry=quic_retry,
-        quic_max_streams=quic_max_streams,
-        quic_max_data=quic_max_data,
-        quic_max_stream_data=quic_max_stream_data,
-        proxy_header_timeout=proxy_header_timeout,
-        loop=loop,
-        engine=engine,
-        udp_io=udp_io,
-        workers=worker_total,
-        fds=fds,
-        metrics=metrics_spec,
-        log_level=log_level.lower(),
-        log_format=log_format,
-        access_log=access_log and log_level.lower() in ("debug", "info"),
-    )
     try:
-        code = serve_config(cfg)
+        code = serve_config(cfg)  # main.check_choices first: a path this platform lacks, exit 2
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     except StartError as exc:

@@ -169,12 +169,29 @@ class ServerConfig:
     workers: int = DEFAULT_WORKERS  # processes serving the listeners (supervisors/ when > 1)
     fds: tuple[int, ...] = ()  # inherited listening sockets (--fd, socket activation)
 
+    def __post_init__(self) -> None:
+        """The rules of a config however it is made, by the CLI or by a program: ports in
+        range, ALPN names RFC 7301 allows (ConfigError, one line), and what follows from the
+        rest: the log level is lower case, and a connection's log lines (access_log) are
+        written only at a level that shows them. The choices a platform may lack (loop, data
+        paths, cipher suites) are main.check_choices', run once before anything is bound."""
+        for spec in self.listeners:
+            if not kind(spec.scheme).unix:
+                check_port(spec.port)
+        check_alpn(self.quic_alpn)
+        level = self.log_level.lower()
+        object.__setattr__(self, "log_level", level)
+        object.__setattr__(self, "access_log", self.access_log and level in ACCESS_LOG_LEVELS)
+
 
 def format_url(scheme: str, host: str, port: int, path: str = "") -> str:
     """The one way addresses are written: tcp://h:p, tcp://[v6]:p, unix:///path."""
     if kind(scheme).unix:
         return f"{scheme}://{path}"
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+ACCESS_LOG_LEVELS = ("debug", "info")  # the levels a connection's open and close lines show at
 
 
 def check_port(port: int) -> int:

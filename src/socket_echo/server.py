@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from socket_echo.config import CLOSE_WAIT, UDP_REPORT_EVERY, ServerConfig
@@ -294,8 +295,12 @@ class EchoServer:
         if self.engine is not None:
             self.engine.shutdown()
 
-    async def serve(self) -> None:
+    async def serve(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Start, tell ``on_ready`` (a worker's readiness: it serves now), serve until a
+        signal, drain."""
         await self.start()
+        if on_ready is not None:
+            on_ready()
         await self.stopping.wait()
         await self.stop_accepting()
         log_event(
@@ -336,14 +341,16 @@ def run(
     listeners: list[BoundListener],
     credentials: Credentials | None = None,
     metrics_listeners: list[BoundListener] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> int:
-    """Serve already-bound listeners until a signal; returns the exit code."""
+    """Serve already-bound listeners until a signal; returns the exit code. ``on_ready`` is
+    called once every listener serves (supervisors/processes.py: the worker's readiness)."""
     loop = loop_factory(config.loop)()
     asyncio.set_event_loop(loop)
     server = EchoServer(config, listeners, credentials)
     server.metrics_listeners = metrics_listeners or []
     try:
-        loop.run_until_complete(server.serve())
+        loop.run_until_complete(server.serve(on_ready))
     except OSError as exc:
         logger.error("server failed: %s", exc.strerror or exc)
         return FAILED

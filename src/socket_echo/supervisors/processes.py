@@ -33,7 +33,7 @@ import signal
 import sys
 import tempfile
 import traceback
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from socket_echo.config import (
     READY_TIMEOUT,
@@ -56,6 +56,12 @@ from socket_echo.server import run
 from socket_echo.supervisors import metrics_sum
 
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+# What a worker runs (uvicorn's Multiprocess target): the config, its listeners, the
+# credentials, its private metrics listener, and the callback that says it serves; returns
+# the worker's exit code. server.run by default; tests give one that exits.
+Target = Callable[
+    [ServerConfig, list[BoundListener], Credentials, list[BoundListener], Callable[[], None]], int
+]
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
@@ -89,8 +95,10 @@ class Supervisor:
         placeholders: list[BoundListener],
         metrics_listeners: list[BoundListener],
         credentials: Credentials | None = None,
+        target: Target = run,
     ) -> None:
         self.config = config
+        self.target = target
         self.shared = shared  # inherited by every worker
         self.rebound = list(placeholders)  # every worker binds its own socket on these
         self.placeholders = placeholders  # what this process holds of them (no UDP, later)
@@ -355,8 +363,11 @@ class Supervisor:
         finally:
             for bound in self.placeholders:
                 bound.sock.close()
-        os.write(ready_w, b"r")  # the write end stays open until this process exits
-        return run(self.config, own + shared, self.credentials, private)
+
+        def serving() -> None:  # once the worker serves: the write end stays open until it exits
+            os.write(ready_w, b"r")
+
+        return self.target(self.config, own + shared, self.credentials, private, serving)
 
 
 def die_with_parent() -> None:
