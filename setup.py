@@ -43,6 +43,12 @@ class OptionalBuildExt(build_ext):
             self.extensions = every
 
 
+# tcp/: the engine (pure C, no Python.h: no Python call can happen in its thread) and its
+# CPython binding.
+SOURCES = {"tcp": ("_native.c", "engine.c")}
+HEADERS = {"tcp": ("engine.h",)}
+
+
 def extensions():
     if os.environ.get("SOCKET_ECHO_NO_EXTENSIONS") or not sys.platform.startswith("linux"):
         return []
@@ -56,7 +62,8 @@ def extensions():
     return [
         Extension(
             f"socket_echo.{part}._native",
-            [f"src/socket_echo/{part}/_native.c"],
+            [f"src/socket_echo/{part}/{name}" for name in SOURCES.get(part, ("_native.c",))],
+            depends=[f"src/socket_echo/{part}/{name}" for name in HEADERS.get(part, ())],
             extra_compile_args=flags,
             extra_link_args=link,
         )

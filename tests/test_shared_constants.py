@@ -13,7 +13,7 @@ from socket_echo.tcp.accept import RESOURCE_ERRORS
 from socket_echo.udp.guard import REASONS
 
 PACKAGE = pathlib.Path(config.__file__).parent
-TCP_C = (PACKAGE / "tcp" / "_native.c").read_text()
+TCP_C = (PACKAGE / "tcp" / "engine.h").read_text() + (PACKAGE / "tcp" / "engine.c").read_text()
 UDP_C = (PACKAGE / "udp" / "_native.c").read_text()
 
 
@@ -44,3 +44,15 @@ def test_udp_drop_reasons_are_named_the_same_in_c_and_python():
     enum = re.search(r"enum \{(.*?)\};", UDP_C, re.S)
     assert enum
     assert len(re.findall(r"\bD_[A-Z_]+", enum.group(1))) == len(REASONS) + 1  # D_COUNT
+
+
+def test_the_tcp_engine_is_pure_c_so_its_thread_cannot_call_python():
+    """engine.c and engine.h include no Python.h and name nothing of the C API: a Python
+    call in the engine's thread would not compile. The binding (_native.c) is the rest."""
+    for name in ("engine.c", "engine.h"):
+        text = (PACKAGE / "tcp" / name).read_text()
+        code = re.sub(r"/\*.*?\*/", "", text, flags=re.S)  # comments may say "Python"
+        assert "Python.h" not in code, name
+        assert not re.findall(r"\bPy[A-Z_a-z]\w*|\bPY_\w+", code), name
+    binding = (PACKAGE / "tcp" / "_native.c").read_text()
+    assert '#include "engine.h"' in binding and "static void *engine_thread" not in binding
