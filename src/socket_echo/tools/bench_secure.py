@@ -84,7 +84,8 @@ class SecureWorker:
     def run(self) -> WorkerResult:
         cpu0 = cpu_seconds()
         asyncio.run(self._main())
-        self.result.elapsed = time.monotonic() - self.result.mono_start  # the measured window
+        measured = time.monotonic() - self.result.mono_start  # the window, not the teardown
+        self.result.elapsed = max(1e-9, min(measured, self.cfg.duration))
         self.result.cpu_seconds = cpu_seconds() - cpu0
         if self.cfg.mode != "stream":
             self.result.bytes = self.result.requests * self.cfg.size * 2

@@ -117,7 +117,9 @@ class Worker:
     def run(self) -> WorkerResult:
         cpu0 = cpu_seconds()
         getattr(self, f"_run_{self.cfg.mode}")()
-        self.result.elapsed = max(1e-9, time.monotonic() - self.result.mono_start)
+        # the window: from its start to its deadline (or to an early end), not the teardown
+        measured = time.monotonic() - self.result.mono_start
+        self.result.elapsed = max(1e-9, min(measured, self.cfg.duration))
         self.result.cpu_seconds = cpu_seconds() - cpu0
         for conn in self.conns.values():
             conn.sock.close()
