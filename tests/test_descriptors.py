@@ -176,8 +176,10 @@ def test_splice_pipes_count_in_the_descriptor_budget_and_health_still_answers(st
     assert pump(streams, 2.0) > 0
     in_use = len(os.listdir(f"/proc/{server.pid}/fd"))  # pipes and all: within the budget
     assert in_use <= 256 - FD_RESERVE, f"{in_use} descriptors of 256 with {len(streams)} streams"
-    late = socket.create_connection(("127.0.0.1", server.port), timeout=3)
-    try:  # refused (a reset or EOF) or served, within 3 s: never left hanging
+    late = socket.socket()
+    late.settimeout(3)
+    try:  # refused (a reset, even before connect() returns, or EOF) or served, within 3 s
+        late.connect(("127.0.0.1", server.port))
         late.sendall(b"late")
         assert late.recv(10) in (b"", b"late")
     except ConnectionResetError:
