@@ -295,6 +295,7 @@ class Worker:
         cfg, res = self.cfg, self.result
         self._start()
         deadline = res.mono_start + cfg.duration
+        churned = 0
         for _ in range(self.n):
             self._start_churn()
         while time.monotonic() < deadline:
@@ -308,8 +309,8 @@ class Worker:
                         self._end_churn(conn, f"connect: {os.strerror(err)}")
                         continue
                     conn.connected = True
-                    conn.seq = self.index + sum(res.latency_us.values()) + len(self.conns)
-                    conn.expected = self.patterns.message(conn.seq)
+                    churned += 1  # each connection's message differs from the one before
+                    conn.expected = self.patterns.message(churned + self.index)
                     if conn.sock.family != socket.AF_UNIX:
                         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     conn.sock.send(conn.expected)
@@ -513,8 +514,7 @@ class PingPong:
                 if ready is None:
                     continue
                 i = ready.index
-                peer = ready
-                if peer.writing and events & select.EPOLLOUT:
+                if ready.writing and events & select.EPOLLOUT:
                     self.push(i)
                 if events & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
                     self.readable(i)
