@@ -4,6 +4,7 @@ in the Kubernetes Indexed Job (deploy/kubernetes/bench-job.yaml) or over ssh."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -114,6 +115,17 @@ def test_report_refuses_what_does_not_add_in_one_line(start_server, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
     assert_one_line_error(run_cli("report", str(bad)), 2, "not an HdrHistogram")
+    for spoil, words in (  # fields in forms that do not add: one line, never a traceback
+        (lambda d: d.update(histogram=base64.b64encode(bytes(range(64))).decode()), "HdrHist"),
+        (lambda d: d.update(histogram=7), "not an HdrHistogram (a int)"),
+        (lambda d: d["segment"].update(index="x"), "not a bench result"),
+        (lambda d: d["per_second"][0].pop("t"), "not a bench result (no 't')"),
+        (lambda d: d.update(error_kinds=[1]), "not a bench result"),
+    ):
+        data = json.loads(a.read_text())
+        spoil(data)
+        bad.write_text(json.dumps(data))
+        assert_one_line_error(run_cli("report", str(bad)), 2, str(bad), words)
     data = json.loads(a.read_text())
     data["segment"] = {"index": 1, "count": 2}
     twice = [tmp_path / "s1.json", tmp_path / "s1-again.json"]

@@ -9,11 +9,11 @@ histograms is exact, so N segments merged are one run, not an average of percent
 
 from __future__ import annotations
 
-import binascii
+import contextlib
 import json
 import math
-import zlib
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
@@ -45,11 +45,13 @@ def encode(hist: HdrHistogram) -> str:
     return str(hist.encode().decode("ascii"))
 
 
-def decode(text: str, where: str) -> HdrHistogram:
+def decode(text: object, where: str) -> HdrHistogram:
+    if not isinstance(text, str):
+        raise ResultError(f"{where}: not an HdrHistogram (a {type(text).__name__})")
     try:
         hist = HdrHistogram.decode(text.encode("ascii"))
-    except (ValueError, TypeError, UnicodeError, binascii.Error, zlib.error, IndexError) as exc:
-        raise ResultError(f"{where}: not an HdrHistogram ({exc})") from None
+    except Exception as exc:  # hdrh raises its own kinds (cookie, length) besides base64's
+        raise ResultError(f"{where}: not an HdrHistogram ({exc or type(exc).__name__})") from None
     out = HdrHistogram(LOWEST_US, HIGHEST_US, DIGITS)
     out.add(hist)
     return out
@@ -83,6 +85,46 @@ def iterate(hist: HdrHistogram) -> list[tuple[int, int]]:
         (int(v.value_iterated_to), int(v.count_at_value_iterated_to))
         for v in hist.get_recorded_iterator()
     ]
+
+
+def latency_fields(
+    corrected: HdrHistogram,
+    uncorrected: HdrHistogram | None,
+    lateness: HdrHistogram | None,
+    sends: int,
+) -> dict[str, Any]:
+    """The latency part of a summary, one run's or merged: the spectra and the histograms
+    (``uncorrected`` and ``lateness`` are the open loop's, None for a closed loop)."""
+    return {
+        "latency_us": spectrum(corrected),
+        "latency_uncorrected_us": spectrum(uncorrected) if uncorrected else None,
+        "latency_resolution_us": 1,
+        "latency_significant_digits": DIGITS,
+        "send_lateness_us": spectrum(lateness) if lateness else None,
+        "generator_behind": behind(lateness, sends) if lateness else False,
+        "histogram": encode(corrected),
+        "histogram_uncorrected": encode(uncorrected) if uncorrected else None,
+        "histogram_lateness": encode(lateness) if lateness else None,
+        "_histogram": corrected,
+    }
+
+
+def flow_fields(
+    rate: float, size: int, requests: int, errors: int, mismatches: int,
+    corrected: HdrHistogram, uncorrected: HdrHistogram,
+) -> dict[str, Any]:  # fmt: skip
+    """The latency-under-load flow's figures (``under_load``), one run's or merged."""
+    return {
+        "rate": rate,
+        "size": size,
+        "requests": requests,
+        "errors": errors,
+        "mismatches": mismatches,
+        "latency_us": spectrum(corrected),
+        "latency_uncorrected_us": spectrum(uncorrected),
+        "histogram": encode(corrected),
+        "histogram_uncorrected": encode(uncorrected),
+    }
 
 
 def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> dict[str, Any]:
@@ -128,11 +170,13 @@ def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> dict[str, Any]:
         "requests": requests,
         "requests_per_second": requests / elapsed,
         "megabytes_per_second": sum(r.bytes for r in results) / elapsed / 1e6,
-        "latency_us": spectrum(corrected),
         "latency_from": "intended send time (corrected)" if open_loop else "send",
-        "latency_uncorrected_us": spectrum(uncorrected) if open_loop else None,
-        "latency_resolution_us": 1,
-        "latency_significant_digits": DIGITS,
+        **latency_fields(
+            corrected,
+            uncorrected if open_loop else None,
+            histogram(lateness) if open_loop else None,
+            sends,
+        ),
         "errors": sum(errors.values()),
         "error_kinds": dict(errors),
         "mismatches": sum(r.mismatches for r in results),
@@ -143,8 +187,6 @@ def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> dict[str, Any]:
         "late_sends": late_sends,
         "held_sends": sum(r.held_sends for r in results),
         "late_send_threshold_us": LATE_SEND_US,
-        "send_lateness_us": spectrum(histogram(lateness)) if open_loop else None,
-        "generator_behind": behind(histogram(lateness), sends),
         "client_cpu_percent": 100 * cpu / elapsed / max(1, len(results)),  # per process
         "client_spin_percent": 100 * spun / elapsed / max(1, len(results)),  # of that, polling
         "client_saturated": busiest >= SATURATED,
@@ -163,14 +205,10 @@ def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> dict[str, Any]:
             "start_at": cfg.start_at,
             "segment": f"{cfg.segment[0]}/{cfg.segment[1]}",
         },
-        "histogram": encode(corrected),
-        "histogram_uncorrected": encode(uncorrected) if open_loop else None,
-        "histogram_lateness": encode(histogram(lateness)) if open_loop else None,
         "per_second": [
             {"t": start + i, "requests": sum(s.values()), "histogram": encode(histogram(s))}
             for i, s in enumerate(seconds)
         ],
-        "_histogram": corrected,
     }
     summary["loss_explanation"] = explain_losses(cfg, requests, lost, elapsed)
     summary["under_load"] = under_load(cfg, probes) if cfg.probe_rate else None
@@ -183,17 +221,15 @@ def under_load(cfg: BenchConfig, probes: list[WorkerResult]) -> dict[str, Any]:
     for r in probes:
         corrected.add(histogram(r.latency_us))
         uncorrected.add(histogram(r.uncorrected_us))
-    return {
-        "rate": cfg.probe_rate,
-        "size": cfg.probe().size,
-        "requests": sum(r.requests for r in probes),
-        "errors": sum(sum(r.errors.values()) for r in probes),
-        "mismatches": sum(r.mismatches for r in probes),
-        "latency_us": spectrum(corrected),
-        "latency_uncorrected_us": spectrum(uncorrected),
-        "histogram": encode(corrected),
-        "histogram_uncorrected": encode(uncorrected),
-    }
+    return flow_fields(
+        cfg.probe_rate,
+        cfg.probe().size,
+        sum(r.requests for r in probes),
+        sum(sum(r.errors.values()) for r in probes),
+        sum(r.mismatches for r in probes),
+        corrected,
+        uncorrected,
+    )
 
 
 def to_json(summary: dict[str, Any]) -> str:
@@ -202,6 +238,18 @@ def to_json(summary: dict[str, Any]) -> str:
 
 # -- report: results added ------------------------------------------------------------------
 SAME = ("target", "mode")  # results of different targets, modes or sizes do not add
+
+
+@contextlib.contextmanager
+def reading(path: str) -> Iterator[None]:
+    """A field a results file lacks, or holds in the wrong form: one line naming the file."""
+    try:
+        yield
+    except ResultError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ResultError(f"{path}: not a bench result ({what})") from None
 
 
 def load(path: str) -> dict[str, Any]:
@@ -217,23 +265,20 @@ def load(path: str) -> dict[str, Any]:
         ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ResultError(f'{path}: not a bench result of this version (no "format": "{FORMAT}")')
-    try:
-        for key in ("target", "mode", "requests", "histogram", "window", "parameters", "segment"):
-            data[key]
-        float(data["window"]["start"]) + float(data["window"]["seconds"])
-        int(data["parameters"]["size"]) + int(data["parameters"]["connections"])
+    with reading(path):
         data["_histogram"] = decode(data["histogram"], path)
-    except (KeyError, TypeError, ValueError) as exc:
-        if isinstance(exc, ResultError):
-            raise
-        raise ResultError(f"{path}: a bench result without {exc}") from None
+        data["_segment"] = (int(data["segment"]["index"]), int(data["segment"]["count"]))
+        data["_window"] = (float(data["window"]["start"]), float(data["window"]["seconds"]))
+        int(data["parameters"]["size"]) + int(data["parameters"]["connections"])
+        data["target"] + data["mode"]  # both text
     data["_path"] = path
     return data
 
 
 def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Results added: histograms added, counters and rates summed, the window the common one.
-    ResultError when they are not of one target, mode and size, or one segment comes twice."""
+    ResultError when they are not of one target, mode and size, one segment comes twice, or
+    a file holds a field in a form that does not add (one line naming it)."""
     first = results[0]
     for r in results[1:]:
         for key in SAME:
@@ -249,109 +294,114 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
             )
     seen: dict[tuple[int, int], str] = {}
     for r in results:
-        seg = (int(r["segment"]["index"]), int(r["segment"]["count"]))
+        seg = r["_segment"]
         if seg in seen and seg[1] > 1:
             raise ResultError(f"{r['_path']}: segment {seg[0]}/{seg[1]} is also {seen[seg]}")
         seen[seg] = r["_path"]
-    corrected = histogram()
-    uncorrected = histogram()
-    lateness = histogram()
-    any_uncorrected = False
+    corrected, uncorrected, lateness = histogram(), histogram(), histogram()
+    open_loop = False
     seconds: dict[int, tuple[int, HdrHistogram]] = {}
-    for r in results:
-        corrected.add(r["_histogram"])
-        if r.get("histogram_uncorrected"):
-            any_uncorrected = True
-            uncorrected.add(decode(r["histogram_uncorrected"], r["_path"]))
-        if r.get("histogram_lateness"):
-            lateness.add(decode(r["histogram_lateness"], r["_path"]))
-        for s in r.get("per_second") or []:
-            t = round(float(s["t"]))
-            n, h = seconds.get(t, (0, histogram()))
-            h.add(decode(s["histogram"], r["_path"]))
-            seconds[t] = (n + int(s["requests"]), h)
-    start = max(float(r["window"]["start"]) for r in results)
-    end = min(float(r["window"]["start"]) + float(r["window"]["seconds"]) for r in results)
-
-    def total(key: str) -> Any:
-        return sum(r.get(key) or 0 for r in results)
-
     errors: Counter[str] = Counter()
-    for r in results:
-        errors.update(r.get("error_kinds") or {})
     params = dict(first["parameters"])
-    for key in ("connections", "processes"):
-        params[key] = sum(int(r["parameters"].get(key) or 0) for r in results)
-    rates = [r["parameters"].get("rate") for r in results]
+    summed = ("connections", "processes")
+    counted = (
+        "requests", "requests_per_second", "megabytes_per_second", "errors", "mismatches",
+        "lost_datagrams", "late_datagrams", "duplicate_datagrams", "sends", "late_sends",
+        "held_sends",
+    )  # fmt: skip
+    rate_keys = ("requests_per_second", "megabytes_per_second")  # summed as they are
+    totals: dict[str, float] = dict.fromkeys(counted, 0.0)
+    param_totals: Counter[str] = Counter()
+    rates, segments, cpu, flows = [], [], [], []
+    for r in results:
+        with reading(r["_path"]):
+            corrected.add(r["_histogram"])
+            if r.get("histogram_uncorrected"):
+                open_loop = True
+                uncorrected.add(decode(r["histogram_uncorrected"], r["_path"]))
+            if r.get("histogram_lateness"):
+                lateness.add(decode(r["histogram_lateness"], r["_path"]))
+            for s in r.get("per_second") or []:
+                t = round(float(s["t"]))
+                n, h = seconds.get(t, (0, histogram()))
+                h.add(decode(s["histogram"], r["_path"]))
+                seconds[t] = (n + int(s["requests"]), h)
+            for key in counted:
+                totals[key] += float(r.get(key) or 0)
+            errors.update({str(k): int(v) for k, v in (r.get("error_kinds") or {}).items()})
+            for key in summed:
+                param_totals[key] += int(r["parameters"].get(key) or 0)
+            rates.append(r["parameters"].get("rate"))
+            segments.append(str(r["parameters"].get("segment", "0/1")))
+            cpu.append(float(r.get("client_cpu_percent") or 0))
+            if r.get("under_load"):
+                flow = r["under_load"]
+                flows.append(
+                    (
+                        float(flow["rate"]), int(flow["size"]), int(flow["requests"]),
+                        int(flow["errors"]), int(flow["mismatches"]),
+                        decode(flow["histogram"], r["_path"]),
+                        decode(flow["histogram_uncorrected"], r["_path"]),
+                    )
+                )  # fmt: skip
+    start = max(r["_window"][0] for r in results)
+    end = min(r["_window"][0] + r["_window"][1] for r in results)
+    params.update(param_totals)
     params["rate"] = sum(rates) if all(rates) else None
-    params["segment"] = ",".join(sorted(r["parameters"].get("segment", "0/1") for r in results))
-    sends, late_sends = total("sends"), total("late_sends")
+    params["segment"] = ",".join(sorted(segments))
+    whole = {k: v if k in rate_keys else int(v) for k, v in totals.items()}
     merged: dict[str, Any] = {
         "format": FORMAT,
         "target": first["target"],
         "mode": first["mode"],
-        "requests": total("requests"),
-        "requests_per_second": total("requests_per_second"),
-        "megabytes_per_second": total("megabytes_per_second"),
-        "latency_us": spectrum(corrected),
+        **{k: whole[k] for k in ("requests", "requests_per_second", "megabytes_per_second")},
         "latency_from": first.get("latency_from", "send"),
-        "latency_uncorrected_us": spectrum(uncorrected) if any_uncorrected else None,
-        "latency_resolution_us": 1,
-        "latency_significant_digits": DIGITS,
-        "errors": total("errors"),
+        **latency_fields(
+            corrected,
+            uncorrected if open_loop else None,
+            lateness if open_loop else None,
+            int(whole["sends"]),
+        ),
         "error_kinds": dict(errors),
-        "mismatches": total("mismatches"),
-        "lost_datagrams": total("lost_datagrams"),
-        "late_datagrams": total("late_datagrams"),
-        "duplicate_datagrams": total("duplicate_datagrams"),
-        "sends": sends,
-        "late_sends": late_sends,
-        "held_sends": total("held_sends"),
+        **{k: whole[k] for k in counted[3:]},
         "late_send_threshold_us": first.get("late_send_threshold_us", LATE_SEND_US),
-        "send_lateness_us": spectrum(lateness) if any_uncorrected else None,
-        "generator_behind": behind(lateness, sends),
-        "client_cpu_percent": max(float(r.get("client_cpu_percent") or 0) for r in results),
+        "client_cpu_percent": max(cpu),
         "client_saturated": any(r.get("client_saturated") for r in results),
         "window": {"start": start, "end": end, "seconds": max(0.0, end - start)},
         "segment": {
             "index": None,
-            "count": int(first["segment"]["count"]),
+            "count": first["_segment"][1],
             "merged": sorted(i for i, _ in seen),
         },
         "parameters": params,
-        "histogram": encode(corrected),
-        "histogram_uncorrected": encode(uncorrected) if any_uncorrected else None,
-        "histogram_lateness": encode(lateness) if any_uncorrected else None,
         "per_second": [
             {"t": float(t), "requests": n, "histogram": encode(h)}
             for t, (n, h) in sorted(seconds.items())
         ],
         "loss_explanation": None,
-        "under_load": merge_under_load(results),
-        "_histogram": corrected,
+        "under_load": merge_flows(flows),
     }
     return merged
 
 
-def merge_under_load(results: list[dict[str, Any]]) -> dict[str, Any] | None:
-    flows = [r["under_load"] for r in results if r.get("under_load")]
+def merge_flows(
+    flows: list[tuple[float, int, int, int, int, HdrHistogram, HdrHistogram]],
+) -> dict[str, Any] | None:
     if not flows:
         return None
     corrected, uncorrected = histogram(), histogram()
-    for f in flows:
-        corrected.add(decode(f["histogram"], "under_load"))
-        uncorrected.add(decode(f["histogram_uncorrected"], "under_load"))
-    return {
-        "rate": sum(f["rate"] for f in flows),
-        "size": flows[0]["size"],
-        "requests": sum(f["requests"] for f in flows),
-        "errors": sum(f["errors"] for f in flows),
-        "mismatches": sum(f["mismatches"] for f in flows),
-        "latency_us": spectrum(corrected),
-        "latency_uncorrected_us": spectrum(uncorrected),
-        "histogram": encode(corrected),
-        "histogram_uncorrected": encode(uncorrected),
-    }
+    for flow in flows:
+        corrected.add(flow[5])
+        uncorrected.add(flow[6])
+    return flow_fields(
+        sum(f[0] for f in flows),
+        flows[0][1],
+        sum(f[2] for f in flows),
+        sum(f[3] for f in flows),
+        sum(f[4] for f in flows),
+        corrected,
+        uncorrected,
+    )
 
 
 def coverage_note(merged: dict[str, Any]) -> str | None:
