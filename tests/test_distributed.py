@@ -150,6 +150,7 @@ def test_report_of_one_result_is_that_result(start_server, tmp_path):
         ("1000", "already past"),
         ("2020-01-01T00:00:00Z", "already past"),
         ("tomorrow", "neither Unix seconds nor ISO 8601"),
+        ("nan", "is not a time"),
         ("in three days", "more than a day away"),
     ],
 )

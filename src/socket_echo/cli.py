@@ -31,6 +31,7 @@ from socket_echo.tools.defaults import (
     DEFAULT_SIZE,
     DEFAULT_STREAM_SIZE,
     DEFAULT_TIMEOUT,
+    MODES,
 )
 
 ENV_PREFIX = "SOCKET_ECHO_"
@@ -734,7 +735,9 @@ def _start_at(ctx: click.Context, param: click.Parameter, value: str | None) -> 
             moment = moment.replace(tzinfo=datetime.timezone.utc)
         when = moment.timestamp()
     now = time.time()
-    if not math.isfinite(when) or when <= now:
+    if not math.isfinite(when):
+        raise click.BadParameter(f"{value!r} is not a time")
+    if when <= now:
         raise click.BadParameter(
             f"{value!r} is already past ({now - when:,.1f} s ago): every segment must start "
             "together, so give a time still to come"
@@ -747,26 +750,18 @@ def _start_at(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 MAX_START_WAIT = 24 * 3600.0
 
 
+OUTPUTS = (  # where bench and report write their figures
+    ("--json", "json_file", "Write the results (histograms included: report adds them) to "
+     "FILE ('-' = stdout)."),
+    ("--plot", "plot_file", "Draw the latency percentile curve to FILE.png (needs matplotlib)."),
+    ("--hgrm", "hgrm_file", "Write HdrHistogram's percentile distribution (µs) to FILE ('-' = "
+     "stdout)."),
+)  # fmt: skip
+
+
 def _outputs(f: F) -> F:
-    """Where bench and report write their figures."""
-    f = click.option(
-        "--hgrm",
-        "hgrm_file",
-        type=click.Path(dir_okay=False, writable=True),
-        help="Write HdrHistogram's percentile distribution (µs) to FILE ('-' = stdout).",
-    )(f)
-    f = click.option(
-        "--plot",
-        "plot_file",
-        type=click.Path(dir_okay=False, writable=True),
-        help="Draw the latency percentile curve to FILE.png (needs matplotlib).",
-    )(f)
-    f = click.option(
-        "--json",
-        "json_file",
-        type=click.Path(dir_okay=False, writable=True),
-        help="Write the results (histograms included: report adds them) to FILE ('-' = stdout).",
-    )(f)
+    for flag, name, text in reversed(OUTPUTS):
+        f = click.option(flag, name, type=click.Path(dir_okay=False, writable=True), help=text)(f)
     return f
 
 
@@ -806,7 +801,7 @@ def _show(summary: dict[str, Any], json_file: str | None, plot_file: str | None,
 @transport_options
 @click.option(
     "--mode",
-    type=click.Choice(["pingpong", "stream", "churn", "udp"]),
+    type=click.Choice(MODES),
     default="pingpong",
     show_default=True,
     help="pingpong: one message in flight per connection (open loop: up to --in-flight); "
@@ -933,6 +928,7 @@ def bench(
 
     from socket_echo.tools import bench as tool
     from socket_echo.tools import report
+    from socket_echo.tools.bench_model import BenchConfig
     from socket_echo.tools.stats import summarize
     from socket_echo.tools.target import Unreachable, connect
 
@@ -979,7 +975,7 @@ def bench(
     except Unreachable as exc:
         click.echo(error_line(f"unreachable: {exc}"), err=True)
         sys.exit(UNREACHABLE)
-    cfg = tool.BenchConfig(
+    cfg = BenchConfig(
         t,
         mode,
         connections,
@@ -1037,11 +1033,7 @@ def _write_results(
 
     if plot_file:
         advice.plot(summary, plot_file)
-    if hgrm_file == "-":
-        sys.stdout.flush()
-        summary["_histogram"].output_percentile_distribution(sys.stdout.buffer, 1.0)
-        sys.stdout.buffer.flush()
-    elif hgrm_file:
+    if hgrm_file:
         advice.write_hgrm(summary, hgrm_file)
     if json_file:
         text = to_json(summary)

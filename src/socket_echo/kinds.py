@@ -68,7 +68,6 @@ KINDS: dict[str, ListenerKind] = {
     )
 }
 SCHEMES = tuple(KINDS)
-DATAGRAM_SCHEMES = tuple(s for s, k in KINDS.items() if k.datagram)
 TARGET_SCHEMES = tuple(s for s, k in KINDS.items() if k.target)
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from socket_echo.config import DEFAULT_UDP_BURST, DEFAULT_UDP_MAX_RATE, DEFAULT_UDP_RATE
@@ -98,6 +99,11 @@ def plot(summary: dict[str, Any], path: str) -> None:
 
 def write_hgrm(summary: dict[str, Any], path: str) -> None:
     """HdrHistogram's percentile distribution (what its plotter and HistogramLogAnalyzer
-    read), values in microseconds."""
+    read), values in microseconds; ``-``: stdout."""
+    if path == "-":
+        sys.stdout.flush()
+        summary["_histogram"].output_percentile_distribution(sys.stdout.buffer, 1.0)
+        sys.stdout.buffer.flush()
+        return
     with open(path, "wb") as f:
         summary["_histogram"].output_percentile_distribution(f, 1.0)

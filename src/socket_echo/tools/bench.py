@@ -12,11 +12,7 @@ import time
 from typing import Any
 
 from socket_echo.tools.bench_model import BenchConfig, WorkerResult, split
-from socket_echo.tools.load import _native, native_pingpong, worker_main
-
-__all__ = ["BenchConfig", "WorkerResult", "_native", "native_pingpong", "run_workers", "split"]
-
-MODES = ("pingpong", "stream", "churn", "udp")
+from socket_echo.tools.load import worker_main
 
 
 def run_workers(cfg: BenchConfig, on_progress: Any = None) -> list[WorkerResult]:

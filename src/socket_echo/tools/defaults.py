@@ -1,6 +1,7 @@
 """The tools' defaults, once: cli.py shows them and bench_model.BenchConfig holds them. A leaf
 that imports nothing (cli.py reads it at every start, the server's too)."""
 
+MODES = ("pingpong", "stream", "churn", "udp")  # bench --mode over tcp://, unix://, udp://
 ARRIVALS = ("uniform", "poisson")
 DEFAULT_CONNECTIONS = 50
 DEFAULT_SIZE = 64
