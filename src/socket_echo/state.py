@@ -152,14 +152,10 @@ class ServerState:
         """asyncio tasks alive on the server's loop (the soak test watches them for leaks)."""
         return len(asyncio.all_tasks(self.loop)) if self.loop is not None else 0
 
-    def live_bytes(
-        self, unlisted: dict[str, tuple[int, int, int]] | None = None
-    ) -> dict[str, tuple[int, int]]:
+    def live_bytes(self, unlisted: dict[str, tuple[int, int, int]]) -> dict[str, tuple[int, int]]:
         """(in, out) bytes of the connections still open, by listener: out is what was
         handed to the kernel, so it lags behind while a peer reads slowly. ``unlisted``: the
-        table's unlisted_by_listener() when the caller has it (one reading for a scrape)."""
-        if unlisted is None:
-            unlisted = self.table.unlisted_by_listener()
+        table's unlisted_by_listener(), read once for the scrape."""
         live = {listener: (got, sent) for listener, (_, got, sent) in unlisted.items()}
         for conn in self.table.open:
             got, sent = live.get(conn.listener, (0, 0))

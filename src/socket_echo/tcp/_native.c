@@ -480,16 +480,20 @@ done:
     return out;
 }
 
-/* [(tag, connections, bytes_in, bytes_out)] of the open connections Python has no object for,
- * per listener, leaving them unlisted: what a scrape counts (the owner tells its counts; a
- * scrape that listed them all would end the unlisted mode for every one). */
+/* (events, [(tag, connections, bytes_in, bytes_out)]): what was queued, and the sums of the
+ * open connections Python has no object for, per listener, leaving them unlisted; one
+ * snapshot, so a connection that closes meanwhile is in the sums or in the events, never in
+ * neither (a scrape's counters never step back). What a scrape counts: listing them all would
+ * end the unlisted mode for every one. */
 static PyObject *Engine_unlisted_sums(Engine *py, PyObject *Py_UNUSED(ignored)) {
     engine_t *self = &py->e;
     Py_ssize_t count[MAX_LISTENERS] = {0};
     unsigned long long in[MAX_LISTENERS] = {0}, held[MAX_LISTENERS] = {0};
+    int failed;
     LOCKED({
+        failed = move_told(self);
         Py_ssize_t left = self->unlisted;
-        for (size_t fd = 0; fd < self->capacity && left > 0; fd++) {
+        for (size_t fd = 0; !failed && fd < self->capacity && left > 0; fd++) {
             conn_t *c = &self->conns[fd];
             if (c->state == FREE || !c->unlisted || c->tag >= MAX_LISTENERS) continue;
             left--;
@@ -498,18 +502,17 @@ static PyObject *Engine_unlisted_sums(Engine *py, PyObject *Py_UNUSED(ignored)) 
             held[c->tag] += (c->pending ? c->len - c->off : 0) + c->piped;
         }
     });
-    PyObject *out = PyList_New(0);
-    if (!out) return NULL;
-    for (int t = 0; t < MAX_LISTENERS; t++) {
+    if (failed) return failed_error(failed);
+    PyObject *events = build_told(py), *sums = events ? PyList_New(0) : NULL;
+    for (int t = 0; sums && t < MAX_LISTENERS; t++) {
         if (!count[t]) continue;
         PyObject *item = Py_BuildValue("(inKK)", t, count[t], in[t], in[t] - held[t]);
-        if (!item || PyList_Append(out, item) < 0) {
-            Py_XDECREF(item);
-            Py_DECREF(out);
-            return NULL;
-        }
-        Py_DECREF(item);
+        if (!item || PyList_Append(sums, item) < 0) Py_CLEAR(sums);
+        Py_XDECREF(item);
     }
+    PyObject *out = sums ? PyTuple_Pack(2, events, sums) : NULL;
+    Py_XDECREF(events);
+    Py_XDECREF(sums);
     return out;
 }
 
@@ -535,7 +538,7 @@ static PyMethodDef Engine_methods[] = {
     {"take", (PyCFunction)Engine_take, METH_NOARGS,
      "The state changes since the last take: a list of (kind, ...)."},
     {"unlisted_sums", (PyCFunction)Engine_unlisted_sums, METH_NOARGS,
-     "[(tag, connections, bytes_in, bytes_out)] of the open unlisted connections."},
+     "(take(), [(tag, connections, bytes_in, bytes_out)] of the open unlisted connections)."},
     {"take_all", (PyCFunction)Engine_take_all, METH_NOARGS,
      "(take(), [(handle, tag, opened_at)] of the unlisted connections, listed from now on)."},
     {"add_listener", (PyCFunction)Engine_add_listener, METH_VARARGS,

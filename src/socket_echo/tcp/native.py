@@ -139,11 +139,10 @@ class NativeEngine:
     def unlisted_by_listener(self) -> dict[str, tuple[int, int, int]]:
         """(connections, bytes in, bytes out) of the open unlisted ones, by listener, leaving
         them unlisted; what the engine had not told yet is heard first."""
-        self._handle(self.c.take())
+        events, sums = self.c.unlisted_sums()  # one snapshot: a close is in one or the other
+        self._handle(events)
         contexts = self.contexts
-        return {
-            contexts[tag].listener: (n, got, sent) for tag, n, got, sent in self.c.unlisted_sums()
-        }
+        return {contexts[tag].listener: (n, got, sent) for tag, n, got, sent in sums}
 
     def open_changed(self, listed: int) -> None:
         """The table's ``open`` changed (limits.ConnectionTable.admit/release): tell the C
