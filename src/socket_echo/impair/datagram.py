@@ -1,14 +1,16 @@
 """An impaired UDP echo: after the reflection guard has allowed a datagram, it may be dropped
 (``drop`` percent), answered twice (``duplicate``), and each answer leaves after ``delay`` +
 up to ``jitter`` (so answers may overtake each other, as on a real path). ``seed`` fixes the
-dice. Delayed answers wait in a bounded set of timers: past ``MAX_PENDING`` the newest are
-dropped and counted, never queued without bound. The guard's rules run first, as on every
+dice. Delayed answers wait in one queue per socket, ordered by when each may leave, with one
+timer for the head (never one per datagram): past ``MAX_PENDING`` the newest are dropped and
+counted, never queued without bound. The guard's rules run first, as on every
 UDP path: an impaired listener is never a better reflector than a plain one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import random
 import socket
 
@@ -36,9 +38,11 @@ class ImpairedUdpEcho:
         self.loop, self.sock, self.guard, self.stats = loop, sock, guard, stats
         self.impair, self.listener, self.applied = impair, listener, applied
         self.rng = random.Random(impair.seed) if impair.seed is not None else random.Random()
-        self.pending = 0
         self._buf = bytearray(MAX_DATAGRAM)
-        self._handles: set[asyncio.TimerHandle] = set()
+        self.queue: list[tuple[float, int, bytes, tuple[str, int]]] = []  # a heap by due time
+        self._order = 0  # ties keep arrival order
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0
         loop.add_reader(sock.fileno(), self._ready)
 
     def _ready(self) -> None:
@@ -69,29 +73,34 @@ class ImpairedUdpEcho:
                 wait = imp.delay + (rng.random() * imp.jitter if imp.jitter else 0.0)
                 if wait <= 0:
                     self._send(data, addr)
-                elif self.pending >= MAX_PENDING:
+                elif len(self.queue) >= MAX_PENDING:
                     stats.dropped["impairment queue full"] += 1
                 else:
-                    self.pending += 1
                     self._count("delayed")
                     self._later(now() + wait, data, addr)
 
     def _later(self, due: float, data: bytes, addr: tuple[str, int]) -> None:
-        handle: asyncio.TimerHandle | None = None
+        self._order += 1
+        heapq.heappush(self.queue, (due, self._order, data, addr))
+        if self._timer is None or due < self._timer_due:  # jitter: a new head
+            self._arm()
 
-        def fire() -> None:
-            nonlocal handle
-            if handle is not None:
-                self._handles.discard(handle)
-            if now() < due:  # early (uvloop): arm again for what is left
-                handle = call_when_due(self.loop, due, fire)
-                self._handles.add(handle)
-                return
-            self.pending -= 1
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_due = self.queue[0][0]
+        self._timer = call_when_due(self.loop, self._timer_due, self._release)
+
+    def _release(self) -> None:
+        """What is due leaves; the timer is armed again for the new head (or for what is
+        left of this one, when it fired early)."""
+        self._timer = None
+        t, queue = now(), self.queue
+        while queue and queue[0][0] <= t:
+            _, _, data, addr = heapq.heappop(queue)
             self._send(data, addr)
-
-        handle = call_when_due(self.loop, due, fire)
-        self._handles.add(handle)
+        if queue:
+            self._arm()
 
     def _send(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
@@ -111,6 +120,7 @@ class ImpairedUdpEcho:
 
     def close(self) -> None:
         self.loop.remove_reader(self.sock.fileno())
-        for handle in self._handles:
-            handle.cancel()
-        self._handles.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.queue.clear()
