@@ -135,16 +135,6 @@ def test_udp_mode():
         server.close()
 
 
-def test_plot_draws_a_png(start_server, tmp_path):
-    server = start_server()
-    png = tmp_path / "latency.png"
-    code, _, _ = bench(
-        f"127.0.0.1:{server.port}", "-c", "2", "-d", "0.3", "-p", "1", "--plot", str(png)
-    )
-    assert code == 0
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 def test_unwritable_result_files_are_one_line_before_the_run(start_server, tmp_path):
     server = start_server()
     for flag in ("--json", "--plot"):
@@ -298,22 +288,24 @@ def test_pipelined_echoes_out_of_order_are_caught(env):
     assert code == 1 and report["mismatches"] + report["errors"] > 0
 
 
-def test_rate_is_refused_where_there_is_no_open_loop(start_server):
-    server = start_server()
-    result = tool("bench", f"127.0.0.1:{server.port}", "--mode", "stream", "--rate", "10")
+def test_rate_is_refused_where_there_is_no_open_loop():
+    result = tool("bench", "127.0.0.1:9", "--mode", "stream", "--rate", "10")  # before connecting
     assert result.returncode == 2
     assert result.stderr.decode().strip().splitlines() == [
         "socket-echo: error: --rate is the open loop of --mode pingpong, not of stream"
     ]
 
 
-def test_hgrm_is_hdrhistograms_percentile_distribution(start_server, tmp_path):
+def test_plot_and_hgrm_from_one_run(start_server, tmp_path):
+    """--plot draws a PNG; --hgrm is HdrHistogram's percentile distribution of the same run."""
     server = start_server()
-    out = tmp_path / "run.hgrm"
+    out, png = tmp_path / "run.hgrm", tmp_path / "latency.png"
     code, report, _ = bench(
-        f"127.0.0.1:{server.port}", "-c", "2", "-d", "0.3", "-p", "1", "--hgrm", str(out)
-    )
+        f"127.0.0.1:{server.port}", "-c", "2", "-d", "0.3", "-p", "1", "--hgrm", str(out),
+        "--plot", str(png),
+    )  # fmt: skip
     assert code == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = out.read_text().splitlines()
     assert lines[0].split() == ["Value", "Percentile", "TotalCount", "1/(1-Percentile)"]
     assert lines[-2].split("TotalCount")[1].strip(" =]") == f"{report['requests']}.000"
