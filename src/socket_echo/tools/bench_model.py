@@ -70,10 +70,9 @@ class WorkerResult:
     duplicates: int = 0  # UDP: a second answer to a datagram already answered
     late: int = 0  # UDP: an answer that came after its datagram was counted lost
     errors: Counter[str] = dataclasses.field(default_factory=Counter)
-    latency_us: Counter[int] = dataclasses.field(default_factory=Counter)  # the whole window
     uncorrected_us: Counter[int] = dataclasses.field(default_factory=Counter)  # open loop
     lateness_us: Counter[int] = dataclasses.field(default_factory=Counter)  # send - slot
-    per_second: list[Counter[int]] = dataclasses.field(default_factory=list)
+    per_second: list[Counter[int]] = dataclasses.field(default_factory=list)  # us -> answers
     sends: int = 0  # open loop: requests sent in the window
     late_sends: int = 0  # ... that left over LATE_SEND_US after their slot with room to go
     held_sends: int = 0  # ... that waited because `in_flight` were unanswered (the server)
@@ -90,13 +89,20 @@ class WorkerResult:
         self.mono_start = mono_start
         self.measured_from = time.time() - (time.monotonic() - mono_start)
 
+    @property
+    def latency_us(self) -> Counter[int]:
+        """The whole window's latencies: its seconds added (each answer counted once)."""
+        whole: Counter[int] = Counter()
+        for second in self.per_second:
+            whole.update(second)
+        return whole
+
     def record(self, us: int, t: float) -> None:
         """One answer ``us`` microseconds after its send (or its slot), at ``t``: counted
         unless it came in the warm-up."""
         if t < self.mono_start:
             return
         self.requests += 1
-        self.latency_us[us] += 1
         second = int(t - self.mono_start)
         seconds = self.per_second
         while len(seconds) <= second:

@@ -60,6 +60,15 @@ def native_pingpong(cfg: BenchConfig) -> bool:
     )
 
 
+class _Request:
+    """One ping-pong request in flight: when it was meant to leave, when it left, its bytes."""
+
+    __slots__ = ("intended", "message", "sent")
+
+    def __init__(self, intended: float, sent: float, message: bytes) -> None:
+        self.intended, self.sent, self.message = intended, sent, message
+
+
 class _Peer:
     """A ping-pong connection: the requests in flight, in the order they were sent."""
 
@@ -72,7 +81,7 @@ class _Peer:
         self.sock = sock
         self.index = index  # in PingPong.peers: the slot heap's key
         self.seq = 0
-        self.inflight: collections.deque[list[float]] = collections.deque()  # [intended, sent, seq]
+        self.inflight: collections.deque[_Request] = collections.deque()  # in the order sent
         self.unsent = 0  # of inflight, the last ones not wholly sent yet
         self.out: memoryview | None = None  # the rest of the message being sent
         self.got = 0  # bytes of inflight[0]'s echo received
@@ -214,8 +223,6 @@ class Worker:
         res.begin(out["measured_from"])
         res.requests += out["requests"]
         res.per_second = [collections.Counter(second) for second in out["per_second"]]
-        for second in res.per_second:
-            res.latency_us.update(second)
         res.uncorrected_us.update(out["uncorrected"] or {})
         res.lateness_us.update(out["lateness"] or {})
         res.mismatches += out["mismatches"]
@@ -503,7 +510,7 @@ class PingPong:
             if t >= next_check:  # unanswered this long: the server lost bytes
                 next_check = t + CHECK_EVERY
                 for i, peer in enumerate(self.peers):
-                    if peer.inflight and peer.inflight[0][1] < t - cfg.timeout:
+                    if peer.inflight and peer.inflight[0].sent < t - cfg.timeout:
                         self.replace(i, "no complete answer within the timeout")
                 self.w.progress.value = res.requests
             wake = min(next_check, deadline)
@@ -520,7 +527,7 @@ class PingPong:
                     self.readable(i)
         end = time.monotonic()
         for peer in self.peers:  # still waiting, longer than the timeout: an answer lost
-            if peer.inflight and end - peer.inflight[0][1] > cfg.timeout:
+            if peer.inflight and end - peer.inflight[0].sent > cfg.timeout:
                 res.errors["no answer within the timeout"] += 1
         for peer in self.peers:
             self.w.socks[peer.sock.fileno()] = peer.sock
@@ -550,7 +557,8 @@ class PingPong:
     def issue(self, i: int, intended: float, t: float, held: bool) -> bool:
         peer = self.peers[i]
         peer.seq += 1
-        peer.inflight.append([intended, t, peer.seq])
+        message = self.message(peer.seq)
+        peer.inflight.append(_Request(intended, t, message))
         peer.unsent += 1
         if self.open and intended >= self.mstart:
             self.res.sends += 1
@@ -560,16 +568,32 @@ class PingPong:
                     self.res.held_sends += 1
                 else:
                     self.res.late_sends += 1
-        return self.push(i) if peer.unsent == 1 else True
+        if peer.unsent > 1:
+            return True  # it goes once those before it are out
+        try:  # nothing waits before it: straight to the kernel (the usual case)
+            n = peer.sock.send(message)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self.replace(i, f"send: {exc.strerror or exc}")
+            return False
+        peer.sent += n
+        if n == len(message):
+            peer.unsent = 0
+        else:
+            peer.out = memoryview(message)[n:]
+            self.want_out(peer, True)
+        return True
 
     def push(self, i: int) -> bool:
-        """Send what is queued; False when the connection failed (and was replaced)."""
+        """Send what is queued (the socket is writable again); False when the connection
+        failed (and was replaced)."""
         peer = self.peers[i]
         while peer.unsent:
             if peer.out is None:
                 entry = peer.inflight[-peer.unsent]
-                entry[1] = time.monotonic()
-                peer.out = memoryview(self.message(int(entry[2])))
+                entry.sent = time.monotonic()
+                peer.out = memoryview(entry.message)
             try:
                 n = peer.sock.send(peer.out)
             except BlockingIOError:
@@ -616,10 +640,20 @@ class PingPong:
         peer.received += len(data)
         t = time.monotonic()
         size, off = self.size, 0
+        if not peer.got and len(data) == size and len(peer.inflight) == 1:  # one whole echo
+            entry = peer.inflight[0]
+            if data != entry.message:
+                self.res.mismatches += 1
+                self.replace(i, None)
+                return
+            peer.inflight.popleft()
+            self.answered(entry, t)
+            self.fill(i, t)
+            return
         while off < len(data):
             entry = peer.inflight[0]
             take = min(size - peer.got, len(data) - off)
-            expected = self.message(int(entry[2]))
+            expected = entry.message
             if data[off : off + take] != expected[peer.got : peer.got + take]:
                 self.res.mismatches += 1
                 self.replace(i, None)  # out of step: a new connection
@@ -629,11 +663,14 @@ class PingPong:
             if peer.got == size:
                 peer.inflight.popleft()
                 peer.got = 0
-                if entry[0] >= self.mstart:  # not the warm-up
-                    self.res.record(int((t - entry[0]) * 1e6), t)
-                    if self.open:
-                        self.res.uncorrected_us[int((t - entry[1]) * 1e6)] += 1
+                self.answered(entry, t)
         self.fill(i, t)
+
+    def answered(self, entry: _Request, t: float) -> None:
+        if entry.intended >= self.mstart:  # not the warm-up
+            self.res.record(int((t - entry.intended) * 1e6), t)
+            if self.open:
+                self.res.uncorrected_us[int((t - entry.sent) * 1e6)] += 1
 
     def replace(self, i: int, reason: str | None) -> None:
         """A new connection in place of this one (reason None: already counted); the
