@@ -15,6 +15,7 @@ from conftest import (
     assert_one_line_error,
     exchange,
     metrics_port,
+    poll_scrape,
     recv_exactly,
     run_cli,
     scrape,
@@ -195,6 +196,49 @@ def test_long_delay_and_a_fast_sender_stay_within_max_buffer(start_server):
         assert growth < 16 << 20, f"RSS grew {growth >> 20} MiB"
 
 
+def blocked_senders(host: str, port: int, count: int, piece: int) -> list[socket.socket]:
+    """``count`` connections that send ``piece``-byte writes without reading, returned once
+    every one is blocked (the server stopped reading from it)."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection((host, port), timeout=5)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 12)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 12)
+        sock.setblocking(False)
+        socks.append(sock)
+    data = b"r" * piece
+    deadline = time.monotonic() + 30
+    quiet = dict.fromkeys(range(count), 0.0)
+    while time.monotonic() < deadline and min(quiet.values()) < 0.3:
+        for i, sock in enumerate(socks):
+            try:
+                sock.send(data)
+                quiet[i] = 0.0
+            except BlockingIOError:
+                quiet[i] += 0.0005
+        time.sleep(0.0005)
+    assert min(quiet.values()) >= 0.3, "a sender was never blocked"
+    return socks
+
+
+@pytest.mark.parametrize("query", ["rate=1", "delay=2s&jitter=1s&rate=10"])
+def test_memory_is_bounded_by_what_is_held_whatever_the_rate(start_server, query):
+    """?rate=1 cut what arrived into one queue entry per byte: ~46 MiB per connection for the
+    256 KiB it may hold. Now a connection costs what it holds plus a constant."""
+    server, host, port = impaired(start_server, query, "--max-buffer", "256KiB")
+    proc = psutil.Process(server.pid)
+    before = proc.memory_info().rss
+    socks = blocked_senders(host, port, count=4, piece=4096)
+    try:
+        growth = proc.memory_info().rss - before
+        # 4 x 256 KiB held, a bytearray's slack each, the kernel's buffers are not ours:
+        # 24 MiB is generous (the per-byte queue took ~180 MiB here)
+        assert growth < 24 << 20, f"RSS grew {growth / 2**20:.0f} MiB for 4 connections"
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def test_probe_reports_the_delay_and_fails_on_a_reset(start_server):
     _, _, slow = impaired(start_server, "delay=5ms")
     result = tool("probe", f"127.0.0.1:{slow}", "--json", "--timeout", "2")
@@ -240,6 +284,31 @@ def within(observed: int, n: int, p: float) -> bool:
     """Inside a binomial 5-sigma band around n*p."""
     sigma = math.sqrt(n * p * (1 - p))
     return abs(observed - n * p) <= 5 * sigma + 1
+
+
+def test_delayed_datagrams_are_bounded_in_bytes(start_server):
+    """6,000 datagrams of 60 KB with delay=10s&duplicate=100: at most MAX_PENDING_BYTES of
+    answers wait (4,096 answers of 64 KiB were 256 MiB before the byte bound); the rest are
+    dropped and counted as such."""
+    server, host, port = impaired(
+        start_server, "delay=10s&duplicate=100", "--udp-rate", "1000000", "--udp-burst",
+        "100000", "--udp-max-rate", "1000000", scheme="udp",
+    )  # fmt: skip
+    proc = psutil.Process(server.pid)
+    before = proc.memory_info().rss
+    data = b"d" * 60_000
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        for _ in range(6000):
+            sock.sendto(data, (host, port))
+            time.sleep(0.00002)  # the server's receive buffer is 200 KiB: let it read
+    m = poll_scrape(
+        server,
+        lambda m: total(m, "socket_echo_udp_dropped_total", reason="impairment queue full") > 0,
+    )
+    growth = proc.memory_info().rss - before
+    assert growth < 32 << 20, f"RSS grew {growth / 2**20:.0f} MiB"
+    assert total(m, "socket_echo_impairments_total", kind="delayed") <= (8 << 20) // 60_000
 
 
 def test_udp_drop_and_duplicate_rates_with_a_seed(start_server):

@@ -2,8 +2,12 @@
 (``drop`` percent), answered twice (``duplicate``), and each answer leaves after ``delay`` +
 up to ``jitter`` (so answers may overtake each other, as on a real path). ``seed`` fixes the
 dice. Delayed answers wait in one queue per socket, ordered by when each may leave, with one
-timer for the head (never one per datagram): past ``MAX_PENDING`` the newest are dropped and
-counted, never queued without bound. The guard's rules run first, as on every
+timer for the head (never one per datagram): past ``MAX_PENDING`` answers or
+``MAX_PENDING_BYTES`` of them the newest are dropped and counted (``QUEUE_FULL``), never
+queued without bound. So a socket holds at most MAX_PENDING_BYTES of data plus ~300 B per
+answer (its tuple, the sender's address, the bytes object's header): about 10 MiB, whatever
+the delay, the duplication or the datagrams' size (a duplicate shares its original's bytes
+but counts twice). The guard's rules run first, as on every
 UDP path: an impaired listener is never a better reflector than a plain one.
 """
 
@@ -22,6 +26,8 @@ from socket_echo.udp.guard import RECEIVE_ERROR, SEND_ERROR, SEND_FULL, UdpGuard
 from socket_echo.udp.loop import MAX_DATAGRAM
 
 MAX_PENDING = 4096  # delayed answers waiting at most
+MAX_PENDING_BYTES = 8 << 20  # and their bytes at most (4096 x 64 KiB would be 256 MiB)
+QUEUE_FULL = "impairment queue full"  # a drop reason of impaired listeners only
 
 
 class ImpairedUdpEcho:
@@ -41,6 +47,7 @@ class ImpairedUdpEcho:
         self._buf = bytearray(MAX_DATAGRAM)
         self.queue: list[tuple[float, int, bytes, tuple[str, int]]] = []  # a heap by due time
         self._order = 0  # ties keep arrival order
+        self.pending_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = 0.0
         loop.add_reader(sock.fileno(), self._ready)
@@ -73,8 +80,8 @@ class ImpairedUdpEcho:
                 wait = imp.delay + (rng.random() * imp.jitter if imp.jitter else 0.0)
                 if wait <= 0:
                     self._send(data, addr)
-                elif len(self.queue) >= MAX_PENDING:
-                    stats.dropped["impairment queue full"] += 1
+                elif len(self.queue) >= MAX_PENDING or self.pending_bytes + n > MAX_PENDING_BYTES:
+                    stats.dropped[QUEUE_FULL] += 1
                 else:
                     self._count("delayed")
                     self._later(now() + wait, data, addr)
@@ -82,6 +89,7 @@ class ImpairedUdpEcho:
     def _later(self, due: float, data: bytes, addr: tuple[str, int]) -> None:
         self._order += 1
         heapq.heappush(self.queue, (due, self._order, data, addr))
+        self.pending_bytes += len(data)
         if self._timer is None or due < self._timer_due:  # jitter: a new head
             self._arm()
 
@@ -98,6 +106,7 @@ class ImpairedUdpEcho:
         t, queue = now(), self.queue
         while queue and queue[0][0] <= t:
             _, _, data, addr = heapq.heappop(queue)
+            self.pending_bytes -= len(data)
             self._send(data, addr)
         if queue:
             self._arm()
@@ -124,3 +133,4 @@ class ImpairedUdpEcho:
             self._timer.cancel()
             self._timer = None
         self.queue.clear()
+        self.pending_bytes = 0

@@ -5,8 +5,20 @@ bytes were echoed. Byte order is always kept: a chunk never leaves before the on
 One timer per connection (the head of its queue), never one per chunk. Bytes waiting for
 their time count against ``--max-buffer`` with those the transport holds: past it, reading
 from that peer stops until they are out, so a fast sender against a long delay cannot grow
-memory. The connection's lifecycle (admission, reasons, counters, log records, the sweep and
-the drain) is tcp/lifecycle.py's, as on every stream path.
+memory.
+
+Memory is bounded by the bytes held, not by how they arrived: what waits is kept in at most
+``MAX_RANGES`` ranges, each one ``bytearray`` and the time its bytes may leave (not a queue
+entry per arrival or per rate slice: ``?rate=1`` once cut every byte into an object of its
+own, ~46 MiB for the 256 KiB a connection may hold). An arrival due within ``MERGE_WITHIN`` of
+the last range joins it; one that finds ``MAX_RANGES`` ranges waiting first joins the two
+closest in time, at the later time. Either way a byte may leave a little later, never earlier.
+The rate is applied as bytes leave (in ``rate / RATE_SLICES_PER_SECOND`` slices), not when
+they arrive. So a connection holds at most ``--max-buffer`` (plus one read) of data, a
+bytearray's slack and ``MAX_RANGES`` small lists, whatever the rate, delay or jitter.
+
+The connection's lifecycle (admission, reasons, counters, log records, the sweep and the
+drain) is tcp/lifecycle.py's, as on every stream path.
 
 A reset after N bytes: the N bytes are written, then (once the transport has handed them to
 the kernel) the socket closes with SO_LINGER 0, which sends RST. On loopback the peer reads
@@ -34,7 +46,10 @@ from socket_echo.tcp.lifecycle import (
 )
 from socket_echo.tcp.protocol import EchoProtocol
 
-RATE_SLICES_PER_SECOND = 50  # a rate-limited chunk leaves in 20 ms slices, not in one burst
+RATE_SLICES_PER_SECOND = 50  # a rate-limited range leaves in 20 ms slices, not in one burst
+MAX_RANGES = 64  # ranges waiting per connection at most; past it an arrival joins the last one
+MERGE_WITHIN = 0.001  # s: an arrival due this close to the last range joins it (timer's grain)
+DUE, DATA = 0, 1  # a range: [when its bytes may leave, the bytes]
 DRAIN_POLL = 0.005  # reset-after: how often to look whether the last bytes reached the kernel
 
 
@@ -46,9 +61,9 @@ class ImpairedEcho(EchoProtocol):
         "echoed",
         "eof",
         "finishing",
-        "free_at",
         "queue",
         "queued",
+        "rate_at",
         "read_paused",
         "rng",
         "timer",
@@ -59,9 +74,9 @@ class ImpairedEcho(EchoProtocol):
         assert ctx.impair is not None
         seed = ctx.impair.seed
         self.rng = random.Random(seed) if seed is not None else random.Random()
-        self.queue: collections.deque[tuple[float, bytes]] = collections.deque()
+        self.queue: collections.deque[list[Any]] = collections.deque()  # ranges [due, bytes]
         self.queued = 0  # bytes waiting in the queue
-        self.free_at = 0.0  # when the last queued byte leaves (order and rate)
+        self.rate_at = 0.0  # with ?rate=: when the next byte may leave
         self.echoed = 0
         self.timer: asyncio.TimerHandle | None = None
         self.eof = False
@@ -77,18 +92,19 @@ class ImpairedEcho(EchoProtocol):
         imp = self.ctx.impair
         assert imp is not None
         due = now() + imp.delay + (self.rng.random() * imp.jitter if imp.jitter else 0.0)
-        due = max(due, self.free_at)  # never before the chunk before it
         if imp.delay or imp.jitter:
             self.ctx.applied[(self.ctx.listener, "delayed")] += 1
-        if imp.rate:
-            piece = max(1, int(imp.rate / RATE_SLICES_PER_SECOND))
-            for i in range(0, len(data), piece):
-                chunk = data[i : i + piece]
-                self.queue.append((due, chunk))
-                due += len(chunk) / imp.rate
+        queue = self.queue
+        if queue and due <= queue[-1][DUE] + MERGE_WITHIN:
+            last = queue[-1]
+            last[DUE] = max(last[DUE], due)  # never before the bytes before it
+            last[DATA] += data
         else:
-            self.queue.append((due, data))
-        self.free_at = due
+            if len(queue) >= MAX_RANGES:
+                self._make_room()
+            if queue:
+                due = max(due, queue[-1][DUE])  # byte order: never before the range before
+            queue.append([due, bytearray(data)])
         self.queued += len(data)
         self._flow()
         self._arm()
@@ -111,21 +127,61 @@ class ImpairedEcho(EchoProtocol):
         self.queued = 0
 
     # -- the queue ------------------------------------------------------------------------
+    def _make_room(self) -> None:
+        """The two neighbouring ranges closest in time become one, at the later time: of all
+        the joins, the one that makes bytes leave least late (at most the gap, about the
+        queue's span / MAX_RANGES)."""
+        queue = self.queue
+        gaps = [queue[i + 1][DUE] - queue[i][DUE] for i in range(len(queue) - 1)]
+        i = gaps.index(min(gaps))
+        later = queue[i + 1]
+        queue[i][DATA] += later[DATA]
+        queue[i][DUE] = later[DUE]
+        del queue[i + 1]
+
     def _arm(self) -> None:
         if self.timer is None and self.queue:
-            self.timer = call_when_due(self.ctx.loop, self.queue[0][0], self._release)
+            imp = self.ctx.impair
+            due = self.queue[0][DUE]
+            self._arm_at(max(due, self.rate_at) if imp is not None and imp.rate else due)
+
+    def _arm_at(self, when: float) -> None:
+        self.timer = call_when_due(self.ctx.loop, when, self._release)
 
     def _release(self) -> None:
+        """What is due leaves: whole ranges, or with ?rate= slices of the head at the rate;
+        then the timer is armed for what is next."""
         self.timer = None
         t = now()
-        while self.queue and self.queue[0][0] <= t and not self.transport.is_closing():
-            _, chunk = self.queue.popleft()
+        imp = self.ctx.impair
+        assert imp is not None
+        queue = self.queue
+        while queue and queue[0][DUE] <= t and not self.transport.is_closing():
+            head = queue[0]
+            data: bytearray = head[DATA]
+            if imp.rate:
+                start = max(self.rate_at, head[DUE])
+                if start > t:  # the rate holds the head back
+                    self._arm_at(start)
+                    break
+                piece = max(1, int(imp.rate / RATE_SLICES_PER_SECOND))
+                chunk = bytes(data[:piece])
+                del data[:piece]  # a bytearray drops its head in place
+                self.rate_at = start + len(chunk) / imp.rate
+            else:
+                chunk = bytes(data)
+                data.clear()
+            if not data:
+                queue.popleft()
             self.queued -= len(chunk)
             self._write(chunk)
+            if self.finishing:
+                return
         if self.transport.is_closing() or self.finishing:
             return
         self._flow()
-        self._arm()
+        if self.timer is None:
+            self._arm()
         if (self.eof or self.closing) and not self.queue:
             self.transport.close()
 
