@@ -1014,7 +1014,8 @@ def report(
     """Add bench results (the --json files of the segments of one run, or of several runs
     of one load): histograms added, counters and rates summed, the window the common one.
     Prints the table a single run prints; exit 1 if any had errors or mismatches."""
-    from socket_echo.tools.stats import ResultError, coverage_note, load, merge
+    from socket_echo.tools.result_file import ResultError, load
+    from socket_echo.tools.stats import coverage_note, merge
 
     _check_outputs(json_file, plot_file, hgrm_file)
     try:

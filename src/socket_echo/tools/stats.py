@@ -9,29 +9,33 @@ histograms is exact, so N segments merged are one run, not an average of percent
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, defaultdict
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
 from socket_echo.tools.bench_model import BenchConfig, WorkerResult
 from socket_echo.tools.defaults import BEHIND_SHARE, BEHIND_US, LATE_SEND_US
+from socket_echo.tools.result_file import (
+    COUNTS,
+    DIGITS,
+    FORMAT,
+    HIGHEST_US,
+    LOWEST_US,
+    ResultError,
+    ResultFile,
+    Second,
+    check_histogram,
+)
 
-LOWEST_US, HIGHEST_US, DIGITS = 1, 3_600_000_000, 3
 PERCENTILES = {
     "p50": 50.0, "p75": 75.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "p999": 99.9,
     "p9999": 99.99, "p99999": 99.999,
 }  # fmt: skip
 SATURATED = 0.90  # a worker busier than this measured itself, not the server
-FORMAT = "socket-echo bench 2"  # the JSON's "format": what report reads
-
-
-class ResultError(ValueError):
-    """A results file report cannot read, or results that cannot be added; one line."""
+__all__ = ["FORMAT", "ResultError"]  # re-exported: where the tools' callers look for them
 
 
 def histogram(counts: Counter[int] | None = None) -> HdrHistogram:
@@ -46,15 +50,20 @@ def encode(hist: HdrHistogram) -> str:
 
 
 def decode(text: object, where: str) -> HdrHistogram:
+    """A V2 histogram of bench's range and precision (its header checked before anything is
+    allocated from it: result_file.check_histogram); ResultError naming ``where`` otherwise."""
     if not isinstance(text, str):
         raise ResultError(f"{where}: not an HdrHistogram (a {type(text).__name__})")
+    check_histogram(text, where)
     try:
-        hist = HdrHistogram.decode(text.encode("ascii"))
+        return HdrHistogram.decode(text.encode("ascii"))
     except Exception as exc:  # hdrh raises its own kinds (cookie, length) besides base64's
         raise ResultError(f"{where}: not an HdrHistogram ({exc or type(exc).__name__})") from None
-    out = HdrHistogram(LOWEST_US, HIGHEST_US, DIGITS)
-    out.add(hist)
-    return out
+
+
+def add_encoded(into: HdrHistogram, text: str, where: str) -> None:
+    """Decode, add, drop: one decoded histogram alive at a time."""
+    into.add(decode(text, where))
 
 
 def spectrum(hist: HdrHistogram) -> dict[str, Any]:
@@ -240,165 +249,118 @@ def to_json(summary: dict[str, Any]) -> str:
 SAME = ("target", "mode")  # results of different targets, modes or sizes do not add
 
 
-@contextlib.contextmanager
-def reading(path: str) -> Iterator[None]:
-    """A field a results file lacks, or holds in the wrong form: one line naming the file."""
-    try:
-        yield
-    except ResultError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
-        raise ResultError(f"{path}: not a bench result ({what})") from None
-
-
-def load(path: str) -> dict[str, Any]:
-    """One results file, checked enough to be added; ResultError (one line) otherwise."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as exc:
-        raise ResultError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except (ValueError, UnicodeError) as exc:
-        raise ResultError(
-            f"{path}: not a bench result (malformed or truncated JSON: {exc})"
-        ) from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ResultError(f'{path}: not a bench result of this version (no "format": "{FORMAT}")')
-    with reading(path):
-        data["_histogram"] = decode(data["histogram"], path)
-        data["_segment"] = (int(data["segment"]["index"]), int(data["segment"]["count"]))
-        data["_window"] = (float(data["window"]["start"]), float(data["window"]["seconds"]))
-        int(data["parameters"]["size"]) + int(data["parameters"]["connections"])
-        data["target"] + data["mode"]  # both text
-    data["_path"] = path
-    return data
-
-
-def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+def merge(results: list[ResultFile]) -> dict[str, Any]:
     """Results added: histograms added, counters and rates summed, the window the common one.
-    ResultError when they are not of one target, mode and size, one segment comes twice, or
-    a file holds a field in a form that does not add (one line naming it)."""
+    ResultError when they are not of one target, mode and size, or one segment comes twice.
+
+    Memory: one decoded histogram per figure, plus one at a time for the seconds (each
+    second's histograms decoded, added, encoded and dropped in turn); the files' encoded text
+    is all that stays (merging four one-hour results: see the README's figures)."""
     first = results[0]
     for r in results[1:]:
         for key in SAME:
-            if r[key] != first[key]:
+            if getattr(r, key) != getattr(first, key):
                 raise ResultError(
-                    f"{r['_path']}: {key} {r[key]!r}, not {first[key]!r} as in {first['_path']}: "
-                    "results of different runs do not add"
+                    f"{r.path}: {key} {getattr(r, key)!r}, not {getattr(first, key)!r} as in "
+                    f"{first.path}: results of different runs do not add"
                 )
-        if r["parameters"]["size"] != first["parameters"]["size"]:
+        if r.parameters["size"] != first.parameters["size"]:
             raise ResultError(
-                f"{r['_path']}: size {r['parameters']['size']}, not "
-                f"{first['parameters']['size']} as in {first['_path']}"
+                f"{r.path}: size {r.parameters['size']}, not {first.parameters['size']} as in "
+                f"{first.path}"
+            )
+        if r.segment[1] != first.segment[1]:
+            raise ResultError(
+                f"{r.path}: segment {r.segment[0]}/{r.segment[1]}, of another division than "
+                f"{first.path}'s {first.segment[0]}/{first.segment[1]}"
             )
     seen: dict[tuple[int, int], str] = {}
     for r in results:
-        seg = r["_segment"]
-        if seg in seen and seg[1] > 1:
-            raise ResultError(f"{r['_path']}: segment {seg[0]}/{seg[1]} is also {seen[seg]}")
-        seen[seg] = r["_path"]
+        if r.segment in seen and r.segment[1] > 1:
+            raise ResultError(
+                f"{r.path}: segment {r.segment[0]}/{r.segment[1]} is also {seen[r.segment]}"
+            )
+        seen[r.segment] = r.path
     corrected, uncorrected, lateness = histogram(), histogram(), histogram()
     open_loop = False
-    seconds: dict[int, tuple[int, HdrHistogram]] = {}
+    seconds: defaultdict[int, list[Second]] = defaultdict(list)
     errors: Counter[str] = Counter()
-    params = dict(first["parameters"])
-    summed = ("connections", "processes")
-    counted = (
-        "requests", "requests_per_second", "megabytes_per_second", "errors", "mismatches",
-        "lost_datagrams", "late_datagrams", "duplicate_datagrams", "sends", "late_sends",
-        "held_sends",
-    )  # fmt: skip
-    rate_keys = ("requests_per_second", "megabytes_per_second")  # summed as they are
-    totals: dict[str, float] = dict.fromkeys(counted, 0.0)
-    param_totals: Counter[str] = Counter()
-    rates, segments, cpu, flows = [], [], [], []
+    counts: Counter[str] = Counter()
+    rates: Counter[str] = Counter()
     for r in results:
-        with reading(r["_path"]):
-            corrected.add(r["_histogram"])
-            if r.get("histogram_uncorrected"):
-                open_loop = True
-                uncorrected.add(decode(r["histogram_uncorrected"], r["_path"]))
-            if r.get("histogram_lateness"):
-                lateness.add(decode(r["histogram_lateness"], r["_path"]))
-            for s in r.get("per_second") or []:
-                t = round(float(s["t"]))
-                n, h = seconds.get(t, (0, histogram()))
-                h.add(decode(s["histogram"], r["_path"]))
-                seconds[t] = (n + int(s["requests"]), h)
-            for key in counted:
-                totals[key] += float(r.get(key) or 0)
-            errors.update({str(k): int(v) for k, v in (r.get("error_kinds") or {}).items()})
-            for key in summed:
-                param_totals[key] += int(r["parameters"].get(key) or 0)
-            rates.append(r["parameters"].get("rate"))
-            segments.append(str(r["parameters"].get("segment", "0/1")))
-            cpu.append(float(r.get("client_cpu_percent") or 0))
-            if r.get("under_load"):
-                flow = r["under_load"]
-                flows.append(
-                    (
-                        float(flow["rate"]), int(flow["size"]), int(flow["requests"]),
-                        int(flow["errors"]), int(flow["mismatches"]),
-                        decode(flow["histogram"], r["_path"]),
-                        decode(flow["histogram_uncorrected"], r["_path"]),
-                    )
-                )  # fmt: skip
-    start = max(r["_window"][0] for r in results)
-    end = min(r["_window"][0] + r["_window"][1] for r in results)
-    params.update(param_totals)
-    params["rate"] = sum(rates) if all(rates) else None
-    params["segment"] = ",".join(sorted(segments))
-    whole = {k: v if k in rate_keys else int(v) for k, v in totals.items()}
+        add_encoded(corrected, r.histogram, f"{r.path}: histogram")
+        if r.histogram_uncorrected:
+            open_loop = True
+            add_encoded(uncorrected, r.histogram_uncorrected, f"{r.path}: histogram_uncorrected")
+        if r.histogram_lateness:
+            add_encoded(lateness, r.histogram_lateness, f"{r.path}: histogram_lateness")
+        for s in r.per_second:
+            seconds[round(s.t)].append(s)
+        counts.update(r.counts)
+        rates.update(r.rates)
+        errors.update(r.error_kinds)
+    start = max(r.window_start for r in results)
+    end = min(r.window_start + r.window_seconds for r in results)
+    params = dict(first.parameters)
+    for key in ("connections", "processes"):
+        params[key] = sum(r.parameters[key] for r in results)
+    all_rates = [r.parameters["rate"] for r in results]
+    params["rate"] = sum(all_rates) if all(all_rates) else None
+    params["segment"] = ",".join(sorted(r.parameters["segment"] for r in results))
+    sends = counts["sends"]
     merged: dict[str, Any] = {
         "format": FORMAT,
-        "target": first["target"],
-        "mode": first["mode"],
-        **{k: whole[k] for k in ("requests", "requests_per_second", "megabytes_per_second")},
-        "latency_from": first.get("latency_from", "send"),
+        "target": first.target,
+        "mode": first.mode,
+        "requests": counts["requests"],
+        "requests_per_second": rates["requests_per_second"],
+        "megabytes_per_second": rates["megabytes_per_second"],
+        "latency_from": first.latency_from,
         **latency_fields(
             corrected,
             uncorrected if open_loop else None,
             lateness if open_loop else None,
-            int(whole["sends"]),
+            sends,
         ),
+        "errors": counts["errors"],
         "error_kinds": dict(errors),
-        **{k: whole[k] for k in counted[3:]},
-        "late_send_threshold_us": first.get("late_send_threshold_us", LATE_SEND_US),
-        "client_cpu_percent": max(cpu),
-        "client_saturated": any(r.get("client_saturated") for r in results),
+        **{k: counts[k] for k in COUNTS if k not in ("requests", "errors")},
+        "late_send_threshold_us": first.late_send_threshold_us or LATE_SEND_US,
+        "client_cpu_percent": max(r.client_cpu_percent for r in results),  # per process
+        "client_spin_percent": max(r.client_spin_percent for r in results),
+        "client_saturated": any(r.client_saturated for r in results),
         "window": {"start": start, "end": end, "seconds": max(0.0, end - start)},
-        "segment": {
-            "index": None,
-            "count": first["_segment"][1],
-            "merged": sorted(i for i, _ in seen),
-        },
+        "segment": {"index": None, "count": first.segment[1], "merged": sorted(i for i, _ in seen)},
         "parameters": params,
-        "per_second": [
-            {"t": float(t), "requests": n, "histogram": encode(h)}
-            for t, (n, h) in sorted(seconds.items())
-        ],
+        "per_second": [merge_second(t, seconds.pop(t)) for t in sorted(seconds)],
         "loss_explanation": None,
-        "under_load": merge_flows(flows),
+        "under_load": merge_flows([r for r in results if r.under_load]),
     }
     return merged
 
 
-def merge_flows(
-    flows: list[tuple[float, int, int, int, int, HdrHistogram, HdrHistogram]],
-) -> dict[str, Any] | None:
+def merge_second(t: int, parts: list[Second]) -> dict[str, Any]:
+    """One second of the merge: its histograms added into one, encoded, and let go."""
+    hist = histogram()
+    for s in parts:
+        add_encoded(hist, s.histogram, f"per_second {t}")
+    return {"t": float(t), "requests": sum(s.requests for s in parts), "histogram": encode(hist)}
+
+
+def merge_flows(results: list[ResultFile]) -> dict[str, Any] | None:
+    flows = [r.under_load for r in results if r.under_load]
     if not flows:
         return None
     corrected, uncorrected = histogram(), histogram()
-    for flow in flows:
-        corrected.add(flow[5])
-        uncorrected.add(flow[6])
+    for r, flow in zip(results, flows, strict=True):
+        add_encoded(corrected, flow.histogram, f"{r.path}: under_load.histogram")
+        add_encoded(uncorrected, flow.histogram_uncorrected, f"{r.path}: under_load")
     return flow_fields(
-        sum(f[0] for f in flows),
-        flows[0][1],
-        sum(f[2] for f in flows),
-        sum(f[3] for f in flows),
-        sum(f[4] for f in flows),
+        sum(f.rate for f in flows),
+        flows[0].size,
+        sum(f.requests for f in flows),
+        sum(f.errors for f in flows),
+        sum(f.mismatches for f in flows),
         corrected,
         uncorrected,
     )
@@ -408,10 +370,10 @@ def coverage_note(merged: dict[str, Any]) -> str | None:
     """What the merge lacks or where the windows differ, in one line (None: nothing)."""
     count = merged["segment"]["count"]
     have = merged["segment"]["merged"]
-    missing = [i for i in range(count) if i not in have] if count > 1 else []
+    missing = count - len(have) if count > 1 else 0
     notes = []
     if missing:
-        notes.append(f"segments {', '.join(map(str, missing))} of {count} are missing")
+        notes.append(f"{missing} of {count} segments are missing: {spans(have, count)}")
     seconds = merged["window"]["seconds"]
     if not math.isfinite(seconds) or seconds < 0.9 * float(merged["parameters"]["duration"]):
         notes.append(
@@ -419,3 +381,16 @@ def coverage_note(merged: dict[str, Any]) -> str | None:
             " (start them together: --start-at)"
         )
     return "; ".join(notes) or None
+
+
+def spans(have: list[int], count: int, most: int = 8) -> str:
+    """The indices in 0..count-1 not in ``have`` (sorted), as ranges, the first ``most`` of
+    them: work in the number of results, not in the count a file claims."""
+    out, prev = [], -1
+    for i in [*have, count]:
+        if i > prev + 1:
+            lo, hi = prev + 1, i - 1
+            out.append(str(lo) if lo == hi else f"{lo}-{hi}")
+        prev = i
+    more = f" and {len(out) - most} more ranges" if len(out) > most else ""
+    return ", ".join(out[:most]) + more
