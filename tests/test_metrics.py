@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import time
@@ -9,6 +10,9 @@ import urllib.error
 import urllib.request
 
 from conftest import assert_one_line_error, exchange, metrics_port, run_cli
+
+from socket_echo.config import HTTP_MAX_REQUEST
+from socket_echo.metrics import HealthHttp, health_factory
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -110,3 +114,61 @@ def test_idle_connections_to_the_endpoint_cannot_keep_a_probe_out(start_server):
     finally:
         for s in idle:
             s.close()
+
+
+def test_a_request_waiting_for_its_answer_holds_no_more_than_its_head():
+    """While a scrape waited (a stopped worker: 2 s), 16 connections that kept sending pushed
+    the supervisor to 418 MiB: each appended all it got. Now a complete request stops the
+    reading: the rest stays in the kernel's buffers and the sender blocks."""
+
+    async def main() -> tuple[list[int], list[int], bytes]:
+        loop = asyncio.get_running_loop()
+        release = asyncio.Event()
+
+        async def render() -> bytes:
+            await release.wait()
+            return b"socket_echo_up 1\n"
+
+        factory = health_factory(render, lambda: "", loop)
+        made: list[HealthHttp] = []
+
+        def make() -> HealthHttp:
+            made.append(factory())
+            return made[-1]
+
+        server = await loop.create_server(make, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        clients = []
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            sock.setblocking(False)
+            clients.append(sock)
+        sent = [0] * len(clients)
+        chunk = b"j" * 65536
+        blocked_since: dict[int, float] = {}
+        deadline = loop.time() + 20
+        while len(blocked_since) < len(clients) or min(blocked_since.values()) > loop.time() - 0.3:
+            assert loop.time() < deadline and max(sent) < 256 << 20, "the server kept reading"
+            for i, sock in enumerate(clients):
+                try:
+                    sent[i] += sock.send(chunk)
+                    blocked_since.pop(i, None)
+                except BlockingIOError:
+                    blocked_since.setdefault(i, loop.time())
+            await asyncio.sleep(0.002)
+        held = [len(p.buf) for p in made]
+        release.set()
+        for sock in clients:
+            sock.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)  # the endpoint serves on
+        writer.close()
+        server.close()
+        return sent, held, answer
+
+    sent, held, answer = asyncio.run(main())
+    assert all(n <= HTTP_MAX_REQUEST + 1 for n in held), held
+    assert max(sent) < 64 << 20, sent  # the kernel's buffers, not the server's memory
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"socket_echo_up 1\n")

@@ -11,10 +11,19 @@ import socket
 import time
 
 import pytest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import CollectorRegistry
 
 from socket_echo.config import RESTART_DELAY, RESTART_MAX_DELAY, STABLE_AFTER
 from socket_echo.supervisors.cpu import cgroup_quota, cpu_count
-from socket_echo.supervisors.metrics_sum import render, scrape, sum_metrics
+from socket_echo.supervisors.metrics_sum import (
+    WorkerTotals,
+    _Fixed,
+    render,
+    scrape,
+    sum_metrics,
+)
 from socket_echo.supervisors.processes import restart_delay
 
 
@@ -67,6 +76,41 @@ def test_sum_adds_every_series_over_workers():
     assert [(s.name, s.value) for s in samples] == [("socket_echo_bytes_total", 12.0)]
 
 
+def worker_text(opened: int, active: int) -> str:
+    """A worker's /metrics text, as prometheus_client writes it."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(
+        _Fixed(
+            [
+                CounterMetricFamily("socket_echo_connections_opened", "", value=opened),
+                GaugeMetricFamily("socket_echo_connections_active", "", value=active),
+            ]
+        )
+    )
+    return generate_latest(registry).decode()
+
+
+def sample(totals: WorkerTotals, paths: list[str], name: str) -> float:
+    return sum(s.value for f in totals.metrics(paths) for s in f.samples if s.name == name)
+
+
+def test_a_dead_workers_counters_stay_in_the_sum_and_its_gauges_go():
+    """SIGKILL one of two workers: opened_total went 600 -> 323 and stayed there. Now what
+    it counted stays; what it held open (a gauge) is gone with it."""
+    totals = WorkerTotals()
+    totals.last = {"a": worker_text(300, 5), "b": worker_text(300, 7)}
+    opened, active = "socket_echo_connections_opened_total", "socket_echo_connections_active"
+    assert sample(totals, ["a", "b"], opened) == 600
+    totals.retire("b")  # b died; its replacement has counted 23 so far
+    totals.last["b"] = worker_text(23, 1)
+    assert sample(totals, ["a", "b"], opened) == 623
+    assert sample(totals, ["a", "b"], active) == 6
+    totals.retire("b")  # and died again before a scrape saw it: nothing counted twice
+    totals.retire("b")
+    assert sample(totals, ["a"], opened) == 623
+    assert sample(totals, ["a"], active) == 5
+
+
 def test_a_worker_that_never_answers_costs_one_timeout_not_the_loop(tmp_path):
     """A hung worker: its socket accepts (the kernel's backlog) but nobody reads."""
     path = str(tmp_path / "hung.sock")
@@ -94,7 +138,7 @@ def test_a_worker_that_never_answers_costs_one_timeout_not_the_loop(tmp_path):
     assert text == "" and 0.25 <= elapsed < 1.5
     assert ticks >= 10  # the loop kept running meanwhile
 
-    body = asyncio.run(render(1, 3, [str(tmp_path / "gone.sock")], {}))
+    body = asyncio.run(render(1, 3, [str(tmp_path / "gone.sock")], WorkerTotals()))
     assert b"socket_echo_workers 1.0" in body and b"socket_echo_worker_restarts_total 3.0" in body
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ from conftest import (
     exchange,
     http_status,
     metrics_port,
+    poll_scrape,
     run_cli,
     scrape,
     total,
@@ -125,6 +127,35 @@ def test_killing_a_worker_loses_no_other_connection_and_it_comes_back(start_serv
     assert victim_worker in set(owners(server, fresh).values()), "the restarted worker serves"
     for c in clients + fresh:
         c.close()
+
+
+def test_a_killed_workers_counters_never_leave_the_sum(start_server):
+    """SIGKILL one of two workers: socket_echo_connections_opened_total went 600 -> 323 and
+    stayed there after the restart (a counter stepping back). It never decreases now."""
+    server = start_workers(start_server)
+    mport = metrics_port(server)
+    for _ in range(30):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            assert echo_ok(sock, b"count me")
+    opened = "socket_echo_connections_opened_total"
+    before = total(poll_scrape(server, lambda m: total(m, opened) >= 30), opened)
+    assert before >= 30
+    victim, _ = server.children()
+    victim.kill()
+    seen = [before]
+    deadline = time.monotonic() + 15
+    while True:
+        m = scrape(mport)
+        seen.append(total(m, opened))
+        if total(m, "socket_echo_worker_restarts_total") >= 1 and m["socket_echo_workers"] == 2:
+            break
+        assert time.monotonic() < deadline, "the worker was not restarted"
+        time.sleep(0.05)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        assert echo_ok(sock, b"and me")
+    seen.append(total(poll_scrape(server, lambda m: total(m, opened) > before), opened))
+    assert all(b >= a for a, b in itertools.pairwise(seen)), seen
+    assert seen[-1] >= before + 1, seen
 
 
 def test_sigterm_drains_every_worker(start_server):

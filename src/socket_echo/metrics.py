@@ -216,11 +216,16 @@ class HealthHttp(asyncio.Protocol):
         self.timer = self.loop.call_later(HTTP_REQUEST_TIMEOUT, self.transport.abort)
 
     def data_received(self, data: bytes) -> None:
-        self.buf += data
+        """At most HTTP_MAX_REQUEST bytes are kept; once the request is complete (or too
+        long) reading stops while the answer is made (a scrape of a stopped worker waits
+        seconds): what the peer sends after it stays in the kernel's buffers, not ours."""
         if self.answering:
             return
+        self.buf += data[: HTTP_MAX_REQUEST + 1 - len(self.buf)]
         if b"\r\n\r\n" in self.buf or b"\n\n" in self.buf or len(self.buf) > HTTP_MAX_REQUEST:
             self.answering = True
+            assert self.transport is not None
+            self.transport.pause_reading()
             self.loop.create_task(self._answer())
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -42,24 +42,85 @@ async def scrape(path: str, timeout: float = SCRAPE_TIMEOUT, what: str = "/metri
     return body.decode() if head.startswith(b"HTTP/1.1 200") else ""
 
 
-def sum_metrics(texts: Iterable[str]) -> list[Metric]:
-    """The sum over workers of every series (counters, gauges and histogram buckets alike:
-    each is a sum over connections)."""
-    families: dict[str, Metric] = {}
-    sums: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    for text in texts:
+KEPT_TYPES = ("counter", "histogram", "summary")  # what a dead worker's sum keeps; not gauges
+
+SampleKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+class Sums:
+    """Series summed by family: (sample name, labels) -> value, with each family's metadata."""
+
+    def __init__(self) -> None:
+        self.families: dict[str, Metric] = {}
+        self.values: dict[str, dict[SampleKey, float]] = {}
+
+    def add(self, text: str, types: tuple[str, ...] | None = None) -> None:
+        """Add a scrape's text (only families of ``types``, when given)."""
         for family in text_string_to_metric_families(text):
-            if family.name not in families:
-                families[family.name] = Metric(family.name, family.documentation, family.type)
-                sums[family.name] = {}
-            acc = sums[family.name]
+            if types is not None and family.type not in types:
+                continue
+            if family.name not in self.families:
+                self.families[family.name] = Metric(family.name, family.documentation, family.type)
+                self.values[family.name] = {}
+            acc = self.values[family.name]
             for sample in family.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
                 acc[key] = acc.get(key, 0.0) + sample.value
-    for name, metric in families.items():
-        for (sample_name, labels), value in sums[name].items():
-            metric.add_sample(sample_name, dict(labels), value)
-    return list(families.values())
+
+    def merged(self, other: Sums) -> Sums:
+        out = Sums()
+        for sums in (self, other):
+            for name, family in sums.families.items():
+                out.families.setdefault(name, family)
+                acc = out.values.setdefault(name, {})
+                for key, value in sums.values[name].items():
+                    acc[key] = acc.get(key, 0.0) + value
+        return out
+
+    def metrics(self) -> list[Metric]:
+        out = []
+        for name, family in self.families.items():
+            metric = Metric(name, family.documentation, family.type)
+            for (sample_name, labels), value in self.values[name].items():
+                metric.add_sample(sample_name, dict(labels), value)
+            out.append(metric)
+        return out
+
+
+def sum_metrics(texts: Iterable[str]) -> list[Metric]:
+    """The sum over workers of every series (counters, gauges and histogram buckets alike:
+    each is a sum over connections)."""
+    sums = Sums()
+    for text in texts:
+        sums.add(text)
+    return sums.metrics()
+
+
+class WorkerTotals:
+    """What the supervisor's /metrics adds up: each worker's last scrape (by its metrics
+    path) and what workers that died had counted. A worker killed or restarted takes its
+    gauges with it but leaves its counters and histograms in the sum (prometheus_client's
+    multiprocess mode keeps a dead process's counters for the same reason), so a summed
+    counter never decreases while the supervisor lives; what a worker counted after its last
+    scrape is not seen. A restart of the supervisor itself starts every counter from 0: a
+    counter reset, which Prometheus' rate() and increase() handle."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, str] = {}
+        self.retired = Sums()
+
+    def retire(self, path: str) -> None:
+        """The worker behind ``path`` died: keep its counters, drop its gauges."""
+        text = self.last.pop(path, None)
+        if text:
+            self.retired.add(text, KEPT_TYPES)
+
+    def metrics(self, paths: Iterable[str]) -> list[Metric]:
+        live = Sums()
+        for path in paths:
+            if path in self.last:
+                live.add(self.last[path])
+        return live.merged(self.retired).metrics()
 
 
 class _Fixed(Collector):
@@ -76,19 +137,19 @@ async def answers(path: str, timeout: float) -> bool:
 
 
 async def render(
-    ready_workers: int, restarts: int, metrics_paths: Iterable[str], last: dict[str, str]
+    ready_workers: int, restarts: int, metrics_paths: Iterable[str], totals: WorkerTotals
 ) -> bytes:
     """The supervisor's /metrics body: its own counts and the workers' sums. A worker that
-    does not answer in time counts with its last scrape (``last``, by path, kept here), so
-    summed counters never go backwards (Prometheus would read a counter reset), and is
-    counted as stale."""
+    does not answer in time counts with its last scrape (kept in ``totals``), so summed
+    counters never go backwards (Prometheus would read a counter reset), and is counted as
+    stale; one that died counts with what it had counted (WorkerTotals.retire)."""
     paths = list(metrics_paths)
     texts = await asyncio.gather(*(scrape(path) for path in paths))
     stale = 0
     for path, text in zip(paths, texts, strict=True):
         if text:
-            last[path] = text
-        elif path in last:
+            totals.last[path] = text
+        elif path in totals.last:
             stale += 1
     own: list[Metric] = [
         GaugeMetricFamily("socket_echo_workers", "Worker processes ready.", value=ready_workers),
@@ -104,5 +165,5 @@ async def render(
         ),
     ]
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Fixed(own + sum_metrics(last[p] for p in paths if p in last)))
+    registry.register(_Fixed(own + totals.metrics(paths)))
     return generate_latest(registry)

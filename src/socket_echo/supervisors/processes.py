@@ -114,6 +114,7 @@ class Supervisor:
         self._finished: asyncio.Event | None = None
         self._all_ready: asyncio.Event | None = None
         self._metrics_servers: list[asyncio.AbstractServer] = []
+        self.totals = metrics_sum.WorkerTotals()  # the workers' scrapes, and the dead's counters
 
     # -- the supervisor's side --------------------------------------------------------------
     def run(self) -> int:
@@ -170,14 +171,12 @@ class Supervisor:
         if not self.metrics_listeners:
             return
 
-        last: dict[str, str] = {}
-
         def render() -> Awaitable[bytes]:
             return metrics_sum.render(
                 sum(w.ready for w in self.workers),
                 self.restarts,
                 [w.metrics_path for w in self.workers if w.pid],
-                last,
+                self.totals,
             )
 
         def ready() -> str:
@@ -277,6 +276,7 @@ class Supervisor:
             if worker is None:
                 continue
             worker.pid = 0
+            self.totals.retire(worker.metrics_path)  # its counters stay in the sums
             self._close_pipe(loop, worker)
             self._on_exit(loop, worker, os.waitstatus_to_exitcode(status))
         if self.stopping and not any(w.pid for w in self.workers) and self._finished:
