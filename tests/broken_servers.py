@@ -16,6 +16,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 
 def serve_tcp(handler, one_at_a_time: bool = False, nodelay: bool = True, rcvbuf: int = 0) -> None:  # type: ignore[no-untyped-def]
@@ -81,6 +82,26 @@ def deaf(conn: socket.socket) -> None:
     threading.Event().wait()
 
 
+def trickle(conn: socket.socket) -> None:
+    """Echoes everything, one byte every 0.2 s: never silent for long, never done."""
+    owed = bytearray()
+    eof = False
+    conn.settimeout(0.2)
+    with conn, contextlib.suppress(OSError):
+        while not eof or owed:
+            try:
+                data = b"" if eof else conn.recv(65536)
+                eof = eof or not data
+                owed += data
+            except TimeoutError:
+                pass
+            if owed:
+                conn.sendall(owed[:1])
+                del owed[:1]
+            if eof:
+                time.sleep(0.2)
+
+
 def seed_like(conn: socket.socket) -> None:
     with conn:
         while data := conn.recv(128):
@@ -116,5 +137,6 @@ if __name__ == "__main__":
     elif mode == "deaf":
         serve_tcp(deaf, rcvbuf=4096)
     else:
-        handlers = {"good": good, "drop": dropping, "reorder": reordering, "mute": mute}
+        handlers = {"good": good, "drop": dropping, "reorder": reordering, "mute": mute,
+                    "trickle": trickle}  # fmt: skip
         serve_tcp({**handlers, "once": once}[mode])

@@ -7,6 +7,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 
 import pytest
 import trustme
@@ -58,6 +59,25 @@ def test_server_that_loses_bytes_is_exit_1():
     assert result.returncode == 1
     assert b"Traceback" not in result.stderr  # short, or other bytes: either is named
     assert b"came back" in result.stderr or b"the echo differs" in result.stderr
+
+
+def test_a_trickling_server_meets_a_deadline_not_just_a_silence_timeout():
+    """A peer echoing 5 B/s is never silent for --timeout: 2,000 bytes held the client for
+    400 s. Each byte is due within the timeout plus its share at ECHO_FLOOR_RATE, so the
+    client ends in about a second, naming how much came back and how fast."""
+    server = Broken("trickle")
+    try:
+        started = time.monotonic()
+        result = tool("client", f"127.0.0.1:{server.port}", "--timeout", "1",
+                      stdin=b"t" * 2000, timeout=30)  # fmt: skip
+        took = time.monotonic() - started
+    finally:
+        server.close()
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "the echo is too slow" in lines[0], lines
+    assert "of 2000 bytes back" in lines[0] and "B/s" in lines[0], lines
+    assert took < 10, took
 
 
 def test_connection_refused_is_one_line_exit_2():

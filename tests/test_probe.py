@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import pytest
 from tools_helpers import Broken, tool
@@ -119,3 +120,19 @@ def test_terminal_free_report_is_plain_text(start_server):
     assert result.returncode == 0
     text = result.stdout.decode()
     assert "conforms" in text and "half-close" in text
+
+
+def test_a_step_has_a_deadline_from_its_size_and_the_timeout(broken):
+    """probe --timeout bounded silence only: a 1 B/s trickle held a step for ever. Now a
+    step of N bytes ends within timeout + N / ECHO_FLOOR_RATE, naming what came back."""
+    from socket_echo.tools.defaults import ECHO_FLOOR_RATE
+    from socket_echo.tools.probe import StepFailed, round_trip
+
+    server = broken("trickle")
+    data = b"p" * 4096
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        started = time.monotonic()
+        with pytest.raises(StepFailed, match=r"too slow: \d+ of 4096 bytes back"):
+            round_trip(sock, data, 0.5)
+        took = time.monotonic() - started
+    assert took < 0.5 + len(data) / ECHO_FLOOR_RATE + 1.0, took

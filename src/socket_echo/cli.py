@@ -31,6 +31,7 @@ from socket_echo.tools.defaults import (
     DEFAULT_SIZE,
     DEFAULT_STREAM_SIZE,
     DEFAULT_TIMEOUT,
+    ECHO_FLOOR_RATE,
     MODES,
 )
 
@@ -647,7 +648,8 @@ def transport_options(f: F) -> F:
     default=DEFAULT_TIMEOUT,
     show_default=True,
     metavar="SECONDS",
-    help="Connect timeout; how long to wait for the last echo.",
+    help="Connect timeout and the silence allowed; each byte sent is due back within it plus "
+    f"1 s per {ECHO_FLOOR_RATE >> 10} KiB owed ahead of it.",
 )
 def client(
     target: str,
@@ -661,7 +663,8 @@ def client(
 ) -> None:
     """Talk to an echo server: line mode on a terminal, binary-safe pipe otherwise (quic://:
     a pipe over one stream; dtls://: one record per line, or per 1 KiB from a pipe). Exit 0
-    when every byte came back as sent, 1 when not, 2 when nothing answered."""
+    when every byte came back as sent, 1 when not (wrong, missing or too slow), 2 when no
+    connection or handshake could be made."""
     from socket_echo.tools import client as tool
 
     t = _target(target, udp, tls)
@@ -677,7 +680,8 @@ def client(
     default=DEFAULT_TIMEOUT,
     show_default=True,
     metavar="SECONDS",
-    help="Timeout of each step (as net-tools' echo-client).",
+    help="Each step's silence allowed (as net-tools' echo-client) and its deadline: this plus "
+    f"1 s per {ECHO_FLOOR_RATE >> 10} KiB the step sends.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quick", is_flag=True, help="One short round trip; exit code only.")

@@ -12,3 +12,7 @@ DEFAULT_IN_FLIGHT = 16  # open loop: requests in flight per connection at most
 LATE_SEND_US = 10  # a send this much after its slot, with room to go, was late (ours)
 BEHIND_US = 100  # sends this late (or later) ...
 BEHIND_SHARE = 0.01  # ... over this share of all: the generator fell behind (a warning)
+# client and probe: a byte sent is due back within --timeout plus the time the bytes still
+# owed ahead of it take at this rate (B/s): a slow serial link's pace, so a step's deadline is
+# timeout + size / ECHO_FLOOR_RATE whatever the peer does (a 1 B/s trickle held it for ever)
+ECHO_FLOOR_RATE = 32 << 10

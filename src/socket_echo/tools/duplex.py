@@ -8,6 +8,7 @@ and drains what OpenSSL already decrypted (``pending()``) before waiting again.
 
 from __future__ import annotations
 
+import collections
 import os
 import selectors
 import socket
@@ -15,6 +16,8 @@ import ssl
 import stat
 import time
 from collections.abc import Callable
+
+from socket_echo.tools.defaults import ECHO_FLOOR_RATE
 
 CHUNK = 64 * 1024
 
@@ -34,7 +37,12 @@ def duplex(
 ) -> tuple[int, int]:
     """Send ``source`` (bytes, or a file descriptor read to its end) while passing what comes
     back to ``sink``. Stops once the source is sent and ``expect`` bytes (default: as many as
-    were sent) came back, or at EOF. Returns (sent, received). ``timeout`` bounds silence.
+    were sent) came back, or at EOF. Returns (sent, received).
+
+    ``timeout`` bounds silence, and it sets each byte's deadline: a byte sent must be back
+    within ``timeout`` plus the time the bytes still owed ahead of it take at
+    ECHO_FLOOR_RATE (a peer trickling 1 B/s is never silent, and held a step for ever). So a
+    step of N bytes ends within ``timeout + N / ECHO_FLOOR_RATE``, whatever the peer does.
     ``verify``: what comes back must be what was sent, byte for byte, in order (an echo);
     DuplexError at the first byte that differs. Only the bytes in flight are kept for it."""
     sock.setblocking(False)
@@ -52,7 +60,8 @@ def duplex(
     if fd_source is not None and not file_source:
         os.set_blocking(fd_source, False)
         sel.register(fd_source, selectors.EVENT_READ)
-    last_progress = time.monotonic()
+    last_progress = started = time.monotonic()
+    due: collections.deque[tuple[int, float]] = collections.deque()  # (sent up to, due by)
     try:
         while True:
             want = sent if expect is None else expect
@@ -89,6 +98,8 @@ def duplex(
                 if mask & selectors.EVENT_WRITE and outgoing:
                     n = _send(sock, outgoing)
                     if n:
+                        owed = sent + n - received
+                        due.append((sent + n, time.monotonic() + timeout + owed / ECHO_FLOOR_RATE))
                         if verify:
                             unechoed += outgoing[:n]
                         outgoing = outgoing[n:]
@@ -125,6 +136,15 @@ def duplex(
                     f"no answer in time: only {received} of "
                     f"{sent if expect is None else expect} bytes came back "
                     f"within {timeout:g} s"
+                )
+            while due and due[0][0] <= received:
+                due.popleft()
+            if due and now > due[0][1]:  # answering, but too slowly
+                took = now - started
+                raise DuplexError(
+                    f"the echo is too slow: {received} of {sent} bytes back after {took:.1f} s "
+                    f"({received / took:,.0f} B/s); a byte is due within the timeout "
+                    f"({timeout:g} s) plus {ECHO_FLOOR_RATE >> 10} KiB/s for those ahead of it"
                 )
     finally:
         sel.close()
