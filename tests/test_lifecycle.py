@@ -5,6 +5,7 @@ EchoProtocol runs here; its transport is a small recording stand-in (the kernel'
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 from typing import Any
 
@@ -112,6 +113,22 @@ def test_release_counts_bytes_out_as_what_the_kernel_took():
     assert counters.closed == {SHUTDOWN: 1}
     assert table.durations[3] == 1  # 0.5 s falls in the (0.1, 1] bucket
     assert not table.open
+
+
+def test_a_close_stamped_by_another_clock_never_lasts_less_than_nothing(caplog):
+    """An opening stamped by one clock and a close by another (uvloop's cached time, the
+    native engine's) said "-0.000 s" in the close line."""
+    loop, table = FakeLoop(), ConnectionTable(10, 300.0)
+    ctx = ListenerContext(table, LISTENER, 1 << 18, True, loop)  # type: ignore[arg-type]
+    conn = EchoProtocol(ctx)
+    transport = RecordingTransport()
+    transport.protocol = conn
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO):
+        conn.released(0, now=conn.opened_at - 0.0004)
+    line = next(r.getMessage() for r in caplog.records if "closed" in r.getMessage())
+    assert line.endswith(", 0.000 s"), line
+    assert table.durations[0] == 1
 
 
 def test_sweep_closes_the_idle_spares_the_busy_and_resets_the_stalled():

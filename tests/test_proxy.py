@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+import logging
 import socket
 import subprocess
 import sys
@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import exchange, is_closed_by_peer
+from conftest import exchange, is_closed_by_peer, poll_scrape, total
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -138,17 +138,41 @@ def test_v1_and_v2_clients_are_logged_with_their_real_address(start_server):
 
 
 def test_bad_missing_or_oversized_headers_close_the_connection(start_server):
-    server = start_server("--bind", "tcp+proxy://127.0.0.1:0")
+    server = start_server("--bind", "tcp+proxy://127.0.0.1:0", "--metrics", "127.0.0.1:0")
     _, host, port = server.listener("tcp+proxy")
     for junk in (b"hello world\r\n", b"PROXY TCP4 1.2.3.4\r\n", b"PROXY " + b"9" * 200):
         with socket.create_connection((host, port), timeout=10) as sock:
             sock.sendall(junk)
             assert is_closed_by_peer(sock, timeout=5)
-    deadline = time.monotonic() + 10  # the log lines follow the closes: poll for them
-    while len(re.findall(r"PROXY header from .* rejected", server.log)) < 3:
-        assert time.monotonic() < deadline, server.log
-        time.sleep(0.02)
-    server.wait_for_log(r"rejected: (no PROXY protocol header|v1 header)")
+    m = poll_scrape(server, lambda m: total(m, "socket_echo_proxy_rejected_total") >= 3)
+    assert total(m, "socket_echo_proxy_rejected_total") == 3
+    server.wait_for_log(r"PROXY header from .* rejected: (no PROXY protocol header|v1 header)")
+
+
+def test_rejections_are_logged_at_most_once_a_second():
+    """2,000 bad headers were 2,000 log lines: now a line a second, saying how many more."""
+    from socket_echo.state import ProxyStats
+
+    now = [100.0]
+    stats = ProxyStats(clock=lambda: now[0])
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("socket_echo")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        for i in range(2000):
+            now[0] += 0.001  # 2,000 in 2 s
+            stats.reject("tcp+proxy://x:1", True, f"192.0.2.{i % 250}:1", "malformed", "bad v1")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    rejected = [line for line in lines if "rejected" in line]
+    assert sum(stats.rejected.values()) == 2000
+    assert 2 <= len(rejected) <= 3, rejected
+    assert "(999 more rejected since the last line)" in rejected[1], rejected
 
 
 def test_header_must_arrive_in_time(start_server):

@@ -36,6 +36,8 @@ from socket_echo.tools.defaults import (
 )
 
 ENV_PREFIX = "SOCKET_ECHO_"
+LEAST_SECONDS = 0.001  # the shortest timeout or duration other than 0 (a millisecond)
+LEAST_RATE = 0.01  # the smallest rate other than 0, per second
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -78,7 +80,13 @@ def show_size(n: int) -> str:
 
 class Finite(click.FloatRange):
     """A number in a range, and finite: click's FloatRange takes "nan" (it compares false
-    with every bound, so it passed any range and lifted the limits it set) and "inf"."""
+    with every bound, so it passed any range and lifted the limits it set) and "inf".
+    ``least``: the smallest value other than 0 that means something (1e-300 s is no timeout,
+    1e-300 req/s no rate: such values ran and measured nothing)."""
+
+    def __init__(self, *args: Any, least: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.least = least
 
     def convert(
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
@@ -86,6 +94,9 @@ class Finite(click.FloatRange):
         number = float(super().convert(value, param, ctx))  # "nan" is in range for click
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
+        if 0 < number < self.least:
+            zero = " (or 0)" if self.min == 0 and not self.min_open else ""
+            self.fail(f"{value!r} is too small to mean anything: at least {self.least:g}{zero}")
         return number
 
 
@@ -121,6 +132,15 @@ class GroupedOption(click.Option):
         kwargs.setdefault("show_envvar", True)
         super().__init__(param_decls, **kwargs)
         self.help_group = help_group
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        """The flag, and its variable only when the value came from it (click names the
+        variable whenever it is shown in --help: '--port nan' blamed SOCKET_ECHO_PORT)."""
+        hint = click.Parameter.get_error_hint(self, ctx)
+        source = ctx.get_parameter_source(self.name) if ctx is not None and self.name else None
+        if source is click.core.ParameterSource.ENVIRONMENT:
+            hint += f" (from {self.envvar})"
+        return hint
 
 
 def option(*args: Any, **kwargs: Any) -> Callable[[F], F]:
@@ -203,7 +223,7 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
 )
 @option(
     "--idle-timeout",
-    type=Finite(min=0, max=config.MAX_SECONDS),
+    type=Finite(min=0, max=config.MAX_SECONDS, least=LEAST_SECONDS),
     default=config.DEFAULT_IDLE_TIMEOUT,
     show_default=True,
     metavar="SECONDS",
@@ -222,7 +242,7 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
 )
 @option(
     "--graceful-timeout",
-    type=Finite(min=0, max=config.MAX_SECONDS),
+    type=Finite(min=0, max=config.MAX_SECONDS, least=LEAST_SECONDS),
     default=config.DEFAULT_GRACEFUL_TIMEOUT,
     show_default=True,
     metavar="SECONDS",
@@ -231,7 +251,7 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
 )
 @option(
     "--udp-rate",
-    type=Finite(min=0, min_open=True, max=config.MAX_RATE),
+    type=Finite(min=0, min_open=True, max=config.MAX_RATE, least=LEAST_RATE),
     default=config.DEFAULT_UDP_RATE,
     show_default=True,
     metavar="PPS",
@@ -249,7 +269,7 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
 )
 @option(
     "--udp-max-rate",
-    type=Finite(min=0, min_open=True, max=config.MAX_RATE),
+    type=Finite(min=0, min_open=True, max=config.MAX_RATE, least=LEAST_RATE),
     default=config.DEFAULT_UDP_MAX_RATE,
     show_default=True,
     metavar="PPS",
@@ -314,7 +334,7 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
 )
 @option(
     "--tls-handshake-timeout",
-    type=Finite(min=0, min_open=True, max=config.MAX_SECONDS),
+    type=Finite(min=0, min_open=True, max=config.MAX_SECONDS, least=LEAST_SECONDS),
     default=config.DEFAULT_TLS_HANDSHAKE_TIMEOUT,
     show_default=True,
     metavar="SECONDS",
@@ -371,7 +391,7 @@ LISTEN, LIMITS, UDP, TLS, RUNTIME = "Listeners", "Limits", "UDP", "TLS", "Runtim
 )
 @option(
     "--proxy-header-timeout",
-    type=Finite(min=0, min_open=True, max=config.MAX_SECONDS),
+    type=Finite(min=0, min_open=True, max=config.MAX_SECONDS, least=LEAST_SECONDS),
     default=config.PROXY_HEADER_TIMEOUT,
     show_default=True,
     metavar="SECONDS",
@@ -846,7 +866,7 @@ def _show(summary: dict[str, Any], json_file: str | None, plot_file: str | None,
 )
 @click.option(
     "--rate",
-    type=Finite(min=0, max=config.MAX_RATE),
+    type=Finite(min=0, max=config.MAX_RATE, least=LEAST_RATE),
     default=0.0,
     help="Open loop: requests/s of the whole run; latency counts from each intended send "
     "time (corrected) and from the actual send (uncorrected).",
@@ -867,7 +887,7 @@ def _show(summary: dict[str, Any], json_file: str | None, plot_file: str | None,
 )
 @click.option(
     "--probe-rate",
-    type=Finite(min=0, max=100_000),
+    type=Finite(min=0, max=100_000, least=LEAST_RATE),
     default=0.0,
     metavar="R",
     help="stream: also run a 64 B ping-pong at R req/s and measure its latency under the "
@@ -875,7 +895,7 @@ def _show(summary: dict[str, Any], json_file: str | None, plot_file: str | None,
 )
 @click.option(
     "--warmup",
-    type=Finite(min=0, max=config.MAX_SECONDS),
+    type=Finite(min=0, max=config.MAX_SECONDS, least=LEAST_SECONDS),
     default=0.0,
     metavar="SECONDS",
     help="Run this long first and leave it out of every figure.",
@@ -943,6 +963,12 @@ def bench(
         mode = "udp"
     if t.scheme == "tls":
         raise click.UsageError("bench over TLS is not supported yet (probe and client are)")
+    for flag, per_second in (("--rate", rate), ("--probe-rate", probe_rate)):
+        if per_second and per_second * duration < 1:
+            raise click.UsageError(
+                f"{flag} {per_second:g} over --duration {duration:g} s makes no request "
+                "(at least one a run)"
+            )
     if rate and mode != "pingpong":
         raise click.UsageError(f"--rate is the open loop of --mode pingpong, not of {mode}")
     if probe_rate and (mode != "stream" or t.scheme not in ("tcp", "unix")):

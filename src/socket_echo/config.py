@@ -219,6 +219,8 @@ def parse_bind_url(url: str) -> ListenerSpec:
         if not path.startswith("/"):
             raise ConfigError(f"malformed --bind {url!r}: use unix:///absolute/path")
         return ListenerSpec(parts.scheme, "", 0, path, impair)
+    if "@" in parts.netloc:
+        raise ConfigError(f"malformed --bind {url!r}: a listener has no user (HOST:PORT only)")
     if not parts.hostname:
         raise ConfigError(f"malformed --bind {url!r}: no host (e.g. tcp://127.0.0.1:4242)")
     if parts.path not in ("", "/") or parts.fragment:

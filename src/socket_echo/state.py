@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -116,22 +117,38 @@ class Slots:
 
 
 class ProxyStats:
-    def __init__(self) -> None:
+    """Refused PROXY headers, counted by reason; logged at most once a second (with how many
+    went unlogged since), as every other rejection is: 2,000 bad headers were 2,000 lines."""
+
+    LOG_INTERVAL = 1.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.rejected: Counter[str] = Counter()
+        self.clock = clock
+        self.unlogged = 0
+        self._last_line = float("-inf")
 
     def reject(
         self, listener: str, access_log: bool, peer: str, reason: str, detail: str = ""
     ) -> None:
         """Count a refused header by reason (the metric label) and log its detail."""
         self.rejected[reason] += 1
+        self.unlogged += 1
+        now = self.clock()
+        if now - self._last_line < self.LOG_INTERVAL:
+            return
+        self._last_line = now
+        more, self.unlogged = self.unlogged - 1, 0
         shown = detail or reason  # the detail names the cause in full
         log_event(
             logging.INFO if access_log else logging.DEBUG,
             "proxy_rejected",
-            f"PROXY header from {peer} rejected: {shown}",
+            f"PROXY header from {peer} rejected: {shown}"
+            + (f" ({more} more rejected since the last line)" if more else ""),
             listener=listener,
             peer=peer,
             reason=shown,
+            count=more + 1,
         )
 
 

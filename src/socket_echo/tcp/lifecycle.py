@@ -267,7 +267,9 @@ class Connection:
         reason = self.reason or PEER_CLOSED
         bytes_in = self.bytes_in
         bytes_out = bytes_in - unsent
-        duration = (ctx.loop.time() if now is None else now) - self.opened_at
+        # never below 0: the opening and the close may be stamped by two clocks (uvloop's
+        # cached one, the native engine's): a close line said "-0.000 s"
+        duration = max(0.0, (ctx.loop.time() if now is None else now) - self.opened_at)
         ctx.table.release(self, reason, bytes_in, bytes_out, ctx.listener, duration)
         if ctx.access_log:
             peer = format_peer(self.peer)
