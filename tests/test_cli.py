@@ -54,6 +54,9 @@ def test_bad_usage_is_one_line_and_exit_2(args, words):
 def test_bad_environment_value_names_the_variable():
     result = run_cli(env={"SOCKET_ECHO_PORT": "forty-two"})
     assert_one_line_error(result, 2, "SOCKET_ECHO_PORT", "forty-two")
+    from_the_command_line = run_cli("--port", "nan", env={"SOCKET_ECHO_PORT": "4242"})
+    assert_one_line_error(from_the_command_line, 2, "--port", "nan")
+    assert "SOCKET_ECHO_PORT" not in from_the_command_line.stderr  # it blamed the variable
 
 
 def test_privileged_port_without_permission_is_exit_1():
@@ -261,6 +264,14 @@ def test_the_native_extensions_are_built_where_they_can_be():
         (["bench", "127.0.0.1:9", "--rate", "inf"], ["--rate", "range"]),
         (["client", "tcp://[::1"], ["malformed 'tcp://[::1'"]),
         (["probe", "udp://[zz]:5"], ["malformed 'udp://[zz]:5'", "zz"]),
+        # values that ran and measured nothing: a lower bound that means something
+        (["--idle-timeout", "1e-300"], ["--idle-timeout", "too small", "at least 0.001 (or 0)"]),
+        (["--udp-rate", "1e-300"], ["--udp-rate", "too small", "at least 0.01"]),
+        (["--tls-handshake-timeout", "1e-9"], ["--tls-handshake-timeout", "too small"]),
+        (["bench", "127.0.0.1:9", "--rate", "1e-300"], ["--rate", "too small"]),
+        (["bench", "127.0.0.1:9", "--rate", "0.5", "-d", "1"], ["--rate 0.5", "no request"]),
+        (["--bind", "tcp://user@127.0.0.1:1"], ["--bind", "a listener has no user"]),
+        (["--port", "nan"], ["'--port'", "'nan'"]),
     ],
 )
 def test_a_value_that_would_hurt_is_refused_before_anything_starts(args, words):
