@@ -61,13 +61,13 @@ def extensions():
         link += [f"-fsanitize={checks}"]
     return [
         Extension(
-            f"socket_echo.{part}._native",
+            f"socket_echo.{part.replace('/', '.')}._native",
             [f"src/socket_echo/{part}/{name}" for name in SOURCES.get(part, ("_native.c",))],
             depends=[f"src/socket_echo/{part}/{name}" for name in HEADERS.get(part, ())],
             extra_compile_args=flags,
             extra_link_args=link,
         )
-        for part in ("tcp", "udp", "tools")
+        for part in ("tcp", "udp", "tools/bench")
     ]
 
 

@@ -219,8 +219,8 @@ class Soak:
         """QUIC connections of 1-8 streams each, every stream a random message then FIN."""
         from aioquic.asyncio.client import connect
 
-        from socket_echo.tools.quic_probe import ProbeClient, configuration
-        from socket_echo.tools.target import Target, TlsOptions
+        from socket_echo.tools.connect.quic import QuicClient, configuration
+        from socket_echo.tools.connect.target import Target, TlsOptions
 
         target = Target("quic", "127.0.0.1", self.ports["quic"])
         config = configuration("echo-quic", TlsOptions(insecure=True), target.host)
@@ -228,9 +228,9 @@ class Soak:
 
         async def session() -> bool:
             async with connect(
-                target.host, target.port, configuration=config, create_protocol=ProbeClient
+                target.host, target.port, configuration=config, create_protocol=QuicClient
             ) as client:
-                assert isinstance(client, ProbeClient)
+                assert isinstance(client, QuicClient)
                 sent = {}
                 for _ in range(rand.randint(1, 8)):
                     sid = client._quic.get_next_available_stream_id()
@@ -254,8 +254,8 @@ class Soak:
 
     def dtls(self) -> None:
         """DTLS sessions of 1-20 records each (up to 16 KiB, one record each), reconnecting."""
-        from socket_echo.tools.dtls_client import open_dtls
-        from socket_echo.tools.target import Target, TlsOptions
+        from socket_echo.tools.connect.dtls import open_dtls
+        from socket_echo.tools.connect.target import Target, TlsOptions
 
         target = Target("dtls", "127.0.0.1", self.ports["dtls"])
         rand = random.Random(5)

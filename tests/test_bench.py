@@ -170,8 +170,8 @@ def test_a_send_the_server_never_takes_ends_on_time(monkeypatch, native):
     import time
     import types
 
-    from socket_echo.tools import load as tool
-    from socket_echo.tools.target import parse_target
+    from socket_echo.tools.bench import load as tool
+    from socket_echo.tools.connect.target import parse_target
 
     if not native:
         monkeypatch.setenv("SOCKET_ECHO_NO_EXTENSIONS", "1")

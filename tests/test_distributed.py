@@ -17,9 +17,9 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 from tools_helpers import tool
 
-from socket_echo.tools.bench_model import BenchConfig, split
-from socket_echo.tools.stats import decode, iterate
-from socket_echo.tools.target import parse_target
+from socket_echo.tools.bench.model import BenchConfig, split
+from socket_echo.tools.bench.statistics import decode, iterate
+from socket_echo.tools.connect.target import parse_target
 
 pytestmark = pytest.mark.native  # the C load loop runs here; the sanitizer gates run these
 

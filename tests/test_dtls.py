@@ -26,8 +26,8 @@ from socket_echo.gates.dtls_wire import (
     pack,
     split_records,
 )
-from socket_echo.tools.dtls_client import DtlsFailed, client_context, open_dtls
-from socket_echo.tools.target import Target, TlsOptions
+from socket_echo.tools.connect.dtls import DtlsFailed, client_context, open_dtls
+from socket_echo.tools.connect.target import Target, TlsOptions
 
 INSECURE = TlsOptions(insecure=True)
 

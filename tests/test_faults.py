@@ -211,8 +211,8 @@ def test_quic_and_dtls_deliver_byte_exact_through_loss_duplication_and_reorderin
     from aioquic.asyncio.client import connect
     from conftest import metrics_port, scrape, total
 
-    from socket_echo.tools.quic_probe import ProbeClient, configuration
-    from socket_echo.tools.target import Target, TlsOptions
+    from socket_echo.tools.connect.quic import QuicClient, configuration
+    from socket_echo.tools.connect.target import Target, TlsOptions
 
     server = start_server(
         "--bind", "quic://127.0.0.1:0", "--bind", "dtls://127.0.0.1:0", "--tls-self-signed",
@@ -228,9 +228,9 @@ def test_quic_and_dtls_deliver_byte_exact_through_loss_duplication_and_reorderin
 
         async def quic() -> tuple[bytes, bytes]:
             async with connect(
-                target.host, target.port, configuration=config, create_protocol=ProbeClient
+                target.host, target.port, configuration=config, create_protocol=QuicClient
             ) as client:
-                assert isinstance(client, ProbeClient)
+                assert isinstance(client, QuicClient)
                 client.send(0, data, end=True)
                 client.send(4, b"a second stream", end=True)
                 await client.until(lambda: {0, 4} <= client.ended, 30, "QUIC echo")

@@ -12,7 +12,7 @@ from test_imports import SRC, import_graph
 
 from socket_echo import config
 from socket_echo.kinds import KINDS, SCHEMES, TARGET_SCHEMES, kind
-from socket_echo.tools.target import parse_target
+from socket_echo.tools.connect.target import parse_target
 
 PACKAGE = SRC / "socket_echo"
 # Client side: parses and dispatches on TARGET, not on a listener.

@@ -14,9 +14,9 @@ from conftest import assert_one_line_error, exchange, run_cli
 from test_dtls import echoes
 from test_quic import EchoClient, client_config
 
-from socket_echo.tools.dtls_client import DtlsFailed, client_context
-from socket_echo.tools.quic_probe import Failed
-from socket_echo.tools.target import Target, TlsOptions
+from socket_echo.tools.connect.dtls import DtlsFailed, client_context
+from socket_echo.tools.connect.quic import QuicFailed
+from socket_echo.tools.connect.target import Target, TlsOptions
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def quic_echo(port: int, client: str | None) -> bytes | str:
                 conn.send(0, b"hello", end=True)
                 await conn.until(lambda: 0 in conn.ended)
                 return bytes(conn.got[0])
-        except (Failed, ConnectionError) as exc:
+        except (QuicFailed, ConnectionError) as exc:
             return str(exc) or type(exc).__name__
 
     return asyncio.run(asyncio.wait_for(main(), 30))

@@ -126,7 +126,7 @@ def test_a_step_has_a_deadline_from_its_size_and_the_timeout(broken):
     """probe --timeout bounded silence only: a 1 B/s trickle held a step for ever. Now a
     step of N bytes ends within timeout + N / ECHO_FLOOR_RATE, naming what came back."""
     from socket_echo.tools.defaults import ECHO_FLOOR_RATE
-    from socket_echo.tools.probe import StepFailed, round_trip
+    from socket_echo.tools.probe.stream import StepFailed, round_trip
 
     server = broken("trickle")
     data = b"p" * 4096

@@ -14,14 +14,14 @@ from aioquic.asyncio.client import connect
 from aioquic.quic.configuration import QuicConfiguration
 from conftest import assert_one_line_error, metrics_port, poll_scrape, run_cli, scrape, total
 
-from socket_echo.tools.quic_probe import ProbeClient
+from socket_echo.tools.connect.quic import QuicClient
 
 TEXT = (b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor " * 20)[
     :1199
 ]
 
 
-class EchoClient(ProbeClient):
+class EchoClient(QuicClient):
     """probe's QUIC client (it collects streams, datagrams and the close), waiting 10 s by
     default."""
 

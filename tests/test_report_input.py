@@ -20,8 +20,8 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 from hdrh.histogram import HdrHistogram
 
-from socket_echo.tools.result_file import FORMAT, MAX_SEGMENTS, ResultError, load
-from socket_echo.tools.stats import coverage_note, merge
+from socket_echo.tools.bench.result_file import FORMAT, MAX_SEGMENTS, ResultError, load
+from socket_echo.tools.bench.statistics import coverage_note, merge
 
 
 def encoded(seed: int, values: int = 50) -> str:
@@ -124,7 +124,7 @@ def test_a_histogram_is_checked_before_anything_is_allocated_from_it(tmp_path):
 
 
 def test_the_file_size_is_bounded_before_it_is_read(tmp_path, monkeypatch):
-    from socket_echo.tools import result_file
+    from socket_echo.tools.bench import result_file
 
     monkeypatch.setattr(result_file, "MAX_FILE_BYTES", 1000)
     refused(tmp_path, result(), "more than a results file holds")

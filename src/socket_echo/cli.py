@@ -593,7 +593,7 @@ def _exit_with(run: Callable[[], int]) -> None:
 
 
 def _target(text: str, udp: bool, tls: bool) -> Any:
-    from socket_echo.tools.target import TargetError, parse_target
+    from socket_echo.tools.connect.target import TargetError, parse_target
 
     if udp and tls:
         raise click.UsageError("--udp and --tls exclude each other")
@@ -604,7 +604,7 @@ def _target(text: str, udp: bool, tls: bool) -> Any:
 
 
 def _tls_options(ca: str | None, insecure: bool, server_name: str | None = None) -> Any:
-    from socket_echo.tools.target import TlsOptions
+    from socket_echo.tools.connect.target import TlsOptions
 
     return TlsOptions(ca_file=ca, insecure=insecure, server_name=server_name)
 
@@ -685,7 +685,7 @@ def client(
     a pipe over one stream; dtls://: one record per line, or per 1 KiB from a pipe). Exit 0
     when every byte came back as sent, 1 when not (wrong, missing or too slow), 2 when no
     connection or handshake could be made."""
-    from socket_echo.tools import client as tool
+    from socket_echo.tools.client import run as tool
 
     t = _target(target, udp, tls)
     _exit_with(lambda: tool.main(t, _tls_options(ca, insecure, server_name), timeout, alpn))
@@ -725,7 +725,7 @@ def probe(
 ) -> None:
     """Check that any echo server conforms. Exit 0 passed, 1 failed, 2 unreachable
     (--quick too)."""
-    from socket_echo.tools import probe as tool
+    from socket_echo.tools.probe import run as tool
 
     t = _target(target, udp, tls)
     options = _tls_options(ca, insecure, server_name)
@@ -810,7 +810,7 @@ def _check_outputs(json_file: str | None, plot_file: str | None, hgrm_file: str 
 def _show(summary: dict[str, Any], json_file: str | None, plot_file: str | None,
           hgrm_file: str | None, note: str | None = None) -> None:  # fmt: skip
     """The table (stderr when stdout carries JSON or hgrm), then the files asked for."""
-    from socket_echo.tools import report
+    from socket_echo.tools.bench import output as report
 
     stdout_taken = "-" in (json_file, hgrm_file)
     report.bench_table(summary, sys.stderr if stdout_taken else sys.stdout, note)
@@ -950,11 +950,11 @@ def bench(
     """Load any echo server and verify every byte. Exit 1 on errors or mismatches."""
     import os
 
-    from socket_echo.tools import bench as tool
-    from socket_echo.tools import report
-    from socket_echo.tools.bench_model import BenchConfig
-    from socket_echo.tools.stats import summarize
-    from socket_echo.tools.target import Unreachable, connect
+    from socket_echo.tools.bench import output as report
+    from socket_echo.tools.bench import workers as tool
+    from socket_echo.tools.bench.model import BenchConfig
+    from socket_echo.tools.bench.statistics import summarize
+    from socket_echo.tools.connect.target import Unreachable, connect
 
     t = _target(target, udp or mode == "udp", tls)
     if size is None:
@@ -982,7 +982,7 @@ def bench(
         )
     secure = t.scheme in ("quic", "dtls")
     if secure:
-        from socket_echo.tools.bench_secure import DTLS_MAX_RECORD, MODES
+        from socket_echo.tools.bench.secure import DTLS_MAX_RECORD, MODES
 
         if mode not in MODES[t.scheme]:
             raise click.UsageError(
@@ -997,7 +997,7 @@ def bench(
     _check_outputs(json_file, plot_file, hgrm_file)
     try:
         if secure:
-            from socket_echo.tools.bench_secure import check_reachable
+            from socket_echo.tools.bench.secure import check_reachable
 
             check_reachable(t, _tls_options(ca, insecure, server_name), timeout, alpn)
         else:
@@ -1044,8 +1044,8 @@ def report(
     """Add bench results (the --json files of the segments of one run, or of several runs
     of one load): histograms added, counters and rates summed, the window the common one.
     Prints the table a single run prints; exit 1 if any had errors or mismatches."""
-    from socket_echo.tools.result_file import ResultError, load
-    from socket_echo.tools.stats import coverage_note, merge
+    from socket_echo.tools.bench.result_file import ResultError, load
+    from socket_echo.tools.bench.statistics import coverage_note, merge
 
     _check_outputs(json_file, plot_file, hgrm_file)
     try:
@@ -1059,8 +1059,8 @@ def report(
 def _write_results(
     summary: dict[str, Any], json_file: str | None, plot_file: str | None, hgrm_file: str | None
 ) -> None:
-    from socket_echo.tools import advice
-    from socket_echo.tools.stats import to_json
+    from socket_echo.tools.bench import advice
+    from socket_echo.tools.bench.statistics import to_json
 
     if plot_file:
         advice.plot(summary, plot_file)

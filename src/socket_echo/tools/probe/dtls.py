@@ -17,9 +17,9 @@ import random
 import time
 from typing import Any
 
-from socket_echo.tools.dtls_client import DtlsClient, DtlsFailed, open_dtls
-from socket_echo.tools.steps import FAIL, FINDING, PASS, Step
-from socket_echo.tools.target import Target, TlsOptions, Unreachable
+from socket_echo.tools.connect.dtls import DtlsClient, DtlsFailed, open_dtls
+from socket_echo.tools.connect.target import Target, TlsOptions, Unreachable
+from socket_echo.tools.probe.steps import FAIL, FINDING, PASS, Step
 
 TEXT = (
     b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor "

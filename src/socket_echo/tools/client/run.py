@@ -14,8 +14,8 @@ import socket
 import sys
 
 from socket_echo.exits import FAILED, UNREACHABLE, ToolError
-from socket_echo.tools.duplex import DuplexError, duplex
-from socket_echo.tools.target import Target, TlsOptions, Unreachable, connect
+from socket_echo.tools.connect.duplex import DuplexError, duplex
+from socket_echo.tools.connect.target import Target, TlsOptions, Unreachable, connect
 
 CHUNK = 64 * 1024
 UDP_CHUNK = 1024  # bytes per datagram from a pipe: fits every path's MTU
@@ -30,15 +30,16 @@ def main(target: Target, tls: TlsOptions | None, timeout: float, alpn: str) -> i
     """``socket-echo client`` on any target: the exit code (tools/exits.py), or ToolError."""
     try:
         if target.scheme == "quic":
-            from socket_echo.tools import quic_client
+            from socket_echo.tools.client import quic
 
-            return quic_client.run(target, tls, timeout, alpn)
+            return quic.run(target, tls, timeout, alpn)
         if target.scheme == "dtls":
-            from socket_echo.tools import dtls_client
+            from socket_echo.tools.client import dtls
+            from socket_echo.tools.connect.dtls import DtlsFailed
 
             try:
-                return dtls_client.run(target, tls, timeout)
-            except dtls_client.DtlsFailed as exc:
+                return dtls.run(target, tls, timeout)
+            except DtlsFailed as exc:
                 raise ToolError(f"{target.url}: {exc}", FAILED) from None
         return run(target, tls, timeout)
     except Unreachable as exc:

@@ -12,24 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import ssl
 import time
 from typing import Any
 
 from aioquic.asyncio.client import connect
-from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import (
-    ConnectionTerminated,
-    DatagramFrameReceived,
-    QuicEvent,
-    StreamDataReceived,
-    StreamReset,
-)
 
 from socket_echo.config import DEFAULT_QUIC_ALPN
-from socket_echo.tools.steps import FAIL, FINDING, PASS, SKIP, Step
-from socket_echo.tools.target import Target, TlsOptions, Unreachable
+from socket_echo.tools.connect.quic import QuicClient, QuicFailed, configuration, describe
+from socket_echo.tools.connect.target import Target, TlsOptions, Unreachable
+from socket_echo.tools.probe.steps import FAIL, FINDING, PASS, SKIP, Step
 
 DEFAULT_ALPN = DEFAULT_QUIC_ALPN[0]
 TEXT = (
@@ -38,72 +29,6 @@ TEXT = (
 ) * 12
 ZEPHYR_MAX = 1199
 ROUNDS = 10
-
-
-class Failed(Exception):
-    """A step failed; the message names why."""
-
-
-class ProbeClient(QuicConnectionProtocol):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.got: dict[int, bytearray] = {}
-        self.ended: set[int] = set()
-        self.reset: dict[int, int] = {}
-        self.datagrams: list[bytes] = []
-        self.terminated: ConnectionTerminated | None = None
-        self.changed = asyncio.Event()
-
-    def quic_event_received(self, event: QuicEvent) -> None:
-        if isinstance(event, StreamDataReceived):
-            self.got.setdefault(event.stream_id, bytearray()).extend(event.data)
-            if event.end_stream:
-                self.ended.add(event.stream_id)
-        elif isinstance(event, StreamReset):
-            self.reset[event.stream_id] = event.error_code
-        elif isinstance(event, DatagramFrameReceived):
-            self.datagrams.append(event.data)
-        elif isinstance(event, ConnectionTerminated):
-            self.terminated = event
-        self.changed.set()
-
-    def send(self, stream_id: int, data: bytes, end: bool = False) -> None:
-        self._quic.send_stream_data(stream_id, data, end_stream=end)
-        self.transmit()
-
-    async def until(self, check: Any, timeout: float, what: str) -> None:
-        async def wait() -> None:
-            while not check():
-                if self.terminated is not None:
-                    raise Failed(f"connection closed: {describe(self.terminated)}")
-                for sid, code in self.reset.items():
-                    raise Failed(f"stream {sid} reset by the server (error {code})")
-                self.changed.clear()
-                await self.changed.wait()
-
-        try:
-            await asyncio.wait_for(wait(), timeout)
-        except asyncio.TimeoutError:
-            raise Failed(
-                f"{what}: nothing more within {timeout:g} s (flow-control stall?)"
-            ) from None
-
-
-def describe(event: ConnectionTerminated) -> str:
-    phrase = f": {event.reason_phrase}" if event.reason_phrase else ""
-    return f"error {event.error_code:#x}{phrase}"
-
-
-def configuration(alpn: str, tls: TlsOptions | None, host: str) -> QuicConfiguration:
-    name = (tls.server_name if tls is not None else None) or host
-    config = QuicConfiguration(is_client=True, alpn_protocols=[alpn], server_name=name)
-    config.max_datagram_frame_size = 65536
-    if tls is not None and tls.insecure:
-        config.verify_mode = ssl.CERT_NONE
-    elif tls is not None and tls.ca_file:
-        tls.context()  # aioquic reads the file only in the handshake: a bad one, one line now
-        config.load_verify_locations(tls.ca_file)
-    return config
 
 
 class QuicProbe:
@@ -124,7 +49,7 @@ class QuicProbe:
         started = time.perf_counter()
         try:
             status, detail = await fn()
-        except Failed as exc:
+        except QuicFailed as exc:
             status, detail = FAIL, str(exc)
         except (ConnectionError, OSError) as exc:
             status, detail = FAIL, f"{type(exc).__name__}: {exc}"
@@ -139,10 +64,10 @@ class QuicProbe:
                 self.target.host,
                 self.target.port,
                 configuration=config,
-                create_protocol=ProbeClient,
+                create_protocol=QuicClient,
                 wait_connected=False,
             ) as client:
-                assert isinstance(client, ProbeClient)
+                assert isinstance(client, QuicClient)
                 await self._step("handshake", lambda: self._handshake(client))
                 if self.steps[-1].status == FAIL:
                     return self.steps
@@ -158,25 +83,27 @@ class QuicProbe:
             raise Unreachable(f"{self.target.url}: {exc.strerror or exc}") from None
         return self.steps
 
-    async def _handshake(self, client: ProbeClient) -> tuple[str, str]:
+    async def _handshake(self, client: QuicClient) -> tuple[str, str]:
         client.transmit()  # connect(wait_connected=False) has not sent the Initial yet
         try:
             await asyncio.wait_for(client.wait_connected(), self.timeout)
         except asyncio.TimeoutError:
-            raise Failed(f"no handshake within {self.timeout:g} s (nothing listening?)") from None
+            raise QuicFailed(
+                f"no handshake within {self.timeout:g} s (nothing listening?)"
+            ) from None
         except ConnectionError:
             event = client.terminated
             if event is not None and event.error_code & 0xFF == 0x78:  # no_application_protocol
-                raise Failed(f"ALPN {self.alpn!r} refused by the server") from None
-            raise Failed(
+                raise QuicFailed(f"ALPN {self.alpn!r} refused by the server") from None
+            raise QuicFailed(
                 f"handshake failed: {describe(event) if event else 'connection closed'}"
             ) from None
         return PASS, f"QUIC v1, ALPN {self.alpn}"
 
-    def _next_stream(self, client: ProbeClient) -> int:
+    def _next_stream(self, client: QuicClient) -> int:
         return int(client._quic.get_next_available_stream_id())
 
-    async def _zephyr(self, client: ProbeClient) -> tuple[str, str]:
+    async def _zephyr(self, client: QuicClient) -> tuple[str, str]:
         expected: dict[int, bytearray] = {}
         for _ in range(3):
             sid = self._next_stream(client)
@@ -192,21 +119,21 @@ class QuicProbe:
                     f"stream {sid}, round {round_ + 1}",
                 )
                 if client.got[sid] != want:
-                    raise Failed(f"stream {sid}, round {round_ + 1}: the echo differs")
+                    raise QuicFailed(f"stream {sid}, round {round_ + 1}: the echo differs")
                 chunk = TEXT[: self.rng.randint(1, ZEPHYR_MAX)]
                 want.extend(chunk)
                 client.send(sid, chunk)
         return PASS, f"3 streams x {ROUNDS} rounds, each echo awaited, no FIN between rounds"
 
-    async def _fin(self, client: ProbeClient) -> tuple[str, str]:
+    async def _fin(self, client: QuicClient) -> tuple[str, str]:
         sid = self._next_stream(client)
         client.send(sid, b"last bytes, then FIN", end=True)
         await client.until(lambda: sid in client.ended, self.timeout, "FIN")
         if bytes(client.got[sid]) != b"last bytes, then FIN":
-            raise Failed("the bytes before the FIN differ")
+            raise QuicFailed("the bytes before the FIN differ")
         return PASS, "echo, then FIN"
 
-    async def _many(self, client: ProbeClient) -> tuple[str, str]:
+    async def _many(self, client: QuicClient) -> tuple[str, str]:
         ids = []
         for i in range(100):
             sid = self._next_stream(client)
@@ -215,28 +142,28 @@ class QuicProbe:
         await client.until(lambda: client.ended >= set(ids), self.timeout, "100 streams")
         wrong = [sid for i, sid in enumerate(ids) if bytes(client.got[sid]) != b"stream %03d" % i]
         if wrong:
-            raise Failed(f"{len(wrong)} stream(s) got another stream's bytes")
+            raise QuicFailed(f"{len(wrong)} stream(s) got another stream's bytes")
         return PASS, "100 of 100 echoed and closed"
 
-    async def _bulk(self, client: ProbeClient) -> tuple[str, str]:
+    async def _bulk(self, client: QuicClient) -> tuple[str, str]:
         data = self.rng.randbytes(1 << 20)
         sid = self._next_stream(client)
         started = time.perf_counter()
         client.send(sid, data, end=True)
         await client.until(lambda: sid in client.ended, self.timeout * 4, "1 MiB")
         if bytes(client.got[sid]) != data:
-            raise Failed("the echo of 1 MiB differs")
+            raise QuicFailed("the echo of 1 MiB differs")
         rate = len(data) / (time.perf_counter() - started) / 1e6
         return PASS, f"byte-exact, {rate:.1f} MB/s"
 
-    async def _datagrams(self, client: ProbeClient) -> tuple[str, str]:
+    async def _datagrams(self, client: QuicClient) -> tuple[str, str]:
         if not client._quic._remote_max_datagram_frame_size:
             return SKIP, "the server offers no datagrams (Zephyr's stack has none)"
         sent = [b"datagram %d" % i for i in range(5)]
         for payload in sent:
             client._quic.send_datagram_frame(payload)
         client.transmit()
-        with contextlib.suppress(Failed):  # count what came back
+        with contextlib.suppress(QuicFailed):  # count what came back
             await client.until(lambda: len(client.datagrams) >= 5, min(self.timeout, 2.0), "x")
         got = sum(1 for p in sent if p in client.datagrams)
         if got == 0:

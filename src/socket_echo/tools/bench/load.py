@@ -32,13 +32,14 @@ import time
 from typing import Any
 
 from socket_echo.kinds import DTLS, QUIC, kind
-from socket_echo.tools.bench_model import BenchConfig, WorkerResult, cpu_seconds
+from socket_echo.tools.bench.model import BenchConfig, WorkerResult, cpu_seconds
+from socket_echo.tools.connect.patterns import Patterns
+from socket_echo.tools.connect.target import Unreachable, connect
 from socket_echo.tools.defaults import LATE_SEND_US
-from socket_echo.tools.target import Patterns, Unreachable, connect
 
 _native: Any
 try:  # the ping-pong in C (tools/_native.c); the Python loop below is its twin
-    from socket_echo.tools import _native  # type: ignore[attr-defined,no-redef,unused-ignore]
+    from socket_echo.tools.bench import _native  # type: ignore[attr-defined,no-redef,unused-ignore]
 except ImportError:
     _native = None
 
@@ -710,7 +711,7 @@ def worker_main(
     latency-under-load flow)."""
     try:
         if kind(cfg.target.scheme).served_by in (QUIC, DTLS):
-            from socket_echo.tools.bench_secure import SecureWorker
+            from socket_echo.tools.bench.secure import SecureWorker
 
             result = SecureWorker(cfg, connections, rate, index, progress).run()
         else:

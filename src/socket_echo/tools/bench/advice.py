@@ -7,10 +7,10 @@ import sys
 from typing import Any
 
 from socket_echo.config import DEFAULT_UDP_BURST, DEFAULT_UDP_MAX_RATE, DEFAULT_UDP_RATE
-from socket_echo.tools.bench_model import BenchConfig
+from socket_echo.tools.bench.load import UDP_TIMEOUT
+from socket_echo.tools.bench.model import BenchConfig
+from socket_echo.tools.connect.target import is_loopback
 from socket_echo.tools.defaults import BEHIND_SHARE, BEHIND_US
-from socket_echo.tools.load import UDP_TIMEOUT
-from socket_echo.tools.target import is_loopback
 
 
 def explain_losses(cfg: BenchConfig, answered: int, lost: int, elapsed: float) -> str | None:

@@ -22,10 +22,11 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived
 
-from socket_echo.tools.bench_model import BenchConfig, WorkerResult, cpu_seconds
-from socket_echo.tools.dtls_client import DtlsFailed, open_dtls
-from socket_echo.tools.quic_probe import configuration
-from socket_echo.tools.target import Patterns, Target, TlsOptions, Unreachable
+from socket_echo.tools.bench.model import BenchConfig, WorkerResult, cpu_seconds
+from socket_echo.tools.connect.dtls import DtlsFailed, open_dtls
+from socket_echo.tools.connect.patterns import Patterns
+from socket_echo.tools.connect.quic import configuration
+from socket_echo.tools.connect.target import Target, TlsOptions, Unreachable
 
 MODES = {"quic": ("pingpong", "stream", "churn"), "dtls": ("pingpong", "churn")}
 STREAM_WINDOW = 4  # writes in flight per QUIC stream in stream mode

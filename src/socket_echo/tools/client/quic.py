@@ -16,13 +16,13 @@ from aioquic.asyncio.client import connect
 from aioquic.quic.events import QuicEvent, StreamDataReceived
 
 from socket_echo.exits import FAILED, ToolError
-from socket_echo.tools.quic_probe import Failed, ProbeClient, configuration, describe
-from socket_echo.tools.target import Target, TlsOptions, Unreachable
+from socket_echo.tools.connect.quic import QuicClient, QuicFailed, configuration, describe
+from socket_echo.tools.connect.target import Target, TlsOptions, Unreachable
 
 CHUNK = 64 * 1024
 
 
-class PipeClient(ProbeClient):
+class PipeClient(QuicClient):
     """Writes stream 0's echo to stdout as it arrives instead of keeping it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -67,7 +67,7 @@ async def pipe(target: Target, tls: TlsOptions | None, timeout: float, alpn: str
             client.send(0, b"", end=True)
             try:
                 await client.until(lambda: 0 in client.ended, timeout, "the echo")
-            except Failed as exc:
+            except QuicFailed as exc:
                 client.out.flush()
                 raise ToolError(f"{exc} ({client.echoed} of {sent} B back)", FAILED) from None
             client.out.flush()

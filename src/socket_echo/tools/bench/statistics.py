@@ -16,9 +16,8 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from socket_echo.tools.bench_model import BenchConfig, WorkerResult
-from socket_echo.tools.defaults import BEHIND_SHARE, BEHIND_US, LATE_SEND_US
-from socket_echo.tools.result_file import (
+from socket_echo.tools.bench.model import BenchConfig, WorkerResult
+from socket_echo.tools.bench.result_file import (
     COUNTS,
     DIGITS,
     FORMAT,
@@ -29,6 +28,7 @@ from socket_echo.tools.result_file import (
     Second,
     check_histogram,
 )
+from socket_echo.tools.defaults import BEHIND_SHARE, BEHIND_US, LATE_SEND_US
 
 PERCENTILES = {
     "p50": 50.0, "p75": 75.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "p999": 99.9,
@@ -138,7 +138,7 @@ def flow_fields(
 
 def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> dict[str, Any]:
     """One run's summary, from what each worker process brought back."""
-    from socket_echo.tools.advice import explain_losses
+    from socket_echo.tools.bench.advice import explain_losses
 
     probes = [r for r in results if r.probe]
     results = [r for r in results if not r.probe]

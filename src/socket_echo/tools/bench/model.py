@@ -10,6 +10,7 @@ import time
 from collections import Counter
 
 from socket_echo.config import DEFAULT_QUIC_ALPN
+from socket_echo.tools.connect.target import Target, TlsOptions
 from socket_echo.tools.defaults import (
     DEFAULT_CONNECTIONS,
     DEFAULT_DURATION,
@@ -17,7 +18,6 @@ from socket_echo.tools.defaults import (
     DEFAULT_SIZE,
     DEFAULT_TIMEOUT,
 )
-from socket_echo.tools.target import Target, TlsOptions
 
 
 @dataclasses.dataclass(frozen=True)

@@ -224,20 +224,6 @@ def udp_socket(target: Target, timeout: float) -> socket.socket:
     return sock
 
 
-class Patterns:
-    """Payloads that differ per request, so a server answering with an old message or with
-    another client's is caught: ``message(seed)`` is bytes (seed + i) mod 251 (a prime, so
-    runs do not line up with sizes), sliced from one buffer made once (no per-byte work)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.base = bytes(i % 251 for i in range(size + 251))
-
-    def message(self, seed: int) -> bytes:
-        start = seed % 251
-        return self.base[start : start + self.size]
-
-
 def is_loopback(target: Target) -> bool:
     """Whether the target is this machine (bench and probe read their figures by it)."""
     try:

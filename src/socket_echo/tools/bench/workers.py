@@ -11,8 +11,8 @@ import multiprocessing
 import time
 from typing import Any
 
-from socket_echo.tools.bench_model import BenchConfig, WorkerResult, split
-from socket_echo.tools.load import worker_main
+from socket_echo.tools.bench.load import worker_main
+from socket_echo.tools.bench.model import BenchConfig, WorkerResult, split
 
 
 def run_workers(cfg: BenchConfig, on_progress: Any = None) -> list[WorkerResult]:

@@ -15,11 +15,9 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from socket_echo.exits import FAILED, OK, UNREACHABLE, ToolError
 from socket_echo.payloads import NET_TOOLS_PAYLOADS
-from socket_echo.tools.duplex import DuplexError, duplex
-from socket_echo.tools.steps import FAIL, FINDING, PASS, SKIP, Step
-from socket_echo.tools.target import (
+from socket_echo.tools.connect.duplex import DuplexError, duplex
+from socket_echo.tools.connect.target import (
     Target,
     TlsOptions,
     Unreachable,
@@ -27,6 +25,7 @@ from socket_echo.tools.target import (
     connect_many,
     is_loopback,
 )
+from socket_echo.tools.probe.steps import FAIL, FINDING, PASS, SKIP, Step
 
 CONCURRENT_CLIENTS = 20
 LATENCY_ROUNDS = 200
@@ -381,38 +380,3 @@ def run(
 ) -> list[Step]:
     probe = Probe(target, timeout, tls, require_concurrency)
     return probe.run_udp() if target.scheme == "udp" else probe.run_stream()
-
-
-def main(
-    target: Target,
-    timeout: float,
-    tls: TlsOptions | None,
-    alpn: str,
-    quick: bool = False,
-    require_concurrency: bool = False,
-    as_json: bool = False,
-) -> int:
-    """``socket-echo probe`` on any target: prints the report (none with ``quick``) and
-    returns the exit code (tools/exits.py); ToolError when nothing answers."""
-    from socket_echo.tools import report
-
-    try:
-        if target.scheme == "quic":
-            from socket_echo.tools import quic_probe
-
-            steps = quic_probe.run(target, timeout, tls, alpn, quick)
-        elif target.scheme == "dtls":
-            from socket_echo.tools import dtls_probe
-
-            steps = dtls_probe.run(target, timeout, tls, quick)
-        elif quick:
-            return OK if Probe(target, timeout, tls).quick() else FAILED
-        else:
-            steps = run(target, timeout, tls, require_concurrency)
-    except Unreachable as exc:
-        raise ToolError(f"unreachable: {exc}", UNREACHABLE) from None
-    if as_json and not quick:
-        print(report.probe_json(target.url, steps))
-    elif not quick:
-        report.probe_table(target.url, steps)
-    return FAILED if any(s.status == FAIL for s in steps) else OK

@@ -1,0 +1,1 @@
+"""``socket-echo bench`` and ``report``. Imports nothing."""
