@@ -178,7 +178,10 @@ def test_a_send_the_server_never_takes_ends_on_time(monkeypatch, native):
     server = Broken("deaf")
     try:
         cfg = tool.BenchConfig(  # the model, as load.py imports it
-            parse_target(f"127.0.0.1:{server.port}"), size=65536, duration=1.0, timeout=0.5
+            target=parse_target(f"127.0.0.1:{server.port}"),
+            size=65536,
+            duration=1.0,
+            timeout=0.5,
         )
         worker = tool.Worker(cfg, 2, 0.0, 0, types.SimpleNamespace(value=0))
         plain_connect = worker._connect

@@ -17,8 +17,8 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 from tools_helpers import tool
 
+from socket_echo.tools.bench.histograms import decode, iterate
 from socket_echo.tools.bench.model import BenchConfig, split
-from socket_echo.tools.bench.statistics import decode, iterate
 from socket_echo.tools.connect.target import parse_target
 
 pytestmark = pytest.mark.native  # the C load loop runs here; the sanitizer gates run these
@@ -42,8 +42,10 @@ def test_segments_divide_the_load_as_k6_does_and_sum_to_the_whole():
     assert split(30, 4) == [8, 8, 7, 7]
     target = parse_target("127.0.0.1:1")
     for connections, n in ((30, 4), (7, 7), (1000, 3), (5, 2)):
-        shares = [BenchConfig(target, connections=connections, rate=999.0, segment=(i, n)).share
-                  for i in range(n)]  # fmt: skip
+        shares = [
+            BenchConfig(target=target, connections=connections, rate=999.0, segment=(i, n)).share
+            for i in range(n)
+        ]
         assert sum(c for c, _ in shares) == connections
         assert sum(r for _, r in shares) == pytest.approx(999.0)
         for c, r in shares:  # every connection at the same rate

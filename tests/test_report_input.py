@@ -20,8 +20,10 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 from hdrh.histogram import HdrHistogram
 
-from socket_echo.tools.bench.result_file import FORMAT, MAX_SEGMENTS, ResultError, load
-from socket_echo.tools.bench.statistics import coverage_note, merge
+from socket_echo.tools.bench.merge import coverage_note, merge
+from socket_echo.tools.bench.result import FORMAT, ResultError
+from socket_echo.tools.bench.result_file import load
+from socket_echo.tools.defaults import MAX_SEGMENTS
 
 
 def encoded(seed: int, values: int = 50) -> str:
@@ -92,7 +94,7 @@ def spoiled(change: Any) -> dict[str, Any]:
         (lambda d: d["per_second"][1].update(requests=None), ["per_second[1].requests"]),
         (lambda d: d["per_second"][0].pop("t"), ["no 't' in per_second[0]"]),
         (lambda d: d.update(per_second={"t": 1}), ["per_second", "a list expected"]),
-        (lambda d: d.update(under_load={"rate": 1}), ["no 'size' in under_load"]),
+        (lambda d: d.update(under_load={"rate": 1}), ["no 'histogram' in under_load"]),
     ],
 )
 def test_a_field_out_of_its_type_or_range_is_named(tmp_path, change, words):
@@ -134,7 +136,8 @@ def test_a_claimed_segment_count_costs_nothing_to_report(tmp_path):
     """ "count": 100000000 in a 2 KB file took 12 GB and 32 s (the list of missing segments);
     past MAX_SEGMENTS it is refused, and up to it the missing ones are told as ranges."""
     t = time.perf_counter()
-    merged = merge([load(write(tmp_path, result(index=17, count=MAX_SEGMENTS)))])
+    path = write(tmp_path, result(index=17, count=MAX_SEGMENTS))
+    merged = merge([(path, load(path))])
     note = coverage_note(merged)
     assert note is not None and note.startswith(f"{MAX_SEGMENTS - 1:,}".replace(",", ""))
     assert f"0-16, 18-{MAX_SEGMENTS - 1}" in note
@@ -151,24 +154,25 @@ def test_merging_long_results_holds_one_histogram_per_figure(tmp_path):
     ]
     tracemalloc.start()
     try:
-        merged = merge([load(p) for p in paths])
+        merged = merge([(p, load(p)) for p in paths])
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert len(merged["per_second"]) == 600
-    assert merged["requests"] == 4 * 600 * 100
-    assert sum(s["requests"] for s in merged["per_second"]) == merged["requests"]
+    assert len(merged.per_second) == 600
+    assert merged.requests == 4 * 600 * 100
+    assert sum(s.requests for s in merged.per_second) == merged.requests
     # 600 decoded seconds would be ~110 MiB; the files' text and a few histograms are < 40
     assert peak < 40 << 20, f"peak {peak / 2**20:.0f} MiB"
 
 
 def test_a_merge_has_every_field_a_run_has(tmp_path):
+    """A merge is a BenchResult as a run is (one typed model): its JSON has every key a run's
+    has, client_spin_percent included (a merge of three segments lacked it)."""
     one = result()
-    merged = merge([load(write(tmp_path, one, "a.json")), load(write(tmp_path, one, "b.json"))])
-    run_fields = {"latency_us", "latency_uncorrected_us", "send_lateness_us", "under_load",
-                  "loss_explanation", "generator_behind", "late_send_threshold_us",
-                  "lost_datagrams", "late_datagrams", "duplicate_datagrams", *one}  # fmt: skip
-    assert run_fields <= set(merged), run_fields - set(merged)
+    paths = [write(tmp_path, one, "a.json"), write(tmp_path, one, "b.json")]
+    merged = merge([(p, load(p)) for p in paths]).to_dict()
+    single = load(paths[0]).to_dict()
+    assert set(merged) == set(single), set(merged) ^ set(single)
     assert merged["client_spin_percent"] == 1.0
 
 

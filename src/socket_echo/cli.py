@@ -18,11 +18,11 @@ import click
 
 from socket_echo import __version__, config
 from socket_echo.config import ConfigError, ServerConfig
-from socket_echo.exits import FAILED, UNREACHABLE, USAGE, error_line
+from socket_echo.exits import FAILED, USAGE, error_line
 from socket_echo.logs import quiet_aioquic
 from socket_echo.main import StartError
 from socket_echo.main import serve as serve_config
-from socket_echo.supervisors.cpu import check_process_count, worker_count
+from socket_echo.supervisors.cpu import check_process_count, cpu_count, worker_count
 from socket_echo.tools.defaults import (
     ARRIVALS,
     DEFAULT_CONNECTIONS,
@@ -32,6 +32,9 @@ from socket_echo.tools.defaults import (
     DEFAULT_STREAM_SIZE,
     DEFAULT_TIMEOUT,
     ECHO_FLOOR_RATE,
+    MAX_IN_FLIGHT,
+    MAX_SEGMENTS,
+    MAX_SIZE,
     MODES,
 )
 
@@ -581,7 +584,7 @@ TARGET_HELP = (
 
 
 def _exit_with(run: Callable[[], int]) -> None:
-    """Run a tool and exit with its code; a ToolError is its one line (tools/exits.py)."""
+    """Run a tool and exit with its code; a ToolError is its one line (exits.py)."""
     from socket_echo.exits import ToolError
 
     try:
@@ -735,8 +738,10 @@ def probe(
 def _segment(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:
     """``--segment I/N``: this run is part I (from 0) of a run spread over N."""
     match = re.fullmatch(r"(\d+)/(\d+)", value.strip())
-    if not match or not 0 <= int(match.group(1)) < int(match.group(2)) <= 10_000:
-        raise click.BadParameter(f"{value!r}: give I/N with 0 <= I < N <= 10000 (e.g. 0/4)")
+    if not match or not 0 <= int(match.group(1)) < int(match.group(2)) <= MAX_SEGMENTS:
+        raise click.BadParameter(
+            f"{value!r}: give I/N with 0 <= I < N <= {MAX_SEGMENTS} (e.g. 0/4)"
+        )
     return int(match.group(1)), int(match.group(2))
 
 
@@ -789,35 +794,16 @@ def _outputs(f: F) -> F:
     return f
 
 
-def _check_outputs(json_file: str | None, plot_file: str | None, hgrm_file: str | None) -> None:
-    """Fail before the run, not after it."""
-    import os
+def _outputs_checked(json_file: str | None, plot_file: str | None, hgrm_file: str | None) -> Any:
+    """The files asked for, checked before the run (one line, exit 2)."""
+    from socket_echo.tools.bench.output import OutputError, Outputs
 
-    if json_file == "-" and hgrm_file == "-":
-        raise click.UsageError("--json - and --hgrm - cannot both have stdout")
-    for out in (json_file, plot_file, hgrm_file):
-        if out and out != "-":
-            folder = os.path.dirname(os.path.abspath(out))
-            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-                raise click.UsageError(f"cannot write {out}: {folder} is not a writable folder")
-    if plot_file:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise click.UsageError("--plot needs matplotlib (pip install matplotlib)") from None
-
-
-def _show(summary: dict[str, Any], json_file: str | None, plot_file: str | None,
-          hgrm_file: str | None, note: str | None = None) -> None:  # fmt: skip
-    """The table (stderr when stdout carries JSON or hgrm), then the files asked for."""
-    from socket_echo.tools.bench import output as report
-
-    stdout_taken = "-" in (json_file, hgrm_file)
-    report.bench_table(summary, sys.stderr if stdout_taken else sys.stdout, note)
+    outputs = Outputs(json_file, plot_file, hgrm_file)
     try:
-        _write_results(summary, json_file, plot_file, hgrm_file)
-    except OSError as exc:
-        raise click.ClickException(f"cannot write results: {exc.strerror or exc}") from None
+        outputs.check()
+    except OutputError as exc:
+        raise click.UsageError(str(exc)) from None
+    return outputs
 
 
 @cli.command(epilog=TARGET_HELP)
@@ -842,7 +828,7 @@ def _show(summary: dict[str, Any], json_file: str | None, plot_file: str | None,
 @click.option(
     "--size",
     "-s",
-    type=click.IntRange(min=1, max=65536),
+    type=click.IntRange(min=1, max=MAX_SIZE),
     default=None,
     help=f"Bytes per message; per write in stream mode [default: {DEFAULT_SIZE}; stream: "
     f"{DEFAULT_STREAM_SIZE}].",
@@ -880,7 +866,7 @@ def _show(summary: dict[str, Any], json_file: str | None, plot_file: str | None,
 )
 @click.option(
     "--in-flight",
-    type=click.IntRange(min=1, max=4096),
+    type=click.IntRange(min=1, max=MAX_IN_FLIGHT),
     default=DEFAULT_IN_FLIGHT,
     show_default=True,
     help="Open loop: requests in flight per connection at most (echoes matched by position).",
@@ -947,92 +933,34 @@ def bench(
     hgrm_file: str | None,
     alpn: str,
 ) -> None:
-    """Load any echo server and verify every byte. Exit 1 on errors or mismatches."""
-    import os
-
-    from socket_echo.tools.bench import output as report
-    from socket_echo.tools.bench import workers as tool
+    """Load any echo server and verify every byte. Exit 1 on errors or mismatches, 2 when
+    the target is unreachable."""
     from socket_echo.tools.bench.model import BenchConfig
-    from socket_echo.tools.bench.statistics import summarize
-    from socket_echo.tools.connect.target import Unreachable, connect
+    from socket_echo.tools.bench.run import run
 
-    t = _target(target, udp or mode == "udp", tls)
-    if size is None:
-        size = DEFAULT_STREAM_SIZE if mode == "stream" else DEFAULT_SIZE
-    if t.scheme == "udp" and mode != "udp":
-        mode = "udp"
-    if t.scheme == "tls":
-        raise click.UsageError("bench over TLS is not supported yet (probe and client are)")
-    for flag, per_second in (("--rate", rate), ("--probe-rate", probe_rate)):
-        if per_second and per_second * duration < 1:
-            raise click.UsageError(
-                f"{flag} {per_second:g} over --duration {duration:g} s makes no request "
-                "(at least one a run)"
-            )
-    if rate and mode != "pingpong":
-        raise click.UsageError(f"--rate is the open loop of --mode pingpong, not of {mode}")
-    if probe_rate and (mode != "stream" or t.scheme not in ("tcp", "unix")):
-        raise click.UsageError(
-            "--probe-rate measures latency under --mode stream over tcp:// or unix://"
-        )
-    if segment[1] > connections:
-        raise click.UsageError(
-            f"--segment {segment[0]}/{segment[1]}: {connections} connections cannot be divided "
-            f"into {segment[1]} segments (each needs one)"
-        )
-    secure = t.scheme in ("quic", "dtls")
-    if secure:
-        from socket_echo.tools.bench.secure import DTLS_MAX_RECORD, MODES
-
-        if mode not in MODES[t.scheme]:
-            raise click.UsageError(
-                f"--mode {mode} over {t.scheme}://: use {', '.join(MODES[t.scheme])}"
-            )
-        if rate:
-            raise click.UsageError(f"--rate over {t.scheme}:// is not supported (closed loop only)")
-        if t.scheme == "dtls" and size > DTLS_MAX_RECORD:
-            raise click.UsageError(f"--size is at most {DTLS_MAX_RECORD} for DTLS (one record)")
-    if mode == "udp" and size > 65507:
-        raise click.UsageError("--size is at most 65507 for UDP (the largest IPv4 datagram)")
-    _check_outputs(json_file, plot_file, hgrm_file)
     try:
-        if secure:
-            from socket_echo.tools.bench.secure import check_reachable
-
-            check_reachable(t, _tls_options(ca, insecure, server_name), timeout, alpn)
-        else:
-            connect(t, timeout).close()
-    except Unreachable as exc:
-        click.echo(error_line(f"unreachable: {exc}"), err=True)
-        sys.exit(UNREACHABLE)
-    cfg = BenchConfig(
-        t,
-        mode,
-        connections,
-        size,
-        duration,
-        processes or os.cpu_count() or 1,
-        rate,
-        timeout,
-        _tls_options(ca, insecure, server_name),
-        alpn,
-        arrival,
-        warmup,
-        in_flight,
-        segment,
-        start_at,
-        probe_rate,
-    )
-    progress = report.Progress(duration + warmup, "bytes" if mode == "stream" else "requests")
-    try:
-        results = tool.run_workers(cfg, progress)
-    finally:
-        progress.stop()
-    summary = summarize(cfg, results)
-    _show(summary, json_file, plot_file, hgrm_file)
-    flow = summary["under_load"] or {"errors": 0, "mismatches": 0}
-    bad = summary["errors"] + summary["mismatches"] + flow["errors"] + flow["mismatches"]
-    sys.exit(FAILED if bad else 0)
+        cfg = BenchConfig(
+            target=_target(target, udp or mode == "udp", tls),
+            mode=mode,
+            connections=connections,
+            size=size or 0,
+            duration=duration,
+            processes=processes or cpu_count(),
+            rate=rate,
+            timeout=timeout,
+            tls=_tls_options(ca, insecure, server_name),
+            alpn=alpn,
+            arrival=arrival,
+            warmup=warmup,
+            in_flight=in_flight,
+            segment=segment,
+            start_at=start_at,
+            probe_rate=probe_rate,
+        )
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    outputs = _outputs_checked(json_file, plot_file, hgrm_file)
+    _exit_with(lambda: run(cfg, outputs))
 
 
 @cli.command()
@@ -1044,32 +972,7 @@ def report(
     """Add bench results (the --json files of the segments of one run, or of several runs
     of one load): histograms added, counters and rates summed, the window the common one.
     Prints the table a single run prints; exit 1 if any had errors or mismatches."""
-    from socket_echo.tools.bench.result_file import ResultError, load
-    from socket_echo.tools.bench.statistics import coverage_note, merge
+    from socket_echo.tools.bench import report as tool
 
-    _check_outputs(json_file, plot_file, hgrm_file)
-    try:
-        merged = merge([load(path) for path in files])
-    except ResultError as exc:
-        raise click.UsageError(str(exc)) from None
-    _show(merged, json_file, plot_file, hgrm_file, coverage_note(merged))
-    sys.exit(FAILED if merged["errors"] or merged["mismatches"] else 0)
-
-
-def _write_results(
-    summary: dict[str, Any], json_file: str | None, plot_file: str | None, hgrm_file: str | None
-) -> None:
-    from socket_echo.tools.bench import advice
-    from socket_echo.tools.bench.statistics import to_json
-
-    if plot_file:
-        advice.plot(summary, plot_file)
-    if hgrm_file:
-        advice.write_hgrm(summary, hgrm_file)
-    if json_file:
-        text = to_json(summary)
-        if json_file == "-":
-            click.echo(text)
-        else:
-            with open(json_file, "w") as f:
-                f.write(text + "\n")
+    outputs = _outputs_checked(json_file, plot_file, hgrm_file)
+    _exit_with(lambda: tool.run(list(files), outputs))

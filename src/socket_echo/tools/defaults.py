@@ -9,6 +9,9 @@ DEFAULT_STREAM_SIZE = 65536
 DEFAULT_DURATION = 10.0
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_IN_FLIGHT = 16  # open loop: requests in flight per connection at most
+MAX_IN_FLIGHT = 4096  # ... and its bound (bench/_native.c: the same)
+MAX_SIZE = 65536  # bench --size at most (bench/_native.c: the same)
+MAX_SEGMENTS = 10_000  # bench --segment I/N: N at most (report refuses a file claiming more)
 LATE_SEND_US = 10  # a send this much after its slot, with room to go, was late (ours)
 BEHIND_US = 100  # sends this late (or later) ...
 BEHIND_SHARE = 0.01  # ... over this share of all: the generator fell behind (a warning)
@@ -16,3 +19,4 @@ BEHIND_SHARE = 0.01  # ... over this share of all: the generator fell behind (a 
 # owed ahead of it take at this rate (B/s): a slow serial link's pace, so a step's deadline is
 # timeout + size / ECHO_FLOOR_RATE whatever the peer does (a 1 B/s trickle held it for ever)
 ECHO_FLOOR_RATE = 32 << 10
+UDP_TIMEOUT = 1.0  # bench --mode udp: a datagram not answered by then counts as lost, sent anew

@@ -35,7 +35,7 @@ from socket_echo.kinds import DTLS, QUIC, kind
 from socket_echo.tools.bench.model import BenchConfig, WorkerResult, cpu_seconds
 from socket_echo.tools.connect.patterns import Patterns
 from socket_echo.tools.connect.target import Unreachable, connect
-from socket_echo.tools.defaults import LATE_SEND_US
+from socket_echo.tools.defaults import LATE_SEND_US, UDP_TIMEOUT
 
 _native: Any
 try:  # the ping-pong in C (tools/_native.c); the Python loop below is its twin
@@ -45,7 +45,6 @@ except ImportError:
 
 STREAM_WINDOW = 4 << 20  # bytes in flight per stream connection at most
 STREAM_PERIOD = 1 << 20
-UDP_TIMEOUT = 1.0  # a datagram not answered by then counts as lost and is sent anew
 CHECK_EVERY = 0.1  # timeouts are looked for, and progress shown, this often
 SPIN = 0.0002  # the pure loop polls (does not sleep) this close to a slot
 POLL_CEILING = 0.001  # epoll.poll() rounds its timeout up to whole milliseconds

@@ -1,6 +1,6 @@
 """What one bench run is and what each load worker brings back: the model the load workers
-(load.py, bench_secure.py), the orchestration (bench.py) and the statistics (stats.py) share.
-A leaf of tools/: it imports none of them (the defaults are tools/defaults.py's)."""
+(load.py, secure.py), the orchestration (workers.py, run.py) and the statistics share. A leaf
+of bench/: it imports none of them (the defaults are tools/defaults.py's)."""
 
 from __future__ import annotations
 
@@ -9,23 +9,45 @@ import resource
 import time
 from collections import Counter
 
-from socket_echo.config import DEFAULT_QUIC_ALPN
+from socket_echo.config import DEFAULT_QUIC_ALPN, ConfigError
+from socket_echo.kinds import DTLS, QUIC, STREAM, UDP, kind
 from socket_echo.tools.connect.target import Target, TlsOptions
 from socket_echo.tools.defaults import (
+    ARRIVALS,
     DEFAULT_CONNECTIONS,
     DEFAULT_DURATION,
     DEFAULT_IN_FLIGHT,
     DEFAULT_SIZE,
+    DEFAULT_STREAM_SIZE,
     DEFAULT_TIMEOUT,
+    MAX_IN_FLIGHT,
+    MAX_SIZE,
 )
 
+# bench's modes by how the target is served (kinds.py's served_by): the one table cli.py,
+# this model and the workers read. tls:// has none yet (probe and client speak it).
+MODES_BY_KIND: dict[str, tuple[str, ...]] = {
+    STREAM: ("pingpong", "stream", "churn"),
+    UDP: ("udp",),
+    QUIC: ("pingpong", "stream", "churn"),
+    DTLS: ("pingpong", "churn"),
+}
+OPEN_LOOP_KINDS = (STREAM,)  # --rate: the C loop (bench/_native.c) and its Python twin
+PROBE_RATE_SCHEMES = ("tcp", "unix")  # --probe-rate beside --mode stream
+MAX_UDP_SIZE = 65507  # the largest IPv4 datagram's payload
+DTLS_MAX_RECORD = 16384  # the largest DTLS plaintext record
 
-@dataclasses.dataclass(frozen=True)
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class BenchConfig:
+    """One bench run, built by keyword and checked in itself (uvicorn's Config: flags become a
+    config that resolves its own rules once): ConfigError, one line, for a run that cannot be.
+    ``size`` 0 takes the mode's default; a udp:// target runs ``--mode udp``."""
+
     target: Target
     mode: str = "pingpong"
     connections: int = DEFAULT_CONNECTIONS  # of the whole run (every segment together)
-    size: int = DEFAULT_SIZE
+    size: int = 0  # 0: the mode's own (DEFAULT_SIZE; DEFAULT_STREAM_SIZE for stream)
     duration: float = DEFAULT_DURATION  # measured, after the warm-up
     processes: int = 1
     rate: float = 0.0  # requests/s of the whole run; 0 = closed loop
@@ -38,6 +60,60 @@ class BenchConfig:
     segment: tuple[int, int] = (0, 1)  # this run is segment I of N (bench --segment I/N)
     start_at: float | None = None  # wall-clock seconds every segment starts at
     probe_rate: float = 0.0  # stream: a ping-pong flow at this rate, measured under the load
+
+    def __post_init__(self) -> None:
+        served = kind(self.target.scheme)
+        if served.tls:
+            raise ConfigError("bench over TLS is not supported yet (probe and client are)")
+        mode = "udp" if served.served_by == UDP else self.mode
+        modes = MODES_BY_KIND[served.served_by]
+        if mode not in modes:
+            raise ConfigError(f"--mode {mode} over {self.target.scheme}://: use {', '.join(modes)}")
+        size = self.size or (DEFAULT_STREAM_SIZE if mode == "stream" else DEFAULT_SIZE)
+        object.__setattr__(self, "mode", mode)
+        object.__setattr__(self, "size", size)
+        self._check_sizes(served.served_by, size)
+        self._check_rates(served.served_by, mode)
+        index, count = self.segment
+        if not 0 <= index < count:
+            raise ConfigError(f"--segment {index}/{count}: give I/N with 0 <= I < N")
+        if count > self.connections:
+            raise ConfigError(
+                f"--segment {index}/{count}: {self.connections} connections cannot be divided "
+                f"into {count} segments (each needs one)"
+            )
+        if not 1 <= self.in_flight <= MAX_IN_FLIGHT:
+            raise ConfigError(f"--in-flight {self.in_flight}: 1 to {MAX_IN_FLIGHT}")
+        if self.arrival not in ARRIVALS:
+            raise ConfigError(f"--arrival {self.arrival}: use {', '.join(ARRIVALS)}")
+
+    def _check_sizes(self, served_by: str, size: int) -> None:
+        if not 1 <= size <= MAX_SIZE:
+            raise ConfigError(f"--size {size}: 1 to {MAX_SIZE}")
+        if served_by == UDP and size > MAX_UDP_SIZE:
+            raise ConfigError(
+                f"--size is at most {MAX_UDP_SIZE} for UDP (the largest IPv4 datagram)"
+            )
+        if served_by == DTLS and size > DTLS_MAX_RECORD:
+            raise ConfigError(f"--size is at most {DTLS_MAX_RECORD} for DTLS (one record)")
+
+    def _check_rates(self, served_by: str, mode: str) -> None:
+        if self.rate and mode != "pingpong":
+            raise ConfigError(f"--rate is the open loop of --mode pingpong, not of {mode}")
+        if self.rate and served_by not in OPEN_LOOP_KINDS:
+            raise ConfigError(
+                f"--rate over {self.target.scheme}:// is not supported (closed loop only)"
+            )
+        if self.probe_rate and (mode != "stream" or self.target.scheme not in PROBE_RATE_SCHEMES):
+            raise ConfigError(
+                "--probe-rate measures latency under --mode stream over tcp:// or unix://"
+            )
+        for flag, per_second in (("--rate", self.rate), ("--probe-rate", self.probe_rate)):
+            if per_second and per_second * self.duration < 1:
+                raise ConfigError(
+                    f"{flag} {per_second:g} over --duration {self.duration:g} s makes no request "
+                    "(at least one a run)"
+                )
 
     def probe(self) -> BenchConfig:
         """The latency-under-load flow: one connection, 64 B, open loop at ``probe_rate``."""

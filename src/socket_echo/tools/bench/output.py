@@ -1,114 +1,221 @@
-"""How the tools show results: a rich table on a terminal, plain lines in a pipe, or JSON."""
+"""How bench and report show a result (result.BenchResult): a rich table on a terminal, plain
+lines in a pipe; notes and warnings beside the figures on stderr; the files asked for (the
+JSON, the latency plot, HdrHistogram's ``.hgrm``); the live progress line."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 from typing import Any, TextIO
 
+from socket_echo.tools.bench.result import BenchResult, Spectrum
+from socket_echo.tools.defaults import BEHIND_SHARE, BEHIND_US
 
-def _spectrum(lat: dict[str, Any]) -> str:
+
+class OutputError(ValueError):
+    """An output that cannot be written: one line, before the run (exit 2)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """Where the figures go besides the table: ``-`` is stdout (the table then goes to
+    stderr)."""
+
+    json_file: str | None = None
+    plot_file: str | None = None
+    hgrm_file: str | None = None
+
+    def check(self) -> None:
+        """Fail before the run, not after it."""
+        if self.json_file == "-" and self.hgrm_file == "-":
+            raise OutputError("--json - and --hgrm - cannot both have stdout")
+        for out in (self.json_file, self.plot_file, self.hgrm_file):
+            if out and out != "-":
+                folder = os.path.dirname(os.path.abspath(out))
+                if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                    raise OutputError(f"cannot write {out}: {folder} is not a writable folder")
+        if self.plot_file:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise OutputError("--plot needs matplotlib (pip install matplotlib)") from None
+
+    @property
+    def stdout_taken(self) -> bool:
+        return "-" in (self.json_file, self.hgrm_file)
+
+
+def show(result: BenchResult, outputs: Outputs, note: str | None = None) -> None:
+    """The table (stderr when stdout carries JSON or hgrm), then the files asked for;
+    OSError when one cannot be written."""
+    table(result, sys.stderr if outputs.stdout_taken else sys.stdout, note)
+    if outputs.plot_file:
+        plot(result, outputs.plot_file)
+    if outputs.hgrm_file:
+        write_hgrm(result, outputs.hgrm_file)
+    if outputs.json_file:
+        text = result.to_json()
+        if outputs.json_file == "-":
+            print(text, flush=True)
+        else:
+            with open(outputs.json_file, "w") as f:
+                f.write(text + "\n")
+
+
+def _spectrum(lat: Spectrum) -> str:
     keys = ("p50", "p90", "p99", "p999", "p9999", "max")
-    return "  ".join(f"{k} {lat[k]:,}" for k in keys if lat.get(k) is not None)
+    return "  ".join(f"{k} {lat[k]:,}" for k in keys if lat[k] is not None)
 
 
-def bench_lines(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    lat = summary["latency_us"]
+def lines(r: BenchResult) -> list[tuple[str, str]]:
     rows = [
-        ("target", f"{summary['target']} ({summary['mode']})"),
-        ("requests/s", f"{summary['requests_per_second']:,.0f}"),
-        ("MB/s", f"{summary['megabytes_per_second']:,.2f}"),
+        ("target", f"{r.target} ({r.mode})"),
+        ("requests/s", f"{r.requests_per_second:,.0f}"),
+        ("MB/s", f"{r.megabytes_per_second:,.2f}"),
     ]
-    uncorrected = summary.get("latency_uncorrected_us")
-    if lat["p50"] is not None:
+    uncorrected = r.latency_uncorrected_us
+    if r.latency_us.p50 is not None:
         name = "latency µs" if not uncorrected else "latency µs (from slot)"
-        rows.append((name, _spectrum(lat)))
-    if uncorrected and uncorrected["p50"] is not None:
+        rows.append((name, _spectrum(r.latency_us)))
+    if uncorrected and uncorrected.p50 is not None:
         rows.append(("  (from send)", _spectrum(uncorrected)))
-    if summary.get("sends"):
+    if r.sends:
         rows.append(
             (
                 "sends",
-                f"{summary['sends']:,}: {summary['late_sends']:,} late (over "
-                f"{summary['late_send_threshold_us']} µs, ours), {summary['held_sends']:,} held "
-                "(window full, the server's)",
+                f"{r.sends:,}: {r.late_sends:,} late (over {r.late_send_threshold_us} µs, ours), "
+                f"{r.held_sends:,} held (window full, the server's)",
             )
         )
-    lateness = summary.get("send_lateness_us")
-    if lateness and lateness["p50"] is not None:
+    lateness = r.send_lateness_us
+    if lateness and lateness.p50 is not None:
         keys = ("p50", "p99", "p999", "max")
         rows.append(("  after slot µs", "  ".join(f"{k} {lateness[k]:,}" for k in keys)))
+    kinds = ", ".join(f"{k}: {v}" for k, v in r.error_kinds.items())
     rows += [
-        (
-            "errors",
-            str(summary["errors"])
-            + (
-                f" ({', '.join(f'{k}: {v}' for k, v in summary['error_kinds'].items())})"
-                if summary["errors"]
-                else ""
-            ),
-        ),
-        ("mismatches", str(summary["mismatches"])),
+        ("errors", str(r.errors) + (f" ({kinds})" if r.errors else "")),
+        ("mismatches", str(r.mismatches)),
         (
             "client CPU",
-            f"{summary['client_cpu_percent']:.0f}% per process"
+            f"{r.client_cpu_percent:.0f}% per process"
             + (
-                f" ({summary['client_spin_percent']:.0f}% of it polling for the next slot)"
-                if summary.get("client_spin_percent", 0) >= 1
+                f" ({r.client_spin_percent:.0f}% of it polling for the next slot)"
+                if r.client_spin_percent >= 1
                 else ""
             ),
         ),
     ]
-    segment = summary.get("segment") or {}
-    if segment.get("count", 1) > 1:
+    if r.segment.count > 1:
         which = (
-            f"{segment['index']} of {segment['count']}"
-            if segment.get("index") is not None
-            else f"{len(segment.get('merged', []))} of {segment['count']} added"
+            f"{r.segment.index} of {r.segment.count}"
+            if r.segment.index is not None
+            else f"{len(r.segment.merged or ())} of {r.segment.count} added"
         )
         rows.append(("segments", which))
-    flow = summary.get("under_load")
-    if flow and flow["latency_us"]["p50"] is not None:
+    flow = r.under_load
+    if flow and flow.latency_us.p50 is not None:
         rows.append(
             (
                 "under load µs",
-                f"{_spectrum(flow['latency_us'])}  ({flow['size']} B ping-pong at "
-                f"{flow['rate']:g}/s beside the load; {flow['errors'] + flow['mismatches']} "
-                "errors)",
+                f"{_spectrum(flow.latency_us)}  ({flow.size} B ping-pong at {flow.rate:g}/s "
+                f"beside the load; {flow.errors + flow.mismatches} errors)",
             )
         )
-    if summary["mode"] == "udp":
-        rows.append(("lost datagrams", str(summary["lost_datagrams"])))
-        rows.append(("late answers", str(summary["late_datagrams"])))
-        rows.append(("duplicate answers", str(summary["duplicate_datagrams"])))
+    if r.mode == "udp":
+        rows.append(("lost datagrams", str(r.lost_datagrams)))
+        rows.append(("late answers", str(r.late_datagrams)))
+        rows.append(("duplicate answers", str(r.duplicate_datagrams)))
     return rows
 
 
-def bench_table(
-    summary: dict[str, Any], out: TextIO | None = None, note: str | None = None
-) -> None:
+def table(r: BenchResult, out: TextIO | None = None, note: str | None = None) -> None:
     """The human table, on ``out`` (stdout; stderr when stdout carries ``--json -``); the
     notes and warnings on stderr."""
-    from socket_echo.tools.bench.advice import warnings
-
     out = out or sys.stdout
-    rows = bench_lines(summary)
+    rows = lines(r)
     if out.isatty():
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(show_header=False, title="socket-echo bench", title_justify="left")
+        t = Table(show_header=False, title="socket-echo bench", title_justify="left")
         for k, v in rows:
-            table.add_row(k, v)
-        Console(file=out).print(table)
+            t.add_row(k, v)
+        Console(file=out).print(t)
     else:
         for k, v in rows:
             print(f"{k:<15} {v}", file=out)
-    if summary.get("loss_explanation"):
-        print(f"note: {summary['loss_explanation']}", file=out)
+    if r.loss_explanation:
+        print(f"note: {r.loss_explanation}", file=out)
     if note:
         print(f"note: {note}", file=sys.stderr)
-    for line in warnings(summary):
+    for line in warnings(r):
         print(line, file=sys.stderr)
+
+
+def warnings(r: BenchResult) -> list[str]:
+    """Lines that say the figures measure the load generator as much as the server."""
+    out = []
+    if r.generator_behind:
+        out.append(
+            f"warning: over {BEHIND_SHARE:.0%} of {r.sends:,} sends left {BEHIND_US} us "
+            "or more after their slot with room to go: the load generator, not the server, fell "
+            "behind its schedule (lower --rate, add --processes, or run segments on more "
+            "machines)"
+        )
+    if r.held_sends:
+        out.append(
+            f"note: {r.held_sends:,} sends waited for an echo ({r.parameters.in_flight} in "
+            "flight per connection): the server was behind the schedule; corrected latency "
+            "counts that wait"
+        )
+    if r.client_saturated:
+        out.append(
+            "warning: the load generator used its whole CPU: these figures measure the "
+            "client as much as the server (add --processes, or pin server and client apart)"
+        )
+    return out
+
+
+def plot(r: BenchResult, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = r.decoded()
+    points = [
+        (p, hist.get_value_at_percentile(p))
+        for p in (0, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 99.95, 99.99, 99.999, 100)
+    ]
+    xs = [1 / (1 - p / 100) if p < 100 else 1e6 for p, _ in points]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(xs, [v for _, v in points], marker="o")
+    ax.set_xscale("log")
+    ax.set_xticks(
+        [1, 10, 100, 1000, 10000, 100000, 1e6],
+        ["0%", "90%", "99%", "99.9%", "99.99%", "99.999%", "max"],
+    )
+    ax.set_xlabel("percentile")
+    ax.set_ylabel("latency (µs)")
+    ax.set_title(f"socket-echo bench {r.mode} {r.target}: {r.requests_per_second:,.0f} req/s")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_hgrm(r: BenchResult, path: str) -> None:
+    """HdrHistogram's percentile distribution (what its plotter and HistogramLogAnalyzer
+    read), values in microseconds; ``-``: stdout."""
+    hist = r.decoded()
+    if path == "-":
+        sys.stdout.flush()
+        hist.output_percentile_distribution(sys.stdout.buffer, 1.0)
+        sys.stdout.buffer.flush()
+        return
+    with open(path, "wb") as f:
+        hist.output_percentile_distribution(f, 1.0)
 
 
 class Progress:

@@ -1,5 +1,6 @@
 """A bench results file read back (``socket-echo report``'s input): every field checked on load,
-in this one place, into a typed :class:`ResultFile`; the merge reads only that.
+in this one place, into the typed result a run makes (result.BenchResult); the merge reads only
+that.
 
 A results file is input from anywhere (another machine, a CI artefact, a hand edit), so nothing
 in it is trusted: each field has its type, its range and finiteness checked; every count a file
@@ -11,62 +12,32 @@ Anything else is one line naming the file and the field (:class:`ResultError`, e
 
 from __future__ import annotations
 
-import base64
-import binascii
-import dataclasses
 import json
 import math
 import os
-import struct
-import zlib
 from typing import Any
 
-from hdrh.histogram import HdrHistogram
-
 from socket_echo.config import MAX_CONNECTIONS, MAX_RATE, MAX_SECONDS
-from socket_echo.tools.defaults import MODES
-
-FORMAT = "socket-echo bench 2"  # the JSON's "format": what report reads
-LOWEST_US, HIGHEST_US, DIGITS = 1, 3_600_000_000, 3  # every histogram's range and precision
+from socket_echo.tools.bench.histograms import check_histogram, decode
+from socket_echo.tools.bench.result import (
+    FORMAT,
+    BenchResult,
+    Flow,
+    Parameters,
+    ResultError,
+    Second,
+    Segment,
+    Spectrum,
+    Window,
+)
+from socket_echo.tools.defaults import MAX_SEGMENTS, MODES
 
 MAX_FILE_BYTES = 256 << 20  # a day of per-second histograms is ~100 MiB
-MAX_SEGMENTS = 10_000  # segments a run may claim (k6-operator runs tens)
 MAX_PER_SECOND = int(MAX_SECONDS) + 1  # seconds a file may carry (bench's longest run)
 MAX_ERROR_KINDS = 1_000
 MAX_TEXT = 4_096  # a target, a mode, an error kind
-MAX_HISTOGRAM_TEXT = 1 << 20  # base64 of a full histogram is ~300 KB
 MAX_COUNT = 2**63 - 1  # what a 64-bit counter holds
 MAX_FIGURE = 1e18  # a rate, a percentage, a time: any finite figure a run can produce
-
-_EXTERNAL = struct.Struct(">II")  # cookie, length (HdrHistogram V2, base64-wrapped)
-_PAYLOAD = struct.Struct(">IIIIQQd")  # cookie, length, offset, digits, lowest, highest, ratio
-_COMPRESSED_COOKIE, _ENCODING_COOKIE = 0x1C849304, 0x1C849303  # V2, lower nibble masked
-_COUNTS_LEN = HdrHistogram(LOWEST_US, HIGHEST_US, DIGITS).counts_len
-_MAX_PAYLOAD = _PAYLOAD.size + 9 * _COUNTS_LEN  # LEB128/ZigZag: at most 9 bytes a counter
-
-
-class ResultError(ValueError):
-    """A results file report cannot read, or results that cannot be added; one line."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Second:
-    t: float  # Unix time the second starts
-    requests: int
-    histogram: str  # V2, checked; decoded only when added
-
-
-@dataclasses.dataclass(frozen=True)
-class Flow:
-    """The latency-under-load flow of a stream run (``under_load``)."""
-
-    rate: float
-    size: int
-    requests: int
-    errors: int
-    mismatches: int
-    histogram: str
-    histogram_uncorrected: str
 
 
 COUNTS = (
@@ -76,31 +47,7 @@ COUNTS = (
 RATES = ("requests_per_second", "megabytes_per_second")
 
 
-@dataclasses.dataclass(frozen=True)
-class ResultFile:
-    path: str
-    target: str
-    mode: str
-    latency_from: str
-    counts: dict[str, int]  # COUNTS
-    rates: dict[str, float]  # RATES
-    histogram: str
-    histogram_uncorrected: str | None  # the open loop's
-    histogram_lateness: str | None
-    error_kinds: dict[str, int]
-    late_send_threshold_us: int
-    client_cpu_percent: float
-    client_spin_percent: float
-    client_saturated: bool
-    window_start: float
-    window_seconds: float
-    segment: tuple[int, int]  # index, count
-    parameters: dict[str, Any]  # scalars only, checked
-    per_second: list[Second]
-    under_load: Flow | None
-
-
-def load(path: str) -> ResultFile:
+def load(path: str) -> BenchResult:
     """One results file, every field checked; ResultError (one line) otherwise."""
     try:
         size = os.stat(path).st_size
@@ -191,7 +138,12 @@ class _Reader:
         check_histogram(value, f"{self.path}: {where}")
         return value
 
-    def result(self, data: dict[str, Any]) -> ResultFile:
+    def spectrum(self, text: str) -> Spectrum:
+        """A figure's spectrum, from its histogram (not from the file's numbers: those are
+        what the histogram says, or the file is wrong)."""
+        return Spectrum.of(decode(text, self.path))
+
+    def result(self, data: dict[str, Any]) -> BenchResult:
         g = self.get
         segment = self.table(g(data, "segment", ""), "segment")
         count = self.whole(g(segment, "count", "segment"), "segment.count", 1, MAX_SEGMENTS)
@@ -211,33 +163,52 @@ class _Reader:
             key: self.histogram(data[key], key) if data.get(key) is not None else None
             for key in ("histogram_uncorrected", "histogram_lateness")
         }
-        return ResultFile(
-            path=self.path,
+        histogram = self.histogram(g(data, "histogram", ""), "histogram")
+        counts = {k: self.whole(data.get(k) or 0, k) for k in COUNTS}
+        rates = {k: self.number(data.get(k) or 0, k) for k in RATES}
+        uncorrected, lateness = optional["histogram_uncorrected"], optional["histogram_lateness"]
+        return BenchResult(
             target=self.text(g(data, "target", ""), "target"),
             mode=self.mode(g(data, "mode", "")),
+            requests=counts["requests"],
+            requests_per_second=rates["requests_per_second"],
+            megabytes_per_second=rates["megabytes_per_second"],
             latency_from=self.text(data.get("latency_from", "send"), "latency_from"),
-            counts={k: self.whole(data.get(k) or 0, k) for k in COUNTS},
-            rates={k: self.number(data.get(k) or 0, k) for k in RATES},
-            histogram=self.histogram(g(data, "histogram", ""), "histogram"),
-            histogram_uncorrected=optional["histogram_uncorrected"],
-            histogram_lateness=optional["histogram_lateness"],
+            latency_us=self.spectrum(histogram),
+            latency_uncorrected_us=self.spectrum(uncorrected) if uncorrected else None,
+            send_lateness_us=self.spectrum(lateness) if lateness else None,
+            generator_behind=self.flag(data.get("generator_behind", False), "generator_behind"),
+            histogram=histogram,
+            histogram_uncorrected=uncorrected,
+            histogram_lateness=lateness,
+            errors=counts["errors"],
             error_kinds={
                 self.text(k, "error_kinds"): self.whole(v, f"error_kinds.{k[:40]}")
                 for k, v in kinds.items()
             },
+            mismatches=counts["mismatches"],
+            lost_datagrams=counts["lost_datagrams"],
+            late_datagrams=counts["late_datagrams"],
+            duplicate_datagrams=counts["duplicate_datagrams"],
+            sends=counts["sends"],
+            late_sends=counts["late_sends"],
+            held_sends=counts["held_sends"],
             late_send_threshold_us=self.whole(
                 data.get("late_send_threshold_us", 0), "late_send_threshold_us"
             ),
             client_cpu_percent=self.number(data.get("client_cpu_percent") or 0, "client_cpu"),
             client_spin_percent=self.number(data.get("client_spin_percent") or 0, "client_spin"),
             client_saturated=self.flag(data.get("client_saturated", False), "client_saturated"),
-            window_start=start,
-            window_seconds=seconds,
-            segment=(index, count),
+            window=Window(start, seconds),
+            segment=Segment(index, count),
             parameters=self.parameters(self.table(g(data, "parameters", ""), "parameters")),
-            per_second=[self.second(s, f"per_second[{i}]") for i, s in enumerate(per_second)],
+            per_second=tuple(self.second(s, f"per_second[{i}]") for i, s in enumerate(per_second)),
+            loss_explanation=self.optional_text(data.get("loss_explanation"), "loss_explanation"),
             under_load=self.flow(data["under_load"]) if data.get("under_load") else None,
         )
+
+    def optional_text(self, value: Any, where: str) -> str | None:
+        return None if value is None else self.text(value, where)
 
     def mode(self, value: Any) -> str:
         mode = self.text(value, "mode")
@@ -245,27 +216,28 @@ class _Reader:
             raise self.fail("mode", f"{_short(mode)} is none of {', '.join(MODES)}")
         return mode
 
-    def parameters(self, p: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in p.items():  # what is shown as it came: scalars only
+    def parameters(self, p: dict[str, Any]) -> Parameters:
+        for key, value in p.items():  # every field a scalar, whether it is read or not
             if value is not None and not isinstance(value, (str, int, float, bool)):
                 raise self.fail(f"parameters.{key[:40]}", f"a scalar expected, not {_kind(value)}")
-            if isinstance(value, float):
-                self.number(value, f"parameters.{key[:40]}", -MAX_FIGURE)
-            if isinstance(value, str):
-                self.text(value, f"parameters.{key[:40]}")
         g = self.get
-        out.update(p)
-        out["size"] = self.whole(g(p, "size", "parameters"), "parameters.size", 1, 1 << 30)
-        out["connections"] = self.whole(
-            g(p, "connections", "parameters"), "parameters.connections", 1, MAX_CONNECTIONS
+        rate, timeout, start_at = p.get("rate"), p.get("timeout"), p.get("start_at")
+        arrival = p.get("arrival")
+        return Parameters(
+            connections=self.whole(
+                g(p, "connections", "parameters"), "parameters.connections", 1, MAX_CONNECTIONS
+            ),
+            size=self.whole(g(p, "size", "parameters"), "parameters.size", 1, 1 << 30),
+            duration=self.number(p.get("duration") or 0, "parameters.duration", 0, MAX_SECONDS),
+            processes=self.whole(p.get("processes") or 1, "parameters.processes", 1, 4096),
+            rate=self.number(rate, "parameters.rate", 0, MAX_RATE) if rate else None,
+            timeout=None if timeout is None else self.number(timeout, "parameters.timeout"),
+            arrival=None if arrival is None else self.text(arrival, "parameters.arrival", 64),
+            warmup=self.number(p.get("warmup") or 0, "parameters.warmup", 0, MAX_SECONDS),
+            in_flight=self.whole(p.get("in_flight") or 1, "parameters.in_flight", 1, 1 << 20),
+            start_at=None if start_at is None else self.number(start_at, "parameters.start_at"),
+            segment=self.text(p.get("segment", "0/1"), "parameters.segment", 64),
         )
-        out["processes"] = self.whole(p.get("processes") or 1, "parameters.processes", 1, 4096)
-        rate = p.get("rate")
-        out["rate"] = self.number(rate, "parameters.rate", 0, MAX_RATE) if rate else None
-        out["duration"] = self.number(p.get("duration") or 0, "parameters.duration", 0, MAX_SECONDS)
-        out["segment"] = self.text(p.get("segment", "0/1"), "parameters.segment", 64)
-        return out
 
     def second(self, s: Any, where: str) -> Second:
         s = self.table(s, where)
@@ -278,47 +250,20 @@ class _Reader:
     def flow(self, f: Any) -> Flow:
         f = self.table(f, "under_load")
         g = self.get
+        histogram = self.histogram(g(f, "histogram", "under_load"), "under_load.histogram")
+        uncorrected = self.histogram(
+            g(f, "histogram_uncorrected", "under_load"), "under_load.histogram_uncorrected"
+        )
         return Flow(
             rate=self.number(g(f, "rate", "under_load"), "under_load.rate", 0, MAX_RATE),
             size=self.whole(g(f, "size", "under_load"), "under_load.size", 1, 1 << 30),
             requests=self.whole(g(f, "requests", "under_load"), "under_load.requests"),
             errors=self.whole(g(f, "errors", "under_load"), "under_load.errors"),
             mismatches=self.whole(g(f, "mismatches", "under_load"), "under_load.mismatches"),
-            histogram=self.histogram(g(f, "histogram", "under_load"), "under_load.histogram"),
-            histogram_uncorrected=self.histogram(
-                g(f, "histogram_uncorrected", "under_load"), "under_load.histogram_uncorrected"
-            ),
-        )
-
-
-def check_histogram(text: str, where: str) -> None:
-    """A V2 histogram of bench's range and precision, its payload inflating to no more than
-    such a histogram holds: checked before HdrHistogram allocates anything from it."""
-    if len(text) > MAX_HISTOGRAM_TEXT:
-        raise ResultError(f"{where}: not an HdrHistogram ({len(text):,} characters)")
-    try:
-        raw = base64.b64decode(text.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeError, ValueError):
-        raise ResultError(f"{where}: not an HdrHistogram (not base64)") from None
-    if len(raw) < _EXTERNAL.size:
-        raise ResultError(f"{where}: not an HdrHistogram (too short)")
-    cookie, length = _EXTERNAL.unpack_from(raw)
-    if cookie & ~0xF0 != _COMPRESSED_COOKIE or length != len(raw) - _EXTERNAL.size:
-        raise ResultError(f"{where}: not an HdrHistogram (not V2 compressed)")
-    inflate = zlib.decompressobj()
-    try:
-        payload = inflate.decompress(raw[_EXTERNAL.size :], _MAX_PAYLOAD)
-    except zlib.error:
-        raise ResultError(f"{where}: not an HdrHistogram (its payload does not inflate)") from None
-    if inflate.unconsumed_tail or len(payload) < _PAYLOAD.size:
-        raise ResultError(f"{where}: not an HdrHistogram (its payload has the wrong size)")
-    cookie, _, _, digits, lowest, highest, _ = _PAYLOAD.unpack_from(payload)
-    if cookie & ~0xF0 != _ENCODING_COOKIE:
-        raise ResultError(f"{where}: not an HdrHistogram (not V2 encoded)")
-    if (lowest, highest, digits) != (LOWEST_US, HIGHEST_US, DIGITS):
-        raise ResultError(
-            f"{where}: an HdrHistogram of {lowest}..{highest} at {digits} digits, not bench's "
-            f"{LOWEST_US}..{HIGHEST_US} at {DIGITS}: it does not add"
+            latency_us=self.spectrum(histogram),
+            latency_uncorrected_us=self.spectrum(uncorrected),
+            histogram=histogram,
+            histogram_uncorrected=uncorrected,
         )
 
 

@@ -28,9 +28,7 @@ from socket_echo.tools.connect.patterns import Patterns
 from socket_echo.tools.connect.quic import configuration
 from socket_echo.tools.connect.target import Target, TlsOptions, Unreachable
 
-MODES = {"quic": ("pingpong", "stream", "churn"), "dtls": ("pingpong", "churn")}
 STREAM_WINDOW = 4  # writes in flight per QUIC stream in stream mode
-DTLS_MAX_RECORD = 16384  # the largest DTLS plaintext record
 
 
 class BenchQuic(QuicConnectionProtocol):
@@ -247,7 +245,7 @@ def check_reachable(target: Target, tls: TlsOptions | None, timeout: float, alpn
             except DtlsFailed as exc:
                 raise Unreachable(f"{target.url}: {exc}") from None
             return
-        cfg = BenchConfig(target, timeout=timeout, tls=tls, alpn=alpn)
+        cfg = BenchConfig(target=target, timeout=timeout, tls=tls, alpn=alpn)
         async with quic_connect(
             target.host, target.port, configuration=quic_config(cfg),
             create_protocol=BenchQuic, wait_connected=False,

@@ -1,0 +1,194 @@
+"""What a bench run (or report's sum of runs) found: one typed model that ``--json``, the text
+table, ``report``, the plot and ``.hgrm`` all read. Made by statistics.summarize (a run) and
+merge.merge (runs added), read back from a file by result_file.load; written by
+:meth:`BenchResult.to_json`, the format docs/bench-json.md documents (its ``format`` field
+names the version: a reader refuses any other).
+
+Histograms are kept as the JSON carries them, HdrHistogram V2 text (base64): adding them is
+exact, so a merge is one run, not an average of percentiles. ``decoded()`` gives the latency
+histogram itself (the plot and ``.hgrm`` read it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+FORMAT = "socket-echo bench 2"  # the JSON's "format": what report reads
+LOWEST_US, HIGHEST_US, DIGITS = 1, 3_600_000_000, 3  # every histogram's range and precision
+PERCENTILES = {
+    "p50": 50.0, "p75": 75.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "p999": 99.9,
+    "p9999": 99.99, "p99999": 99.999,
+}  # fmt: skip
+
+
+class ResultError(ValueError):
+    """A results file report cannot read, or results that cannot be added; one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Spectrum:
+    """p50 ... p99.999, max, min (us) and the mean of a histogram; None when it is empty."""
+
+    p50: int | None = None
+    p75: int | None = None
+    p90: int | None = None
+    p95: int | None = None
+    p99: int | None = None
+    p999: int | None = None
+    p9999: int | None = None
+    p99999: int | None = None
+    max: int | None = None
+    min: int | None = None
+    mean: float | None = None
+
+    @classmethod
+    def of(cls, hist: HdrHistogram) -> Spectrum:
+        if not hist.get_total_count():
+            return cls()
+        return cls(
+            **{k: int(hist.get_value_at_percentile(p)) for k, p in PERCENTILES.items()},
+            max=int(hist.get_max_value()),
+            min=int(hist.get_min_value()),
+            mean=round(hist.get_mean_value(), 1),
+        )
+
+    def __getitem__(self, key: str) -> int | float | None:
+        value: int | float | None = getattr(self, key)
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    start: float  # Unix seconds the measured window began
+    seconds: float
+
+    @property
+    def end(self) -> float:
+        return self.start + self.seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    index: int | None  # None: a merge
+    count: int
+    merged: tuple[int, ...] | None = None  # a merge: the indices it added
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameters:
+    connections: int
+    size: int
+    duration: float
+    processes: int = 1
+    rate: float | None = None  # the open loop's requests/s of the whole run
+    timeout: float | None = None
+    arrival: str | None = None
+    warmup: float = 0.0
+    in_flight: int = 1
+    start_at: float | None = None
+    segment: str = "0/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Second:
+    t: float  # Unix time the second starts
+    requests: int
+    histogram: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Flow:
+    """The latency-under-load flow of a stream run (``under_load``)."""
+
+    rate: float
+    size: int
+    requests: int
+    errors: int
+    mismatches: int
+    latency_us: Spectrum
+    latency_uncorrected_us: Spectrum
+    histogram: str
+    histogram_uncorrected: str
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchResult:
+    target: str
+    mode: str
+    requests: int
+    requests_per_second: float
+    megabytes_per_second: float
+    latency_from: str  # "send", or "intended send time (corrected)" (the open loop)
+    latency_us: Spectrum
+    latency_uncorrected_us: Spectrum | None  # the open loop's, from the actual send
+    send_lateness_us: Spectrum | None  # the open loop's: how late each send left its slot
+    generator_behind: bool
+    histogram: str
+    histogram_uncorrected: str | None
+    histogram_lateness: str | None
+    errors: int
+    error_kinds: dict[str, int]
+    mismatches: int
+    lost_datagrams: int
+    late_datagrams: int
+    duplicate_datagrams: int
+    sends: int
+    late_sends: int
+    held_sends: int
+    late_send_threshold_us: int
+    client_cpu_percent: float  # per load process
+    client_spin_percent: float  # of that, polling for the next slot
+    client_saturated: bool
+    window: Window
+    segment: Segment
+    parameters: Parameters
+    per_second: tuple[Second, ...]
+    loss_explanation: str | None
+    under_load: Flow | None
+
+    @property
+    def failed(self) -> bool:
+        """Errors or mismatches, in the load or in the flow beside it: bench and report exit
+        1 (the exit-code table)."""
+        flow = self.under_load
+        return bool(self.errors or self.mismatches or (flow and (flow.errors or flow.mismatches)))
+
+    def decoded(self) -> HdrHistogram:
+        """The latency histogram (corrected, in the open loop)."""
+        return HdrHistogram.decode(self.histogram.encode("ascii"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON's object: docs/bench-json.md, field for field."""
+        out: dict[str, Any] = {"format": FORMAT}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "latency_uncorrected_us":
+                out["latency_uncorrected_us"] = _plain(value)
+                out["latency_resolution_us"] = 1
+                out["latency_significant_digits"] = DIGITS
+            elif field.name == "window":
+                out["window"] = {"start": value.start, "end": value.end, "seconds": value.seconds}
+            elif field.name == "segment":
+                out["segment"] = {"index": value.index, "count": value.count}
+                if value.merged is not None:
+                    out["segment"]["merged"] = list(value.merged)
+            else:
+                out[field.name] = _plain(value)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
