@@ -170,21 +170,22 @@ def test_a_send_the_server_never_takes_ends_on_time(monkeypatch, native):
     import time
     import types
 
-    from socket_echo.tools.bench import load as tool
+    from socket_echo.tools.bench.model import BenchConfig
+    from socket_echo.tools.bench.pingpong import pingpong_loop
     from socket_echo.tools.connect.target import parse_target
 
     if not native:
         monkeypatch.setenv("SOCKET_ECHO_NO_EXTENSIONS", "1")
     server = Broken("deaf")
     try:
-        cfg = tool.BenchConfig(  # the model, as load.py imports it
+        cfg = BenchConfig(
             target=parse_target(f"127.0.0.1:{server.port}"),
             size=65536,
             duration=1.0,
             timeout=0.5,
         )
-        worker = tool.Worker(cfg, 2, 0.0, 0, types.SimpleNamespace(value=0))
-        plain_connect = worker._connect
+        worker = pingpong_loop(cfg)(cfg, 2, 0.0, 0, types.SimpleNamespace(value=0))
+        plain_connect = worker.connect
 
         def small_buffer_connect():  # type: ignore[no-untyped-def]
             sock = plain_connect()
@@ -192,7 +193,7 @@ def test_a_send_the_server_never_takes_ends_on_time(monkeypatch, native):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             return sock
 
-        worker._connect = small_buffer_connect  # type: ignore[method-assign]
+        worker.connect = small_buffer_connect  # type: ignore[method-assign]
         started = time.monotonic()
         result = worker.run()
         elapsed = time.monotonic() - started

@@ -235,12 +235,12 @@ def test_no_extensions_makes_auto_pick_the_pure_paths_and_the_log_says_so(start_
 def test_the_native_extensions_are_built_where_they_can_be():
     """Otherwise every native variant of the suite would quietly drop out."""
     from socket_echo.tcp import native as tcp_native
-    from socket_echo.tools.bench import load
+    from socket_echo.tools.bench import pingpong
     from socket_echo.udp import native as udp_native
 
     assert tcp_native._native is not None
     assert udp_native._native is not None
-    assert load._native is not None
+    assert pingpong._native is not None
 
 
 @pytest.mark.parametrize(

@@ -56,3 +56,43 @@ def test_the_tcp_engine_is_pure_c_so_its_thread_cannot_call_python():
         assert not re.findall(r"\bPy[A-Z_a-z]\w*|\bPY_\w+", code), name
     binding = (PACKAGE / "tcp" / "_native.c").read_text()
     assert '#include "engine.h"' in binding and "static void *engine_thread" not in binding
+
+
+BENCH_C = (PACKAGE / "tools" / "bench" / "_native.c").read_text()
+
+
+def test_the_bench_loops_constants_are_the_same_in_c_and_python():
+    """bench/_native.c and its Python twin (bench/pingpong.py) read one owner each."""
+    from socket_echo.tools import defaults
+    from socket_echo.tools.connect import patterns
+
+    assert define(BENCH_C, "LATE_SEND_US") == defaults.LATE_SEND_US
+    assert define(BENCH_C, "SPIN_US") == defaults.SPIN_US
+    assert define(BENCH_C, "CHECK_EVERY_US") == round(defaults.CHECK_EVERY * 1e6)
+    assert define(BENCH_C, "MAX_SIZE") == defaults.MAX_SIZE
+    assert define(BENCH_C, "MAX_IN_FLIGHT") == defaults.MAX_IN_FLIGHT
+    assert define(BENCH_C, "PATTERN_PERIOD") == patterns.PATTERN_PERIOD
+    assert define(BENCH_C, "SEQUENCE_STRIDE") == patterns.SEQUENCE_STRIDE
+
+
+def test_the_bench_loops_error_kinds_are_named_the_same_in_c_and_python():
+    from socket_echo.tools.bench import errors
+
+    named = dict(re.findall(r'^#define (E_[A-Z_]+) "([^"]*)"', BENCH_C, re.M))
+    assert named == errors.C_NAMES
+    code = re.sub(r"/\*.*?\*/", "", BENCH_C, flags=re.S)
+    calls = re.findall(r'replace(?:_errno)?\(r, p, "', code)
+    assert not calls, "an error kind written as a literal in a replace() call"
+
+
+def test_the_c_ping_pong_sends_the_bytes_the_pattern_says():
+    """The message C sends for request n of worker w is Patterns' message for the seed
+    pingpong_seed(n, w): both read the same buffer with the same constants."""
+    from socket_echo.tools.connect.patterns import Patterns, pingpong_seed
+
+    body = re.search(r"static const unsigned char \*message\(.*?\{(.*?)\}", BENCH_C, re.S)
+    assert body and "SEQUENCE_STRIDE" in body.group(1) and "PATTERN_PERIOD" in body.group(1)
+    p = Patterns(8)
+    seq, worker = 3, 2
+    start = (seq * 7 + worker) % 251  # what the C line computes, with the defines' values
+    assert p.message(pingpong_seed(seq, worker)) == p.base[start : start + 8]

@@ -18,6 +18,7 @@ import os
 import socket
 from typing import Any
 
+from socket_echo import extensions
 from socket_echo.config import ACCEPT_RETRY_DELAY, READ_CHUNK
 from socket_echo.limits import DURATION_BUCKETS, ConnectionTable
 from socket_echo.logs import RateLimitedLog
@@ -29,7 +30,6 @@ try:
 except ImportError:  # not built here
     _native = None
 
-NO_EXTENSIONS = "SOCKET_ECHO_NO_EXTENSIONS"
 # the engine's event kinds and close causes (module constants: read once, not per event)
 OPENED, CLOSED, GONE, REFUSED, PAUSED, C_RESET, C_ERROR = (
     (
@@ -47,12 +47,12 @@ OPENED, CLOSED, GONE, REFUSED, PAUSED, C_RESET, C_ERROR = (
 
 
 def available() -> bool:
-    return _native is not None and not os.environ.get(NO_EXTENSIONS)
+    return _native is not None and not extensions.disabled()
 
 
 def why_unavailable() -> str:
-    if os.environ.get(NO_EXTENSIONS):
-        return f"{NO_EXTENSIONS} is set"
+    if extensions.disabled():
+        return f"{extensions.NO_EXTENSIONS} is set"
     return "the compiled extension is not installed (no compiler at install time, or not Linux)"
 
 

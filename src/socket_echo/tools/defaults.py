@@ -20,3 +20,5 @@ BEHIND_SHARE = 0.01  # ... over this share of all: the generator fell behind (a 
 # timeout + size / ECHO_FLOOR_RATE whatever the peer does (a 1 B/s trickle held it for ever)
 ECHO_FLOOR_RATE = 32 << 10
 UDP_TIMEOUT = 1.0  # bench --mode udp: a datagram not answered by then counts as lost, sent anew
+CHECK_EVERY = 0.1  # bench: timeouts looked for, progress shown this often (C: CHECK_EVERY_US)
+SPIN_US = 200  # bench's open loop polls (does not sleep) the last this-many us before a slot

@@ -10,10 +10,10 @@ same verdicts. Unavailable (pure paths serve) where the extension was not built,
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 from typing import Any
 
+from socket_echo import extensions
 from socket_echo.state import UdpStats
 
 _native: Any
@@ -24,7 +24,7 @@ except ImportError:  # not built here
 
 
 def available() -> bool:
-    return _native is not None and not os.environ.get("SOCKET_ECHO_NO_EXTENSIONS")
+    return _native is not None and not extensions.disabled()
 
 
 def new_guard(

@@ -1,11 +1,11 @@
 /* The bench tool's ping-pong in C, closed and open loop, so that the load generator is never
  * the limit and its clock is not the figure.
  *
- * tools/load.py opens the connections and keeps every decision that is not per message:
+ * bench/pingpong.py opens the connections and keeps every decision that is not per message:
  * replacing a connection that failed (its callback), the progress display (another callback,
  * ten times a second), the report. Here, per message: epoll_wait, send, recv, compare the
  * echo with what was sent (Patterns' bytes: the buffer Python made), count its latency in
- * microseconds. tools/load.py's Python loop is the twin: the same rules, tested alike.
+ * microseconds. pingpong.py's PingPong is the twin: the same rules, tested alike.
  *
  * Closed loop (rate 0): one message in flight per connection, the next sent when its echo is
  * back; latency counts from the send.
@@ -16,7 +16,7 @@
  * `depth` requests are in flight per connection; an echo keeps order on a stream, so echoes
  * are matched to requests by position and verified byte for byte. A request whose slot comes
  * while its connection has `depth` in flight waits (the server is behind: counted as held); one
- * that leaves more than LATE_US after its slot with room to go was late because this process
+ * that leaves more than LATE_SEND_US after its slot with room to go was late because this process
  * was (counted as late_sends: the generator, not the server, fell behind).
  *
  * The schedule's clock: epoll_wait's timeout is whole milliseconds and the kernel adds timer
@@ -46,14 +46,29 @@
 #include <time.h>
 #include <unistd.h>
 
+/* Shared with Python, each owned there and held equal by tests/test_shared_constants.py:
+ * tools/defaults.py (LATE_SEND_US, SPIN_US, CHECK_EVERY, MAX_SIZE, MAX_IN_FLIGHT),
+ * tools/connect/patterns.py (PATTERN_PERIOD, SEQUENCE_STRIDE), bench/errors.py (E_...). */
+#define LATE_SEND_US 10       /* a send this much after its slot (with room to go) is late */
+#define SPIN_US 200           /* the last stretch before a slot is polled, not slept */
+#define CHECK_EVERY_US 100000 /* timeouts looked for, progress told, this often */
+#define MAX_SIZE 65536
+#define MAX_IN_FLIGHT 4096
+#define PATTERN_PERIOD 251
+#define SEQUENCE_STRIDE 7
+#define E_NO_COMPLETE_ANSWER "no complete answer within the timeout"
+#define E_CLOSED_BY_SERVER "closed by server"
+#define E_SEND_FAILED "send failed"
+#define E_REGISTER_FAILED "register: epoll_ctl failed"
+#define E_SEND "send"
+#define E_RECV "recv"
+
 #define MAX_EVENTS 256
 #define HIST_US 10000000 /* 1 us buckets up to 10 s; slower answers count as 10 s */
-#define CHECK_EVERY 0.1
-#define SPIN_US 200     /* the last stretch before a slot is polled, not slept */
-#define LATE_US 10     /* a send this much after its slot (with room to go) is late */
 #define LATENESS_US 1000000 /* how late sends left, in 1-us buckets up to 1 s */
 #define TIMER_MARK UINT64_MAX
 #define RBUF 65536
+#define CHECK_EVERY (CHECK_EVERY_US * 1e-6)
 
 typedef struct {
     double intended, sent;
@@ -81,7 +96,7 @@ typedef struct {
     int ep, tfd, index, open, poisson;
     size_t size;
     uint64_t depth, mask;
-    double interval, mstart, timeout;
+    double interval, mstart, timeout, rate;
     const unsigned char *base;
     peer_t *peers;
     Py_ssize_t n;
@@ -218,7 +233,7 @@ static void record(run_t *r, req_t *q, double t) {
 
 /* -- sending ------------------------------------------------------------------------------ */
 static const unsigned char *message(run_t *r, uint64_t seq) {
-    return r->base + (seq * 7 + (uint64_t)r->index) % 251;
+    return r->base + (seq * SEQUENCE_STRIDE + (uint64_t)r->index) % PATTERN_PERIOD;
 }
 
 static void want_out(run_t *r, peer_t *p, int on) {
@@ -264,7 +279,7 @@ static int issue(run_t *r, peer_t *p, double intended, double t, int held) {
         r->sends++;
         uint64_t late_us = (uint64_t)((t - intended) * 1e6);
         r->lhist[late_us > LATENESS_US ? LATENESS_US : late_us]++;
-        if (t - intended > LATE_US * 1e-6) {
+        if (t - intended > LATE_SEND_US * 1e-6) {
             if (held) r->held_sends++;
             else r->late_sends++;
         }
@@ -310,8 +325,8 @@ static int replace(run_t *r, peer_t *p, const char *reason) {
     p->head = p->tx = p->tail = 0;
     p->off = p->got = 0;
     if (fd < 0) return 0; /* none to be had: this slot rests */
-    if (watch(r, p) < 0) return replace(r, p, "register: epoll_ctl failed");
-    if (fill(r, p, now()) < 0) return replace(r, p, "send failed");
+    if (watch(r, p) < 0) return replace(r, p, E_REGISTER_FAILED);
+    if (fill(r, p, now()) < 0) return replace(r, p, E_SEND_FAILED);
     return 0;
 }
 
@@ -324,8 +339,8 @@ static int replace_errno(run_t *r, peer_t *p, const char *what) {
 /* Read what came back, match it to the requests in flight by position, verify it. */
 static int readable(run_t *r, peer_t *p) {
     ssize_t got = recv(p->fd, r->rbuf, RBUF, 0);
-    if (got < 0) return errno == EAGAIN || errno == EINTR ? 0 : replace_errno(r, p, "recv");
-    if (got == 0) return replace(r, p, "closed by server");
+    if (got < 0) return errno == EAGAIN || errno == EINTR ? 0 : replace_errno(r, p, E_RECV);
+    if (got == 0) return replace(r, p, E_CLOSED_BY_SERVER);
     double t = now();
     for (size_t off = 0; off < (size_t)got;) {
         if (p->head == p->tx && p->got + ((size_t)got - off) > p->off) {
@@ -347,7 +362,7 @@ static int readable(run_t *r, peer_t *p) {
             p->got = 0;
         }
     }
-    return fill(r, p, t) < 0 ? replace_errno(r, p, "send") : 0;
+    return fill(r, p, t) < 0 ? replace_errno(r, p, E_SEND) : 0;
 }
 
 /* Wake at `when` (absolute CLOCK_MONOTONIC seconds) through the timerfd. */
@@ -365,7 +380,7 @@ static void arm(run_t *r, double when) {
 static int due(run_t *r, double t) {
     while (r->nheap && r->peers[r->heap[0]].next_slot <= t) {
         peer_t *p = &r->peers[heap_pop(r)];
-        if (p->fd >= 0 && fill(r, p, t) < 0 && replace_errno(r, p, "send") < 0) return -1;
+        if (p->fd >= 0 && fill(r, p, t) < 0 && replace_errno(r, p, E_SEND) < 0) return -1;
     }
     return 0;
 }
@@ -391,6 +406,231 @@ static PyObject *histogram_dict(const uint32_t *us, const uint32_t *count, size_
     return d;
 }
 
+/* -- the run: set up, start together, the loop, the result, tear down ------------------- */
+
+/* Allocate what the run needs for `fds` (a Python sequence of connected descriptors); 0, or
+ * -1 with a Python error set. The ring of each peer holds `depth` requests (a power of 2). */
+static int run_init(run_t *r, PyObject *seq, Py_ssize_t depth) {
+    r->depth = r->open ? (uint64_t)depth : 1;
+    uint64_t cap = 1;
+    while (cap < r->depth) cap <<= 1;
+    r->mask = cap - 1;
+    r->n = PySequence_Fast_GET_SIZE(seq);
+    r->peers = calloc((size_t)(r->n ? r->n : 1), sizeof(peer_t));
+    r->heap = calloc((size_t)(r->n ? r->n : 1), sizeof(int));
+    r->shist = calloc(HIST_US + 1, sizeof(uint32_t)); /* pages are touched only where used */
+    r->uhist = r->open ? calloc(HIST_US + 1, sizeof(uint32_t)) : NULL;
+    r->lhist = r->open ? calloc(LATENESS_US + 1, sizeof(uint32_t)) : NULL;
+    r->rbuf = malloc(RBUF);
+    r->ep = epoll_create1(EPOLL_CLOEXEC);
+    r->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (!r->peers || !r->heap || !r->shist || (r->open && (!r->uhist || !r->lhist)) ||
+        !r->rbuf || r->ep < 0 || r->tfd < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    struct epoll_event te = {.events = EPOLLIN, .data.u64 = TIMER_MARK};
+    epoll_ctl(r->ep, EPOLL_CTL_ADD, r->tfd, &te);
+    prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0); /* this thread's timers: 1 ns slack, not 50 us */
+    for (Py_ssize_t i = 0; i < r->n; i++) {
+        peer_t *p = &r->peers[i];
+        p->fd = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (p->fd == -1 && PyErr_Occurred()) return -1;
+        p->ring = calloc((size_t)cap, sizeof(req_t));
+        if (!p->ring) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Sleep until SPIN_US before `start` (absolute CLOCK_MONOTONIC seconds), then poll the clock
+ * to it: every process and every segment begins together. -1 on a Python signal. */
+static int wait_start(double start) {
+    double until = start - SPIN_US * 1e-6;
+    struct timespec ts = {(time_t)until, (long)((until - (double)(time_t)until) * 1e9)};
+    while (now() < until) {
+        int err;
+        Py_BEGIN_ALLOW_THREADS
+        err = clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
+        Py_END_ALLOW_THREADS
+        if (err == EINTR && PyErr_CheckSignals() < 0) return -1;
+    }
+    while (now() < start) {
+    }
+    return 0;
+}
+
+/* Every peer's first slot (spread over one interval, or Poisson), and its first sends. */
+static int schedule_first(run_t *r, double start) {
+    r->interval = r->open ? (double)r->n / r->rate : 0.0;
+    for (Py_ssize_t i = 0; i < r->n; i++) {
+        peer_t *p = &r->peers[i];
+        p->next_slot = start + (r->poisson ? gap(r) : r->interval * (double)i / (double)r->n);
+        if ((watch(r, p) < 0 || fill(r, p, start) < 0) && replace(r, p, E_SEND_FAILED) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* Unanswered longer than the timeout: the server lost bytes; a new connection. Then the
+ * progress callback. -1 on a Python error. */
+static int check_timeouts(run_t *r, double t, PyObject *tick) {
+    for (Py_ssize_t i = 0; i < r->n; i++) {
+        peer_t *p = &r->peers[i];
+        if (p->fd >= 0 && p->head < p->tail && p->ring[p->head & r->mask].sent < t - r->timeout &&
+            replace(r, p, E_NO_COMPLETE_ANSWER) < 0)
+            return -1;
+    }
+    PyObject *ok = PyObject_CallFunction(tick, "K", r->requests);
+    if (!ok) return -1;
+    Py_DECREF(ok);
+    return 0;
+}
+
+/* How long epoll_wait may sleep (ms; -1: until the timerfd armed here or an echo wakes it; 0:
+ * the last stretch before a slot, polled). */
+static int next_wait(run_t *r, double t, double wake) {
+    if (r->nheap) {
+        double slot = r->peers[r->heap[0]].next_slot;
+        if (slot - SPIN_US * 1e-6 < wake) wake = slot - SPIN_US * 1e-6;
+    }
+    if (wake <= t) return 0;
+    if (r->open) {
+        arm(r, wake);
+        return -1;
+    }
+    return (int)((wake - t) * 1000) + 1;
+}
+
+/* One batch of ready events: the timer, the slots that came meanwhile, then the sends and the
+ * echoes of each peer. -1 on a Python error. */
+static int serve_events(run_t *r, struct epoll_event *evs, int n) {
+    for (int k = 0; k < n; k++) {
+        if (evs[k].data.u64 == TIMER_MARK) {
+            uint64_t expirations;
+            ssize_t rd = read(r->tfd, &expirations, sizeof expirations);
+            (void)rd;
+            r->armed = 0;
+            continue;
+        }
+        if (r->nheap && due(r, now()) < 0) return -1; /* a slot first, then the echoes */
+        peer_t *p = &r->peers[evs[k].data.u64];
+        if (p->fd < 0) continue;
+        if (p->writing && (evs[k].events & EPOLLOUT) && push(r, p) < 0) {
+            if (replace_errno(r, p, E_SEND) < 0) return -1;
+            continue;
+        }
+        if (!(evs[k].events & (EPOLLIN | EPOLLERR | EPOLLHUP))) continue;
+        if (readable(r, p) < 0) return -1;
+    }
+    return 0;
+}
+
+/* The loop, from `start` to the window's end; -1 on a Python error (or ENOMEM, set). */
+static int run_loop(run_t *r, double start, double seconds, PyObject *tick) {
+    double deadline = r->mstart + seconds, next_check = start + CHECK_EVERY;
+    if (schedule_first(r, start) < 0) return -1;
+    struct epoll_event evs[MAX_EVENTS];
+    for (;;) {
+        double t = now();
+        if (t >= deadline || r->failed) break;
+        if (due(r, t) < 0) return -1;
+        if (t >= next_check) {
+            next_check = t + CHECK_EVERY;
+            if (check_timeouts(r, t, tick) < 0) return -1;
+        }
+        int wait_ms = next_wait(r, t, next_check < deadline ? next_check : deadline), n;
+        Py_BEGIN_ALLOW_THREADS
+        n = epoll_wait(r->ep, evs, MAX_EVENTS, wait_ms);
+        Py_END_ALLOW_THREADS
+        if (wait_ms == 0 && n == 0) r->spun += now() - t;
+        if (n < 0) {
+            if (errno != EINTR) {
+                PyErr_SetFromErrno(PyExc_OSError);
+                return -1;
+            }
+            if (PyErr_CheckSignals() < 0) return -1;
+            continue;
+        }
+        if (serve_events(r, evs, n) < 0) return -1;
+    }
+    if (r->failed) {
+        errno = r->failed;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    end_second(r); /* the last (partial) second */
+    return 0;
+}
+
+/* The connections' descriptors still open at the end, as a list. */
+static PyObject *open_fds(run_t *r) {
+    PyObject *fds = PyList_New(0);
+    for (Py_ssize_t i = 0; fds && i < r->n; i++) {
+        if (r->peers[i].fd < 0) continue;
+        PyObject *v = PyLong_FromLong(r->peers[i].fd);
+        if (!v || PyList_Append(fds, v) < 0) Py_CLEAR(fds);
+        Py_XDECREF(v);
+    }
+    return fds;
+}
+
+/* What the run measured, as the dict the docstring names; NULL with a Python error. */
+static PyObject *run_result(run_t *r, double start) {
+    /* Still waiting at the end, longer than the timeout: the server lost an answer. */
+    unsigned long long late = 0;
+    double end = now();
+    for (Py_ssize_t i = 0; i < r->n; i++) {
+        peer_t *p = &r->peers[i];
+        if (p->fd >= 0 && p->head < p->tail && end - p->ring[p->head & r->mask].sent > r->timeout)
+            late++;
+    }
+    PyObject *per_second = PyList_New((Py_ssize_t)r->nseconds);
+    for (size_t i = 0; per_second && i < r->nseconds; i++) {
+        PyObject *d = histogram_dict(r->seconds[i].us, r->seconds[i].count, r->seconds[i].n, NULL);
+        if (!d) Py_CLEAR(per_second);
+        else PyList_SET_ITEM(per_second, (Py_ssize_t)i, d);
+    }
+    PyObject *uncorrected = r->uhist ? histogram_dict(NULL, NULL, HIST_US + 1, r->uhist)
+                                     : Py_NewRef(Py_None);
+    PyObject *lateness = r->lhist ? histogram_dict(NULL, NULL, LATENESS_US + 1, r->lhist)
+                                  : Py_NewRef(Py_None);
+    PyObject *fds = open_fds(r);
+    if (!per_second || !uncorrected || !lateness || !fds) {
+        Py_XDECREF(per_second);
+        Py_XDECREF(uncorrected);
+        Py_XDECREF(lateness);
+        Py_XDECREF(fds);
+        return NULL;
+    }
+    return Py_BuildValue(
+        "{sKsNsNsNsKsKsNsKsKsKsdsdsd}", "requests", r->requests, "per_second", per_second,
+        "uncorrected", uncorrected, "lateness", lateness, "mismatches", r->mismatches, "late",
+        late, "open_fds", fds, "late_sends", r->late_sends, "held_sends", r->held_sends, "sends",
+        r->sends, "start", start, "measured_from", r->mstart, "spun", r->spun);
+}
+
+static void run_free(run_t *r) {
+    if (r->ep >= 0) close(r->ep);
+    if (r->tfd >= 0) close(r->tfd);
+    if (r->peers)
+        for (Py_ssize_t i = 0; i < r->n; i++) free(r->peers[i].ring);
+    for (size_t i = 0; i < r->nseconds; i++) {
+        free(r->seconds[i].us);
+        free(r->seconds[i].count);
+    }
+    free(r->seconds);
+    free(r->touched);
+    free(r->peers);
+    free(r->heap);
+    free(r->shist);
+    free(r->uhist);
+    free(r->lhist);
+    free(r->rbuf);
+}
+
 static PyObject *pingpong(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"fds",   "size",    "seconds", "timeout", "index", "base",
                              "replace", "tick",  "rate",    "poisson", "seed",  "warmup",
@@ -406,213 +646,28 @@ static PyObject *pingpong(PyObject *self, PyObject *args, PyObject *kwargs) {
                                      &rate, &poisson, &seed, &warmup, &start, &depth))
         return NULL;
     run_t r = {.index = index, .size = (size_t)size, .base = base.buf, .replace = replace_cb,
-               .open = rate > 0, .poisson = poisson, .timeout = timeout, .tfd = -1, .ep = -1,
-               .rng = seed * 0x9E3779B97F4A7C15ULL + (uint64_t)index + 1};
+               .open = rate > 0, .rate = rate, .poisson = poisson, .timeout = timeout,
+               .tfd = -1, .ep = -1, .rng = seed * 0x9E3779B97F4A7C15ULL + (uint64_t)index + 1};
     PyObject *result = NULL, *seq = NULL;
-    if (size < 1 || size > 65536 || base.len < size + 251) {
-        PyErr_SetString(PyExc_ValueError, "size must be 1..65536 and base size + 251 bytes");
+    if (size < 1 || size > MAX_SIZE || base.len < size + PATTERN_PERIOD) {
+        PyErr_SetString(PyExc_ValueError, "size must be 1..MAX_SIZE and base size + 251 bytes");
         goto done;
     }
-    if (depth < 1 || depth > 4096 || !(rate >= 0) || !(warmup >= 0)) {
-        PyErr_SetString(PyExc_ValueError, "depth 1..4096, rate and warmup >= 0");
+    if (depth < 1 || depth > MAX_IN_FLIGHT || !(rate >= 0) || !(warmup >= 0)) {
+        PyErr_SetString(PyExc_ValueError, "depth 1..MAX_IN_FLIGHT, rate and warmup >= 0");
         goto done;
     }
-    r.depth = r.open ? (uint64_t)depth : 1;
-    uint64_t cap = 1;
-    while (cap < r.depth) cap <<= 1;
-    r.mask = cap - 1;
     seq = PySequence_Fast(fds, "fds must be a sequence");
-    if (!seq) goto done;
-    r.n = PySequence_Fast_GET_SIZE(seq);
-    r.peers = calloc((size_t)(r.n ? r.n : 1), sizeof(peer_t));
-    r.heap = calloc((size_t)(r.n ? r.n : 1), sizeof(int));
-    r.shist = calloc(HIST_US + 1, sizeof(uint32_t)); /* pages are touched only where used */
-    r.uhist = r.open ? calloc(HIST_US + 1, sizeof(uint32_t)) : NULL;
-    r.lhist = r.open ? calloc(LATENESS_US + 1, sizeof(uint32_t)) : NULL;
-    r.rbuf = malloc(RBUF);
-    r.ep = epoll_create1(EPOLL_CLOEXEC);
-    r.tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-    if (!r.peers || !r.heap || !r.shist || (r.open && (!r.uhist || !r.lhist)) || !r.rbuf || r.ep < 0 ||
-        r.tfd < 0) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    struct epoll_event te = {.events = EPOLLIN, .data.u64 = TIMER_MARK};
-    epoll_ctl(r.ep, EPOLL_CTL_ADD, r.tfd, &te);
-    prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0); /* this thread's timers: 1 ns slack, not 50 us */
-    for (Py_ssize_t i = 0; i < r.n; i++) {
-        peer_t *p = &r.peers[i];
-        p->fd = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
-        if (p->fd == -1 && PyErr_Occurred()) goto done;
-        p->ring = calloc((size_t)cap, sizeof(req_t));
-        if (!p->ring) {
-            PyErr_NoMemory();
-            goto done;
-        }
-    }
+    if (!seq || run_init(&r, seq, depth) < 0) goto done;
     if (start > 0) { /* every process (and every segment) begins together */
-        double until = start - SPIN_US * 1e-6;
-        struct timespec ts = {(time_t)until, (long)((until - (double)(time_t)until) * 1e9)};
-        while (now() < until) {
-            int err;
-            Py_BEGIN_ALLOW_THREADS
-            err = clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
-            Py_END_ALLOW_THREADS
-            if (err == EINTR && PyErr_CheckSignals() < 0) goto done;
-        }
-        while (now() < start) {
-        }
+        if (wait_start(start) < 0) goto done;
     } else {
         start = now();
     }
     r.mstart = start + warmup;
-    double deadline = r.mstart + seconds, next_check = start + CHECK_EVERY;
-    r.interval = r.open ? (double)r.n / rate : 0.0;
-    for (Py_ssize_t i = 0; i < r.n; i++) {
-        peer_t *p = &r.peers[i];
-        p->next_slot = start + (r.poisson ? gap(&r) : r.interval * (double)i / (double)r.n);
-        if (watch(&r, p) < 0 || fill(&r, p, start) < 0) {
-            if (replace(&r, p, "send failed") < 0) goto done;
-        }
-    }
-    struct epoll_event evs[MAX_EVENTS];
-    for (;;) {
-        double t = now();
-        if (t >= deadline || r.failed) break;
-        if (due(&r, t) < 0) goto done;
-        if (t >= next_check) { /* unanswered this long: the server lost bytes */
-            next_check = t + CHECK_EVERY;
-            for (Py_ssize_t i = 0; i < r.n; i++) {
-                peer_t *p = &r.peers[i];
-                if (p->fd >= 0 && p->head < p->tail &&
-                    p->ring[p->head & r.mask].sent < t - timeout &&
-                    replace(&r, p, "no complete answer within the timeout") < 0)
-                    goto done;
-            }
-            PyObject *ok = PyObject_CallFunction(tick_cb, "K", r.requests);
-            if (!ok) goto done;
-            Py_DECREF(ok);
-        }
-        int wait_ms; /* -1: until the timerfd (or an echo) wakes the loop */
-        double wake = next_check < deadline ? next_check : deadline;
-        if (r.nheap) {
-            double slot = r.peers[r.heap[0]].next_slot;
-            if (slot - SPIN_US * 1e-6 < wake) wake = slot - SPIN_US * 1e-6;
-        }
-        if (wake <= t) {
-            wait_ms = 0; /* the last stretch: poll */
-        } else if (r.open) {
-            arm(&r, wake);
-            wait_ms = -1;
-        } else {
-            wait_ms = (int)((wake - t) * 1000) + 1;
-        }
-        int n;
-        Py_BEGIN_ALLOW_THREADS
-        n = epoll_wait(r.ep, evs, MAX_EVENTS, wait_ms);
-        Py_END_ALLOW_THREADS
-        if (wait_ms == 0 && n == 0) r.spun += now() - t;
-        if (n < 0) {
-            if (errno == EINTR) {
-                if (PyErr_CheckSignals() < 0) goto done;
-                continue;
-            }
-            PyErr_SetFromErrno(PyExc_OSError);
-            goto done;
-        }
-        for (int k = 0; k < n; k++) {
-            if (evs[k].data.u64 == TIMER_MARK) {
-                uint64_t expirations;
-                ssize_t rd = read(r.tfd, &expirations, sizeof expirations);
-                (void)rd;
-                r.armed = 0;
-                continue;
-            }
-            if (r.nheap && due(&r, now()) < 0) goto done; /* a slot first, then the echoes */
-            peer_t *p = &r.peers[evs[k].data.u64];
-            if (p->fd < 0) continue;
-            if (p->writing && (evs[k].events & EPOLLOUT)) {
-                if (push(&r, p) < 0) {
-                    if (replace_errno(&r, p, "send") < 0) goto done;
-                    continue;
-                }
-            }
-            if (!(evs[k].events & (EPOLLIN | EPOLLERR | EPOLLHUP))) continue;
-            if (readable(&r, p) < 0) goto done;
-        }
-    }
-    if (r.failed) {
-        errno = r.failed;
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto done;
-    }
-    end_second(&r); /* the last (partial) second */
-    /* Still waiting at the end, longer than the timeout: the server lost an answer. */
-    unsigned long long late = 0;
-    double end = now();
-    for (Py_ssize_t i = 0; i < r.n; i++) {
-        peer_t *p = &r.peers[i];
-        if (p->fd >= 0 && p->head < p->tail && end - p->ring[p->head & r.mask].sent > timeout)
-            late++;
-    }
-    PyObject *per_second = PyList_New((Py_ssize_t)r.nseconds);
-    if (!per_second) goto done;
-    for (size_t i = 0; i < r.nseconds; i++) {
-        PyObject *d = histogram_dict(r.seconds[i].us, r.seconds[i].count, r.seconds[i].n, NULL);
-        if (!d) {
-            Py_DECREF(per_second);
-            goto done;
-        }
-        PyList_SET_ITEM(per_second, (Py_ssize_t)i, d);
-    }
-    PyObject *uncorrected = r.uhist ? histogram_dict(NULL, NULL, HIST_US + 1, r.uhist) : Py_None;
-    PyObject *lateness = r.lhist ? histogram_dict(NULL, NULL, LATENESS_US + 1, r.lhist) : Py_None;
-    if (!uncorrected || !lateness) {
-        Py_DECREF(per_second);
-        if (uncorrected != Py_None) Py_XDECREF(uncorrected);
-        if (lateness != Py_None) Py_XDECREF(lateness);
-        goto done;
-    }
-    if (uncorrected == Py_None) Py_INCREF(Py_None);
-    if (lateness == Py_None) Py_INCREF(Py_None);
-    PyObject *open_fds = PyList_New(0);
-    for (Py_ssize_t i = 0; open_fds && i < r.n; i++) {
-        if (r.peers[i].fd < 0) continue;
-        PyObject *v = PyLong_FromLong(r.peers[i].fd);
-        if (!v || PyList_Append(open_fds, v) < 0) {
-            Py_XDECREF(v);
-            Py_CLEAR(open_fds);
-        }
-        Py_XDECREF(v);
-    }
-    if (!open_fds) {
-        Py_DECREF(per_second);
-        Py_DECREF(uncorrected);
-        Py_DECREF(lateness);
-        goto done;
-    }
-    result = Py_BuildValue(
-        "{sKsNsNsNsKsKsNsKsKsKsdsdsd}", "requests", r.requests, "per_second", per_second,
-        "uncorrected", uncorrected, "lateness", lateness, "mismatches", r.mismatches, "late", late, "open_fds",
-        open_fds, "late_sends", r.late_sends, "held_sends", r.held_sends, "sends", r.sends,
-        "start", start, "measured_from", r.mstart, "spun", r.spun);
+    if (run_loop(&r, start, seconds, tick_cb) == 0) result = run_result(&r, start);
 done:
-    if (r.ep >= 0) close(r.ep);
-    if (r.tfd >= 0) close(r.tfd);
-    if (r.peers)
-        for (Py_ssize_t i = 0; i < r.n; i++) free(r.peers[i].ring);
-    for (size_t i = 0; i < r.nseconds; i++) {
-        free(r.seconds[i].us);
-        free(r.seconds[i].count);
-    }
-    free(r.seconds);
-    free(r.touched);
-    free(r.peers);
-    free(r.heap);
-    free(r.shist);
-    free(r.uhist);
-    free(r.lhist);
-    free(r.rbuf);
+    run_free(&r);
     Py_XDECREF(seq);
     PyBuffer_Release(&base);
     return result;

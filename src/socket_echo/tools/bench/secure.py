@@ -22,6 +22,7 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived
 
+from socket_echo.tools.bench import errors
 from socket_echo.tools.bench.model import BenchConfig, WorkerResult, cpu_seconds
 from socket_echo.tools.connect.dtls import DtlsFailed, open_dtls
 from socket_echo.tools.connect.patterns import Patterns
@@ -116,7 +117,7 @@ class SecureWorker:
                 await body()
                 return
             except (asyncio.TimeoutError, TimeoutError):
-                self.result.errors["no echo within the timeout"] += 1
+                self.result.errors[errors.NO_COMPLETE_ANSWER] += 1
             except (ConnectionError, OSError, DtlsFailed, Unreachable) as exc:
                 self.result.errors[str(exc) or type(exc).__name__] += 1
             await asyncio.sleep(0.05)

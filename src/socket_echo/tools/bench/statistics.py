@@ -14,6 +14,7 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
+from socket_echo.tools.bench.errors import NO_REQUEST
 from socket_echo.tools.bench.histograms import encode, histogram, iterate
 from socket_echo.tools.bench.model import BenchConfig, WorkerResult
 from socket_echo.tools.bench.result import (
@@ -102,7 +103,7 @@ def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> BenchResult:
     elapsed = max((r.elapsed for r in results), default=0.0) or 1e-9
     requests = sum(r.requests for r in results)
     if requests == 0 and not errors:
-        errors["no request was answered"] += 1
+        errors[NO_REQUEST] += 1
     cpu = sum(r.cpu_seconds for r in results)
     spun = sum(r.spun_seconds for r in results)
     busiest = max(

@@ -1,8 +1,7 @@
-"""``socket-echo bench``: a verifying load generator for any echo server, on one machine or
-many. This module runs one run: it divides the run's share of the load (``--segment I/N``:
-this machine's part of a run spread over N) among worker processes, starts them together,
-and collects what they measured. The workers are load.py (TCP, Unix, UDP) and
-bench_secure.py (QUIC, DTLS); the figures are stats.py's, the advice and plot advice.py's.
+"""bench's worker processes: the run's share of the load (``--segment I/N``: this machine's
+part of a run spread over N) divided among them, started together, and what they measured
+collected. Each process runs its mode's loop (loop.py and a module per mode: pingpong.py,
+stream.py, churn.py, datagrams.py) or, over QUIC and DTLS, secure.py's worker.
 """
 
 from __future__ import annotations
@@ -11,8 +10,14 @@ import multiprocessing
 import time
 from typing import Any
 
-from socket_echo.tools.bench.load import worker_main
+from socket_echo.kinds import DTLS, QUIC, kind
+from socket_echo.tools.bench import errors
+from socket_echo.tools.bench.churn import Churn
+from socket_echo.tools.bench.datagrams import Datagrams
+from socket_echo.tools.bench.loop import Loop
 from socket_echo.tools.bench.model import BenchConfig, WorkerResult, split
+from socket_echo.tools.bench.pingpong import pingpong_loop
+from socket_echo.tools.bench.stream import Stream
 
 
 def run_workers(cfg: BenchConfig, on_progress: Any = None) -> list[WorkerResult]:
@@ -61,6 +66,39 @@ def run_workers(cfg: BenchConfig, on_progress: Any = None) -> list[WorkerResult]
             p.kill()
     if len(collected) < len(procs):
         lost = WorkerResult()
-        lost.errors["a worker did not report"] += len(procs) - len(collected)
+        lost.errors[errors.WORKER_SILENT] += len(procs) - len(collected)
         collected[-1] = lost
     return list(collected.values())
+
+
+def mode_loop(cfg: BenchConfig) -> type[Loop]:
+    """The Loop of the run's mode."""
+    if cfg.mode == "pingpong":
+        return pingpong_loop(cfg)
+    return {"stream": Stream, "churn": Churn, "udp": Datagrams}[cfg.mode]
+
+
+def worker_main(
+    cfg: BenchConfig,
+    connections: int,
+    rate: float,
+    index: int,
+    progress: Any,
+    results: Any,
+    probe: bool = False,
+) -> None:
+    """One load process: its share of the connections and of the rate (``probe``: the
+    latency-under-load flow)."""
+    try:
+        if kind(cfg.target.scheme).served_by in (QUIC, DTLS):
+            from socket_echo.tools.bench.secure import SecureWorker
+
+            result = SecureWorker(cfg, connections, rate, index, progress).run()
+        else:
+            result = mode_loop(cfg)(cfg, connections, rate, index, progress).run()
+        result.probe = probe
+        results.put((index, result))
+    except Exception as exc:  # reported by the parent as this worker's error
+        failed = WorkerResult()
+        failed.errors[errors.because(errors.WORKER_FAILED, repr(exc))] += 1
+        results.put((index, failed))
