@@ -100,6 +100,11 @@ class ServerProcess:
                 raise AssertionError(f"no {scheme} listener in:\n{self.log}")
             time.sleep(0.02)
 
+    def listeners_of(self, scheme: str) -> list[tuple[str, str, int]]:
+        """Every listener of that scheme (``listener`` waited for the first)."""
+        self.listener(scheme)
+        return [entry for entry in self._parse_listeners() if entry[0] == scheme]
+
     @property
     def port(self) -> int:
         return self.listener()[2]

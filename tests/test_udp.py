@@ -165,6 +165,33 @@ def test_global_rate_cap(start_server, udp_io):
     assert 5 <= total <= 5 + 5 * (time.monotonic() - started) + 2, total
 
 
+def test_the_global_cap_is_one_bucket_over_every_path_at_once(start_server):
+    """A plain UDP listener (the native path where built) and an impaired one (the Python
+    path) loaded at once: --udp-max-rate 5 is over all sources of the process. It was two
+    buckets (the C guard's and Python's): twice the answers."""
+    server = start_server(
+        "--bind", "udp://127.0.0.1:0", "--bind", "udp://127.0.0.1:0?delay=1ms",
+        "--udp-max-rate", "5", "--udp-burst", "1000", "--udp-rate", "1000",
+        expect_listeners=2,
+    )  # fmt: skip
+    ports = [port for _, _, port in server.listeners_of("udp")]
+    assert len(ports) == 2
+    total = 0
+    started = time.monotonic()
+    with udp_client("127.0.5.1", timeout=0.3) as sock:
+        for _ in range(50):
+            for port in ports:
+                sock.sendto(b"x", ("127.0.0.1", port))
+        try:
+            while True:
+                sock.recvfrom(10)
+                total += 1
+        except TimeoutError:
+            pass
+    # one bucket: 1 s of burst (5), then 5/s; two buckets answered 10 and more
+    assert 5 <= total <= 5 + 5 * (time.monotonic() - started) + 2, total
+
+
 def test_probe_and_bench_pass_over_udp(start_server, udp_io):
     server = start_server(
         *udp_io, "--udp-rate", "100000", "--udp-burst", "100000", "--udp-max-rate", "1000000"

@@ -117,9 +117,11 @@ class UdpGuard:
         self._native: object | None = None  # the C twin (udp/_native.c), made when asked
 
     def native(self) -> Any:
-        """The C twin of this guard, with the same rules and parameters: shared by every
-        socket on the native UDP path, as this one is by the pure paths (one global bucket,
-        one table of prefixes). Its decisions are its own table's; tests compare the two."""
+        """The C twin of this guard, with the same rules and parameters, shared by every
+        socket on the native UDP path. Once it exists, :meth:`check` asks it too, so every
+        path of the process (native, impaired, QUIC, DTLS) draws on one table of prefixes
+        and one global bucket: --udp-max-rate is over all sources, not per path. The twins'
+        verdicts are held equal by tests on separate instances."""
         if self._native is None:
             from socket_echo.udp.native import new_guard
 
@@ -141,7 +143,9 @@ class UdpGuard:
         """One datagram from (``key``, port) at ``now``: None to answer, else the reason to
         drop. The source is given as text, or as raw address bytes of ``family`` (the
         batched path: a known source is never turned into text). The one place the rules are
-        applied, for both UDP data paths."""
+        applied, for every UDP path (through the C twin once there is one)."""
+        if self._native is not None:
+            return self._check_native(key, port, now, family)
         if port in self.forbidden_ports:
             return FORBIDDEN_PORT
         if port < self.min_port:
@@ -164,6 +168,17 @@ class UdpGuard:
         bucket.tokens -= 1.0
         total.tokens -= 1.0
         return None
+
+    def _check_native(self, key: str | bytes, port: int, now: float, family: int) -> str | None:
+        if isinstance(key, str):
+            host = key.split("%", 1)[0]
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            try:
+                key = socket.inet_pton(family, host)
+            except OSError:
+                return MARTIAN
+        verdict: str | None = self._native.check(key, family, port, now)  # type: ignore[union-attr]
+        return verdict
 
     def learn(self, key: object, host: str, now: float) -> TokenBucket | str:
         """Classify a new source address and cache the outcome under ``key``."""
