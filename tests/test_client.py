@@ -90,20 +90,34 @@ def test_connection_refused_is_one_line_exit_2():
     assert b"refused" in result.stderr.lower()
 
 
+TOOLS = [("client",), ("probe",), ("probe", "--quick"), ("bench", "-d", "0.2", "-p", "1")]
+KINDS = ["tcp", "udp", "tls", "unix", "quic", "dtls"]
+
+
 @pytest.mark.parametrize(
-    "args",
-    [("client",), ("probe",), ("probe", "--quick"), ("bench", "-d", "0.2", "-p", "1")],
-    ids=lambda a: " ".join(a),
+    ("args", "scheme"),
+    [(a, k) for a in TOOLS for k in KINDS if not (a[0] == "bench" and k == "tls")],  # not yet
+    ids=lambda v: v if isinstance(v, str) else " ".join(v),
 )
-def test_nothing_listening_is_exit_2_for_every_tool(args):
-    """The exit-code table (socket_echo/exits.py): the same condition, the same code."""
-    with socket.socket() as s:
+def test_nothing_listening_is_exit_2_for_every_tool_and_kind(args, scheme, tmp_path):
+    """The exit-code table (socket_echo/exits.py): the same condition, the same code, one
+    line, on every kind (probe quic:// and dtls:// said 1, "1 step(s) failed"; UDP's ICMP
+    port unreachable was exit 1 for client and "no datagram was answered" for probe)."""
+    kind = socket.SOCK_DGRAM if scheme in ("udp", "quic", "dtls") else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = tool(*args, f"127.0.0.1:{port}", "--timeout", "1", stdin=b"x")
+    target = (
+        f"unix://{tmp_path}/nobody.sock" if scheme == "unix" else f"{scheme}://127.0.0.1:{port}"
+    )
+    result = tool(*args, target, "--timeout", "1", stdin=b"x")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.decode().strip().splitlines()
-    assert lines == [f"socket-echo: error: unreachable: tcp://127.0.0.1:{port}: Connection refused"]
+    assert len(lines) == 1 and lines[0].startswith("socket-echo: error: unreachable: "), lines
+    if scheme in ("tcp", "tls"):
+        assert lines[0].endswith(f"{scheme}://127.0.0.1:{port}: Connection refused"), lines
+    if scheme == "udp":
+        assert "refused: ICMP port unreachable" in lines[0], lines
 
 
 def test_udp_pipe():

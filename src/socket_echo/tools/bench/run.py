@@ -9,7 +9,7 @@ from socket_echo.exits import FAILED, OK, UNREACHABLE, ToolError
 from socket_echo.kinds import DTLS, QUIC, kind
 from socket_echo.tools.bench import output, statistics, workers
 from socket_echo.tools.bench.model import BenchConfig
-from socket_echo.tools.connect.target import Unreachable, connect
+from socket_echo.tools.connect.target import Unreachable, check_datagrams_reach, connect
 
 
 def check_reachable(cfg: BenchConfig) -> None:
@@ -19,6 +19,8 @@ def check_reachable(cfg: BenchConfig) -> None:
             from socket_echo.tools.bench.secure import check_reachable as handshake
 
             handshake(cfg.target, cfg.tls, cfg.timeout, cfg.alpn)
+        elif kind(cfg.target.scheme).datagram:
+            check_datagrams_reach(cfg.target, cfg.timeout)
         else:
             connect(cfg.target, cfg.timeout).close()
     except Unreachable as exc:

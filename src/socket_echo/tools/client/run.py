@@ -15,7 +15,12 @@ import sys
 
 from socket_echo.exits import FAILED, UNREACHABLE, ToolError
 from socket_echo.tools.connect.duplex import DuplexError, duplex
-from socket_echo.tools.connect.target import Target, TlsOptions, Unreachable, connect
+from socket_echo.tools.connect.target import (
+    Target,
+    TlsOptions,
+    Unreachable,
+    connect,
+)
 
 CHUNK = 64 * 1024
 UDP_CHUNK = 1024  # bytes per datagram from a pipe: fits every path's MTU
@@ -54,7 +59,7 @@ def run(target: Target, tls: TlsOptions | None, timeout: float) -> int:
     sock = connect(target, timeout, tls)
     try:
         if target.scheme == "udp":
-            return udp(sock, timeout)
+            return udp(sock, timeout, target)
         if sys.stdin.isatty():
             return interactive(sock, timeout)
         return pipe(sock, timeout)
@@ -91,7 +96,7 @@ def interactive(sock: socket.socket, timeout: float) -> int:
     return 0
 
 
-def udp(sock: socket.socket, timeout: float) -> int:
+def udp(sock: socket.socket, timeout: float, target: Target) -> int:
     tty = sys.stdin.isatty()
     fd = sys.stdin.fileno()
     out = sys.stdout.buffer
@@ -108,7 +113,9 @@ def udp(sock: socket.socket, timeout: float) -> int:
             except TimeoutError:
                 continue
             except ConnectionRefusedError:
-                raise ClientError("port unreachable: nothing listens there") from None
+                raise Unreachable(
+                    "refused: ICMP port unreachable (nothing listens there)"
+                ) from None
         else:
             raise ClientError(f"no reply to a {len(chunk)}-byte datagram after {UDP_TRIES} tries")
         out.write(reply)

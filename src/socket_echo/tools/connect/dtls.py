@@ -26,7 +26,7 @@ from socket_echo.gates.dtls_wire import (
     describe,
     handshake_type,
 )
-from socket_echo.tools.connect.target import Target, TlsOptions, Unreachable
+from socket_echo.tools.connect.target import ICMP_REFUSED, Target, TlsOptions, Unreachable
 
 # (direction "in" or "out", index of the datagram in that direction) -> lose it?
 LossRule = Callable[[str, int], bool]
@@ -90,7 +90,7 @@ class DtlsClient(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         if isinstance(exc, ConnectionRefusedError):
-            self.error = "port unreachable: nothing listens there"
+            self.error = ICMP_REFUSED
         else:
             self.error = str(exc)
         self.changed.set()

@@ -224,6 +224,23 @@ def udp_socket(target: Target, timeout: float) -> socket.socket:
     return sock
 
 
+ICMP_REFUSED = "refused: ICMP port unreachable (nothing listens there)"
+
+
+def check_datagrams_reach(target: Target, timeout: float) -> None:
+    """One datagram before a UDP run: Unreachable when an ICMP port unreachable answers it
+    (nothing listens there). Silence, or an answer, lets the run go on: a peer may drop one
+    datagram (a rate limit, a lossy path) and still be there."""
+    with udp_socket(target, min(timeout, 0.5)) as sock:
+        try:
+            sock.send(b"socket-echo: is anyone there?")
+            sock.recv(65535)
+        except ConnectionRefusedError:
+            raise Unreachable(f"{target.url}: {ICMP_REFUSED}") from None
+        except (TimeoutError, OSError):
+            pass
+
+
 def is_loopback(target: Target) -> bool:
     """Whether the target is this machine (bench and probe read their figures by it)."""
     try:

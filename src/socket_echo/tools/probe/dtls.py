@@ -62,9 +62,9 @@ class DtlsProbe:
 
     async def run(self) -> list[Step]:
         holder: list[DtlsClient] = []
-        await self._step("handshake", lambda: self._handshake(holder))
-        if not holder:
-            return self.steps
+        step = await self._step("handshake", lambda: self._handshake(holder))
+        if not holder:  # nothing to measure: the exit table's 2
+            raise Unreachable(f"{self.target.url}: {step.detail}")
         client = holder[0]
         try:
             if self.quick:

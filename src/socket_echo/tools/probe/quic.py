@@ -68,9 +68,9 @@ class QuicProbe:
                 wait_connected=False,
             ) as client:
                 assert isinstance(client, QuicClient)
-                await self._step("handshake", lambda: self._handshake(client))
-                if self.steps[-1].status == FAIL:
-                    return self.steps
+                step = await self._step("handshake", lambda: self._handshake(client))
+                if step.status == FAIL:  # nothing to measure: the exit table's 2
+                    raise Unreachable(f"{self.target.url}: {step.detail}")
                 if self.quick:
                     await self._step("FIN mirrored", lambda: self._fin(client))
                     return self.steps
@@ -79,6 +79,8 @@ class QuicProbe:
                 await self._step("100 streams at once", lambda: self._many(client))
                 await self._step("1 MiB on one stream", lambda: self._bulk(client))
                 await self._step("datagrams (RFC 9221)", lambda: self._datagrams(client))
+        except Unreachable:
+            raise
         except OSError as exc:
             raise Unreachable(f"{self.target.url}: {exc.strerror or exc}") from None
         return self.steps

@@ -18,6 +18,7 @@ from typing import Any, cast
 from socket_echo.payloads import NET_TOOLS_PAYLOADS
 from socket_echo.tools.connect.duplex import DuplexError, duplex
 from socket_echo.tools.connect.target import (
+    ICMP_REFUSED,
     Target,
     TlsOptions,
     Unreachable,
@@ -90,6 +91,7 @@ class Probe:
         self.require_concurrency = require_concurrency
         self.steps: list[Step] = []
         self._udp_sent: set[bytes] = set()  # payloads already sent: to tell stale answers
+        self._udp_refused = False  # an ICMP port unreachable came back
 
     def connect(self) -> socket.socket:
         return connect(self.target, self.timeout, self.tls)
@@ -301,7 +303,15 @@ class Probe:
                 step = self.step(f"udp: {name}", functools.partial(self._datagram, sock, payload))
                 answered += step.status in (PASS, FINDING)
             if answered == 0:
-                raise Unreachable(f"{self.target.url}: no datagram was answered")
+                raise Unreachable(
+                    f"{self.target.url}: "
+                    + (
+                        ICMP_REFUSED
+                        if self._udp_refused
+                        else "no datagram was answered (silence: nothing to tell a dead host, a "
+                        "firewall and a rate limit apart)"
+                    )
+                )
         finally:
             sock.close()
         return self.steps
@@ -330,7 +340,8 @@ class Probe:
                     except TimeoutError:
                         break
                     except ConnectionRefusedError:
-                        raise StepFailed("port unreachable (ICMP): nothing listens there") from None
+                        self._udp_refused = True
+                        raise StepFailed(ICMP_REFUSED) from None
                     if reply == payload:
                         retried = (
                             f", after {attempt} retr{'y' if attempt == 1 else 'ies'}"
@@ -358,7 +369,13 @@ class Probe:
         try:
             if self.target.scheme == "udp":
                 with connect(self.target, self.timeout) as sock:
-                    return self._datagram(sock, b"socket-echo health")[0] == PASS
+                    try:
+                        status, detail = self._datagram(sock, b"socket-echo health")
+                    except StepFailed as exc:  # refused: nothing listens (exit 2)
+                        raise Unreachable(f"{self.target.url}: {exc}") from None
+                    if detail.startswith("no reply"):  # as a full probe: nothing answered
+                        raise Unreachable(f"{self.target.url}: {detail}")
+                    return status == PASS
             with self.connect() as sock:
                 return round_trip(sock, b"socket-echo health", self.timeout) == (
                     b"socket-echo health"
