@@ -21,8 +21,9 @@ import pytest
 import yaml
 from conftest import exchange, http_status, metrics_port
 
+from socket_echo.binds import parse_metrics_address
 from socket_echo.cli import cli
-from socket_echo.config import CLOSE_WAIT, parse_metrics_address
+from socket_echo.config import CLOSE_WAIT
 
 ROOT = Path(__file__).resolve().parent.parent
 # The image's build and run know no SOCKET_ECHO_NO_EXTENSIONS: these tests build and serve

@@ -19,7 +19,7 @@ from conftest import assert_one_line_error, metrics_port, run_cli, scrape, total
 from OpenSSL import SSL
 from tools_helpers import tool
 
-from socket_echo.gates.dtls_wire import (
+from socket_echo.dtls_wire import (
     APPLICATION_DATA,
     HELLO_VERIFY_REQUEST,
     handshake_type,
@@ -102,7 +102,7 @@ def test_records_are_split_and_packed_whole_and_application_records_go_alone():
 
 
 def test_cookies_rotate_and_the_previous_secret_still_verifies():
-    from socket_echo.gates.dtls import CookieJar
+    from socket_echo.servers.dtls import CookieJar
 
     now = [0.0]
     jar = CookieJar(60.0, lambda: now[0])

@@ -23,7 +23,8 @@ from conftest import (
 )
 from tools_helpers import tool
 
-from socket_echo.config import ConfigError, parse_bind_url
+from socket_echo.binds import parse_bind_url
+from socket_echo.config import ConfigError
 from socket_echo.impair.params import Impairments
 
 

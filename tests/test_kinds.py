@@ -10,7 +10,7 @@ import pathlib
 import pytest
 from test_imports import SRC, import_graph
 
-from socket_echo import config
+from socket_echo import binds, config
 from socket_echo.kinds import KINDS, SCHEMES, TARGET_SCHEMES, kind
 from socket_echo.tools.connect.target import parse_target
 
@@ -69,14 +69,14 @@ def test_kinds_is_a_leaf():
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_every_scheme_parses_as_a_bind_url_and_has_its_kind(scheme):
     url = f"{scheme}:///tmp/x.sock" if kind(scheme).unix else f"{scheme}://127.0.0.1:5000"
-    spec = config.parse_bind_url(url)
+    spec = binds.parse_bind_url(url)
     assert spec.scheme == scheme
     assert config.format_url(spec.scheme, spec.host, spec.port, spec.path) == url
 
 
 def test_an_unknown_scheme_is_refused_naming_every_kind():
     with pytest.raises(config.ConfigError) as err:
-        config.parse_bind_url("sctp://127.0.0.1:5000")
+        binds.parse_bind_url("sctp://127.0.0.1:5000")
     for scheme in SCHEMES:
         assert f"{scheme}://" in str(err.value)
 

@@ -12,10 +12,10 @@ from typing import Any
 from fake_loop import FakeLoop
 
 from socket_echo.config import ACCEPT_RETRY_DELAY
+from socket_echo.lifecycle import IDLE, PEER_CLOSED, SHUTDOWN, STALLED, ListenerContext
 from socket_echo.limits import ConnectionTable, sweep_interval
 from socket_echo.state import accept_paused_log
 from socket_echo.tcp.accept import AcceptReader
-from socket_echo.tcp.lifecycle import IDLE, PEER_CLOSED, SHUTDOWN, STALLED, ListenerContext
 from socket_echo.tcp.protocol import EchoProtocol
 
 LISTENER = "tcp://127.0.0.1:4242"

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from conftest import NATIVE, exchange, refused_answer
 
+from socket_echo.lifecycle import ListenerContext
 from socket_echo.limits import ConnectionTable
 from socket_echo.logs import RateLimitedLog
-from socket_echo.tcp.lifecycle import ListenerContext
 
 pytestmark = [
     pytest.mark.skipif(not NATIVE, reason="the native extension is not built"),
@@ -62,7 +62,7 @@ class Rig:
         (conn,) = self.table.open
         sock.close()
         deadline = time.monotonic() + 5
-        while self.engine.c.open_count():
+        while self.engine.core.open_count():
             assert time.monotonic() < deadline
         return conn
 
@@ -109,7 +109,7 @@ def test_a_stale_close_never_reaches_the_new_tenant_of_a_descriptor(rig):
     r = rig()
     old = r.closed_unheard()
     second = r.connect()  # the lowest free number: the one the engine just closed
-    assert r.engine.c.open_count() == 1
+    assert r.engine.core.open_count() == 1
     old.close("idle timeout")  # Python's object still names the old connection
     old.abort("idle timeout")
     assert exchange(second, b"still mine") == b"still mine"

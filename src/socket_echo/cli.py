@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-from socket_echo import __version__, config
+from socket_echo import __version__, binds, config
 from socket_echo.config import ConfigError, ServerConfig
 from socket_echo.exits import FAILED, USAGE, error_line
 from socket_echo.logs import quiet_aioquic
@@ -508,12 +508,12 @@ def serve(
     """Echo every byte received back to its sender until the client closes."""
     try:
         if bind:
-            listeners = tuple(config.parse_bind_url(url) for url in bind)
+            listeners = tuple(binds.parse_bind_url(url) for url in bind)
         elif fds:
             listeners = ()
         else:
-            listeners = config.listeners_from_hosts(host, port)
-        metrics_spec = config.parse_metrics_address(metrics) if metrics else None
+            listeners = binds.listeners_from_hosts(host, port)
+        metrics_spec = binds.parse_metrics_address(metrics) if metrics else None
         worker_total = worker_count(workers)
         cfg = ServerConfig(
             listeners=listeners,

@@ -1,20 +1,20 @@
 """Every setting of the server and its default value: the one place defaults live.
 
 The CLI builds a :class:`ServerConfig` from flags and environment variables; the core reads
-only this object. Nothing below parses user input except :func:`parse_bind_url`, whose errors
+only this object. Nothing below parses user input except binds.py's parse_bind_url, whose errors
 are :class:`ConfigError` with a message fit to show a user as is.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING
 
-from socket_echo.impair.params import ImpairmentError, Impairments
-from socket_echo.impair.params import parse as parse_impairments
 from socket_echo.kinds import DEFAULT_PORT as DEFAULT_PORT
-from socket_echo.kinds import SCHEMES, kind
+from socket_echo.kinds import kind
+
+if TYPE_CHECKING:  # the parser (impair/params.py) runs in binds.py: config.py imports no parser
+    from socket_echo.impair.params import Impairments
 
 DEFAULT_HOSTS = ("127.0.0.1", "::1")  # localhost only: safe on a laptop
 DEFAULT_BACKLOG = 4096
@@ -79,10 +79,10 @@ ENGINES, DEFAULT_ENGINE = CHOICES["engine"]
 UDP_IO, DEFAULT_UDP_IO = CHOICES["udp_io"]
 LOG_LEVELS = CHOICES["log_level"][0]
 LOG_FORMATS = CHOICES["log_format"][0]
-# dtls:// (gates/dtls.py): Zephyr's echo_server with overlay-tls.conf speaks DTLS 1.2 on UDP 4242.
+# dtls:// (servers/dtls.py): Zephyr's echo_server with overlay-tls.conf speaks DTLS 1.2 on UDP 4242.
 DTLS_MTU = 1200  # bytes per handshake datagram: fits the IPv6 minimum MTU (1280) with headers
 DTLS_COOKIE_LIFETIME = 60.0  # seconds a HelloVerifyRequest cookie secret is current
-# quic:// (gates/quic.py): Zephyr's QUIC echo uses port 4422 and ALPN "echo-quic".
+# quic:// (servers/quic.py): Zephyr's QUIC echo uses port 4422 and ALPN "echo-quic".
 DEFAULT_QUIC_ALPN = ("echo-quic",)
 DEFAULT_QUIC_MAX_STREAMS = 128  # bidirectional streams a peer may have open at once
 DEFAULT_QUIC_MAX_DATA = 1 << 20  # connection flow-control window, bytes
@@ -122,7 +122,7 @@ class ListenerSpec:
     host: str
     port: int
     path: str = ""
-    impair: Impairments | None = None  # from the URL's query: impair/params.py
+    impair: Impairments | None = None  # from the URL's query: binds.py, impair/params.py
 
     @property
     def url(self) -> str:
@@ -200,42 +200,6 @@ def check_port(port: int) -> int:
     return port
 
 
-def parse_bind_url(url: str) -> ListenerSpec:
-    """``tcp://HOST:PORT`` or ``tcp://[V6]:PORT`` -> ListenerSpec; ConfigError when malformed."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port  # raises ValueError for a non-numeric or out-of-range port
-    except ValueError as exc:
-        raise ConfigError(f"malformed --bind {url!r}: {exc}") from None
-    if parts.scheme not in SCHEMES:
-        known = ", ".join(f"{s}://" for s in SCHEMES)
-        raise ConfigError(f"malformed --bind {url!r}: unknown scheme (use {known})")
-    try:
-        impair = parse_impairments(parts.query, parts.scheme, url)
-    except ImpairmentError as exc:
-        raise ConfigError(str(exc)) from None
-    if kind(parts.scheme).unix:
-        path = parts.netloc + parts.path
-        if not path.startswith("/"):
-            raise ConfigError(f"malformed --bind {url!r}: use unix:///absolute/path")
-        return ListenerSpec(parts.scheme, "", 0, path, impair)
-    if "@" in parts.netloc:
-        raise ConfigError(f"malformed --bind {url!r}: a listener has no user (HOST:PORT only)")
-    if not parts.hostname:
-        raise ConfigError(f"malformed --bind {url!r}: no host (e.g. tcp://127.0.0.1:4242)")
-    if parts.path not in ("", "/") or parts.fragment:
-        raise ConfigError(f"malformed --bind {url!r}: unexpected path")
-    host = parts.hostname
-    if "[" in parts.netloc:
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ConfigError(
-                f"malformed --bind {url!r}: {host!r} is not an IPv6 address"
-            ) from None
-    return ListenerSpec(parts.scheme, host, DEFAULT_PORT if port is None else port, "", impair)
-
-
 def check_alpn(names: tuple[str, ...], flag: str = "--quic-alpn") -> tuple[str, ...]:
     """``--quic-alpn`` (or the tools' ``--alpn``): each name 1 to 255 bytes (RFC 7301);
     ConfigError otherwise."""
@@ -243,27 +207,3 @@ def check_alpn(names: tuple[str, ...], flag: str = "--quic-alpn") -> tuple[str, 
         if not 0 < len(name.encode()) <= 255:
             raise ConfigError(f"{flag} {name!r}: an ALPN name is 1 to 255 bytes")
     return names
-
-
-def listeners_from_hosts(hosts: tuple[str, ...], port: int) -> tuple[ListenerSpec, ...]:
-    """TCP and UDP on each host, as RFC 862 and Zephyr's echo_server do."""
-    check_port(port)
-    return tuple(
-        ListenerSpec(scheme, host, port)
-        for scheme in ("tcp", "udp")
-        for host in (hosts or DEFAULT_HOSTS)
-    )
-
-
-def parse_metrics_address(text: str) -> ListenerSpec:
-    """``HOST:PORT`` or ``[V6]:PORT`` for the metrics and health endpoint (port required)."""
-    if not text.rsplit("]", 1)[-1].count(":"):
-        raise ConfigError(f"--metrics {text!r}: give HOST:PORT (e.g. 127.0.0.1:9100)")
-    port = text.rsplit(":", 1)[1]
-    if port.isdigit() and int(port) > 65535:
-        raise ConfigError(f"--metrics {text!r}: port {port} is out of range (0-65535)")
-    try:
-        spec = parse_bind_url(f"tcp://{text}")
-    except ConfigError:
-        raise ConfigError(f"--metrics {text!r}: give HOST:PORT (e.g. 127.0.0.1:9100)") from None
-    return spec

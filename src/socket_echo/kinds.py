@@ -28,7 +28,7 @@ class ListenerKind:
     proxy: bool = False  # a PROXY protocol header comes first
     impairments: str | None = None  # "stream", "datagram", or None: no ?delay=... query
     engine: bool = False  # the TCP data path (native, epoll) may take it when unimpaired
-    target: bool = True  # client, probe and bench can reach it
+    tools_reach: bool = True  # client, probe and bench can reach it (a TARGET)
     default_port: int = DEFAULT_PORT  # the tools' port when TARGET gives none
 
     def takes_engine(self, impaired: bool) -> bool:
@@ -50,7 +50,7 @@ KINDS: dict[str, ListenerKind] = {
             STREAM,
             proxy=True,
             impairments="stream",
-            target=False,
+            tools_reach=False,
         ),
         ListenerKind(
             "tls+proxy",
@@ -60,7 +60,7 @@ KINDS: dict[str, ListenerKind] = {
             secure=True,
             proxy=True,
             impairments="stream",
-            target=False,
+            tools_reach=False,
         ),
         # Zephyr's QUIC echo samples (and net-tools' quic-echo-server) use port 4422.
         ListenerKind("quic", "QUIC", QUIC, datagram=True, secure=True, default_port=4422),
@@ -68,7 +68,7 @@ KINDS: dict[str, ListenerKind] = {
     )
 }
 SCHEMES = tuple(KINDS)
-TARGET_SCHEMES = tuple(s for s, k in KINDS.items() if k.target)
+TARGET_SCHEMES = tuple(s for s, k in KINDS.items() if k.tools_reach)
 
 
 def kind(scheme: str) -> ListenerKind:

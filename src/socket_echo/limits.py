@@ -19,7 +19,7 @@ from socket_echo.logs import RateLimitedLog
 
 class Tracked(Protocol):
     """What the table, its sweep, the drain and the metrics need of a connection
-    (tcp/lifecycle.py's Connection)."""
+    (lifecycle.py's Connection)."""
 
     seen_activity: int
     active_since: float

@@ -21,6 +21,7 @@ from socket_echo.gates.wiring import Listening, StreamSetup, serve_stream_listen
 from socket_echo.impair.datagram import ImpairedUdpEcho
 from socket_echo.impair.stream import ImpairedEcho
 from socket_echo.kinds import DTLS, QUIC, UDP, kind
+from socket_echo.lifecycle import SHUTDOWN, ListenerContext
 from socket_echo.limits import ConnectionTable, descriptor_budget
 from socket_echo.listeners import BoundListener, close_all
 from socket_echo.logs import log_event, logger
@@ -29,7 +30,6 @@ from socket_echo.metrics import health_factory, registry_for
 from socket_echo.state import ServerState
 from socket_echo.tcp.accept import RESOURCE_ERRORS
 from socket_echo.tcp.epoll import EpollEngine
-from socket_echo.tcp.lifecycle import SHUTDOWN, ListenerContext
 from socket_echo.tcp.native import NativeEngine
 from socket_echo.tcp.paths import resolve_engine
 from socket_echo.tcp.protocol import EchoProtocol
@@ -37,8 +37,8 @@ from socket_echo.udp.guard import UdpGuard
 from socket_echo.udp.paths import UdpServing, resolve_udp_io, serve_udp
 
 if TYPE_CHECKING:
-    from socket_echo.gates.dtls import DtlsEchoServer
-    from socket_echo.gates.quic import EchoQuicServer
+    from socket_echo.servers.dtls import DtlsEchoServer
+    from socket_echo.servers.quic import EchoQuicServer
 
 
 class EchoServer:
@@ -116,7 +116,7 @@ class EchoServer:
             dual = "dual-stack " if bound.dual_stack else ""
             impair = bound.spec.impair or None
             if listener_kind.served_by == QUIC:
-                from socket_echo.gates.quic import serve_quic  # aioquic: here only
+                from socket_echo.servers.quic import serve_quic  # aioquic: here only
 
                 ctx = ListenerContext(self.table, bound.url, cfg.max_buffer, cfg.access_log, loop)
                 self._contexts.append(ctx)
@@ -132,7 +132,10 @@ class EchoServer:
                     f"{options.max_streams} streams each{', Retry' if options.retry else ''})"
                 )
             elif listener_kind.served_by == DTLS:
-                from socket_echo.gates.dtls import dtls_options, serve_dtls  # pyOpenSSL: here only
+                from socket_echo.servers.dtls import (  # pyOpenSSL: here only
+                    dtls_options,
+                    serve_dtls,
+                )
 
                 ctx = ListenerContext(self.table, bound.url, cfg.max_buffer, cfg.access_log, loop)
                 self._contexts.append(ctx)

@@ -112,7 +112,7 @@ def tls_context(cfg: ServerConfig, pair: tuple[Any, Any] | None = None) -> ssl.S
 def quic_configuration(cfg: ServerConfig, pair: tuple[Any, Any] | None) -> tuple[Any, Any]:
     """(QuicConfiguration, QuicOptions) for the quic:// listeners."""
     # imported here: aioquic (a tenth of a second to import) only for a quic:// listener
-    from socket_echo.gates.quic import QuicSetupError, configuration, quic_options
+    from socket_echo.servers.quic import QuicSetupError, configuration, quic_options
 
     try:
         options = quic_options(cfg)
@@ -129,8 +129,8 @@ def quic_configuration(cfg: ServerConfig, pair: tuple[Any, Any] | None) -> tuple
 
 def dtls_context(cfg: ServerConfig, pair: tuple[Any, Any] | None) -> Any:
     # imported here: pyOpenSSL is only loaded by servers with a dtls:// listener
-    from socket_echo.gates.dtls import CookieJar, DtlsSetupError, suites
-    from socket_echo.gates.dtls import dtls_context as make
+    from socket_echo.servers.dtls import CookieJar, DtlsSetupError, suites
+    from socket_echo.servers.dtls import dtls_context as make
 
     cert, key = pair if pair is not None else (cfg.tls_cert, cfg.tls_key)
     cookies = CookieJar(DTLS_COOKIE_LIFETIME, time.monotonic)

@@ -24,8 +24,8 @@ from socket_echo.gates.proxy import (
     ProxyHeaderError,
     parse,
 )
+from socket_echo.lifecycle import ERROR, ListenerContext, format_peer
 from socket_echo.state import ProxyStats
-from socket_echo.tcp.lifecycle import ERROR, ListenerContext, format_peer
 
 
 def no_header_in(seconds: float) -> str:

@@ -23,9 +23,9 @@ import tempfile
 from typing import Any, cast
 
 from socket_echo.config import TLS_CIPHER_PRESETS, ConfigError
+from socket_echo.lifecycle import HANDSHAKE_TIMEOUT, ListenerContext, format_peer, peer_of
 from socket_echo.logs import log_event
 from socket_echo.state import TlsStats
-from socket_echo.tcp.lifecycle import ListenerContext, format_peer, peer_of
 
 MIN_VERSION = ssl.TLSVersion.TLSv1_2
 TOO_MANY_HANDSHAKES = "too many handshakes in progress"  # --max-handshakes: reset at once
@@ -165,7 +165,7 @@ def self_signed_pair() -> tuple[Any, Any]:
 
 def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or "taking longer" in str(exc):
-        return "handshake timeout"
+        return HANDSHAKE_TIMEOUT
     if isinstance(exc, ssl.SSLError):
         return (exc.reason or str(exc)).lower().replace("_", " ")
     if isinstance(exc, (ConnectionError, EOFError)):

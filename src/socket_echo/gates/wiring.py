@@ -28,11 +28,11 @@ from socket_echo.gates.proxy_gate import HeaderPreReader
 from socket_echo.gates.proxy_gate import gate_factory as proxy_gate_factory
 from socket_echo.gates.tls import TOO_MANY_HANDSHAKES, TlsGate, native_handshake
 from socket_echo.kinds import kind
+from socket_echo.lifecycle import ListenerContext, reset
 from socket_echo.logs import RateLimitedLog
 from socket_echo.state import ServerState
 from socket_echo.tcp.accept import AcceptReader, adopt
 from socket_echo.tcp.epoll import EpollEngine
-from socket_echo.tcp.lifecycle import ListenerContext, reset
 from socket_echo.tcp.native import NativeEngine
 
 

@@ -18,7 +18,7 @@ they arrive. So a connection holds at most ``--max-buffer`` (plus one read) of d
 bytearray's slack and ``MAX_RANGES`` small lists, whatever the rate, delay or jitter.
 
 The connection's lifecycle (admission, reasons, counters, log records, the sweep and the
-drain) is tcp/lifecycle.py's, as on every stream path.
+drain) is lifecycle.py's, as on every stream path.
 
 A reset after N bytes: the N bytes are written, then (once the transport has handed them to
 the kernel) the socket closes with SO_LINGER 0, which sends RST. On loopback the peer reads
@@ -36,7 +36,7 @@ import socket
 from typing import Any
 
 from socket_echo.impair.clock import call_when_due, now
-from socket_echo.tcp.lifecycle import (
+from socket_echo.lifecycle import (
     CLOSE_AFTER,
     LINGER_ABORT,
     PEER_CLOSED,

@@ -346,7 +346,7 @@ static PyObject *Engine_open_count(Engine *py, PyObject *Py_UNUSED(ignored)) {
  * Called without the mutex. */
 static PyObject *build_told(Engine *py) {
     engine_t *self = &py->e;
-    told_t *t = &self->told;
+    reported_t *t = &self->told;
     PyObject *out = PyList_New(0);
     if (!out) return NULL;
     for (size_t i = 0; i < t->queued; i++) {
@@ -370,7 +370,7 @@ static PyObject *build_told(Engine *py) {
         Py_DECREF(item);
     }
     for (int i = 0; i < MAX_LISTENERS; i++) {
-        gone_t *g = &t->gone[i];
+        closed_sums_t *g = &t->gone[i];
         if (!g->count) continue;
         PyObject *buckets = PyTuple_New(self->nbounds + 1);
         if (!buckets) goto fail;

@@ -157,7 +157,7 @@ static void closed_event(engine_t *self, int fd, int reason, int err) {
     double opened_at = c->opened_at;
     size_t unsent = release(self, fd);
     if (unlisted && tag < MAX_LISTENERS) {
-        gone_t *g = &self->gone[tag];
+        closed_sums_t *g = &self->gone[tag];
         untold(self);
         double duration = monotonic() - opened_at;
         int b = 0;
@@ -183,7 +183,7 @@ static void closed_event(engine_t *self, int fd, int reason, int err) {
 /* Is there room for one more connection? (the table's rule: limits.ConnectionTable.admit,
  * with this engine's pipes counted: each spliced connection holds two descriptors more, so
  * streaming ones could otherwise run the process out of descriptors under the budget) */
-static int room(engine_t *self) {
+static int admits_one_more(engine_t *self) {
     ssize_t open = self->others + self->open_here;
     if (open < self->max_connections && open + 2 * self->pipes < self->fd_budget) return 1;
     if (open >= self->max_connections) self->refused_cap++;
@@ -193,7 +193,7 @@ static int room(engine_t *self) {
 }
 
 static void lost(engine_t *self, int fd, int err) {
-    /* the twin of tcp/lifecycle.lost_reason: a peer's reset is RESET, else ERROR */
+    /* the twin of lifecycle.lost_reason: a peer's reset is RESET, else ERROR */
     if (err == ECONNRESET || err == EPIPE) closed_event(self, fd, R_RESET, 0);
     else closed_event(self, fd, R_ERROR, err);
 }
@@ -312,7 +312,7 @@ static void accept_batch(engine_t *self, int index) {
             }
             return; /* EAGAIN, or an error on this listener: look again next time */
         }
-        if (!room(self) || grow(self, fd) < 0) { /* refused: reset at once, as abort() does */
+        if (!admits_one_more(self) || grow(self, fd) < 0) { /* refused: reset at once, as abort() does */
             struct linger lg = {1, 0};
             setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
             close(fd);
@@ -434,7 +434,7 @@ int move_told(engine_t *self) {
     ssize_t r = read(self->notify_fd, &count, sizeof count); /* EAGAIN: nothing was told */
     (void)r;
     self->notified = 0;
-    told_t *t = &self->told;
+    reported_t *t = &self->told;
     if (self->queued) {
         if (t->queued == 0) { /* the usual case: swap the buffers, nothing copied */
             event_t *q = t->queue;
@@ -458,7 +458,7 @@ int move_told(engine_t *self) {
         self->queued = 0;
     }
     for (int i = 0; i < MAX_LISTENERS; i++) {
-        gone_t *g = &self->gone[i], *to = &t->gone[i];
+        closed_sums_t *g = &self->gone[i], *to = &t->gone[i];
         if (!g->count) continue;
         to->count += g->count;
         for (int k = 0; k < 3; k++) to->closed[k] += g->closed[k];

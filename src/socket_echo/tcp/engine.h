@@ -57,7 +57,7 @@ typedef struct {
     unsigned long long bytes_in, bytes_out;
     ssize_t buckets[MAX_BOUNDS + 1];
     double duration_sum;
-} gone_t;
+} closed_sums_t;
 
 /* What was told, moved out of the engine under its mutex and made into Python objects after
  * unlocking it (libuv's uv__work_done moves its queue the same way): the thread never waits
@@ -66,9 +66,9 @@ typedef struct {
 typedef struct {
     event_t *queue;
     size_t queued, cap;
-    gone_t gone[MAX_LISTENERS];
+    closed_sums_t gone[MAX_LISTENERS];
     ssize_t refused_cap, refused_budget;
-} told_t;
+} reported_t;
 
 /* A connection listed by take_all, copied out under the mutex. */
 typedef struct {
@@ -102,7 +102,7 @@ typedef struct engine {
     /* Connections that closed unlisted, summed per listener tag until Python takes them
      * (limits.ConnectionTable.count_gone). Durations in the buckets Python gave
      * (limits.DURATION_BUCKETS). */
-    gone_t gone[MAX_LISTENERS];
+    closed_sums_t gone[MAX_LISTENERS];
     double untold_since; /* when the oldest untold sum or refusal began; 0: none */
     double bounds[MAX_BOUNDS];
     int nbounds;
@@ -111,7 +111,7 @@ typedef struct engine {
     int paused;
     int want_peers;
     uint32_t next_gen;
-    told_t told; /* Python's side (the binding, holding the GIL): no lock */
+    reported_t told; /* Python's side (the binding, holding the GIL): no lock */
 } engine_t;
 
 unsigned long long handle_of(int fd, uint32_t gen);

@@ -12,7 +12,7 @@ cannot be sent in full the rest is held and reading from that peer stops (level-
 EPOLLOUT until it drains). A read takes at most ``min(READ_CHUNK, --max-buffer)`` bytes, so a
 connection never holds more than ``--max-buffer``. EOF closes once everything was sent; the
 table's sweep closes idle and stalled ones. Admission, reasons, counters and log records are
-the one lifecycle of tcp/lifecycle.py.
+the one lifecycle of lifecycle.py.
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ import socket
 from typing import Any
 
 from socket_echo.config import ACCEPT_RETRY_DELAY, READ_CHUNK
-from socket_echo.logs import RateLimitedLog
-from socket_echo.tcp.accept import accept_batch
-from socket_echo.tcp.lifecycle import (
+from socket_echo.lifecycle import (
     LINGER_ABORT,
     PEER_CLOSED,
     Connection,
@@ -34,6 +32,8 @@ from socket_echo.tcp.lifecycle import (
     lost_reason,
     unacked_on,
 )
+from socket_echo.logs import RateLimitedLog
+from socket_echo.tcp.accept import accept_batch
 
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 

@@ -3,7 +3,7 @@
 The C engine owns the descriptors and moves the bytes in a thread of its own (epoll, recv,
 send, held echoes, counters in C structs, admission against the table's limits); this module
 turns what it reports (opened, closed, accept paused) into the lifecycle of
-tcp/lifecycle.py: reasons, counters, log records, the sweep and the drain are the same code
+lifecycle.py: reasons, counters, log records, the sweep and the drain are the same code
 as on the pure paths. Nothing here runs per message.
 
 ``available()`` is False where the extension was not built (no compiler, not Linux, or
@@ -20,9 +20,9 @@ from typing import Any
 
 from socket_echo import extensions
 from socket_echo.config import ACCEPT_RETRY_DELAY, READ_CHUNK
+from socket_echo.lifecycle import ERROR, PEER_CLOSED, RESET, Connection, ListenerContext
 from socket_echo.limits import DURATION_BUCKETS, ConnectionTable
 from socket_echo.logs import RateLimitedLog
-from socket_echo.tcp.lifecycle import ERROR, PEER_CLOSED, RESET, Connection, ListenerContext
 
 _native: Any
 try:
@@ -70,19 +70,19 @@ class NativeConnection(Connection):
         super().__init__(ctx, peer)
 
     def received(self) -> int:
-        return int(self.engine.c.bytes_in(self.handle)) if self.handle >= 0 else self.bytes_in
+        return int(self.engine.core.bytes_in(self.handle)) if self.handle >= 0 else self.bytes_in
 
     def activity(self) -> int:
-        return int(self.engine.c.activity(self.handle)) if self.handle >= 0 else 0
+        return int(self.engine.core.activity(self.handle)) if self.handle >= 0 else 0
 
     def held(self) -> int:
-        return int(self.engine.c.held(self.handle)) if self.handle >= 0 else 0
+        return int(self.engine.core.held(self.handle)) if self.handle >= 0 else 0
 
     def close(self, reason: str) -> None:
         self.give_reason(reason)
         self.closing = True
         if self.handle >= 0:
-            self.engine.c.close(self.handle)
+            self.engine.core.close(self.handle)
 
     def abort(self, reason: str) -> None:
         self.give_reason(reason)
@@ -110,26 +110,26 @@ class NativeEngine:
     ) -> None:
         self.loop = loop
         self.exhausted = exhausted
-        self.c = _native.Engine(max(1, min(READ_CHUNK, max_buffer)), want_peers)
+        self.core = _native.Engine(max(1, min(READ_CHUNK, max_buffer)), want_peers)
         self.conns: dict[int, NativeConnection] = {}  # by handle
         self.contexts: list[ListenerContext] = []
         self.accepting = True
         self._retry: asyncio.TimerHandle | None = None
         self.table = table
-        self.c.set_table(table.fd_budget, table.max_connections, DURATION_BUCKETS)
+        self.core.set_table(table.fd_budget, table.max_connections, DURATION_BUCKETS)
         self.open_changed(len(table.open))
         table.unlisted.append(self)
-        loop.add_reader(self.c.fileno(), self._ready)
-        self.c.start()
+        loop.add_reader(self.core.fileno(), self._ready)
+        self.core.start()
 
     # limits.Unlisted
     def unlisted(self) -> int:
         """Open here and not in the table: ``open_count`` counts a connection until the
         engine closes it, the table until its close is heard, so the sum is exact."""
-        return int(self.c.open_count()) - len(self.conns)
+        return int(self.core.open_count()) - len(self.conns)
 
     def list_unlisted(self) -> None:
-        events, listed = self.c.take_all()
+        events, listed = self.core.take_all()
         self._handle(events)
         conns, contexts = self.conns, self.contexts
         for handle, tag, opened_at in listed:
@@ -139,7 +139,7 @@ class NativeEngine:
     def unlisted_by_listener(self) -> dict[str, tuple[int, int, int]]:
         """(connections, bytes in, bytes out) of the open unlisted ones, by listener, leaving
         them unlisted; what the engine had not told yet is heard first."""
-        events, sums = self.c.unlisted_sums()  # one snapshot: a close is in one or the other
+        events, sums = self.core.unlisted_sums()  # one snapshot: a close is in one or the other
         self._handle(events)
         contexts = self.contexts
         return {contexts[tag].listener: (n, got, sent) for tag, n, got, sent in sums}
@@ -148,10 +148,10 @@ class NativeEngine:
         """The table's ``open`` changed (limits.ConnectionTable.admit/release): tell the C
         admission how many of them are not this engine's. A connection of ours enters
         ``conns`` before the table and leaves it first, so the difference is exact."""
-        self.c.set_others(listed - len(self.conns))
+        self.core.set_others(listed - len(self.conns))
 
     def add_listener(self, sock: socket.socket, ctx: ListenerContext) -> None:
-        self.c.add_listener(sock.fileno(), len(self.contexts))
+        self.core.add_listener(sock.fileno(), len(self.contexts))
         self.contexts.append(ctx)
         ctx.table.on_close.append(self._resume_accepting)  # a descriptor just came free
 
@@ -160,7 +160,7 @@ class NativeEngine:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
-        self.c.stop_accepting()
+        self.core.stop_accepting()
 
     def _pause_accepting(self) -> None:
         self.exhausted.note()
@@ -172,10 +172,10 @@ class NativeEngine:
             self._retry.cancel()
             self._retry = None
             if self.accepting:
-                self.c.resume_accepting()
+                self.core.resume_accepting()
 
     def _ready(self) -> None:
-        self._handle(self.c.take())
+        self._handle(self.core.take())
 
     def _handle(self, events: list[tuple[Any, ...]]) -> None:
         if not events:
@@ -222,7 +222,7 @@ class NativeEngine:
     def abort(self, conn: NativeConnection) -> None:
         if conn.handle < 0:
             return
-        result = self.c.abort(conn.handle)
+        result = self.core.abort(conn.handle)
         if result is None:  # the engine closed it already: its close event releases it
             return
         del self.conns[conn.handle]
@@ -232,7 +232,7 @@ class NativeEngine:
 
     def shutdown(self) -> None:
         """Stop the thread, hear what it had not told yet, then close what is left."""
-        self.loop.remove_reader(self.c.fileno())
-        self.c.stop()
-        self._handle(self.c.take())
-        self.c.shutdown()
+        self.loop.remove_reader(self.core.fileno())
+        self.core.stop()
+        self._handle(self.core.take())
+        self.core.shutdown()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
-from socket_echo.tcp.lifecycle import (
+from socket_echo.lifecycle import (
     PEER_CLOSED,
     Connection,
     ListenerContext,

@@ -32,7 +32,7 @@ class ClientError(Exception):
 
 
 def main(target: Target, tls: TlsOptions | None, timeout: float, alpn: str) -> int:
-    """``socket-echo client`` on any target: the exit code (tools/exits.py), or ToolError."""
+    """``socket-echo client`` on any target: the exit code (exits.py), or ToolError."""
     try:
         if target.scheme == "quic":
             from socket_echo.tools.client import quic

@@ -19,7 +19,7 @@ from typing import Any, cast
 from OpenSSL import SSL
 
 from socket_echo.config import DTLS_MTU
-from socket_echo.gates.dtls_wire import (
+from socket_echo.dtls_wire import (
     DTLS1_2_VERSION,
     HELLO_VERIFY_REQUEST,
     Endpoint,

@@ -19,7 +19,7 @@ def main(
     as_json: bool = False,
 ) -> int:
     """``socket-echo probe`` on any target: prints the report (none with ``quick``) and
-    returns the exit code (tools/exits.py); ToolError when nothing answers."""
+    returns the exit code (exits.py); ToolError when nothing answers."""
     from socket_echo.tools.probe import output
 
     try:

@@ -1,6 +1,6 @@
 """DTLS 1.2 over pyOpenSSL memory BIOs, without I/O: datagrams in; records and datagrams out.
 
-The ``dtls://`` listener (gates/dtls.py) and the tools' DTLS client (tools/dtls_client.py)
+The ``dtls://`` listener (servers/dtls.py) and the tools' DTLS client (tools/connect/dtls.py)
 both drive an :class:`Endpoint`; neither touches OpenSSL's state machine otherwise.
 
 Why datagrams are re-cut here: pyOpenSSL offers memory BIOs only (no datagram BIO), and a

@@ -13,7 +13,7 @@ address rules, the per-prefix and global token buckets: handshakes per source pr
 connection cap and the descriptor-free table of tracked connections. ``--quic-retry`` validates
 addresses with Retry first. A handshake that does not finish within ``--tls-handshake-timeout``
 is closed; ``--idle-timeout`` is QUIC's own idle timeout. Each connection goes through the one
-lifecycle of tcp/lifecycle.py (admission, reasons, counters, the open and close records).
+lifecycle of lifecycle.py (admission, reasons, counters, the open and close records).
 
 Why the connection's stream limit is set through a private attribute: aioquic 1.7.2 has no
 setting for it (its ``initial_max_streams_bidi`` is fixed at 128); the value is read when the
@@ -56,9 +56,7 @@ from socket_echo.config import (
     ServerConfig,
 )
 from socket_echo.gates.tls import describe_error, report_failure
-from socket_echo.logs import log_event
-from socket_echo.state import ServerState
-from socket_echo.tcp.lifecycle import (
+from socket_echo.lifecycle import (
     ERROR,
     HANDSHAKE_TIMEOUT,
     IDLE,
@@ -66,6 +64,8 @@ from socket_echo.tcp.lifecycle import (
     Connection,
     ListenerContext,
 )
+from socket_echo.logs import log_event
+from socket_echo.state import ServerState
 from socket_echo.udp.guard import UdpGuard
 
 MAX_DATAGRAM_FRAME = 65536

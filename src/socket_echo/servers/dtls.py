@@ -13,7 +13,7 @@ nothing that outlives its datagram:
    secret that rotates every ``DTLS_COOKIE_LIFETIME`` (the previous secret is still accepted);
    nothing is kept;
 4. a ClientHello whose cookie verifies is admitted through the one lifecycle
-   (tcp/lifecycle.py: the connection cap, draining, counters, the open record); over the cap the
+   (lifecycle.py: the connection cap, draining, counters, the open record); over the cap the
    client gets a fatal alert and nothing is kept.
 
 A session then runs its handshake with OpenSSL's retransmission timer and
@@ -48,7 +48,7 @@ from socket_echo.config import (
     ConfigError,
     ServerConfig,
 )
-from socket_echo.gates.dtls_wire import (
+from socket_echo.dtls_wire import (
     DTLS1_2_VERSION,
     Endpoint,
     alert_record,
@@ -57,15 +57,15 @@ from socket_echo.gates.dtls_wire import (
     is_client_hello,
 )
 from socket_echo.gates.tls import report_failure
-from socket_echo.logs import log_event
-from socket_echo.state import ServerState
-from socket_echo.tcp.lifecycle import (
+from socket_echo.lifecycle import (
     ERROR,
     HANDSHAKE_TIMEOUT,
     PEER_CLOSED,
     Connection,
     ListenerContext,
 )
+from socket_echo.logs import log_event
+from socket_echo.state import ServerState
 from socket_echo.udp.guard import UdpGuard
 
 INTERNAL_ERROR = 80  # the alert a client over the cap gets

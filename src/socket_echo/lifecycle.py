@@ -1,7 +1,8 @@
-"""One connection lifecycle for every stream data path: admit, activity, close, release.
+"""One connection lifecycle for every kind: admit, activity, close, release.
 
-A data path (tcp/epoll.py, tcp/protocol.py, later a native one) moves bytes; everything else
-a connection goes through is here, written once:
+A data path moves bytes (tcp/native.py, tcp/epoll.py, tcp/protocol.py and the impaired echo
+for streams; QUIC connections and DTLS sessions in servers/); everything else a connection
+goes through is here, written once:
 
 - **admit**: refused while draining, over ``--max-connections`` or over the descriptor budget
   (limits.ConnectionTable); an admitted connection gets its number and an open log record;
