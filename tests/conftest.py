@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -100,6 +101,10 @@ class ServerProcess:
                 raise AssertionError(f"no {scheme} listener in:\n{self.log}")
             time.sleep(0.02)
 
+    def log_line_of(self, port: int) -> str:
+        """The "listening" line of the listener on ``port``."""
+        return next(ln for ln in list(self.lines) if LISTEN_RE.search(ln) and f":{port} " in ln)
+
     def listeners_of(self, scheme: str) -> list[tuple[str, str, int]]:
         """Every listener of that scheme (``listener`` waited for the first)."""
         self.listener(scheme)
@@ -166,15 +171,59 @@ def unmeasured(env: dict[str, str] | None = None) -> dict[str, str]:
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 30, **kwargs: Any
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m socket_echo ARGS`` to completion, as a user would run it."""
+    """``python -m socket_echo ARGS`` to completion, as a user would run it (text; the tools'
+    tools_helpers.tool is the same with bytes and stdin)."""
     return subprocess.run(
         [sys.executable, "-m", "socket_echo", *args],
         capture_output=True,
-        text=True,
+        text=kwargs.pop("text", True),
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
         **kwargs,
     )
+
+
+def run_async(coro: Any, timeout: float = 30) -> Any:
+    """An in-process client's coroutine to its end, bounded in time."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def echo_ok(to: socket.socket | int, payload: bytes = b"ping", timeout: float = 2.0) -> bool:
+    """The echo of ``payload`` came back whole, on a socket or a new connection to a port;
+    False if the connection failed (a refused or killed one)."""
+    try:
+        if isinstance(to, int):
+            with socket.create_connection(("127.0.0.1", to), timeout=timeout) as sock:
+                return exchange(sock, payload) == payload
+        return exchange(to, payload) == payload
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One CA and the certificates the TLS, QUIC and DTLS tests use: the server's for
+    127.0.0.1/localhost/::1 (``cert`` and ``key`` apart, and ``server``: key and chain in one
+    file), a client's of the same CA and a stranger's of another (``client``, ``stranger``:
+    key and chain; ``*-cert``, ``*-key`` apart, as aioquic reads them)."""
+    import trustme
+
+    d = tmp_path_factory.mktemp("pki")
+    ca, other_ca = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost", "::1")
+    files = {k: str(d / f"{k}.pem") for k in ("ca", "cert", "key", "server")}
+    ca.cert_pem.write_to_path(files["ca"])
+    server.cert_chain_pems[0].write_to_path(files["cert"])
+    server.private_key_pem.write_to_path(files["key"])
+    server.private_key_and_cert_chain_pem.write_to_path(files["server"])
+    for name, issuer in (("client", ca), ("stranger", other_ca)):
+        cert = issuer.issue_cert(f"{name}.example")
+        for key, pem in ((name, cert.private_key_and_cert_chain_pem),
+                         (f"{name}-cert", cert.cert_chain_pems[0]),
+                         (f"{name}-key", cert.private_key_pem)):  # fmt: skip
+            files[key] = str(d / f"{key}.pem")
+            pem.write_to_path(files[key])
+    return files
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
@@ -185,6 +234,11 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *
     assert "Traceback" not in result.stderr
     for word in words:
         assert word in lines[0], lines[0]
+
+
+# A server the test left with open connections drains them for --graceful-timeout (10 s):
+# this long for a clean exit after SIGTERM (coverage's data), then it is killed.
+TEARDOWN_GRACE = 0.5
 
 
 @pytest.fixture
@@ -205,9 +259,10 @@ def start_server() -> Iterator[Callable[..., ServerProcess]]:
     for server in started:  # SIGTERM first, so a coverage run keeps what the server ran
         if server.proc.poll() is None:
             server.signal(signal.SIGTERM)
+    deadline = time.monotonic() + TEARDOWN_GRACE  # for all of them together, not each
     for server in started:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            server.proc.wait(2)
+            server.proc.wait(max(0.0, deadline - time.monotonic()))
         server.kill()
 
 

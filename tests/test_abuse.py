@@ -151,18 +151,25 @@ def test_connection_flood_leaves_connected_clients_responsive(start_server, figu
         measured=False,
     )
     mport = metrics_port(server)
+    rejected_total = "socket_echo_connections_rejected_total"
     with Sampler(server.pid) as mem, Steady(server.connect, 10, 64) as steady:
-        time.sleep(0.5)
+        wait_until(lambda: len(steady.rtts) >= 200, 10, "round trips before the flood")
         before = steady.p99_ms()
         steady.rtts.clear()
         flood = nonblocking_connects((server.host, server.port), attempts)
-        time.sleep(1.0)
+        wait_until(  # the server has judged the whole flood (polled, not slept for)
+            lambda: (
+                total(scrape(mport), rejected_total, reason="max_connections") >= attempts - limit
+            ),
+            10,
+            "the flood's rejections",
+        )
         for s in flood:
             s.close()
-        time.sleep(0.3)
+        wait_until(lambda: len(steady.rtts) >= 200, 10, "round trips after the flood")
     assert not steady.errors, steady.errors
     m = scrape(mport)
-    rejected = total(m, "socket_echo_connections_rejected_total", reason="max_connections")
+    rejected = total(m, rejected_total, reason="max_connections")
     assert rejected >= attempts - limit
     with server.connect() as c:  # the flood is over: new clients get in
         assert exchange(c, b"after the flood") == b"after the flood"

@@ -245,6 +245,12 @@ def test_one_in_flight_behind_a_slow_server_is_held_and_corrected(start_server, 
     assert corrected["p99"] > 2 * uncorrected["p99"], (corrected, uncorrected)
 
 
+def counts(text: str) -> dict[int, int]:
+    from socket_echo.tools.bench.histograms import decode, iterate
+
+    return dict(iterate(decode(text, "test")))
+
+
 @pytest.mark.parametrize("env", LOOPS, ids=LOOP_IDS)
 @pytest.mark.parametrize("arrival", ["uniform", "poisson"])
 def test_open_loop_figures_and_what_they_mean(start_server, env, arrival):
@@ -259,7 +265,9 @@ def test_open_loop_figures_and_what_they_mean(start_server, env, arrival):
         assert report["latency_us"][p] >= report["latency_uncorrected_us"][p]  # slot <= send
     lat = report["latency_us"]
     assert lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p999"] <= lat["p9999"] <= lat["max"]
-    assert report["send_lateness_us"]["p50"] is not None
+    lateness = report["send_lateness_us"]  # how late sends left their slot: every send's
+    assert 0 <= lateness["p50"] <= lateness["max"] < 1_000_000, lateness  # one per send
+    assert sum(counts(report["histogram_lateness"]).values()) == report["sends"]
     assert report["latency_resolution_us"] == 1
     assert "from send" in table and "late" in table
 

@@ -13,21 +13,13 @@ import time
 import urllib.request
 
 import pytest
-from conftest import NATIVE, exchange, metrics_port
+from conftest import NATIVE, echo_ok, exchange, metrics_port
 
 from socket_echo.limits import FD_RESERVE
 
 
 def low_nofile(n: int):  # type: ignore[no-untyped-def]
     return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
-
-
-def echo_ok(port: int, payload: bytes = b"ping", timeout: float = 2.0) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            return exchange(sock, payload) == payload
-    except OSError:
-        return False
 
 
 def test_more_clients_than_descriptors(start_server, server_flags):

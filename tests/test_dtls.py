@@ -4,7 +4,6 @@ the abuse cases."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -15,7 +14,7 @@ import sys
 
 import pytest
 import trustme
-from conftest import assert_one_line_error, metrics_port, run_cli, scrape, total
+from conftest import assert_one_line_error, metrics_port, run_async, run_cli, scrape, total
 from OpenSSL import SSL
 from tools_helpers import tool
 
@@ -38,10 +37,6 @@ def dtls_server(start_server, *args: str):  # type: ignore[no-untyped-def]
     )
     _, host, port = server.listener("dtls")
     return server, Target("dtls", host, port)
-
-
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(asyncio.wait_for(coro, 30))
 
 
 async def echoes(target: Target, records: list[bytes], tls: TlsOptions = INSECURE, **kw):  # type: ignore[no-untyped-def]
@@ -131,7 +126,7 @@ def test_records_come_back_as_records_after_a_cookie_exchange(start_server):
     one record; the server asked for a cookie first and counted it; close_notify is answered."""
     server, target = dtls_server(start_server)
     records = [b"A", b"foobar", b"\0\1\2\3", b"\0", bytes(range(256)), b"y" * 1200, b"z" * 16384]
-    client, got = run(echoes(target, records))
+    client, got = run_async(echoes(target, records))
     assert got == records
     assert client.hello_verify
     server.wait_for_log(r"connection #1 from 127\.0\.0\.1:\d+ closed: peer closed; in 17852 B")
@@ -203,7 +198,7 @@ def test_hellos_without_cookies_forged_cookies_and_garbage_keep_nothing(start_se
     socks[1].sendto(with_cookie, (target.host, target.port))
     assert handshake_type(socks[1].recv(65536)) == HELLO_VERIFY_REQUEST  # asked again
 
-    _, got = run(echoes(target, [b"still served"]))
+    _, got = run_async(echoes(target, [b"still served"]))
     assert got == [b"still served"]
     for sock in socks:
         sock.close()
@@ -255,7 +250,7 @@ def test_a_silent_client_is_retransmitted_to_then_timed_out_and_idle_sessions_cl
         client.close()
         return client.endpoint.peer_closed
 
-    assert run(idle())
+    assert run_async(idle())
     server.wait_for_log(r"closed: idle timeout")
 
 
@@ -270,7 +265,7 @@ def test_over_the_cap_a_client_gets_an_alert_and_nothing_is_kept(start_server):
         assert await first.recv(5) == b"first still served"
         first.close()
 
-    run(main())
+    run_async(main())
     m = scrape(metrics_port(server))
     assert total(m, "socket_echo_udp_dropped_total", reason="dtls: connection limit") == 1
 
@@ -289,14 +284,14 @@ def test_mutual_tls_requires_a_client_certificate(start_server, tmp_path):
     target = Target("dtls", host, port)
     verified = TlsOptions(ca_file=str(tmp_path / "ca.pem"))
     with pytest.raises(DtlsFailed, match="handshake failed"):
-        run(echoes(target, [b"no certificate"], verified))
+        run_async(echoes(target, [b"no certificate"], verified))
     server.wait_for_log(r"DTLS handshake from .* failed: peer did not return a certificate")
     client_cert = ca.issue_cert("client@example.org")
     client_cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "client.pem"))
     ctx = client_context(verified)
     ctx.use_certificate_chain_file(str(tmp_path / "client.pem"))
     ctx.use_privatekey_file(str(tmp_path / "client.pem"))
-    _, got = run(echoes(target, [b"with a certificate"], verified, context=ctx))
+    _, got = run_async(echoes(target, [b"with a certificate"], verified, context=ctx))
     assert got == [b"with a certificate"]
 
 
@@ -312,7 +307,7 @@ def test_sigterm_sends_close_notify_then_exits_0(start_server):
             await client.recv(10)
         client.close()
 
-    run(main())
+    run_async(main())
     assert server.wait(10) == 0
     server.wait_for_log(r"closed: shutdown; in 9 B, out 9 B")
 
@@ -331,7 +326,7 @@ def test_a_client_restarting_from_the_same_port_replaces_its_session(start_serve
         assert await second.recv(5) == b"after a reboot"
         second.close()
 
-    run(main())
+    run_async(main())
     server.wait_for_log(r"connection #1 from .* closed: peer restarted")
 
     # A board that reboots mid-handshake: its half-done session must not swallow the new one.
@@ -353,7 +348,7 @@ def test_a_client_restarting_from_the_same_port_replaces_its_session(start_serve
         finally:
             client.close()
 
-    assert run(rebooted()) == b"rebooted mid-handshake"
+    assert run_async(rebooted()) == b"rebooted mid-handshake"
     server.wait_for_log(r"connection #3 from .* closed: peer restarted")
 
 
@@ -442,7 +437,7 @@ def test_workers_serve_dtls_sessions_from_the_credentials_made_before_the_fork(s
             client.close()
         return got
 
-    assert run(many()) == [b"session %d" % i for i in range(8)]
+    assert run_async(many()) == [b"session %d" % i for i in range(8)]
 
 
 def test_server_name_verifies_a_localhost_certificate_on_an_address(start_server, tmp_path):
@@ -488,7 +483,7 @@ def test_a_malformed_client_hello_breaks_no_other_session(start_server):
             client.close()
         return got
 
-    assert run(main()) == [b"still here"] * 3
+    assert run_async(main()) == [b"still here"] * 3
     m = scrape(metrics_port(server))
     assert total(m, "socket_echo_udp_dropped_total", reason="dtls: malformed ClientHello") == 3
     assert total(m, "socket_echo_connections_closed_total", reason="error") == 0

@@ -84,6 +84,13 @@ def test_bad_parameter_on_the_command_line_is_one_line_exit_2():
 # -- streams ----------------------------------------------------------------------------------
 
 
+def timed_round_trip(sock: socket.socket) -> float:
+    started = time.monotonic()
+    sock.sendall(b"ping")
+    assert recv_exactly(sock, 4) == b"ping"
+    return time.monotonic() - started
+
+
 def test_impaired_listener_beside_a_clean_one(start_server):
     server = start_server(
         "--bind",
@@ -94,6 +101,13 @@ def test_impaired_listener_beside_a_clean_one(start_server):
     )
     server.wait_for_log(r"listening on tcp://127\.0\.0\.1:\d+ \(.*; (native|epoll) path\)$")
     server.wait_for_log(r"; impaired path\); impairments: delay 50 ms$")
+    (_, _, clean), (_, _, slow) = sorted(
+        server.listeners_of("tcp"), key=lambda entry: "impaired" in server.log_line_of(entry[2])
+    )
+    for port, low, high in ((clean, 0.0, 0.045), (slow, 0.05, 5.0)):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            fastest = min(timed_round_trip(sock) for _ in range(5))
+        assert low <= fastest < high, (port, fastest)  # the delay is this listener's alone
 
 
 def test_delay_is_added_to_every_echo(start_server, loop_name):

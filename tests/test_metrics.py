@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import time
 import urllib.error
 import urllib.request
 
@@ -66,13 +65,16 @@ def test_metrics_count_connections_bytes_and_datagrams(start_server, server_flag
 def test_health_probes_never_write_to_the_log(start_server):
     server = start_server("--metrics", "127.0.0.1:0")
     mport = metrics_port(server)
-    time.sleep(0.3)
+    server.wait_for_log(r"metrics and health on")  # the last start-up line
     before = len(server.lines)
     for _ in range(20):
         for path in ("/healthz", "/readyz", "/metrics"):
             assert get(mport, path)[0] == 200
-    time.sleep(0.3)
-    assert server.lines[before:] == []
+    with server.connect() as sock:  # a marker: a line the log writes after the probes'
+        assert exchange(sock, b"marker") == b"marker"
+    server.wait_for_log(r"connection #1 from .* closed")
+    after = [ln for ln in server.lines[before:] if "connection #1" not in ln]
+    assert after == []  # no line of the 60 probes
 
 
 def test_readyz_turns_503_when_the_drain_starts_healthz_stays_200(start_server):

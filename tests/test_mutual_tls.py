@@ -9,7 +9,6 @@ import socket
 import ssl
 
 import pytest
-import trustme
 from conftest import assert_one_line_error, exchange, run_cli
 from test_dtls import echoes
 from test_quic import EchoClient, client_config
@@ -17,24 +16,6 @@ from test_quic import EchoClient, client_config
 from socket_echo.tools.connect.dtls import DtlsFailed, client_context
 from socket_echo.tools.connect.quic import QuicFailed
 from socket_echo.tools.connect.target import Target, TlsOptions
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):  # type: ignore[no-untyped-def]
-    d = tmp_path_factory.mktemp("mtls")
-    ca = trustme.CA()
-    files = {k: str(d / f"{k}.pem") for k in ("ca", "server", "client", "stranger")}
-    ca.cert_pem.write_to_path(files["ca"])
-    ca.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
-        files["server"]
-    )
-    for name, issuer in (("client", ca), ("stranger", trustme.CA())):
-        cert = issuer.issue_cert(f"{name}.example")
-        cert.private_key_and_cert_chain_pem.write_to_path(files[name])
-        # aioquic reads certificates first, then the key: files of their own for it
-        cert.cert_chain_pems[0].write_to_path(str(d / f"{name}-cert.pem"))
-        cert.private_key_pem.write_to_path(str(d / f"{name}-key.pem"))
-    return files
 
 
 def own_certificate(pki, how: str) -> tuple[str, ...]:  # type: ignore[no-untyped-def]

@@ -72,7 +72,10 @@ def test_seed_like_server_passes_with_findings(broken):
     findings = " | ".join(report["findings"])
     assert "serves one client at a time" in findings
     assert "Nagle" in findings
-    server = broken("seed")  # a fresh one: the last is still working through its backlog
+
+
+def test_require_concurrency_fails_a_seed_like_server(broken):
+    server = broken("seed")
     code, report = probe_json(
         f"127.0.0.1:{server.port}", "--require-concurrency", "--timeout", "1.5"
     )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
+import struct
+import termios
 import time
 
 import pytest
@@ -29,6 +32,11 @@ def test_signal_stops_accepting_and_lets_open_connections_finish(start_server, s
     server.wait_for_log(r"stopped: 1 connection\(s\) served \(1 peer closed\)")
 
 
+def unacked(sock: socket.socket) -> int:
+    """Bytes sent on ``sock`` that the peer's kernel has not acknowledged yet."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
 def test_graceful_timeout_closes_the_rest_without_dropping_received_bytes(
     start_server, server_flags
 ):
@@ -36,7 +44,10 @@ def test_graceful_timeout_closes_the_rest_without_dropping_received_bytes(
     sock = server.connect()
     data = os.urandom(200_000)
     sock.sendall(data)  # sent before the signal, not read yet
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10  # the server's kernel has taken every byte (polled)
+    while unacked(sock):
+        assert time.monotonic() < deadline, "the server took nothing"
+        time.sleep(0.01)
     server.signal(signal.SIGTERM)
     started = time.monotonic()
     assert recv_until_eof(sock) == data  # every received byte came back, then EOF

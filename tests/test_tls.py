@@ -17,31 +17,6 @@ from conftest import assert_one_line_error, exchange, recv_until_eof, run_cli
 from tools_helpers import tool
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):  # type: ignore[no-untyped-def]
-    """A CA, a server certificate for 127.0.0.1/localhost, and a client certificate."""
-    d = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1", "localhost", "::1")
-    client = ca.issue_cert("client.example")
-    other_ca = trustme.CA()
-    files = {
-        "ca": d / "ca.pem",
-        "cert": d / "cert.pem",
-        "key": d / "key.pem",
-        "client": d / "client.pem",
-        "stranger": d / "stranger.pem",
-    }
-    ca.cert_pem.write_to_path(str(files["ca"]))
-    server.cert_chain_pems[0].write_to_path(str(files["cert"]))
-    server.private_key_pem.write_to_path(str(files["key"]))
-    client.private_key_and_cert_chain_pem.write_to_path(str(files["client"]))
-    other_ca.issue_cert("stranger.example").private_key_and_cert_chain_pem.write_to_path(
-        str(files["stranger"])
-    )
-    return {k: str(v) for k, v in files.items()}
-
-
 def client_context(pki, cert: str | None = None) -> ssl.SSLContext:  # type: ignore[no-untyped-def]
     ctx = ssl.create_default_context(cafile=pki["ca"])
     if cert:
@@ -115,7 +90,10 @@ def test_plain_text_and_garbage_fail_with_a_named_reason_and_the_server_goes_on(
             assert got == b"" or (got[0] == 21 and junk not in got), got[:40]
     failures = server.wait_for_log(r"TLS handshake from 127\.0\.0\.1:\d+ failed: (.+)$")
     assert failures.group(1)
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10  # one line per failed handshake, polled for
+    while len(re.findall(r"TLS handshake from .* failed", server.log)) < 3:
+        assert time.monotonic() < deadline, server.log
+        time.sleep(0.02)
     assert len(re.findall(r"TLS handshake from .* failed", server.log)) == 3
     with tls_connect(port, client_context(pki)) as sock:  # the server goes on
         assert exchange(sock, b"still fine") == b"still fine"

@@ -15,7 +15,7 @@ import psutil
 import pytest
 from conftest import (
     assert_one_line_error,
-    exchange,
+    echo_ok,
     http_status,
     metrics_port,
     poll_scrape,
@@ -37,14 +37,6 @@ def start_workers(start_server, *args: str):  # type: ignore[no-untyped-def]
         time.sleep(0.05)
         server.listeners = server._parse_listeners()
     return server
-
-
-def echo_ok(sock: socket.socket, payload: bytes) -> bool:
-    """The echo came back whole; False if the connection failed (a killed worker's)."""
-    try:
-        return exchange(sock, payload) == payload
-    except OSError:
-        return False
 
 
 def owners(server, clients: list[socket.socket]) -> dict[int, int]:  # type: ignore[no-untyped-def]
@@ -272,21 +264,33 @@ def test_a_hung_worker_delays_neither_readyz_nor_signals(start_server):
     hung, _ = server.children()
     hung.suspend()
     try:
+        deadline = time.monotonic() + 10  # the watch sees it first: /readyz names it
+        while http_status(mport, "/readyz") != 503:
+            assert time.monotonic() < deadline, "/readyz stayed 200 with a stopped worker"
+            time.sleep(0.05)
+        supervisor = psutil.Process(server.pid)
+        fds_before = supervisor.num_fds()
         slow: list[float] = []
+        fetch_started = time.monotonic()
 
         def fetch_metrics() -> None:
-            started = time.monotonic()
             scrape(mport)
-            slow.append(time.monotonic() - started)
+            slow.append(time.monotonic() - fetch_started)
 
         fetcher = threading.Thread(target=fetch_metrics)
         fetcher.start()
-        time.sleep(0.2)  # the scrape is now waiting for the hung worker
+        # the scrape waits for the hung worker: the supervisor holds the scrape's HTTP
+        # connection and its own to the worker (polled, not slept for)
+        while supervisor.num_fds() < fds_before + 2:
+            assert time.monotonic() < deadline + SCRAPE_TIMEOUT, "no scrape under way"
+            time.sleep(0.01)
         started = time.monotonic()
-        assert http_status(mport, "/readyz") in (200, 503)  # at once, whatever it says
-        assert time.monotonic() - started < SCRAPE_TIMEOUT / 2
+        assert http_status(mport, "/readyz") == 503  # at once, while the scrape waits
+        answered = time.monotonic()
+        assert answered - started < SCRAPE_TIMEOUT / 2
         fetcher.join(SCRAPE_TIMEOUT + 5)
         assert slow and SCRAPE_TIMEOUT * 0.8 <= slow[0] < SCRAPE_TIMEOUT + 2
+        assert answered < fetch_started + slow[0]  # /readyz came back during the scrape
         server.signal(signal.SIGTERM)  # forwarded to both; the stopped one drains on SIGCONT
         server.wait_for_log(r"SIGTERM: draining 2 worker", timeout=2)
     finally:

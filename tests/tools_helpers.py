@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,10 +29,10 @@ class Broken:
 def tool(
     *args: str, stdin: bytes | None = None, timeout: float = 120, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "socket_echo", *args],
-        input=stdin,
-        capture_output=True,
-        timeout=timeout,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    """conftest.run_cli with bytes in and out (what the client tools pipe)."""
+    from conftest import run_cli
+
+    result: subprocess.CompletedProcess[bytes] = run_cli(
+        *args, env=env, timeout=timeout, input=stdin, text=False
     )
+    return result
