@@ -114,6 +114,7 @@ def test_dockerfile_command_and_healthcheck_work_here(start_server):
     assert server.wait(30) == 0
 
 
+@pytest.mark.packaging  # a gate of its own in make test: wheels compiled, not a behaviour
 def test_dockerfile_build_steps_make_a_working_install(start_server, tmp_path):
     """No Docker engine here: run the Dockerfile's own pip steps in a fresh virtual
     environment instead (wheels of the package and its dependencies, then an install from

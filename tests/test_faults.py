@@ -224,7 +224,7 @@ def test_quic_and_dtls_deliver_byte_exact_through_loss_duplication_and_reorderin
     with UdpFaultProxy((host, quic_port), seed=11, **faults) as proxy:
         target = Target("quic", "127.0.0.1", proxy.address[1])
         config = configuration("echo-quic", TlsOptions(insecure=True), target.host)
-        data = random.Random(5).randbytes(200_000)
+        data = random.Random(5).randbytes(60_000)
 
         async def quic() -> tuple[bytes, bytes]:
             async with connect(
