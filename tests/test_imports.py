@@ -92,3 +92,16 @@ def test_the_check_finds_a_cycle_when_there_is_one():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
     assert cycle_from(graph) == ["a", "b", "c", "a"]
     assert cycle_from({"a": {"b"}, "b": set()}) is None
+
+
+def test_subpackage_inits_import_nothing():
+    """tcp/, udp/, servers/ and tools/ with its packages: importing one module of them runs
+    no other (docs/architecture.md says so)."""
+    base = SRC / "socket_echo"
+    inits = [base / d / "__init__.py" for d in ("tcp", "udp", "servers", "tools")]
+    inits += sorted((base / "tools").glob("*/__init__.py"))
+    assert len(inits) >= 8, inits
+    for init in inits:
+        tree = ast.parse(init.read_text())
+        imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        assert not imports, f"{init} imports {ast.unparse(imports[0])}"
