@@ -1,5 +1,6 @@
-"""The tools' defaults, once: cli.py shows them and bench_model.BenchConfig holds them. A leaf
-that imports nothing (cli.py reads it at every start, the server's too)."""
+"""The tools' defaults and bounds, once: cli.py shows them, bench/model.BenchConfig holds
+them, and the C ping-pong's twins of some are held equal by tests/test_shared_constants.py. A
+leaf that imports nothing (cli.py reads it at every start, the server's too)."""
 
 MODES = ("pingpong", "stream", "churn", "udp")  # bench --mode over tcp://, unix://, udp://
 ARRIVALS = ("uniform", "poisson")

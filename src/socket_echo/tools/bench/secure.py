@@ -1,5 +1,5 @@
 """``bench`` over ``quic://`` and ``dtls://``: a worker per process on asyncio, verifying every
-byte as the TCP and UDP workers do, with the same figures (bench_model.WorkerResult).
+byte as the TCP and UDP workers do, with the same figures (model.WorkerResult).
 
 aioquic and pyOpenSSL's record layer are driven from Python on both ends, so one client
 process costs about as much per message as the server: give the load more processes (``-p``)

@@ -1,5 +1,5 @@
-"""A conformance check's steps and their verdicts: what probe, quic_probe, dtls_probe and
-the report share (a leaf: it imports none of them)."""
+"""A conformance check's steps and their verdicts: what probe's stream.py, quic.py, dtls.py
+and output.py share (a leaf: it imports none of them)."""
 
 from __future__ import annotations
 
