@@ -102,6 +102,20 @@ def trickle(conn: socket.socket) -> None:
                 time.sleep(0.2)
 
 
+def witness(conn: socket.socket) -> None:
+    """The seed's loop (128-byte reads, one client at a time) that says how each connection
+    ended: "END fin" when the peer half-closed (recv() == 0), "END reset" on a reset, which
+    would have wedged the seed on a board (it takes recv() == -1 for data)."""
+    with conn:
+        try:
+            while data := conn.recv(128):
+                while data:
+                    data = data[conn.send(data) :]
+            print("END fin", flush=True)
+        except ConnectionResetError:
+            print("END reset", flush=True)
+
+
 def seed_like(conn: socket.socket) -> None:
     with conn:
         while data := conn.recv(128):
@@ -134,6 +148,8 @@ if __name__ == "__main__":
         serve_udp(mode)
     elif mode == "seed":
         serve_tcp(seed_like, one_at_a_time=True, nodelay=False)
+    elif mode == "witness":
+        serve_tcp(witness, one_at_a_time=True, nodelay=False)
     elif mode == "deaf":
         serve_tcp(deaf, rcvbuf=4096)
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -20,6 +21,19 @@ class Broken:
         line = self.proc.stdout.readline()
         assert line.startswith("PORT"), line
         self.port = int(line.split()[1])
+
+    def lines(self, n: int, timeout: float = 15.0) -> list[str]:
+        """The next ``n`` lines the server prints (a witness: how each connection ended)."""
+        import select
+
+        assert self.proc.stdout is not None
+        out: list[str] = []
+        deadline = time.monotonic() + timeout
+        while len(out) < n:
+            ready, _, _ = select.select([self.proc.stdout], [], [], deadline - time.monotonic())
+            assert ready, f"only {out} within {timeout} s"
+            out.append(self.proc.stdout.readline().strip())
+        return out
 
     def close(self) -> None:
         self.proc.kill()

@@ -26,6 +26,7 @@ from socket_echo.supervisors.cpu import check_process_count, cpu_count, worker_c
 from socket_echo.tools.defaults import (
     ARRIVALS,
     DEFAULT_CONNECTIONS,
+    DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_DURATION,
     DEFAULT_IN_FLIGHT,
     DEFAULT_SIZE,
@@ -907,6 +908,16 @@ def _outputs_checked(json_file: str | None, plot_file: str | None, hgrm_file: st
     show_default=True,
     metavar="SECONDS",
 )
+@click.option(
+    "--drain-timeout",
+    type=Finite(min=0, max=config.MAX_SECONDS, least=LEAST_SECONDS),
+    default=DEFAULT_DRAIN_TIMEOUT,
+    show_default=True,
+    metavar="SECONDS",
+    help="At the end every connection half-closes (FIN) and reads what is still owed until "
+    "the peer closes; one that has not closed within this is reset (and counted): a reset "
+    "wedges some firmware echo loops.",
+)
 @_outputs
 def bench(
     target: str,
@@ -928,6 +939,7 @@ def bench(
     segment: tuple[int, int],
     start_at: float | None,
     timeout: float,
+    drain_timeout: float,
     json_file: str | None,
     plot_file: str | None,
     hgrm_file: str | None,
@@ -956,6 +968,7 @@ def bench(
             segment=segment,
             start_at=start_at,
             probe_rate=probe_rate,
+            drain_timeout=drain_timeout,
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None

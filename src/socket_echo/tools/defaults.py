@@ -9,6 +9,7 @@ DEFAULT_SIZE = 64
 DEFAULT_STREAM_SIZE = 65536
 DEFAULT_DURATION = 10.0
 DEFAULT_TIMEOUT = 5.0
+DEFAULT_DRAIN_TIMEOUT = 2.0  # bench's end: echo still owed is read this long, then reset
 DEFAULT_IN_FLIGHT = 16  # open loop: requests in flight per connection at most
 MAX_IN_FLIGHT = 4096  # ... and its bound (bench/_native.c: the same)
 MAX_SIZE = 65536  # bench --size at most (bench/_native.c: the same)

@@ -18,6 +18,7 @@ from typing import Any
 
 from socket_echo.tools.bench import errors
 from socket_echo.tools.bench.model import BenchConfig, WorkerResult, cpu_seconds
+from socket_echo.tools.connect.ending import end_gracefully
 from socket_echo.tools.connect.patterns import Patterns
 from socket_echo.tools.connect.target import Unreachable, connect
 
@@ -66,11 +67,12 @@ class Loop:
         measured = time.monotonic() - self.result.mono_start
         self.result.elapsed = max(1e-9, min(measured, self.cfg.duration))
         self.result.cpu_seconds = cpu_seconds() - cpu0
-        for conn in self.conns.values():
-            conn.sock.close()
-        for sock in self.socks.values():
-            sock.close()
         self.epoll.close()
+        socks = [conn.sock for conn in self.conns.values()] + list(self.socks.values())
+        ending = end_gracefully(socks, self.cfg.drain_timeout)  # never harm the peer
+        self.result.ended_gracefully += ending.graceful
+        self.result.resets_sent += ending.resets
+        self.result.drained_bytes += ending.drained_bytes
         return self.result
 
     def start(self) -> float:

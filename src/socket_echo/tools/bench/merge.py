@@ -15,7 +15,8 @@ from socket_echo.tools.defaults import LATE_SEND_US
 SAME = ("target", "mode")  # results of different targets, modes or sizes do not add
 COUNTED = (
     "requests", "errors", "mismatches", "lost_datagrams", "late_datagrams",
-    "duplicate_datagrams", "sends", "late_sends", "held_sends",
+    "duplicate_datagrams", "sends", "late_sends", "held_sends", "ended_gracefully",
+    "resets_sent", "drained_bytes",
 )  # fmt: skip
 
 
@@ -94,6 +95,9 @@ def merge(results: list[tuple[str, BenchResult]]) -> BenchResult:
         late_sends=counts["late_sends"],
         held_sends=counts["held_sends"],
         late_send_threshold_us=first.late_send_threshold_us or LATE_SEND_US,
+        ended_gracefully=counts["ended_gracefully"],
+        resets_sent=counts["resets_sent"],
+        drained_bytes=counts["drained_bytes"],
         client_cpu_percent=max(r.client_cpu_percent for r in every),  # per process
         client_spin_percent=max(r.client_spin_percent for r in every),
         client_saturated=any(r.client_saturated for r in every),

@@ -15,6 +15,7 @@ from socket_echo.tools.connect.target import Target, TlsOptions
 from socket_echo.tools.defaults import (
     ARRIVALS,
     DEFAULT_CONNECTIONS,
+    DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_DURATION,
     DEFAULT_IN_FLIGHT,
     DEFAULT_SIZE,
@@ -60,6 +61,7 @@ class BenchConfig:
     segment: tuple[int, int] = (0, 1)  # this run is segment I of N (bench --segment I/N)
     start_at: float | None = None  # wall-clock seconds every segment starts at
     probe_rate: float = 0.0  # stream: a ping-pong flow at this rate, measured under the load
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT  # the end: what is owed is read this long
 
     def __post_init__(self) -> None:
         served = kind(self.target.scheme)
@@ -157,6 +159,9 @@ class WorkerResult:
     probe: bool = False  # the latency-under-load flow's, not the load's
     cpu_seconds: float = 0.0
     spun_seconds: float = 0.0  # of cpu_seconds, polling for a slot to come (open loop)
+    ended_gracefully: int = 0  # connections ended with FIN both ways after their echo
+    resets_sent: int = 0  # ... ended with a reset: the peer had not closed within the drain
+    drained_bytes: int = 0  # echo read after the window, while ending (in no figure)
     elapsed: float = 0.0
 
     def begin(self, mono_start: float) -> None:

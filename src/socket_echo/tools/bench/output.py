@@ -92,6 +92,14 @@ def lines(r: BenchResult) -> list[tuple[str, str]]:
     if lateness and lateness.p50 is not None:
         keys = ("p50", "p99", "p999", "max")
         rows.append(("  after slot µs", "  ".join(f"{k} {lateness[k]:,}" for k in keys)))
+    if r.ended_gracefully or r.resets_sent:
+        rows.append(
+            (
+                "ending",
+                f"{r.ended_gracefully:,} with FIN after their echo ({r.drained_bytes:,} B owed "
+                f"read), {r.resets_sent:,} reset",
+            )
+        )
     kinds = ", ".join(f"{k}: {v}" for k, v in r.error_kinds.items())
     rows += [
         ("errors", str(r.errors) + (f" ({kinds})" if r.errors else "")),
@@ -168,6 +176,12 @@ def warnings(r: BenchResult) -> list[str]:
             f"note: {r.held_sends:,} sends waited for an echo ({r.parameters.in_flight} in "
             "flight per connection): the server was behind the schedule; corrected latency "
             "counts that wait"
+        )
+    if r.resets_sent:
+        out.append(
+            f"warning: {r.resets_sent:,} connection(s) ended with a reset: the peer had not "
+            f"closed within --drain-timeout ({r.parameters.drain_timeout:g} s) after bench's FIN "
+            "(a firmware loop like Zephyr's echo sample wedges on a reset: check the device)"
         )
     if r.client_saturated:
         out.append(

@@ -91,6 +91,7 @@ class Parameters:
     in_flight: int = 1
     start_at: float | None = None
     segment: str = "0/1"
+    drain_timeout: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +141,9 @@ class BenchResult:
     late_sends: int
     held_sends: int
     late_send_threshold_us: int
+    ended_gracefully: int  # connections ended with FIN both ways, after their echo
+    resets_sent: int  # ... ended with a reset: the peer had not closed within the drain
+    drained_bytes: int  # echo read while ending, after the window (in no figure)
     client_cpu_percent: float  # per load process
     client_spin_percent: float  # of that, polling for the next slot
     client_saturated: bool

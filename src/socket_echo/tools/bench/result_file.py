@@ -42,7 +42,8 @@ MAX_FIGURE = 1e18  # a rate, a percentage, a time: any finite figure a run can p
 
 COUNTS = (
     "requests", "errors", "mismatches", "lost_datagrams", "late_datagrams",
-    "duplicate_datagrams", "sends", "late_sends", "held_sends",
+    "duplicate_datagrams", "sends", "late_sends", "held_sends", "ended_gracefully",
+    "resets_sent", "drained_bytes",
 )  # fmt: skip
 RATES = ("requests_per_second", "megabytes_per_second")
 
@@ -193,6 +194,9 @@ class _Reader:
             sends=counts["sends"],
             late_sends=counts["late_sends"],
             held_sends=counts["held_sends"],
+            ended_gracefully=counts["ended_gracefully"],
+            resets_sent=counts["resets_sent"],
+            drained_bytes=counts["drained_bytes"],
             late_send_threshold_us=self.whole(
                 data.get("late_send_threshold_us", 0), "late_send_threshold_us"
             ),
@@ -237,6 +241,9 @@ class _Reader:
             in_flight=self.whole(p.get("in_flight") or 1, "parameters.in_flight", 1, 1 << 20),
             start_at=None if start_at is None else self.number(start_at, "parameters.start_at"),
             segment=self.text(p.get("segment", "0/1"), "parameters.segment", 64),
+            drain_timeout=self.number(
+                p.get("drain_timeout") or 0, "parameters.drain_timeout", 0, MAX_SECONDS
+            ),
         )
 
     def second(self, s: Any, where: str) -> Second:

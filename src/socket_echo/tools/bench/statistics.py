@@ -137,6 +137,9 @@ def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> BenchResult:
         late_sends=sum(r.late_sends for r in results),
         held_sends=sum(r.held_sends for r in results),
         late_send_threshold_us=LATE_SEND_US,
+        ended_gracefully=sum(r.ended_gracefully for r in results + probes),
+        resets_sent=sum(r.resets_sent for r in results + probes),
+        drained_bytes=sum(r.drained_bytes for r in results + probes),
         client_cpu_percent=100 * cpu / elapsed / processes,
         client_spin_percent=100 * spun / elapsed / processes,
         client_saturated=busiest >= SATURATED,
@@ -154,6 +157,7 @@ def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> BenchResult:
             in_flight=cfg.in_flight if open_loop else 1,
             start_at=cfg.start_at,
             segment=f"{cfg.segment[0]}/{cfg.segment[1]}",
+            drain_timeout=cfg.drain_timeout,
         ),
         per_second=tuple(
             Second(start + i, sum(s.values()), encode(histogram(s))) for i, s in enumerate(seconds)

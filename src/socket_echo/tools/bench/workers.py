@@ -51,7 +51,9 @@ def run_workers(cfg: BenchConfig, on_progress: Any = None) -> list[WorkerResult]
     collected: dict[int, WorkerResult] = {}
     started = time.monotonic()
     wait = max(0.0, (cfg.start_at or 0.0) - time.time())
-    hard_deadline = started + wait + cfg.warmup + cfg.duration + cfg.timeout + 30
+    hard_deadline = (
+        started + wait + cfg.warmup + cfg.duration + cfg.timeout + cfg.drain_timeout + 30
+    )
     while len(collected) < len(procs) and time.monotonic() < hard_deadline:
         try:
             index, result = results.get(timeout=0.5)

@@ -15,12 +15,14 @@ import sys
 
 from socket_echo.exits import FAILED, UNREACHABLE, ToolError
 from socket_echo.tools.connect.duplex import DuplexError, duplex
+from socket_echo.tools.connect.ending import end_gracefully
 from socket_echo.tools.connect.target import (
     Target,
     TlsOptions,
     Unreachable,
     connect,
 )
+from socket_echo.tools.defaults import DEFAULT_DRAIN_TIMEOUT
 
 CHUNK = 64 * 1024
 UDP_CHUNK = 1024  # bytes per datagram from a pipe: fits every path's MTU
@@ -63,8 +65,8 @@ def run(target: Target, tls: TlsOptions | None, timeout: float) -> int:
         if sys.stdin.isatty():
             return interactive(sock, timeout)
         return pipe(sock, timeout)
-    finally:
-        sock.close()
+    finally:  # FIN and what is owed read, never a reset a firmware loop would choke on
+        end_gracefully([sock], min(timeout, DEFAULT_DRAIN_TIMEOUT))
 
 
 def pipe(sock: socket.socket, timeout: float) -> int:

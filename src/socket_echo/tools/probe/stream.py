@@ -6,17 +6,19 @@ that is not a conformance failure, such as "serves one client at a time").
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import selectors
 import socket
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from socket_echo.payloads import NET_TOOLS_PAYLOADS
 from socket_echo.tools.connect.duplex import DuplexError, duplex
+from socket_echo.tools.connect.ending import end_gracefully
 from socket_echo.tools.connect.target import (
     ICMP_REFUSED,
     Target,
@@ -26,6 +28,7 @@ from socket_echo.tools.connect.target import (
     connect_many,
     is_loopback,
 )
+from socket_echo.tools.defaults import DEFAULT_DRAIN_TIMEOUT
 from socket_echo.tools.probe.steps import FAIL, FINDING, PASS, SKIP, Step
 
 CONCURRENT_CLIENTS = 20
@@ -92,9 +95,25 @@ class Probe:
         self.steps: list[Step] = []
         self._udp_sent: set[bytes] = set()  # payloads already sent: to tell stale answers
         self._udp_refused = False  # an ICMP port unreachable came back
+        self.resets_sent = 0  # connections the peer did not close within the drain timeout
 
     def connect(self) -> socket.socket:
         return connect(self.target, self.timeout, self.tls)
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[socket.socket]:
+        """A connection for one step, ended gracefully whatever the step found."""
+        sock = self.connect()
+        try:
+            yield sock
+        finally:
+            self.end(sock)
+
+    def end(self, *socks: socket.socket) -> None:
+        """FIN, what is owed read until the peer closes, then close: never a reset the
+        peer did not ask for (connect/ending.py; a reset wedges a firmware loop)."""
+        ending = end_gracefully(socks, min(self.timeout, DEFAULT_DRAIN_TIMEOUT))
+        self.resets_sent += ending.resets
 
     def step(self, name: str, fn: Callable[[], Outcome]) -> Step:
         started = time.perf_counter()
@@ -124,14 +143,24 @@ class Probe:
             for name, payload in payloads:
                 step = self.step(name, functools.partial(self._compare_current, payload))
                 if step.status == FAIL:  # the stream is out of step now: start afresh
-                    self._sock.close()
+                    self.end(self._sock)
                     self._sock = self.connect()
         finally:
-            self._sock.close()
+            self.end(self._sock)
         self.step("half-close", self._half_close)
         self.step(f"{CONCURRENT_CLIENTS} clients at once", self._concurrency)
         self.step(f"latency: {LATENCY_ROUNDS} x 64 B", self._latency)
         self.step("1 KiB round trip (Nagle)", self._nagle)
+        if self.resets_sent:
+            self.steps.append(
+                Step(
+                    "ending",
+                    FINDING,
+                    f"{self.resets_sent} connection(s) had to be reset: the peer did not close "
+                    "after probe's FIN and what it owed (a peer should close on EOF)",
+                    0.0,
+                )
+            )
         return self.steps
 
     def _compare_current(self, payload: bytes) -> tuple[str, str]:
@@ -148,7 +177,7 @@ class Probe:
             return SKIP, "Python's ssl cannot half-close TLS and keep reading (see duplex.py)"
         data = os.urandom(64 << 10)
         got = bytearray()
-        with self.connect() as sock:
+        with self.connection() as sock:
             try:
                 duplex(sock, data, got.extend, self.timeout, half_close=True)
             except DuplexError as exc:
@@ -198,7 +227,7 @@ class Probe:
                 return FAIL, "no client was answered", {"at_once": 0}
             # Does the server get to the others once the first ones leave? (the seed does)
             for s in answered:
-                s.close()
+                self.end(s)
                 del messages[s]
             # Each one answered now leaves at once, so a one-at-a-time server moves on.
             later, refused_later, wrong_later = self._collect(
@@ -215,8 +244,7 @@ class Probe:
             status = FAIL if self.require_concurrency else FINDING
             return status, how, {"at_once": at_once}
         finally:
-            for s in socks:
-                s.close()
+            self.end(*socks)
 
     def _collect(
         self, messages: dict[socket.socket, bytes], wait: float, leave_when_answered: bool = False
@@ -249,7 +277,7 @@ class Probe:
                 if got[s] == want:
                     answered.append(s)
                     if leave_when_answered:
-                        s.close()
+                        self.end(s)
                 elif got[s].startswith(REFUSAL) or not got[s]:
                     refused.append(s)
                 else:
@@ -278,7 +306,7 @@ class Probe:
 
     def _round_trips(self, size: int, rounds: int) -> list[float]:
         samples = []
-        with self.connect() as sock:
+        with self.connection() as sock:
             # Warm-up, not counted, with room to spare: a one-at-a-time server may still be
             # working through the connections of the concurrency step.
             if round_trip(sock, b"warm-up", 3 * self.timeout) != b"warm-up":
@@ -376,7 +404,7 @@ class Probe:
                     if detail.startswith("no reply"):  # as a full probe: nothing answered
                         raise Unreachable(f"{self.target.url}: {detail}")
                     return status == PASS
-            with self.connect() as sock:
+            with self.connection() as sock:
                 return round_trip(sock, b"socket-echo health", self.timeout) == (
                     b"socket-echo health"
                 )
