@@ -85,6 +85,8 @@ typedef struct {
     uint64_t head, tx, tail;
     size_t off, got; /* bytes of ring[tx] sent, of ring[head] received */
     double next_slot;
+    uint64_t answers; /* in the window, over this slot's connections (replacements too) */
+    double first;     /* when its first answer in the window came (0: none yet) */
 } peer_t;
 
 typedef struct {
@@ -204,8 +206,9 @@ static void end_second(run_t *r) {
     r->bin++;
 }
 
-static void record(run_t *r, req_t *q, double t) {
+static void record(run_t *r, peer_t *p, req_t *q, double t) {
     if (q->intended < r->mstart) return; /* the warm-up: run, not counted */
+    if (!p->answers++) p->first = t;
     long bin = (long)(t - r->mstart);
     while (r->bin < bin) end_second(r);
     uint64_t us = (uint64_t)((t - q->intended) * 1e6);
@@ -357,7 +360,7 @@ static int readable(run_t *r, peer_t *p) {
         p->got += take;
         off += take;
         if (p->got == r->size) {
-            record(r, q, t);
+            record(r, p, q, t);
             p->head++;
             p->got = 0;
         }
@@ -598,18 +601,35 @@ static PyObject *run_result(run_t *r, double start) {
     PyObject *lateness = r->lhist ? histogram_dict(NULL, NULL, LATENESS_US + 1, r->lhist)
                                   : Py_NewRef(Py_None);
     PyObject *fds = open_fds(r);
-    if (!per_second || !uncorrected || !lateness || !fds) {
+    PyObject *answers = PyList_New(r->n), *first = PyList_New(r->n);
+    for (Py_ssize_t i = 0; answers && first && i < r->n; i++) {
+        peer_t *p = &r->peers[i];
+        PyObject *a = PyLong_FromUnsignedLongLong(p->answers);
+        PyObject *f = PyFloat_FromDouble(p->answers ? p->first - r->mstart : -1.0);
+        if (!a || !f) {
+            Py_XDECREF(a);
+            Py_XDECREF(f);
+            Py_CLEAR(answers);
+            break;
+        }
+        PyList_SET_ITEM(answers, i, a);
+        PyList_SET_ITEM(first, i, f);
+    }
+    if (!per_second || !uncorrected || !lateness || !fds || !answers || !first) {
         Py_XDECREF(per_second);
         Py_XDECREF(uncorrected);
         Py_XDECREF(lateness);
         Py_XDECREF(fds);
+        Py_XDECREF(answers);
+        Py_XDECREF(first);
         return NULL;
     }
     return Py_BuildValue(
-        "{sKsNsNsNsKsKsNsKsKsKsdsdsd}", "requests", r->requests, "per_second", per_second,
+        "{sKsNsNsNsKsKsNsKsKsKsdsdsdsNsN}", "requests", r->requests, "per_second", per_second,
         "uncorrected", uncorrected, "lateness", lateness, "mismatches", r->mismatches, "late",
         late, "open_fds", fds, "late_sends", r->late_sends, "held_sends", r->held_sends, "sends",
-        r->sends, "start", start, "measured_from", r->mstart, "spun", r->spun);
+        r->sends, "start", start, "measured_from", r->mstart, "spun", r->spun, "answers", answers,
+        "first", first);
 }
 
 static void run_free(run_t *r) {
@@ -678,7 +698,7 @@ static PyMethodDef methods[] = {
      "pingpong(fds, size, seconds, timeout, index, base, replace, tick, rate=0, poisson=False, "
      "seed=0, warmup=0, start=0, depth=16) -> {requests, per_second: [{us: count}], "
      "uncorrected: {us: count} | None, lateness: {us: count} | None, mismatches, late, open_fds, late_sends, held_sends, "
-     "sends, start, measured_from, spun}"},
+     "sends, start, measured_from, spun, answers: [per connection], first: [s or -1]}"},
     {NULL, NULL, 0, NULL},
 };
 

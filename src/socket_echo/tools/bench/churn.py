@@ -21,8 +21,9 @@ class Churn(Loop):
         self.start()
         deadline = res.mono_start + cfg.duration
         churned = 0
-        for _ in range(self.n):
-            self.begin()
+        res.slots(self.n)
+        for slot in range(self.n):
+            self.begin(slot)
         while time.monotonic() < deadline:
             for fd, _ in self.epoll.poll(0.1):
                 conn = self.conns.get(fd)
@@ -59,13 +60,13 @@ class Churn(Loop):
                     self.end(conn, "")
                     continue
                 t = time.monotonic()
-                res.record(int((t - conn.t0) * 1e6), t)
+                res.record(int((t - conn.t0) * 1e6), t, conn.slot)
                 self.end(conn, "")
             self.progress.value = res.requests
         res.bytes = res.requests * cfg.size * 2
 
-    def begin(self) -> None:
-        """A new connection, its connect under way."""
+    def begin(self, slot: int) -> None:
+        """A new connection in ``slot``, its connect under way."""
         target = self.cfg.target
         unix = kind(target.scheme).unix
         family = (
@@ -74,6 +75,7 @@ class Churn(Loop):
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         conn = Conn(sock)
+        conn.slot = slot
         conn.t0 = time.monotonic()
         try:
             sock.connect(target.path if unix else (target.host, target.port))
@@ -96,4 +98,4 @@ class Churn(Loop):
         self.conns.pop(fd, None)
         self.epoll.unregister(fd)
         conn.sock.close()
-        self.begin()
+        self.begin(conn.slot)

@@ -23,8 +23,10 @@ class Datagrams(Loop):
                 res.errors[errors.because(errors.SOCKET, exc)] += 1
                 continue
             sock.setblocking(False)
-            self.conns[sock.fileno()] = Conn(sock)
+            conn = self.conns[sock.fileno()] = Conn(sock)
+            conn.slot = len(self.conns) - 1
             self.epoll.register(sock.fileno(), select.EPOLLIN)
+        res.slots(len(self.conns))
         self.start()
         for conn in self.conns.values():
             self.send(conn)
@@ -47,7 +49,7 @@ class Datagrams(Loop):
                     res.mismatches += 1
                 else:
                     t = time.monotonic()
-                    res.record(int((t - conn.t0) * 1e6), t)
+                    res.record(int((t - conn.t0) * 1e6), t, conn.slot)
                 self.send(conn)
             now = time.monotonic()
             if now >= next_check:

@@ -11,6 +11,7 @@ SEND_FAILED = "send failed"  # a first send on a new connection
 REGISTER_FAILED = "register: epoll_ctl failed"
 PORT_UNREACHABLE = "port unreachable"  # UDP: ICMP port unreachable came back
 NO_REQUEST = "no request was answered"  # the whole run, when nothing else was counted
+NEVER_ANSWERED = "connection never answered"  # one of --connections got nothing all run
 WORKER_SILENT = "a worker did not report"
 
 # "<what>: <cause>" kinds: the cause is the system's words (strerror)

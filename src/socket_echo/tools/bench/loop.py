@@ -26,7 +26,7 @@ from socket_echo.tools.connect.target import Unreachable, connect
 class Conn:
     """A stream, churn or UDP connection."""
 
-    __slots__ = ("connected", "expected", "got", "lost", "seq", "sock", "t0")
+    __slots__ = ("connected", "expected", "got", "lost", "seq", "slot", "sock", "t0")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -36,6 +36,7 @@ class Conn:
         self.seq = 0
         self.connected = False  # churn: the non-blocking connect finished
         self.lost: set[int] = set()  # UDP: sequence numbers counted lost, for late answers
+        self.slot = -1  # which of the worker's connections it is (churn: each in turn)
 
 
 class Loop:

@@ -8,7 +8,15 @@ import math
 from collections import Counter, defaultdict
 
 from socket_echo.tools.bench.histograms import add_encoded, encode, histogram
-from socket_echo.tools.bench.result import BenchResult, Flow, ResultError, Second, Segment, Window
+from socket_echo.tools.bench.result import (
+    BenchResult,
+    Flow,
+    PerConnection,
+    ResultError,
+    Second,
+    Segment,
+    Window,
+)
 from socket_echo.tools.bench.statistics import flow, latency_fields
 from socket_echo.tools.defaults import LATE_SEND_US
 
@@ -95,6 +103,11 @@ def merge(results: list[tuple[str, BenchResult]]) -> BenchResult:
         late_sends=counts["late_sends"],
         held_sends=counts["held_sends"],
         late_send_threshold_us=first.late_send_threshold_us or LATE_SEND_US,
+        per_connection=PerConnection(
+            answers=tuple(n for r in every for n in r.per_connection.answers),
+            first_answer_s=tuple(f for r in every for f in r.per_connection.first_answer_s),
+            replacements=sum(r.per_connection.replacements for r in every),
+        ),
         ended_gracefully=counts["ended_gracefully"],
         resets_sent=counts["resets_sent"],
         drained_bytes=counts["drained_bytes"],

@@ -159,6 +159,10 @@ class WorkerResult:
     probe: bool = False  # the latency-under-load flow's, not the load's
     cpu_seconds: float = 0.0
     spun_seconds: float = 0.0  # of cpu_seconds, polling for a slot to come (open loop)
+    # per connection (a slot of --connections, its replacements included), in the window
+    answers: list[int] = dataclasses.field(default_factory=list)
+    first_answer: list[float] = dataclasses.field(default_factory=list)  # s into it; -1: none
+    replacements: int = 0  # connections opened in place of ones that failed
     ended_gracefully: int = 0  # connections ended with FIN both ways after their echo
     resets_sent: int = 0  # ... ended with a reset: the peer had not closed within the drain
     drained_bytes: int = 0  # echo read after the window, while ending (in no figure)
@@ -178,11 +182,20 @@ class WorkerResult:
             whole.update(second)
         return whole
 
-    def record(self, us: int, t: float) -> None:
-        """One answer ``us`` microseconds after its send (or its slot), at ``t``: counted
-        unless it came in the warm-up."""
+    def slots(self, n: int) -> None:
+        """``n`` connections are counted apart (answers, first answer)."""
+        self.answers = [0] * n
+        self.first_answer = [-1.0] * n
+
+    def record(self, us: int, t: float, slot: int = -1) -> None:
+        """One answer ``us`` microseconds after its send (or its slot), at ``t``, on
+        connection ``slot`` (-1: not counted apart): counted unless it came in the warm-up."""
         if t < self.mono_start:
             return
+        if slot >= 0:
+            if not self.answers[slot]:
+                self.first_answer[slot] = t - self.mono_start
+            self.answers[slot] += 1
         self.requests += 1
         second = int(t - self.mono_start)
         seconds = self.per_second

@@ -92,6 +92,23 @@ def lines(r: BenchResult) -> list[tuple[str, str]]:
     if lateness and lateness.p50 is not None:
         keys = ("p50", "p99", "p999", "max")
         rows.append(("  after slot µs", "  ".join(f"{k} {lateness[k]:,}" for k in keys)))
+    pc = r.per_connection
+    if pc.answers:
+        s = pc.summary()
+        first = (
+            f"; first answer after {s['first_answer_median_s'] * 1e3:,.1f} ms (median), "
+            f"{s['first_answer_max_s'] * 1e3:,.1f} ms (last)"
+            if s["first_answer_median_s"] is not None
+            else ""
+        )
+        rows.append(
+            (
+                "connections",
+                f"{s['connections']:,}: answers each min {s['min']:,}, median {s['median']:,}, "
+                f"max {s['max']:,} (fairness {s['fairness'] or 0:.2f}){first}; "
+                f"{s['never_answered']:,} never answered, {s['replacements']:,} replaced",
+            )
+        )
     if r.ended_gracefully or r.resets_sent:
         rows.append(
             (
@@ -155,6 +172,14 @@ def table(r: BenchResult, out: TextIO | None = None, note: str | None = None) ->
             print(f"{k:<15} {v}", file=out)
     if r.loss_explanation:
         print(f"note: {r.loss_explanation}", file=out)
+    never, n = r.per_connection.never_answered, len(r.per_connection.answers)
+    if never:
+        print(
+            f"note: {never} of {n} connections never got an answer: the peer serves "
+            f"{n - never} client(s) at a time, or fewer than asked (a one-client-at-a-time loop "
+            "like Zephyr's echo sample keeps the others in its backlog); each counts as an error",
+            file=out,
+        )
     if note:
         print(f"note: {note}", file=sys.stderr)
     for line in warnings(r):

@@ -107,6 +107,7 @@ class NativePingPong(Loop):
             new = self.connect()
             if new is None:
                 return -1
+            res.replacements += 1
             self.socks[new.fileno()] = new
             return new.fileno()
 
@@ -137,6 +138,7 @@ class NativePingPong(Loop):
         res.lateness_us.update(out["lateness"] or {})
         res.mismatches += out["mismatches"]
         res.spun_seconds = out["spun"]
+        res.answers, res.first_answer = list(out["answers"]), list(out["first"])
         res.sends, res.late_sends, res.held_sends = (
             out["sends"], out["late_sends"], out["held_sends"]
         )  # fmt: skip
@@ -175,6 +177,7 @@ class PingPong(Loop):
                 self.peers.append(peer)
                 self.by_fd[sock.fileno()] = peer
                 self.epoll.register(sock.fileno(), select.EPOLLIN)
+        res.slots(len(self.peers))
         start = self.start()
         self.mstart = res.mono_start
         deadline = self.mstart + cfg.duration
@@ -335,7 +338,7 @@ class PingPong(Loop):
                 self.replace(i, None)
                 return
             peer.inflight.popleft()
-            self.answered(entry, t)
+            self.answered(entry, t, i)
             self.fill(i, t)
             return
         while off < len(data):
@@ -351,12 +354,12 @@ class PingPong(Loop):
             if peer.got == size:
                 peer.inflight.popleft()
                 peer.got = 0
-                self.answered(entry, t)
+                self.answered(entry, t, i)
         self.fill(i, t)
 
-    def answered(self, entry: _Request, t: float) -> None:
+    def answered(self, entry: _Request, t: float, i: int) -> None:
         if entry.intended >= self.mstart:  # not the warm-up
-            self.result.record(int((t - entry.intended) * 1e6), t)
+            self.result.record(int((t - entry.intended) * 1e6), t, i)
             if self.open_loop:
                 self.result.uncorrected_us[int((t - entry.sent) * 1e6)] += 1
 
@@ -379,6 +382,7 @@ class PingPong(Loop):
         sock = self.connect()
         if sock is None:
             return  # none to be had: this slot rests (its socket is closed: fileno -1)
+        self.result.replacements += 1
         peer.sock = sock
         self.by_fd[sock.fileno()] = peer
         self.epoll.register(sock.fileno(), select.EPOLLIN)

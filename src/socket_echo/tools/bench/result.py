@@ -117,6 +117,42 @@ class Flow:
 
 
 @dataclasses.dataclass(frozen=True)
+class PerConnection:
+    """Each connection's share (a slot of --connections: a replacement counts in the slot of
+    the one it replaced), so a peer that serves one client at a time, or starves some, shows:
+    answers in the window, and when the first came (seconds into it, -1: never)."""
+
+    answers: tuple[int, ...] = ()
+    first_answer_s: tuple[float, ...] = ()
+    replacements: int = 0
+
+    @property
+    def never_answered(self) -> int:
+        return sum(1 for n in self.answers if n == 0)
+
+    @property
+    def fairness(self) -> float | None:
+        """Jain's index: 1 when every connection got as many answers, 1/n when one got all."""
+        total, squares = sum(self.answers), sum(n * n for n in self.answers)
+        return round(total * total / (len(self.answers) * squares), 4) if squares else None
+
+    def summary(self) -> dict[str, Any]:
+        ordered = sorted(self.answers)
+        firsts = sorted(f for f in self.first_answer_s if f >= 0)
+        return {
+            "connections": len(ordered),
+            "never_answered": self.never_answered,
+            "replacements": self.replacements,
+            "min": ordered[0] if ordered else None,
+            "median": ordered[len(ordered) // 2] if ordered else None,
+            "max": ordered[-1] if ordered else None,
+            "fairness": self.fairness,
+            "first_answer_median_s": firsts[len(firsts) // 2] if firsts else None,
+            "first_answer_max_s": firsts[-1] if firsts else None,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
 class BenchResult:
     target: str
     mode: str
@@ -141,6 +177,7 @@ class BenchResult:
     late_sends: int
     held_sends: int
     late_send_threshold_us: int
+    per_connection: PerConnection
     ended_gracefully: int  # connections ended with FIN both ways, after their echo
     resets_sent: int  # ... ended with a reset: the peer had not closed within the drain
     drained_bytes: int  # echo read while ending, after the window (in no figure)
@@ -176,6 +213,12 @@ class BenchResult:
                 out["latency_significant_digits"] = DIGITS
             elif field.name == "window":
                 out["window"] = {"start": value.start, "end": value.end, "seconds": value.seconds}
+            elif field.name == "per_connection":
+                out["per_connection"] = {
+                    **value.summary(),
+                    "answers": list(value.answers),
+                    "first_answer_s": list(value.first_answer_s),
+                }
             elif field.name == "segment":
                 out["segment"] = {"index": value.index, "count": value.count}
                 if value.merged is not None:

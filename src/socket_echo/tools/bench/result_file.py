@@ -24,6 +24,7 @@ from socket_echo.tools.bench.result import (
     BenchResult,
     Flow,
     Parameters,
+    PerConnection,
     ResultError,
     Second,
     Segment,
@@ -197,6 +198,7 @@ class _Reader:
             ended_gracefully=counts["ended_gracefully"],
             resets_sent=counts["resets_sent"],
             drained_bytes=counts["drained_bytes"],
+            per_connection=self.per_connection(data.get("per_connection") or {}),
             late_send_threshold_us=self.whole(
                 data.get("late_send_threshold_us", 0), "late_send_threshold_us"
             ),
@@ -209,6 +211,23 @@ class _Reader:
             per_second=tuple(self.second(s, f"per_second[{i}]") for i, s in enumerate(per_second)),
             loss_explanation=self.optional_text(data.get("loss_explanation"), "loss_explanation"),
             under_load=self.flow(data["under_load"]) if data.get("under_load") else None,
+        )
+
+    def per_connection(self, value: Any) -> PerConnection:
+        p = self.table(value, "per_connection")
+        answers = p.get("answers") or []
+        first = p.get("first_answer_s") or []
+        for name, seq in (("answers", answers), ("first_answer_s", first)):
+            if not isinstance(seq, list) or len(seq) > MAX_CONNECTIONS:
+                raise self.fail(f"per_connection.{name}", "a list of one entry per connection")
+        if len(first) != len(answers):
+            raise self.fail("per_connection", "answers and first_answer_s differ in length")
+        return PerConnection(
+            answers=tuple(self.whole(n, "per_connection.answers") for n in answers),
+            first_answer_s=tuple(
+                self.number(f, "per_connection.first_answer_s", -1.0, MAX_SECONDS) for f in first
+            ),
+            replacements=self.whole(p.get("replacements") or 0, "per_connection.replacements"),
         )
 
     def optional_text(self, value: Any, where: str) -> str | None:

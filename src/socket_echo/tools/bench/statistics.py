@@ -14,13 +14,14 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from socket_echo.tools.bench.errors import NO_REQUEST
+from socket_echo.tools.bench.errors import NEVER_ANSWERED, NO_REQUEST
 from socket_echo.tools.bench.histograms import encode, histogram, iterate
 from socket_echo.tools.bench.model import BenchConfig, WorkerResult
 from socket_echo.tools.bench.result import (
     BenchResult,
     Flow,
     Parameters,
+    PerConnection,
     Second,
     Segment,
     Spectrum,
@@ -98,6 +99,13 @@ def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> BenchResult:
                 seconds.append(Counter())
             seconds[i].update(second)
         errors.update(r.errors)
+    per_connection = PerConnection(
+        answers=tuple(n for r in results for n in r.answers),
+        first_answer_s=tuple(round(f, 6) for r in results for f in r.first_answer),
+        replacements=sum(r.replacements for r in results),
+    )
+    if per_connection.never_answered:
+        errors[NEVER_ANSWERED] += per_connection.never_answered
     measured = [r for r in results if r.measured_from]
     start = min((r.measured_from for r in measured), default=0.0)
     elapsed = max((r.elapsed for r in results), default=0.0) or 1e-9
@@ -137,6 +145,7 @@ def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> BenchResult:
         late_sends=sum(r.late_sends for r in results),
         held_sends=sum(r.held_sends for r in results),
         late_send_threshold_us=LATE_SEND_US,
+        per_connection=per_connection,
         ended_gracefully=sum(r.ended_gracefully for r in results + probes),
         resets_sent=sum(r.resets_sent for r in results + probes),
         drained_bytes=sum(r.drained_bytes for r in results + probes),

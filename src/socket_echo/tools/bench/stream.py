@@ -29,6 +29,9 @@ class Stream(Loop):
                 self.epoll.modify(conn.sock.fileno(), select.EPOLLIN | select.EPOLLOUT)
         sent: dict[int, int] = dict.fromkeys(self.conns, 0)
         got: dict[int, int] = dict.fromkeys(self.conns, 0)
+        counted: dict[int, int] = dict.fromkeys(self.conns, 0)  # bytes in the window
+        slot = {fd: i for i, fd in enumerate(self.conns)}
+        res.slots(len(self.conns))
         self.start()
         measured_from = res.mono_start
         deadline = measured_from + cfg.duration
@@ -70,9 +73,13 @@ class Stream(Loop):
                         got[fd] += len(data)
                         if counting:
                             res.bytes += len(data)
+                            if not counted[fd]:
+                                res.first_answer[slot[fd]] = now - measured_from
+                            counted[fd] += len(data)
                 flags = select.EPOLLIN
                 if sent[fd] - got[fd] < STREAM_WINDOW:
                     flags |= select.EPOLLOUT
                 self.epoll.modify(fd, flags)
             self.progress.value = res.bytes
         res.requests = res.bytes // size
+        res.answers = [counted[fd] // size for fd in slot]  # writes' worth echoed, each
