@@ -56,12 +56,23 @@ def test_corrupting_servers_fail(broken, mode):
     assert failed and any("differs" in s["detail"] or "byte" in s["detail"] for s in failed)
 
 
-def test_mute_server_fails(broken):
-    server = broken("mute")
-    code, report = probe_json(f"127.0.0.1:{server.port}", "--timeout", "0.1")
+@pytest.mark.parametrize("mode", ["mute", "deaf"])
+def test_a_mute_or_wedged_peer_is_judged_at_once_and_named(broken, mode):
+    """A peer whose stack accepts while its application never answers (a wedged board: the
+    seed after a reset) took 13 failing steps and 82 s to judge. The first step that gets not
+    one byte back now says what it means, and what cannot pass is skipped."""
+    server = broken(mode)
+    started = time.monotonic()
+    code, report = probe_json(f"127.0.0.1:{server.port}", "--timeout", "1")
+    took = time.monotonic() - started
     assert code == 1
-    assert report["steps"][0]["status"] == "fail"
-    assert "no answer" in report["steps"][0]["detail"]
+    first, verdict = report["steps"][:2]
+    assert first["status"] == "fail" and "sent 1 of 1 B, 0 came back" in first["detail"]
+    assert verdict["name"] == "verdict" and verdict["status"] == "fail"
+    assert verdict["detail"].startswith("connects, but no byte ever came back")
+    skipped = report["steps"][2:]
+    assert len(skipped) == 12 and all(s["status"] == "skip" for s in skipped), skipped
+    assert took < 8, took  # one timeout and the ending, not 13 of them
     assert tool("probe", f"127.0.0.1:{server.port}", "--quick", "--timeout", "0.3").returncode == 1
 
 

@@ -23,7 +23,16 @@ CHUNK = 64 * 1024
 
 
 class DuplexError(Exception):
-    """The peer misbehaved or went silent; one line for the user."""
+    """The peer misbehaved or went silent; one line for the user. ``received``: bytes that
+    came back before; ``how``: SILENT, CLOSED, RESET or WRONG (what a caller judges by)."""
+
+    def __init__(self, message: str, received: int = 0, how: str = "wrong") -> None:
+        super().__init__(message)
+        self.received = received
+        self.how = how
+
+
+SILENT, CLOSED, RESET, WRONG = "silent", "closed", "reset", "wrong"
 
 
 def duplex(
@@ -68,7 +77,9 @@ def duplex(
             if source_done and not outgoing and received >= want:
                 return sent, received
             if eof:
-                raise DuplexError(f"server closed after {received} of {want} bytes came back")
+                raise DuplexError(
+                    f"server closed after {received} of {want} bytes came back", received, CLOSED
+                )
             if source_done and not outgoing and half_close and not shut:
                 _half_close(sock)
                 shut = True
@@ -132,10 +143,12 @@ def duplex(
             if progressed or not owed:  # waiting for our own input is not the peer's silence
                 last_progress = now
             elif now - last_progress > timeout:
+                total = len(source) if isinstance(source, bytes) else sent
                 raise DuplexError(
-                    f"no answer in time: only {received} of "
-                    f"{sent if expect is None else expect} bytes came back "
-                    f"within {timeout:g} s"
+                    f"no answer in time: sent {sent:,} of {total:,} B, {received:,} came back "
+                    f"within {timeout:g} s",
+                    received,
+                    SILENT,
                 )
             while due and due[0][0] <= received:
                 due.popleft()
@@ -144,7 +157,9 @@ def duplex(
                 raise DuplexError(
                     f"the echo is too slow: {received} of {sent} bytes back after {took:.1f} s "
                     f"({received / took:,.0f} B/s); a byte is due within the timeout "
-                    f"({timeout:g} s) plus {ECHO_FLOOR_RATE >> 10} KiB/s for those ahead of it"
+                    f"({timeout:g} s) plus {ECHO_FLOOR_RATE >> 10} KiB/s for those ahead of it",
+                    received,
+                    SILENT,
                 )
     finally:
         sel.close()
@@ -200,4 +215,4 @@ def _recv(sock: socket.socket) -> bytes | None:
     except ssl.SSLEOFError:
         return b""
     except (ConnectionError, ssl.SSLError) as exc:
-        raise DuplexError(f"connection lost: {exc}") from None
+        raise DuplexError(f"connection lost: {exc}", how=RESET) from None

@@ -17,7 +17,14 @@ from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from socket_echo.payloads import NET_TOOLS_PAYLOADS
-from socket_echo.tools.connect.duplex import DuplexError, duplex
+from socket_echo.tools.connect.duplex import (
+    CLOSED,
+    RESET,
+    SILENT,
+    WRONG,
+    DuplexError,
+    duplex,
+)
 from socket_echo.tools.connect.ending import end_gracefully
 from socket_echo.tools.connect.target import (
     ICMP_REFUSED,
@@ -37,13 +44,25 @@ NAGLE_THRESHOLD_MS = 10.0
 UDP_MAX = 1280
 UDP_TRIES = 3  # the first send and two retries
 REFUSAL = b"Too many connections"
+LATER_STEPS = (
+    "half-close",
+    f"{CONCURRENT_CLIENTS} clients at once",
+    f"latency: {LATENCY_ROUNDS} x 64 B",
+    "1 KiB round trip (Nagle)",
+)
 
 
 Outcome = tuple[str, str] | tuple[str, str, dict[str, Any]]
 
 
 class StepFailed(Exception):
-    pass
+    """A step failed; ``received`` bytes came back before, ``how`` (duplex's SILENT, CLOSED,
+    RESET, WRONG) says what the peer did."""
+
+    def __init__(self, message: str, received: int = -1, how: str = WRONG) -> None:
+        super().__init__(message)
+        self.received = received
+        self.how = how
 
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -67,7 +86,7 @@ def round_trip(sock: socket.socket, data: bytes, timeout: float) -> bytes:
     try:
         duplex(sock, data, got.extend, timeout, half_close=False)
     except DuplexError as exc:
-        raise StepFailed(str(exc)) from None
+        raise StepFailed(str(exc), exc.received, exc.how) from None
     finally:
         sock.settimeout(timeout)
     return bytes(got)
@@ -96,6 +115,7 @@ class Probe:
         self._udp_sent: set[bytes] = set()  # payloads already sent: to tell stale answers
         self._udp_refused = False  # an ICMP port unreachable came back
         self.resets_sent = 0  # connections the peer did not close within the drain timeout
+        self.last_failure: StepFailed | None = None
 
     def connect(self) -> socket.socket:
         return connect(self.target, self.timeout, self.tls)
@@ -123,6 +143,7 @@ class Probe:
             data = result[2] if len(result) > 2 else {}
         except StepFailed as exc:
             status, detail, data = FAIL, str(exc), {}
+            self.last_failure = exc
         except Unreachable as exc:
             status, detail, data = FAIL, str(exc), {}
         except OSError as exc:
@@ -140,17 +161,27 @@ class Probe:
                 ("single write 16 KiB", os.urandom(16 << 10)),
                 ("1 MiB random", os.urandom(1 << 20)),
             ]
-            for name, payload in payloads:
+            for i, (name, payload) in enumerate(payloads):
+                self.last_failure = None
                 step = self.step(name, functools.partial(self._compare_current, payload))
+                if step.status == FAIL and i == 0 and (verdict := self._nothing_back()):
+                    # a mute or wedged peer: what follows cannot pass; said now, not in 80 s
+                    self.steps.append(Step("verdict", FAIL, verdict, 0.0))
+                    for rest, _ in payloads[1:]:
+                        self.steps.append(Step(rest, SKIP, "skipped: " + verdict, 0.0))
+                    for rest in LATER_STEPS:
+                        self.steps.append(Step(rest, SKIP, "skipped: " + verdict, 0.0))
+                    return self.steps
                 if step.status == FAIL:  # the stream is out of step now: start afresh
                     self.end(self._sock)
                     self._sock = self.connect()
         finally:
             self.end(self._sock)
-        self.step("half-close", self._half_close)
-        self.step(f"{CONCURRENT_CLIENTS} clients at once", self._concurrency)
-        self.step(f"latency: {LATENCY_ROUNDS} x 64 B", self._latency)
-        self.step("1 KiB round trip (Nagle)", self._nagle)
+        half_close, concurrency, latency, nagle = LATER_STEPS
+        self.step(half_close, self._half_close)
+        self.step(concurrency, self._concurrency)
+        self.step(latency, self._latency)
+        self.step(nagle, self._nagle)
         if self.resets_sent:
             self.steps.append(
                 Step(
@@ -162,6 +193,23 @@ class Probe:
                 )
             )
         return self.steps
+
+    def _nothing_back(self) -> str | None:
+        """The first payload got not one byte back: what the peer does, in words (None when
+        something came back, or it was another failure)."""
+        failure = self.last_failure
+        if failure is None or failure.received != 0:
+            return None
+        if failure.how == SILENT:
+            return (
+                "connects, but no byte ever came back: the stack accepts, the application "
+                "does not answer (a wedged firmware loop, or one serving another client)"
+            )
+        if failure.how == CLOSED:
+            return "accepts, then closes without echoing a byte"
+        if failure.how == RESET:
+            return "accepts, then resets without echoing a byte"
+        return None
 
     def _compare_current(self, payload: bytes) -> tuple[str, str]:
         return self._compare(self._sock, payload)
