@@ -412,3 +412,17 @@ def test_a_one_client_at_a_time_peer_is_named_not_called_healthy(env):
     assert report["error_kinds"] == {"connection never answered": 4}
     assert "4 of 5 connections never got an answer" in table
     assert "serves 1 client(s) at a time" in table
+
+
+@pytest.mark.parametrize("env", LOOPS, ids=LOOP_IDS)
+def test_the_transport_is_read_from_the_kernel(start_server, env):
+    """Retransmissions and the kernel's RTT came only from packet captures; bench reads them
+    from TCP_INFO on its own sockets: one RTT per connection, none retransmitted on loopback."""
+    server = start_server()
+    code, report, table = bench(f"127.0.0.1:{server.port}", "-c", "3", "-d", "0.3", env=env)
+    assert code == 0, report
+    t = report["transport"]
+    assert t["connections_sampled"] == 3 and len(t["kernel_rtt_us"]) == 3, t
+    assert t["retransmitted_segments"] == 0 and t["retransmitted_per_mb"] == 0
+    assert 0 < t["kernel_rtt_p50_us"] <= t["kernel_rtt_max_us"] < 1_000_000
+    assert "segment(s) retransmitted" in table and "kernel RTT p50" in table

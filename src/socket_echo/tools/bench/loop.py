@@ -18,6 +18,7 @@ from typing import Any
 
 from socket_echo.tools.bench import errors
 from socket_echo.tools.bench.model import BenchConfig, WorkerResult, cpu_seconds
+from socket_echo.tools.connect import tcp_info
 from socket_echo.tools.connect.ending import end_gracefully
 from socket_echo.tools.connect.patterns import Patterns
 from socket_echo.tools.connect.target import Unreachable, connect
@@ -70,6 +71,11 @@ class Loop:
         self.result.cpu_seconds = cpu_seconds() - cpu0
         self.epoll.close()
         socks = [conn.sock for conn in self.conns.values()] + list(self.socks.values())
+        for sock in socks:  # what the kernel saw of the peer, before the end
+            info, _ = tcp_info.read(sock) if sock.fileno() >= 0 else ({}, [])
+            if info:
+                self.result.retransmits += info.get("total_retrans", info["retrans"])
+                self.result.kernel_rtt_us.append(info["rtt_us"])
         ending = end_gracefully(socks, self.cfg.drain_timeout)  # never harm the peer
         self.result.ended_gracefully += ending.graceful
         self.result.resets_sent += ending.resets

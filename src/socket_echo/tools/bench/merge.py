@@ -15,6 +15,7 @@ from socket_echo.tools.bench.result import (
     ResultError,
     Second,
     Segment,
+    Transport,
     Window,
 )
 from socket_echo.tools.bench.statistics import flow, latency_fields
@@ -107,6 +108,10 @@ def merge(results: list[tuple[str, BenchResult]]) -> BenchResult:
             answers=tuple(n for r in every for n in r.per_connection.answers),
             first_answer_s=tuple(f for r in every for f in r.per_connection.first_answer_s),
             replacements=sum(r.per_connection.replacements for r in every),
+        ),
+        transport=Transport(
+            retransmitted_segments=sum(r.transport.retransmitted_segments for r in every),
+            kernel_rtt_us=tuple(us for r in every for us in r.transport.kernel_rtt_us),
         ),
         ended_gracefully=counts["ended_gracefully"],
         resets_sent=counts["resets_sent"],

@@ -163,6 +163,8 @@ class WorkerResult:
     answers: list[int] = dataclasses.field(default_factory=list)
     first_answer: list[float] = dataclasses.field(default_factory=list)  # s into it; -1: none
     replacements: int = 0  # connections opened in place of ones that failed
+    retransmits: int = 0  # segments the kernel retransmitted (TCP_INFO, the open connections')
+    kernel_rtt_us: list[int] = dataclasses.field(default_factory=list)  # smoothed, per one
     ended_gracefully: int = 0  # connections ended with FIN both ways after their echo
     resets_sent: int = 0  # ... ended with a reset: the peer had not closed within the drain
     drained_bytes: int = 0  # echo read after the window, while ending (in no figure)

@@ -109,6 +109,19 @@ def lines(r: BenchResult) -> list[tuple[str, str]]:
                 f"{s['never_answered']:,} never answered, {s['replacements']:,} replaced",
             )
         )
+    t = r.transport.summary(r.megabytes_per_second * r.window.seconds)
+    if t["connections_sampled"]:
+        per_mb = t["retransmitted_per_mb"]
+        rows.append(
+            (
+                "transport",
+                f"{t['retransmitted_segments']:,} segment(s) retransmitted"
+                + (f" ({per_mb:g}/MB)" if per_mb is not None else "")
+                + f"; kernel RTT p50 {t['kernel_rtt_p50_us']:,} µs, p90 "
+                f"{t['kernel_rtt_p90_us']:,}, max {t['kernel_rtt_max_us']:,} (TCP_INFO, "
+                f"{t['connections_sampled']} connection(s))",
+            )
+        )
     if r.ended_gracefully or r.resets_sent:
         rows.append(
             (

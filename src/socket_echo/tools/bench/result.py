@@ -153,6 +153,32 @@ class PerConnection:
 
 
 @dataclasses.dataclass(frozen=True)
+class Transport:
+    """What the kernel saw of the peer's stack (TCP_INFO on bench's own sockets, read at the
+    end of the window): segments retransmitted, and each connection's smoothed RTT."""
+
+    retransmitted_segments: int = 0
+    kernel_rtt_us: tuple[int, ...] = ()
+
+    def summary(self, megabytes: float) -> dict[str, Any]:
+        rtts = sorted(self.kernel_rtt_us)
+
+        def at(q: float) -> int | None:
+            return rtts[min(len(rtts) - 1, int(q * len(rtts)))] if rtts else None
+
+        return {
+            "retransmitted_segments": self.retransmitted_segments,
+            "retransmitted_per_mb": (
+                round(self.retransmitted_segments / megabytes, 3) if megabytes else None
+            ),
+            "connections_sampled": len(rtts),
+            "kernel_rtt_p50_us": at(0.5),
+            "kernel_rtt_p90_us": at(0.9),
+            "kernel_rtt_max_us": rtts[-1] if rtts else None,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
 class BenchResult:
     target: str
     mode: str
@@ -178,6 +204,7 @@ class BenchResult:
     held_sends: int
     late_send_threshold_us: int
     per_connection: PerConnection
+    transport: Transport
     ended_gracefully: int  # connections ended with FIN both ways, after their echo
     resets_sent: int  # ... ended with a reset: the peer had not closed within the drain
     drained_bytes: int  # echo read while ending, after the window (in no figure)
@@ -218,6 +245,12 @@ class BenchResult:
                     **value.summary(),
                     "answers": list(value.answers),
                     "first_answer_s": list(value.first_answer_s),
+                }
+            elif field.name == "transport":
+                megabytes = self.megabytes_per_second * self.window.seconds
+                out["transport"] = {
+                    **value.summary(megabytes),
+                    "kernel_rtt_us": list(value.kernel_rtt_us),
                 }
             elif field.name == "segment":
                 out["segment"] = {"index": value.index, "count": value.count}

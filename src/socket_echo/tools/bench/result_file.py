@@ -29,6 +29,7 @@ from socket_echo.tools.bench.result import (
     Second,
     Segment,
     Spectrum,
+    Transport,
     Window,
 )
 from socket_echo.tools.defaults import MAX_SEGMENTS, MODES
@@ -199,6 +200,7 @@ class _Reader:
             resets_sent=counts["resets_sent"],
             drained_bytes=counts["drained_bytes"],
             per_connection=self.per_connection(data.get("per_connection") or {}),
+            transport=self.transport(data.get("transport") or {}),
             late_send_threshold_us=self.whole(
                 data.get("late_send_threshold_us", 0), "late_send_threshold_us"
             ),
@@ -228,6 +230,18 @@ class _Reader:
                 self.number(f, "per_connection.first_answer_s", -1.0, MAX_SECONDS) for f in first
             ),
             replacements=self.whole(p.get("replacements") or 0, "per_connection.replacements"),
+        )
+
+    def transport(self, value: Any) -> Transport:
+        t = self.table(value, "transport")
+        rtts = t.get("kernel_rtt_us") or []
+        if not isinstance(rtts, list) or len(rtts) > MAX_CONNECTIONS:
+            raise self.fail("transport.kernel_rtt_us", "a list of one entry per connection")
+        return Transport(
+            retransmitted_segments=self.whole(
+                t.get("retransmitted_segments") or 0, "transport.retransmitted_segments"
+            ),
+            kernel_rtt_us=tuple(self.whole(us, "transport.kernel_rtt_us") for us in rtts),
         )
 
     def optional_text(self, value: Any, where: str) -> str | None:

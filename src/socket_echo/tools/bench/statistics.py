@@ -25,6 +25,7 @@ from socket_echo.tools.bench.result import (
     Second,
     Segment,
     Spectrum,
+    Transport,
     Window,
 )
 from socket_echo.tools.defaults import BEHIND_SHARE, BEHIND_US, LATE_SEND_US
@@ -146,6 +147,10 @@ def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> BenchResult:
         held_sends=sum(r.held_sends for r in results),
         late_send_threshold_us=LATE_SEND_US,
         per_connection=per_connection,
+        transport=Transport(
+            retransmitted_segments=sum(r.retransmits for r in results),
+            kernel_rtt_us=tuple(us for r in results for us in r.kernel_rtt_us),
+        ),
         ended_gracefully=sum(r.ended_gracefully for r in results + probes),
         resets_sent=sum(r.resets_sent for r in results + probes),
         drained_bytes=sum(r.drained_bytes for r in results + probes),

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from socket_echo.payloads import NET_TOOLS_PAYLOADS
+from socket_echo.tools.connect import tcp_info
 from socket_echo.tools.connect.duplex import (
     CLOSED,
     RESET,
@@ -116,6 +117,7 @@ class Probe:
         self._udp_refused = False  # an ICMP port unreachable came back
         self.resets_sent = 0  # connections the peer did not close within the drain timeout
         self.last_failure: StepFailed | None = None
+        self._peer: tuple[dict[str, int], list[str]] = ({}, [])
 
     def connect(self) -> socket.socket:
         return connect(self.target, self.timeout, self.tls)
@@ -175,6 +177,7 @@ class Probe:
                 if step.status == FAIL:  # the stream is out of step now: start afresh
                     self.end(self._sock)
                     self._sock = self.connect()
+            self._peer = tcp_info.read(self._sock)  # after 1 MiB: what the kernel saw
         finally:
             self.end(self._sock)
         half_close, concurrency, latency, nagle = LATER_STEPS
@@ -182,6 +185,8 @@ class Probe:
         self.step(concurrency, self._concurrency)
         self.step(latency, self._latency)
         self.step(nagle, self._nagle)
+        if self._peer[0]:
+            self.step("peer (TCP_INFO)", self._peer_step)
         if self.resets_sent:
             self.steps.append(
                 Step(
@@ -193,6 +198,20 @@ class Probe:
                 )
             )
         return self.steps
+
+    def _peer_step(self) -> tuple[str, str, dict[str, Any]]:
+        """What the kernel saw of the peer's stack on the payload connection, beside the
+        application's round trip: a finding when it lacks SACK or timestamps or had to
+        retransmit (what a capture would have shown)."""
+        line, data = tcp_info.describe(*self._peer)
+        latency = next((s for s in self.steps if s.name.startswith("latency")), None)
+        if latency is not None and "p50_us" in latency.data:
+            line += f" (the application's p50 {latency.data['p50_us'] / 1000:.2f} ms)"
+            data["application_rtt_p50_us"] = latency.data["p50_us"]
+        lacking = [k for k in ("sack", "timestamps") if not data.get(k)]
+        if lacking or data.get("retransmitted_segments"):
+            return FINDING, line, data
+        return PASS, line, data
 
     def _nothing_back(self) -> str | None:
         """The first payload got not one byte back: what the peer does, in words (None when
