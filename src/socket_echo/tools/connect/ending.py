@@ -33,7 +33,9 @@ class Ending:
 
 
 def end_gracefully(socks: Iterable[socket.socket], drain_timeout: float) -> Ending:
-    """End every stream socket of ``socks`` as the module says; returns how they ended."""
+    """End every stream socket of ``socks`` as the module says; returns how they ended. A
+    socket whose connect is still under way (bench's churn) is let finish it first: a close
+    in SYN_SENT answers the peer's SYN-ACK with a reset, and a half-close there is refused."""
     ending = Ending()
     sel = selectors.DefaultSelector()
     try:
@@ -43,17 +45,24 @@ def end_gracefully(socks: Iterable[socket.socket], drain_timeout: float) -> Endi
             if sock.type != socket.SOCK_STREAM:
                 sock.close()
                 continue
+            sock.setblocking(False)
             try:
-                sock.setblocking(False)
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:  # already reset or closed by the peer: nothing to spare it
-                sock.close()
+                sock.getpeername()
+            except OSError:  # not connected yet: wait for the connect to end
+                sel.register(sock, selectors.EVENT_WRITE, sock)
                 continue
-            sel.register(sock, selectors.EVENT_READ, sock)
+            _half_close(sel, sock)
         deadline = time.monotonic() + drain_timeout
         while sel.get_map() and (left := deadline - time.monotonic()) > 0:
             for key, _ in sel.select(left):
                 sock = key.data
+                if key.events == selectors.EVENT_WRITE:  # the connect ended
+                    sel.unregister(sock)
+                    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                        sock.close()  # it failed: there is no connection to spare
+                    else:
+                        _half_close(sel, sock)
+                    continue
                 try:
                     data = sock.recv(1 << 16)
                 except BlockingIOError:
@@ -75,3 +84,12 @@ def end_gracefully(socks: Iterable[socket.socket], drain_timeout: float) -> Endi
     finally:
         sel.close()
     return ending
+
+
+def _half_close(sel: selectors.BaseSelector, sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:  # already reset or closed by the peer: nothing to spare it
+        sock.close()
+        return
+    sel.register(sock, selectors.EVENT_READ, sock)
