@@ -133,6 +133,8 @@ def serve_udp(mode: str) -> None:
         n += 1
         if mode == "udp-mute" or (mode == "udp-lossy" and n % 2 == 0):
             continue
+        if mode == "udp-small" and len(data) > 1472:  # one Ethernet frame, as a stack that
+            continue  # does not reassemble IPv4 fragments answers
         sock.sendto(data, peer)
 
 

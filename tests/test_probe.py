@@ -150,3 +150,20 @@ def test_a_step_has_a_deadline_from_its_size_and_the_timeout(broken):
             round_trip(sock, data, 0.5)
         took = time.monotonic() - started
     assert took < 0.5 + len(data) / ECHO_FLOOR_RATE + 1.0, took
+
+
+def test_udp_probe_finds_the_largest_datagram_echoed(broken, start_server):
+    """A stack that does not reassemble IPv4 fragments (Zephyr without
+    CONFIG_NET_IPV4_FRAGMENT, small lwIP builds) answers nothing over one frame: found by a
+    search up to 65,507 B, as a finding; our server echoes every size UDP allows."""
+    small = broken("udp-small")
+    code, report = probe_json(f"udp://127.0.0.1:{small.port}", "--timeout", "0.6")
+    step = next(s for s in report["steps"] if s["name"] == "udp: largest datagram")
+    assert step["status"] == "finding" and step["largest_echoed"] == 1472, step
+    assert code == 0
+    server = start_server("--udp-rate", "100000", "--udp-burst", "100000")
+    _, host, port = server.listener("udp")
+    code, report = probe_json(f"udp://{host}:{port}")
+    step = next(s for s in report["steps"] if s["name"] == "udp: largest datagram")
+    assert step["status"] == "pass" and step["largest_echoed"] == 65507, step
+    assert step["path_mtu"] and step["path_mtu"] >= 1280

@@ -43,6 +43,7 @@ CONCURRENT_CLIENTS = 20
 LATENCY_ROUNDS = 200
 NAGLE_THRESHOLD_MS = 10.0
 UDP_MAX = 1280
+UDP_LIMIT_V4, UDP_LIMIT_V6 = 65507, 65527  # the largest UDP payload over IPv4 and IPv6
 UDP_TRIES = 3  # the first send and two retries
 REFUSAL = b"Too many connections"
 LATER_STEPS = (
@@ -407,9 +408,65 @@ class Probe:
                         "firewall and a rate limit apart)"
                     )
                 )
+            self.step("udp: largest datagram", functools.partial(self._largest, sock))
         finally:
             sock.close()
         return self.steps
+
+    def _echoes(self, sock: socket.socket, size: int, wait: float) -> bool:
+        """Whether a datagram of ``size`` bytes comes back whole (two tries)."""
+        payload = os.urandom(size)
+        for _ in range(2):
+            try:
+                sock.send(payload)
+            except OSError:  # too large for this socket or path
+                return False
+            deadline = time.monotonic() + wait
+            while (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                try:
+                    if sock.recv(65535) == payload:
+                        return True
+                except (TimeoutError, OSError):
+                    break
+        return False
+
+    def _largest(self, sock: socket.socket) -> tuple[str, str, dict[str, Any]]:
+        """The largest datagram the peer echoes (a binary search up to UDP's limit over this
+        family), the path MTU the kernel knows, and whether IPv4 fragments come back
+        reassembled (Zephyr builds without CONFIG_NET_IPV4_FRAGMENT and small lwIP builds do
+        not reassemble: their UDP echo stops at the MTU)."""
+        v6 = sock.family == socket.AF_INET6
+        limit = UDP_LIMIT_V6 if v6 else UDP_LIMIT_V4
+        mtu = path_mtu(sock)
+        wait = min(1.0, self.timeout / UDP_TRIES)
+        low, high = UDP_MAX if self._echoes(sock, UDP_MAX, wait) else 0, limit
+        if low and self._echoes(sock, limit, wait):
+            low = limit
+        while high - low > 1 and low < limit:
+            mid = (low + high) // 2
+            if self._echoes(sock, mid, wait):
+                low = mid
+            else:
+                high = mid
+        header = 48 if v6 else 28
+        data: dict[str, Any] = {"largest_echoed": low, "path_mtu": mtu, "limit": limit}
+        if not low:
+            return FAIL, f"no datagram of {UDP_MAX} B came back", data
+        unfragmented = mtu - header if mtu else None
+        fragments = None if unfragmented is None or v6 else low > unfragmented
+        data["fragments_reassembled"] = fragments
+        line = f"{low:,} B echoed (of {limit:,} this family allows)"
+        if mtu:
+            line += f"; path MTU {mtu:,} B"
+        if fragments is not None and unfragmented is not None and unfragmented < limit:
+            line += (
+                "; IPv4 fragments come back reassembled"
+                if fragments
+                else f"; nothing over {unfragmented:,} B (one frame): the peer does not "
+                "reassemble IPv4 fragments"
+            )
+        return (PASS if low == limit else FINDING), line, data
 
     def _loss_hint(self) -> str:
         """Why a datagram may go unanswered by a server on this machine."""
@@ -479,6 +536,19 @@ class Probe:
             raise
         except (OSError, StepFailed):
             return False
+
+
+def path_mtu(sock: socket.socket) -> int | None:
+    """The path MTU the kernel knows for a connected socket (IP_MTU, Linux), None elsewhere."""
+    level, option = (
+        (socket.IPPROTO_IPV6, getattr(socket, "IPV6_MTU", 24))
+        if sock.family == socket.AF_INET6
+        else (socket.IPPROTO_IP, getattr(socket, "IP_MTU", 14))
+    )
+    try:
+        return int(sock.getsockopt(level, option))
+    except OSError:
+        return None
 
 
 def percentile(samples: list[float], pct: float) -> float:
