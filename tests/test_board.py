@@ -173,6 +173,7 @@ def test_probe_names_the_stack_the_kernel_saw(board):
     assert peer["peer_window_scale"] == 1 and peer["window_scaling"] is True
     assert peer["sack"] is False and peer["timestamps"] is False
     assert "sack off, timestamps off" in peer["detail"]
+    assert isinstance(peer["zero_windows_seen"], int)  # 128-byte reads: its window fills
     assert "one client at a time" in steps["20 clients at once"]["detail"]
     assert "Nagle" in steps["1 KiB round trip (Nagle)"]["detail"]
     assert board.alive()

@@ -43,6 +43,7 @@ def duplex(
     expect: int | None = None,
     half_close: bool = True,
     verify: bool = False,
+    watch: Callable[[socket.socket], object] | None = None,
 ) -> tuple[int, int]:
     """Send ``source`` (bytes, or a file descriptor read to its end) while passing what comes
     back to ``sink``. Stops once the source is sent and ``expect`` bytes (default: as many as
@@ -53,7 +54,8 @@ def duplex(
     ECHO_FLOOR_RATE (a peer trickling 1 B/s is never silent, and held a step for ever). So a
     step of N bytes ends within ``timeout + N / ECHO_FLOOR_RATE``, whatever the peer does.
     ``verify``: what comes back must be what was sent, byte for byte, in order (an echo);
-    DuplexError at the first byte that differs. Only the bytes in flight are kept for it."""
+    DuplexError at the first byte that differs. Only the bytes in flight are kept for it.
+    ``watch``: called with the socket on every turn of the loop."""
     sock.setblocking(False)
     fd_source = source if isinstance(source, int) else None
     outgoing = memoryview(source if isinstance(source, bytes) else b"")
@@ -91,6 +93,8 @@ def duplex(
                 continue
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if outgoing else 0)
             sel.modify(sock, events)
+            if watch is not None:  # the caller looks at the connection (probe: the window)
+                watch(sock)
             ready = sel.select(0 if isinstance(sock, ssl.SSLSocket) and sock.pending() else 0.2)
             progressed = False
             for key, mask in ready:

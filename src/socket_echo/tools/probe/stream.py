@@ -82,11 +82,16 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def round_trip(sock: socket.socket, data: bytes, timeout: float) -> bytes:
+def round_trip(
+    sock: socket.socket,
+    data: bytes,
+    timeout: float,
+    watch: Callable[[socket.socket], object] | None = None,
+) -> bytes:
     """Send while receiving (one thread: safe for TLS), so large payloads cannot deadlock."""
     got = bytearray()
     try:
-        duplex(sock, data, got.extend, timeout, half_close=False)
+        duplex(sock, data, got.extend, timeout, half_close=False, watch=watch)
     except DuplexError as exc:
         raise StepFailed(str(exc), exc.received, exc.how) from None
     finally:
@@ -119,6 +124,7 @@ class Probe:
         self.resets_sent = 0  # connections the peer did not close within the drain timeout
         self.last_failure: StepFailed | None = None
         self._peer: tuple[dict[str, int], list[str]] = ({}, [])
+        self.zero_windows, self._window_open = 0, True  # the peer's window, as sent to
 
     def connect(self) -> socket.socket:
         return connect(self.target, self.timeout, self.tls)
@@ -200,6 +206,17 @@ class Probe:
             )
         return self.steps
 
+    def _watch_window(self, sock: socket.socket) -> None:
+        """Counts the peer's zero windows seen while the payloads go (TCP_INFO's snd_wnd,
+        Linux 5.4 and later: a board whose application reads slower than it is sent to)."""
+        info, _ = tcp_info.read(sock)
+        window = info.get("snd_wnd")
+        if window is None:
+            return
+        if window == 0 and self._window_open:
+            self.zero_windows += 1
+        self._window_open = window > 0
+
     def _peer_step(self) -> tuple[str, str, dict[str, Any]]:
         """What the kernel saw of the peer's stack on the payload connection, beside the
         application's round trip: a finding when it lacks SACK or timestamps or had to
@@ -209,8 +226,11 @@ class Probe:
         if latency is not None and "p50_us" in latency.data:
             line += f" (the application's p50 {latency.data['p50_us'] / 1000:.2f} ms)"
             data["application_rtt_p50_us"] = latency.data["p50_us"]
+        if "snd_wnd" in self._peer[0]:
+            data["zero_windows_seen"] = self.zero_windows
+            line += f"; {self.zero_windows} zero window(s) seen while sending"
         lacking = [k for k in ("sack", "timestamps") if not data.get(k)]
-        if lacking or data.get("retransmitted_segments"):
+        if lacking or data.get("retransmitted_segments") or self.zero_windows:
             return FINDING, line, data
         return PASS, line, data
 
@@ -235,7 +255,8 @@ class Probe:
         return self._compare(self._sock, payload)
 
     def _compare(self, sock: socket.socket, payload: bytes) -> tuple[str, str]:
-        got = round_trip(sock, payload, self.timeout)
+        got = round_trip(sock, payload, self.timeout, self._watch_window)
+
         if got != payload:
             return FAIL, f"echo differs: {first_difference(payload, got)}"
         return PASS, f"{len(payload)} B"
