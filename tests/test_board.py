@@ -141,9 +141,9 @@ def bench_json(board: Board, *args: str, env: dict[str, str] | None = None) -> d
 def test_bench_leaves_the_board_alive_after_every_run(board, mode, extra):
     """Three runs of each mode, each ending with FIN after the owed echo: the board serves
     on (with a reset ending a run the seed's loop spins for ever: 3 of 12 runs before)."""
-    # churn: about 800 connections a run; this lwIP board stops answering at its 1,024th
+    # churn: a few hundred connections a run; this lwIP board stops answering at its 1,024th
     # connection within half a second (found here: its own limit, not the ending's)
-    duration = "0.15" if mode == "churn" else "0.5"
+    duration = "0.1" if mode == "churn" else "0.5"
     for _ in range(3):
         report = bench_json(board, "--mode", mode, "-c", "1", "-d", duration, *extra)
         assert report["errors"] == 0 and report["mismatches"] == 0, report
