@@ -789,6 +789,27 @@ OUTPUTS = (  # where bench and report write their figures
 )  # fmt: skip
 
 
+def _slo_option(f: F) -> F:
+    return click.option(
+        "--slo",
+        "slos",
+        multiple=True,
+        metavar="EXPR",
+        help="An objective, repeatable: p99<2ms, p50<=500us, p99.9<10ms, errors==0, "
+        "rps>=20000, late_sends<1%. Missed on a clean run: exit 3.",
+    )(f)
+
+
+def _objectives(slos: tuple[str, ...]) -> Any:
+    """Every --slo parsed before anything starts (one line, exit 2)."""
+    from socket_echo.tools.bench.slo import parse
+
+    try:
+        return tuple(parse(text) for text in slos)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 def _outputs(f: F) -> F:
     for flag, name, text in reversed(OUTPUTS):
         f = click.option(flag, name, type=click.Path(dir_okay=False, writable=True), help=text)(f)
@@ -918,6 +939,7 @@ def _outputs_checked(json_file: str | None, plot_file: str | None, hgrm_file: st
     "the peer closes; one that has not closed within this is reset (and counted): a reset "
     "wedges some firmware echo loops.",
 )
+@_slo_option
 @_outputs
 def bench(
     target: str,
@@ -940,6 +962,7 @@ def bench(
     start_at: float | None,
     timeout: float,
     drain_timeout: float,
+    slos: tuple[str, ...],
     json_file: str | None,
     plot_file: str | None,
     hgrm_file: str | None,
@@ -972,20 +995,27 @@ def bench(
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    objectives = _objectives(slos)
     outputs = _outputs_checked(json_file, plot_file, hgrm_file)
-    _exit_with(lambda: run(cfg, outputs))
+    _exit_with(lambda: run(cfg, outputs, objectives))
 
 
 @cli.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_slo_option
 @_outputs
 def report(
-    files: tuple[str, ...], json_file: str | None, plot_file: str | None, hgrm_file: str | None
+    files: tuple[str, ...],
+    slos: tuple[str, ...],
+    json_file: str | None,
+    plot_file: str | None,
+    hgrm_file: str | None,
 ) -> None:
     """Add bench results (the --json files of the segments of one run, or of several runs
     of one load): histograms added, counters and rates summed, the window the common one.
     Prints the table a single run prints; exit 1 if any had errors or mismatches."""
     from socket_echo.tools.bench import report as tool
 
+    objectives = _objectives(slos)
     outputs = _outputs_checked(json_file, plot_file, hgrm_file)
-    _exit_with(lambda: tool.run(list(files), outputs))
+    _exit_with(lambda: tool.run(list(files), outputs, objectives))

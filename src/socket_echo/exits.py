@@ -6,13 +6,14 @@ the same code (README, "Exit codes"). For the tools:
     1  FAILED       it did not: bytes wrong or missing, a check failed, errors or mismatches
     2  UNREACHABLE  nothing to measure: no connection or handshake (probe's --quick too)
     2  USAGE        a mistake on the command line or in a file given (click's own code)
+    3  SLO_MISSED   bench and report: the run was clean, but an --slo objective was missed
 
 A leaf: imports nothing of socket_echo.
 """
 
 from __future__ import annotations
 
-OK, FAILED, UNREACHABLE, USAGE = 0, 1, 2, 2
+OK, FAILED, UNREACHABLE, USAGE, SLO_MISSED = 0, 1, 2, 2, 3
 
 
 def error_line(message: str) -> str:

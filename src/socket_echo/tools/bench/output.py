@@ -5,11 +5,14 @@ JSON, the latency plot, HdrHistogram's ``.hgrm``); the live progress line."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 from socket_echo.tools.bench.result import BenchResult, Spectrum
+from socket_echo.tools.bench.slo import Verdict
 from socket_echo.tools.defaults import BEHIND_SHARE, BEHIND_US
 
 
@@ -46,16 +49,27 @@ class Outputs:
         return "-" in (self.json_file, self.hgrm_file)
 
 
-def show(result: BenchResult, outputs: Outputs, note: str | None = None) -> None:
-    """The table (stderr when stdout carries JSON or hgrm), then the files asked for;
-    OSError when one cannot be written."""
-    table(result, sys.stderr if outputs.stdout_taken else sys.stdout, note)
+def show(
+    result: BenchResult,
+    outputs: Outputs,
+    note: str | None = None,
+    verdicts: Sequence[tuple[Verdict, str]] = (),
+) -> None:
+    """The table (stderr when stdout carries JSON or hgrm) with the objectives' verdicts
+    (each with its unit), then the files asked for; OSError when one cannot be written."""
+    out = sys.stderr if outputs.stdout_taken else sys.stdout
+    table(result, out, note)
+    for verdict, unit in verdicts:
+        print(verdict.line(unit), file=out)
     if outputs.plot_file:
         plot(result, outputs.plot_file)
     if outputs.hgrm_file:
         write_hgrm(result, outputs.hgrm_file)
     if outputs.json_file:
-        text = result.to_json()
+        fields = result.to_dict()
+        if verdicts:
+            fields["slo"] = [v.to_dict() for v, _ in verdicts]
+        text = json.dumps(fields, indent=2)
         if outputs.json_file == "-":
             print(text, flush=True)
         else:

@@ -3,20 +3,19 @@ of several runs of one load), shown as one run's are; the exit code as bench's."
 
 from __future__ import annotations
 
-from socket_echo.exits import FAILED, OK, USAGE, ToolError
+from socket_echo.exits import USAGE, ToolError
 from socket_echo.tools.bench import output
 from socket_echo.tools.bench.merge import coverage_note, merge
 from socket_echo.tools.bench.result import ResultError
 from socket_echo.tools.bench.result_file import load
+from socket_echo.tools.bench.run import verdict
+from socket_echo.tools.bench.slo import Objective
 
 
-def run(paths: list[str], outputs: output.Outputs) -> int:
+def run(paths: list[str], outputs: output.Outputs, objectives: tuple[Objective, ...] = ()) -> int:
+    """The objectives are judged on the merge: percentiles of the exactly added histograms."""
     try:
         merged = merge([(path, load(path)) for path in paths])
     except ResultError as exc:
         raise ToolError(str(exc), USAGE) from None
-    try:
-        output.show(merged, outputs, coverage_note(merged))
-    except OSError as exc:
-        raise ToolError(f"cannot write results: {exc.strerror or exc}") from None
-    return FAILED if merged.failed else OK
+    return verdict(merged, outputs, objectives, coverage_note(merged))

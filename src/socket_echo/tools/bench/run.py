@@ -5,10 +5,12 @@ the workers (workers.py), the result (statistics.py), its outputs (output.py).""
 
 from __future__ import annotations
 
-from socket_echo.exits import FAILED, OK, UNREACHABLE, ToolError
+from socket_echo.exits import FAILED, OK, SLO_MISSED, UNREACHABLE, ToolError
 from socket_echo.kinds import DTLS, QUIC, kind
-from socket_echo.tools.bench import output, statistics, workers
+from socket_echo.tools.bench import output, slo, statistics, workers
 from socket_echo.tools.bench.model import BenchConfig
+from socket_echo.tools.bench.result import BenchResult
+from socket_echo.tools.bench.slo import Objective
 from socket_echo.tools.connect.target import Unreachable, check_datagrams_reach, connect
 
 
@@ -27,8 +29,9 @@ def check_reachable(cfg: BenchConfig) -> None:
         raise ToolError(f"unreachable: {exc}", UNREACHABLE) from None
 
 
-def run(cfg: BenchConfig, outputs: output.Outputs) -> int:
-    """The run, shown and written; the exit code (exits.py): 1 on errors or mismatches."""
+def run(cfg: BenchConfig, outputs: output.Outputs, objectives: tuple[Objective, ...] = ()) -> int:
+    """The run, shown and written; the exit code (exits.py): 1 on errors or mismatches, 3
+    when it was clean but an objective was missed."""
     check_reachable(cfg)
     unit = "bytes" if cfg.mode == "stream" else "requests"
     progress = output.Progress(cfg.duration + cfg.warmup, unit)
@@ -37,8 +40,22 @@ def run(cfg: BenchConfig, outputs: output.Outputs) -> int:
     finally:
         progress.stop()
     result = statistics.summarize(cfg, results)
+    return verdict(result, outputs, objectives)
+
+
+def verdict(
+    result: BenchResult,
+    outputs: output.Outputs,
+    objectives: tuple[Objective, ...],
+    note: str | None = None,
+) -> int:
+    """A result (a run's or a merge's) shown and written with its objectives judged; the
+    exit code bench and report share."""
+    verdicts = [(o.judge(result), slo.unit_of(o)) for o in objectives]
     try:
-        output.show(result, outputs)
+        output.show(result, outputs, note, verdicts)
     except OSError as exc:
         raise ToolError(f"cannot write results: {exc.strerror or exc}") from None
-    return FAILED if result.failed else OK
+    if result.failed:
+        return FAILED
+    return SLO_MISSED if any(not v.passed for v, _ in verdicts) else OK
