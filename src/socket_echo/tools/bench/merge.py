@@ -6,9 +6,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter, defaultdict
+from typing import Any
 
 from socket_echo.tools.bench.histograms import add_encoded, encode, histogram
 from socket_echo.tools.bench.result import (
+    COUNTED,
     BenchResult,
     Flow,
     PerConnection,
@@ -22,11 +24,6 @@ from socket_echo.tools.bench.statistics import flow, latency_fields
 from socket_echo.tools.defaults import LATE_SEND_US
 
 SAME = ("target", "mode")  # results of different targets, modes or sizes do not add
-COUNTED = (
-    "requests", "errors", "mismatches", "lost_datagrams", "late_datagrams",
-    "duplicate_datagrams", "sends", "late_sends", "held_sends", "ended_gracefully",
-    "resets_sent", "drained_bytes",
-)  # fmt: skip
 
 
 def merge(results: list[tuple[str, BenchResult]]) -> BenchResult:
@@ -84,9 +81,9 @@ def merge(results: list[tuple[str, BenchResult]]) -> BenchResult:
     return BenchResult(
         target=first.target,
         mode=first.mode,
-        requests=counts["requests"],
         requests_per_second=sum(r.requests_per_second for r in every),
         megabytes_per_second=sum(r.megabytes_per_second for r in every),
+        **summed(counts),
         latency_from=first.latency_from,
         **latency_fields(
             corrected,
@@ -94,15 +91,7 @@ def merge(results: list[tuple[str, BenchResult]]) -> BenchResult:
             lateness if open_loop else None,
             counts["sends"],
         ),
-        errors=counts["errors"],
         error_kinds=dict(errors),
-        mismatches=counts["mismatches"],
-        lost_datagrams=counts["lost_datagrams"],
-        late_datagrams=counts["late_datagrams"],
-        duplicate_datagrams=counts["duplicate_datagrams"],
-        sends=counts["sends"],
-        late_sends=counts["late_sends"],
-        held_sends=counts["held_sends"],
         late_send_threshold_us=first.late_send_threshold_us or LATE_SEND_US,
         per_connection=PerConnection(
             answers=tuple(n for r in every for n in r.per_connection.answers),
@@ -113,9 +102,6 @@ def merge(results: list[tuple[str, BenchResult]]) -> BenchResult:
             retransmitted_segments=sum(r.transport.retransmitted_segments for r in every),
             kernel_rtt_us=tuple(us for r in every for us in r.transport.kernel_rtt_us),
         ),
-        ended_gracefully=counts["ended_gracefully"],
-        resets_sent=counts["resets_sent"],
-        drained_bytes=counts["drained_bytes"],
         client_cpu_percent=max(r.client_cpu_percent for r in every),  # per process
         client_spin_percent=max(r.client_spin_percent for r in every),
         client_saturated=any(r.client_saturated for r in every),
@@ -132,6 +118,11 @@ def merge(results: list[tuple[str, BenchResult]]) -> BenchResult:
         loss_explanation=None,
         under_load=merge_flows([(p, r.under_load) for p, r in results if r.under_load]),
     )
+
+
+def summed(counts: Counter[str]) -> dict[str, Any]:
+    """The counters a result holds, each the sum over the results added."""
+    return {key: counts[key] for key in COUNTED}
 
 
 def merge_second(t: int, parts: list[Second]) -> Second:

@@ -29,6 +29,14 @@ class ResultError(ValueError):
     """A results file report cannot read, or results that cannot be added; one line."""
 
 
+# the result's whole-number counters: what a reader checks and a merge sums, field for field
+COUNTED = (
+    "requests", "errors", "mismatches", "lost_datagrams", "late_datagrams",
+    "duplicate_datagrams", "sends", "late_sends", "held_sends", "ended_gracefully",
+    "resets_sent", "drained_bytes",
+)  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True)
 class Spectrum:
     """p50 ... p99.999, max, min (us) and the mean of a histogram; None when it is empty."""

@@ -20,6 +20,7 @@ from typing import Any
 from socket_echo.config import MAX_CONNECTIONS, MAX_RATE, MAX_SECONDS
 from socket_echo.tools.bench.histograms import check_histogram, decode
 from socket_echo.tools.bench.result import (
+    COUNTED,
     FORMAT,
     BenchResult,
     Flow,
@@ -42,11 +43,6 @@ MAX_COUNT = 2**63 - 1  # what a 64-bit counter holds
 MAX_FIGURE = 1e18  # a rate, a percentage, a time: any finite figure a run can produce
 
 
-COUNTS = (
-    "requests", "errors", "mismatches", "lost_datagrams", "late_datagrams",
-    "duplicate_datagrams", "sends", "late_sends", "held_sends", "ended_gracefully",
-    "resets_sent", "drained_bytes",
-)  # fmt: skip
 RATES = ("requests_per_second", "megabytes_per_second")
 
 
@@ -167,15 +163,15 @@ class _Reader:
             for key in ("histogram_uncorrected", "histogram_lateness")
         }
         histogram = self.histogram(g(data, "histogram", ""), "histogram")
-        counts = {k: self.whole(data.get(k) or 0, k) for k in COUNTS}
+        counts = {k: self.whole(data.get(k) or 0, k) for k in COUNTED}
         rates = {k: self.number(data.get(k) or 0, k) for k in RATES}
         uncorrected, lateness = optional["histogram_uncorrected"], optional["histogram_lateness"]
         return BenchResult(
             target=self.text(g(data, "target", ""), "target"),
             mode=self.mode(g(data, "mode", "")),
-            requests=counts["requests"],
             requests_per_second=rates["requests_per_second"],
             megabytes_per_second=rates["megabytes_per_second"],
+            **counts,
             latency_from=self.text(data.get("latency_from", "send"), "latency_from"),
             latency_us=self.spectrum(histogram),
             latency_uncorrected_us=self.spectrum(uncorrected) if uncorrected else None,
@@ -184,21 +180,10 @@ class _Reader:
             histogram=histogram,
             histogram_uncorrected=uncorrected,
             histogram_lateness=lateness,
-            errors=counts["errors"],
             error_kinds={
                 self.text(k, "error_kinds"): self.whole(v, f"error_kinds.{k[:40]}")
                 for k, v in kinds.items()
             },
-            mismatches=counts["mismatches"],
-            lost_datagrams=counts["lost_datagrams"],
-            late_datagrams=counts["late_datagrams"],
-            duplicate_datagrams=counts["duplicate_datagrams"],
-            sends=counts["sends"],
-            late_sends=counts["late_sends"],
-            held_sends=counts["held_sends"],
-            ended_gracefully=counts["ended_gracefully"],
-            resets_sent=counts["resets_sent"],
-            drained_bytes=counts["drained_bytes"],
             per_connection=self.per_connection(data.get("per_connection") or {}),
             transport=self.transport(data.get("transport") or {}),
             late_send_threshold_us=self.whole(
