@@ -141,15 +141,17 @@ def probe(
     """probe's steps against ``target`` (any kind); ``tls``: ca_file, insecure, server_name.
     ``socket_echo.tools.connect.target.Unreachable`` when nothing answers."""
     from socket_echo.config import DEFAULT_QUIC_ALPN
+    from socket_echo.kinds import DTLS, QUIC, kind
     from socket_echo.tools.connect.target import TlsOptions, parse_target
 
     t = parse_target(target)
     options = TlsOptions(**tls) if tls else None
-    if t.scheme == "quic":
+    served_by = kind(t.scheme).served_by
+    if served_by == QUIC:
         from socket_echo.tools.probe import quic
 
         steps = quic.run(t, timeout, options, DEFAULT_QUIC_ALPN[0])
-    elif t.scheme == "dtls":
+    elif served_by == DTLS:
         from socket_echo.tools.probe import dtls
 
         steps = dtls.run(t, timeout, options)
