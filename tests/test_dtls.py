@@ -428,8 +428,8 @@ def test_workers_serve_dtls_sessions_from_the_credentials_made_before_the_fork(s
     _, host, port = server.listener("dtls")
     target = Target("dtls", host, port)
 
-    async def many() -> list[bytes]:
-        clients = [await open_dtls(target, INSECURE, 5) for _ in range(8)]
+    async def many() -> list[bytes]:  # generous: a loaded machine retransmits handshakes
+        clients = [await open_dtls(target, INSECURE, 15) for _ in range(8)]
         for i, client in enumerate(clients):
             client.send(b"session %d" % i)
         got = [await client.recv(5) or b"" for client in clients]
@@ -437,7 +437,7 @@ def test_workers_serve_dtls_sessions_from_the_credentials_made_before_the_fork(s
             client.close()
         return got
 
-    assert run_async(many()) == [b"session %d" % i for i in range(8)]
+    assert run_async(many(), 120) == [b"session %d" % i for i in range(8)]
 
 
 def test_server_name_verifies_a_localhost_certificate_on_an_address(start_server, tmp_path):
