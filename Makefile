@@ -24,12 +24,12 @@ lint: install
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
-# Tests wait on sockets and timers more than on the CPU: 6 runners on 2 cores, each taking
+# Tests wait on sockets and timers more than on the CPU: 4 runners on 2 cores, each taking
 # the next test when it is free (worksteal: no runner idles behind a long one); the ten
 # slowest are printed. Then the native data path's tests again, with the extension built
 # under ASan and UBSan, then TSan.
 test: lint
-	$(BIN)/pytest -n 6 --dist worksteal --durations=10 -m "not packaging and not board" \
+	$(BIN)/pytest -n 4 --dist worksteal --durations=10 -m "not packaging and not board" \
 		--cov=socket_echo --cov-report=term:skip-covered $(ARGS)
 	$(MAKE) packaging
 	$(MAKE) board
