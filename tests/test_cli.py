@@ -148,18 +148,24 @@ def test_json_log_lines_carry_structured_fields(start_server):
 
 
 def test_log_level_warning_hides_connection_lines(start_server):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = start_server("--log-level", "warning", "--port", str(port), expect_listeners=0)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    """At --log-level warning the server says nothing, not even its port: the test picks a
+    free one (and picks again if another process took it before the server bound it)."""
+    for _ in range(3):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        server = start_server("--log-level", "warning", "--port", str(port), expect_listeners=0)
+        sock = None
+        deadline = time.monotonic() + 20
+        while sock is None and server.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            except ConnectionRefusedError:
+                time.sleep(0.05)
+        if sock is not None:
             break
-        except ConnectionRefusedError:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        assert server.proc.poll() is not None, "the server neither listened nor exited"
+    assert sock is not None, server.log
     with sock:
         assert exchange(sock, b"quiet") == b"quiet"
     server.signal(signal.SIGTERM)
