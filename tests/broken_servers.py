@@ -12,6 +12,7 @@ udp-lossy (ignores every 2nd datagram), udp-mute.
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import struct
 import sys
@@ -86,20 +87,19 @@ def trickle(conn: socket.socket) -> None:
     """Echoes everything, one byte every 0.2 s: never silent for long, never done."""
     owed = bytearray()
     eof = False
-    conn.settimeout(0.2)
+    tick = time.monotonic()
     with conn, contextlib.suppress(OSError):
         while not eof or owed:
-            try:
-                data = b"" if eof else conn.recv(65536)
-                eof = eof or not data
-                owed += data
-            except TimeoutError:
-                pass
+            tick += 0.2  # the pace: a byte a tick, whatever arrives meanwhile
+            while (left := tick - time.monotonic()) > 0:
+                readable = select.select([] if eof else [conn], [], [], left)[0]
+                if readable:
+                    data = conn.recv(65536)
+                    eof = not data
+                    owed += data
             if owed:
                 conn.sendall(owed[:1])
                 del owed[:1]
-            if eof:
-                time.sleep(0.2)
 
 
 def witness(conn: socket.socket) -> None:

@@ -183,6 +183,16 @@ def run_cli(
     )
 
 
+def wait_until(check: Callable[[], bool], timeout: float, what: str, every: float = 0.02) -> float:
+    """Poll ``check`` until it holds (the one way a test waits for a condition); fails
+    naming ``what`` past ``timeout``. Returns how long it took."""
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < timeout, f"not within {timeout} s: {what}"
+        time.sleep(every)
+    return time.monotonic() - started
+
+
 def run_async(coro: Any, timeout: float = 30) -> Any:
     """An in-process client's coroutine to its end, bounded in time."""
     return asyncio.run(asyncio.wait_for(coro, timeout))

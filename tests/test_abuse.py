@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import psutil
 import pytest
-from conftest import exchange, metrics_port, recv_exactly, scrape, total
+from conftest import exchange, metrics_port, recv_exactly, scrape, total, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -130,14 +130,6 @@ def writable(socks: list[socket.socket], timeout: float) -> list[socket.socket]:
     for fd in by_fd:
         poller.register(fd, select.POLLOUT)
     return [by_fd[fd] for fd, ev in poller.poll(timeout * 1000) if ev & select.POLLOUT]
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < timeout, f"not within {timeout} s: {what}"
-        time.sleep(0.1)
-    return time.monotonic() - started
 
 
 def test_connection_flood_leaves_connected_clients_responsive(start_server, figure):

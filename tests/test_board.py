@@ -190,9 +190,10 @@ def test_a_wedged_board_is_judged_fast_and_named(new_board):
     )  # a healthy board first
     assert wedge.returncode == 0
     reset = (
-        "import socket, struct, time\n"
+        "import socket, struct\n"
         f"s = socket.create_connection(('{BOARD}', 4242), timeout=5)\n"
-        "s.sendall(b'x' * 100); time.sleep(0.2)\n"
+        "s.sendall(b'x' * 100); got = b''\n"
+        "while len(got) < 100: got += s.recv(100)\n"  # the board is in its recv loop now
         "s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0)); s.close()\n"
     )
     subprocess.run(["ip", "netns", "exec", board.ns, sys.executable, "-c", reset], check=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -9,10 +10,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+from typing import Any
 
 import pytest
-from conftest import assert_one_line_error, exchange, run_cli
+from conftest import assert_one_line_error, exchange, run_cli, wait_until
 
 PY = [sys.executable, "-m", "socket_echo"]
 
@@ -155,16 +156,17 @@ def test_log_level_warning_hides_connection_lines(start_server):
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         server = start_server("--log-level", "warning", "--port", str(port), expect_listeners=0)
-        sock = None
-        deadline = time.monotonic() + 20
-        while sock is None and server.proc.poll() is None and time.monotonic() < deadline:
-            try:
+        sock: socket.socket | None = None
+
+        def listening_or_gone(port: int = port, server: Any = server) -> bool:
+            nonlocal sock
+            with contextlib.suppress(ConnectionRefusedError):
                 sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-            except ConnectionRefusedError:
-                time.sleep(0.05)
+            return sock is not None or server.proc.poll() is not None
+
+        wait_until(listening_or_gone, 20, "the quiet server listening (or exiting)")
         if sock is not None:
             break
-        assert server.proc.poll() is not None, "the server neither listened nor exited"
     assert sock is not None, server.log
     with sock:
         assert exchange(sock, b"quiet") == b"quiet"

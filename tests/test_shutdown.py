@@ -11,7 +11,7 @@ import termios
 import time
 
 import pytest
-from conftest import exchange, recv_until_eof
+from conftest import exchange, recv_until_eof, wait_until
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -44,10 +44,7 @@ def test_graceful_timeout_closes_the_rest_without_dropping_received_bytes(
     sock = server.connect()
     data = os.urandom(200_000)
     sock.sendall(data)  # sent before the signal, not read yet
-    deadline = time.monotonic() + 10  # the server's kernel has taken every byte (polled)
-    while unacked(sock):
-        assert time.monotonic() < deadline, "the server took nothing"
-        time.sleep(0.01)
+    wait_until(lambda: not unacked(sock), 10, "the server's kernel took every byte")
     server.signal(signal.SIGTERM)
     started = time.monotonic()
     assert recv_until_eof(sock) == data  # every received byte came back, then EOF

@@ -22,6 +22,7 @@ from conftest import (
     run_cli,
     scrape,
     total,
+    wait_until,
 )
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="workers need fork()")
@@ -135,14 +136,13 @@ def test_a_killed_workers_counters_never_leave_the_sum(start_server):
     victim, _ = server.children()
     victim.kill()
     seen = [before]
-    deadline = time.monotonic() + 15
-    while True:
+
+    def restarted() -> bool:  # every scrape on the way is kept: none may step back
         m = scrape(mport)
         seen.append(total(m, opened))
-        if total(m, "socket_echo_worker_restarts_total") >= 1 and m["socket_echo_workers"] == 2:
-            break
-        assert time.monotonic() < deadline, "the worker was not restarted"
-        time.sleep(0.05)
+        return total(m, "socket_echo_worker_restarts_total") >= 1 and m["socket_echo_workers"] == 2
+
+    wait_until(restarted, 15, "the worker restarted", every=0.05)
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         assert echo_ok(sock, b"and me")
     seen.append(total(poll_scrape(server, lambda m: total(m, opened) > before), opened))
@@ -264,10 +264,9 @@ def test_a_hung_worker_delays_neither_readyz_nor_signals(start_server):
     hung, _ = server.children()
     hung.suspend()
     try:
-        deadline = time.monotonic() + 10  # the watch sees it first: /readyz names it
-        while http_status(mport, "/readyz") != 503:
-            assert time.monotonic() < deadline, "/readyz stayed 200 with a stopped worker"
-            time.sleep(0.05)
+        wait_until(  # the watch sees it first: /readyz names it
+            lambda: http_status(mport, "/readyz") == 503, 10, "/readyz 503 for a stopped worker"
+        )
         supervisor = psutil.Process(server.pid)
         fds_before = supervisor.num_fds()
         slow: list[float] = []
@@ -281,9 +280,7 @@ def test_a_hung_worker_delays_neither_readyz_nor_signals(start_server):
         fetcher.start()
         # the scrape waits for the hung worker: the supervisor holds the scrape's HTTP
         # connection and its own to the worker (polled, not slept for)
-        while supervisor.num_fds() < fds_before + 2:
-            assert time.monotonic() < deadline + SCRAPE_TIMEOUT, "no scrape under way"
-            time.sleep(0.01)
+        wait_until(lambda: supervisor.num_fds() >= fds_before + 2, 10, "a scrape under way")
         started = time.monotonic()
         assert http_status(mport, "/readyz") == 503  # at once, while the scrape waits
         answered = time.monotonic()
