@@ -82,6 +82,12 @@ def servers(python: str) -> dict[str, list[str]]:
         table["socket-echo @before (uvloop)"] = at_before(
             [*se, "--loop", "uvloop", "--port", "{port}"]
         )
+    # The impaired path (impair/stream.py: a queue between what arrives and what goes back),
+    # under a rate high enough never to hold back a 64 B ping-pong: its cost per echo.
+    impaired = [*se, "--loop", "uvloop", "--bind", "tcp://127.0.0.1:{port}?rate=1GB"]
+    table["socket-echo impaired ?rate=1GB (uvloop)"] = impaired
+    if BEFORE:
+        table["socket-echo @before impaired ?rate=1GB (uvloop)"] = at_before(impaired)
     return table
 
 
@@ -282,33 +288,23 @@ def run_generators(secs: float, runs: int) -> dict[str, list[dict[str, Any]]]:
     """The C load generator and ``socket-echo bench --processes 1`` against the C reference
     server, 50 x 64 B ping-pong, each on CPU 1, interleaved runs."""
     out: dict[str, list[dict[str, Any]]] = {"C loadgen": [], "socket-echo bench -p 1": []}
+    if BEFORE:
+        out["socket-echo @before bench -p 1"] = []
     ref = servers(sys.executable)[REFERENCE]
     for _ in range(runs):
         server = Server(ref)
         try:
             out["C loadgen"].append(loadgen("pingpong", server.port, 50, 64, secs))
-            cmd = [
-                sys.executable,
-                "-m",
-                "socket_echo",
-                "bench",
-                f"127.0.0.1:{server.port}",
-                "-c",
-                "50",
-                "-s",
-                "64",
-                "-d",
-                str(secs),
-                "-p",
-                "1",
-                "--json",
-                "-",
-            ]
-            done = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=secs + 60, preexec_fn=pinned(LOAD_CPU)
-            )
-            text = done.stdout
-            out["socket-echo bench -p 1"].append(json.loads(text[text.index("{") :]))
+            cmd = [sys.executable, "-m", "socket_echo", "bench", f"127.0.0.1:{server.port}",
+                   "-c", "50", "-s", "64", "-d", str(secs), "-p", "1", "--json", "-"]  # fmt: skip
+            for name in [k for k in out if k != "C loadgen"]:
+                argv = at_before(cmd) if "@before" in name else cmd
+                done = subprocess.run(
+                    argv, capture_output=True, text=True, timeout=secs + 60,
+                    preexec_fn=pinned(LOAD_CPU),
+                )  # fmt: skip
+                text = done.stdout
+                out[name].append(json.loads(text[text.index("{") :]))
         finally:
             server.stop()
     return out
@@ -329,6 +325,17 @@ def generators_report(gen: dict[str, list[dict[str, Any]]]) -> str:
         f"{fmt(statistics.median(r['latency_us']['p99'] for r in py))} | "
         f"{sum(r['errors'] + r['mismatches'] for r in py)} |",
     ]
+    if "socket-echo @before bench -p 1" in gen:
+        before = gen["socket-echo @before bench -p 1"]
+        paired = paired_ratio(py, before, "requests_per_second")
+        lines.append(
+            f"| socket-echo @before bench --processes 1 | "
+            f"{fmt(median(before, 'requests_per_second'))} | "
+            f"{fmt(statistics.median(r['latency_us']['p99'] for r in before))} | "
+            f"{sum(r['errors'] + r['mismatches'] for r in before)} |"
+        )
+        if paired is not None:
+            lines += ["", f"bench now / @before, req/s: {paired:.2f}x (paired)"]
     if ratio is not None:
         lines += [
             "",

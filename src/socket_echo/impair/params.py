@@ -12,6 +12,7 @@ once that many bytes were echoed), ``close-after`` (FIN after that many). Datagr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from urllib.parse import parse_qsl
 
@@ -27,6 +28,7 @@ DATAGRAM = ("delay", "jitter", "drop", "duplicate", "seed")
 MAX_DELAY = 60.0  # seconds: a longer one is a mistake, not a path
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(us|µs|ms|s)?", re.IGNORECASE)
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]?)(i?)(b?)(/s)?", re.IGNORECASE)
+RATE_SLICES_PER_SECOND = 50  # a rate-limited echo leaves in 20 ms slices, not in one burst
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
 _BINARY = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}
 
@@ -54,6 +56,12 @@ class Impairments:
                 self.duplicate,
             )
         )
+
+    @functools.cached_property
+    def rate_slice(self) -> int:
+        """With ``rate``: the most bytes that leave at once (one 1/RATE_SLICES_PER_SECOND s
+        slice), worked out once, not per echo."""
+        return max(1, int(self.rate / RATE_SLICES_PER_SECOND))
 
     def describe(self) -> str:
         """What the start-up log says this listener does."""

@@ -8,12 +8,14 @@ from that peer stops until they are out, so a fast sender against a long delay c
 memory.
 
 Memory is bounded by the bytes held, not by how they arrived: what waits is kept in at most
-``MAX_RANGES`` ranges, each one ``bytearray`` and the time its bytes may leave (not a queue
-entry per arrival or per rate slice: ``?rate=1`` once cut every byte into an object of its
-own, ~46 MiB for the 256 KiB a connection may hold). An arrival due within ``MERGE_WITHIN`` of
+``MAX_RANGES`` ranges, each the bytes, how many of them already left and the time they may
+leave (not a queue entry per arrival or per rate slice: ``?rate=1`` once cut every byte into an
+object of its own, ~46 MiB for the 256 KiB a connection may hold). An arrival is kept as the
+``bytes`` it came in (no copy: the ping-pong through ``?rate=`` costs what it did before the
+ranges); only a join makes a ``bytearray``. An arrival due within ``MERGE_WITHIN`` of
 the last range joins it; one that finds ``MAX_RANGES`` ranges waiting first joins the two
 closest in time, at the later time. Either way a byte may leave a little later, never earlier.
-The rate is applied as bytes leave (in ``rate / RATE_SLICES_PER_SECOND`` slices), not when
+The rate is applied as bytes leave (in ``Impairments.rate_slice`` pieces), not when
 they arrive. So a connection holds at most ``--max-buffer`` (plus one read) of data, a
 bytearray's slack and ``MAX_RANGES`` small lists, whatever the rate, delay or jitter.
 
@@ -46,10 +48,9 @@ from socket_echo.lifecycle import (
 )
 from socket_echo.tcp.protocol import EchoProtocol
 
-RATE_SLICES_PER_SECOND = 50  # a rate-limited range leaves in 20 ms slices, not in one burst
 MAX_RANGES = 64  # ranges waiting per connection at most; past it an arrival joins the last one
 MERGE_WITHIN = 0.001  # s: an arrival due this close to the last range joins it (timer's grain)
-DUE, DATA = 0, 1  # a range: [when its bytes may leave, the bytes]
+DUE, DATA, SENT = 0, 1, 2  # a range: [when its bytes may leave, the bytes, how many left]
 DRAIN_POLL = 0.005  # reset-after: how often to look whether the last bytes reached the kernel
 
 
@@ -74,7 +75,7 @@ class ImpairedEcho(EchoProtocol):
         assert ctx.impair is not None
         seed = ctx.impair.seed
         self.rng = random.Random(seed) if seed is not None else random.Random()
-        self.queue: collections.deque[list[Any]] = collections.deque()  # ranges [due, bytes]
+        self.queue: collections.deque[list[Any]] = collections.deque()  # [due, bytes, sent]
         self.queued = 0  # bytes waiting in the queue
         self.rate_at = 0.0  # with ?rate=: when the next byte may leave
         self.echoed = 0
@@ -98,13 +99,13 @@ class ImpairedEcho(EchoProtocol):
         if queue and due <= queue[-1][DUE] + MERGE_WITHIN:
             last = queue[-1]
             last[DUE] = max(last[DUE], due)  # never before the bytes before it
-            last[DATA] += data
+            _join(last, data)
         else:
             if len(queue) >= MAX_RANGES:
                 self._make_room()
             if queue:
                 due = max(due, queue[-1][DUE])  # byte order: never before the range before
-            queue.append([due, bytearray(data)])
+            queue.append([due, data, 0])
         self.queued += len(data)
         self._flow()
         self._arm()
@@ -135,15 +136,16 @@ class ImpairedEcho(EchoProtocol):
         gaps = [queue[i + 1][DUE] - queue[i][DUE] for i in range(len(queue) - 1)]
         i = gaps.index(min(gaps))
         later = queue[i + 1]
-        queue[i][DATA] += later[DATA]
+        _join(queue[i], memoryview(later[DATA])[later[SENT] :])
         queue[i][DUE] = later[DUE]
         del queue[i + 1]
 
     def _arm(self) -> None:
         if self.timer is None and self.queue:
-            imp = self.ctx.impair
             due = self.queue[0][DUE]
-            self._arm_at(max(due, self.rate_at) if imp is not None and imp.rate else due)
+            if due < self.rate_at:  # with ?rate=: the head also waits for the rate (0 without)
+                due = self.rate_at
+            self.timer = call_when_due(self.ctx.loop, due, self._release)
 
     def _arm_at(self, when: float) -> None:
         self.timer = call_when_due(self.ctx.loop, when, self._release)
@@ -158,21 +160,23 @@ class ImpairedEcho(EchoProtocol):
         queue = self.queue
         while queue and queue[0][DUE] <= t and not self.transport.is_closing():
             head = queue[0]
-            data: bytearray = head[DATA]
+            data: bytes | bytearray = head[DATA]
+            sent = head[SENT]
+            end = len(data)
             if imp.rate:
-                start = max(self.rate_at, head[DUE])
+                start = head[DUE] if head[DUE] > self.rate_at else self.rate_at
                 if start > t:  # the rate holds the head back
                     self._arm_at(start)
                     break
-                piece = max(1, int(imp.rate / RATE_SLICES_PER_SECOND))
-                chunk = bytes(data[:piece])
-                del data[:piece]  # a bytearray drops its head in place
-                self.rate_at = start + len(chunk) / imp.rate
-            else:
-                chunk = bytes(data)
-                data.clear()
-            if not data:
+                if end - sent > imp.rate_slice:
+                    end = sent + imp.rate_slice
+                self.rate_at = start + (end - sent) / imp.rate
+            # the whole range is handed over as it is (never changed after), a part as a copy
+            chunk = data if sent == 0 and end == len(data) else data[sent:end]
+            if end == len(data):
                 queue.popleft()
+            else:
+                head[SENT] = end
             self.queued -= len(chunk)
             self._write(chunk)
             if self.finishing:
@@ -185,7 +189,7 @@ class ImpairedEcho(EchoProtocol):
         if (self.eof or self.closing) and not self.queue:
             self.transport.close()
 
-    def _write(self, chunk: bytes) -> None:
+    def _write(self, chunk: bytes | bytearray) -> None:
         imp = self.ctx.impair
         assert imp is not None
         limit = imp.reset_after or imp.close_after
@@ -263,3 +267,12 @@ class ImpairedEcho(EchoProtocol):
             self.timer = None
         self.unsent += self.transport.get_write_buffer_size()
         self.transport.abort()
+
+
+def _join(range_: list[Any], more: bytes | memoryview) -> None:
+    """``more`` joins the bytes of ``range_`` still to leave (a ``bytearray`` from then on)."""
+    data = range_[DATA]
+    if not isinstance(data, bytearray) or range_[SENT]:
+        data = range_[DATA] = bytearray(memoryview(data)[range_[SENT] :])
+        range_[SENT] = 0
+    data += more
