@@ -32,6 +32,7 @@ def test_idle_timeout_zero_never_closes():
 
     class Quiet:
         listener, seen_activity, active_since, closed = "tcp://x", 0, 0.0, False
+        engine_owned = False
 
         def activity(self) -> int:
             return 0

@@ -7,6 +7,8 @@ checks that nothing is counted twice, lost, or done to the wrong connection."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import select
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -31,11 +33,13 @@ LISTENER = "tcp://test"
 class Rig:
     """One engine on a fresh event loop, one loopback listener, the table it admits against."""
 
-    def __init__(self, max_connections: int = 100, access_log: bool = False) -> None:
+    def __init__(
+        self, max_connections: int = 100, access_log: bool = False, idle_timeout: float = 60
+    ) -> None:
         from socket_echo.tcp.native import NativeEngine
 
         self.loop = asyncio.new_event_loop()
-        self.table = ConnectionTable(max_connections, idle_timeout=60)
+        self.table = ConnectionTable(max_connections, idle_timeout=idle_timeout)
         self.engine = NativeEngine(
             self.loop,
             65536,
@@ -62,7 +66,7 @@ class Rig:
         (conn,) = self.table.open
         sock.close()
         deadline = time.monotonic() + 5
-        while self.engine.core.open_count():
+        while self.table.count():  # the engine gave its slot back; the loop has not run
             assert time.monotonic() < deadline
         return conn
 
@@ -109,7 +113,7 @@ def test_a_stale_close_never_reaches_the_new_tenant_of_a_descriptor(rig):
     r = rig()
     old = r.closed_unheard()
     second = r.connect()  # the lowest free number: the one the engine just closed
-    assert r.engine.core.open_count() == 1
+    assert r.table.count() == 1
     old.close("idle timeout")  # Python's object still names the old connection
     old.abort("idle timeout")
     assert exchange(second, b"still mine") == b"still mine"
@@ -125,6 +129,7 @@ def test_admission_counts_the_tables_other_connections(rig):
 
     class Other:  # a connection of another listener (TLS, PROXY: the pure paths)
         active_since = 0.0
+        engine_owned = False
 
     other = Other()
     assert r.table.admit(other, 0.0, "tls://other")  # type: ignore[arg-type]
@@ -170,7 +175,7 @@ def test_a_scrape_counts_unlisted_connections_from_the_engine_and_leaves_them_un
     closed.close()
     r.until(lambda: r.table.opened == 1, "the closed one is told as a sum")
     families = {m.name: m for m in ServerCollector(ServerState(r.table)).collect()}
-    assert r.engine.unlisted() == 4 and not r.table.open  # no object was made for any
+    assert r.table.count() == 4 and not r.table.open  # no object was made for any
 
     def value(family: str, **labels: str) -> float:
         return sum(
@@ -186,3 +191,95 @@ def test_a_scrape_counts_unlisted_connections_from_the_engine_and_leaves_them_un
     assert value("socket_echo_bytes", listener=LISTENER, direction="out") == 5 * 5
     for sock in socks:
         sock.close()
+
+
+def test_the_engine_and_the_python_paths_take_from_one_count(rig):
+    """The cap is one number: a Python path's admission sees the engine's connections at
+    once (nothing is told between them), and the engine sees the Python path's."""
+    r = rig(max_connections=2)
+
+    class Other:
+        active_since = 0.0
+        engine_owned = False
+
+    held = [r.connect(), r.connect()]  # the engine took both slots in its thread
+    assert r.table.count() == 2
+    assert not r.table.admit(Other(), 0.0, "tls://other")  # type: ignore[arg-type]
+    assert r.table.rejected.count >= 1
+    held.pop().close()
+    r.until(lambda: r.table.count() == 1, "the engine gives the slot back as it closes")
+    other = Other()
+    assert r.table.admit(other, 0.0, "tls://other")  # type: ignore[arg-type]
+    assert refused_answer(r.port) == b""  # and now the engine is full
+    r.table.release(other, "peer closed", 0, 0, "tls://other")  # type: ignore[arg-type]
+    assert r.table.count() == 1
+    held.pop().close()
+
+
+@pytest.mark.parametrize("twin", ["native", "python"])
+def test_the_count_refuses_by_the_same_rule_in_c_and_python(twin):
+    """se_count_take and limits.OpenCount: the cap first, then the descriptor budget."""
+    from socket_echo.limits import ADMITTED, OVER_BUDGET, OVER_CAP, OpenCount
+    from socket_echo.tcp import _native
+
+    count = _native.Count() if twin == "native" else OpenCount()
+    assert [count.take(3, 10) for _ in range(4)] == [ADMITTED] * 3 + [OVER_CAP]
+    assert count.take(10, 3) == OVER_BUDGET and count.value() == 3
+    count.give()
+    assert count.take(3, 10) == ADMITTED and count.value() == 3
+    assert (_native.ADMITTED, _native.OVER_CAP, _native.OVER_BUDGET) == (
+        ADMITTED,
+        OVER_CAP,
+        OVER_BUDGET,
+    )
+
+
+def test_the_engine_sweeps_its_own_connections_on_the_clock_it_is_given(rig):
+    """engine.c's sweep is limits.ConnectionTable.sweep's rule: no activity for the idle
+    timeout closes (FIN: the peer reads EOF), counted as idle; a connection that still
+    moves is left alone. Driven with a clock of the test's (the thread's own sweep is every
+    second against a 60 s timeout here: it never fires)."""
+    r = rig()
+    quiet, busy = r.connect(), r.connect()
+    now = time.monotonic()
+    r.engine.core.sweep(now + 30)  # the first look: both moved since they opened
+    assert exchange(busy, b"more") == b"more"
+    r.engine.core.sweep(now + 59)
+    r.engine.core.sweep(now + 95)  # quiet: nothing for 65 s; busy: moved at +59
+    quiet.settimeout(5)
+    assert quiet.recv(10) == b""  # FIN from the engine
+    assert exchange(busy, b"still") == b"still"
+    quiet.close()
+    r.until(lambda: r.closed("idle timeout") == 1, "the idle close is counted as idle")
+    assert r.table.count() == 1 and r.closed("peer closed") == 0
+    busy.close()
+
+
+def test_the_engine_resets_a_connection_whose_echo_cannot_drain(rig):
+    """A peer that sends and never reads: its echo is held, nothing moves, and the sweep
+    resets it (write stalled) rather than waiting for a FIN it could never deliver."""
+    r = rig()
+    sock = socket.create_connection(("127.0.0.1", r.port), timeout=5)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    r.until(lambda: r.table.count() == 1, "the engine accepts it")
+    r.table.list_all()
+    (conn,) = r.table.open
+    chunk = b"x" * 65536
+    deadline = time.monotonic() + 10
+    while not conn.held():  # until the engine holds an echo the peer does not take
+        assert time.monotonic() < deadline, "the engine never held an echo"
+        with contextlib.suppress(BlockingIOError):
+            sock.send(chunk)
+        select.select([], [sock], [], 0.01)
+    now = time.monotonic()
+    r.engine.core.sweep(now + 1)
+    r.engine.core.sweep(now + 62)
+    sock.setblocking(True)
+    sock.settimeout(5)
+    with pytest.raises(ConnectionResetError):
+        while sock.recv(1 << 20):
+            pass
+    sock.close()
+    r.until(lambda: r.closed("write stalled") == 1, "the reset is counted as stalled")
+    assert r.table.count() == 0

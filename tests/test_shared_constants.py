@@ -58,6 +58,41 @@ def test_the_tcp_engine_is_pure_c_so_its_thread_cannot_call_python():
     assert '#include "engine.h"' in binding and "static void *engine_thread" not in binding
 
 
+def test_the_tcp_binding_does_no_engine_work():
+    """tcp/_native.c parses, calls engine.h's se_ functions and builds objects: no socket,
+    epoll or descriptor call, no lock, and of engine_t only what the thread never writes."""
+    code = re.sub(r"/\*.*?\*/", "", (PACKAGE / "tcp" / "_native.c").read_text(), flags=re.S)
+    code = re.sub(r'"(?:\\.|[^"\\])*"', '""', code)  # docstrings may name them
+    for call in ("epoll_ctl", "epoll_create1", "eventfd", "setsockopt", "shutdown", "close",
+                 "pthread_mutex_lock", "pthread_create", "ioctl", "accept4", "splice"):  # fmt: skip
+        assert not re.search(rf"\b{call}\s*\(", code), call
+    fields = set(re.findall(r"\be\.(\w+)", code)) | set(re.findall(r"->e\.(\w+)", code))
+    assert fields <= {"notify_fd", "told", "nbounds"}, fields
+    used = set(re.findall(r"\b(se_\w+)\(", code))
+    declared = set(re.findall(r"\b(se_\w+)\(", (PACKAGE / "tcp" / "engine.h").read_text()))
+    assert used <= declared and len(used) >= 15, used - declared
+
+
+def test_the_engines_close_reasons_and_admission_codes_are_pythons():
+    """engine.h's R_* order is tcp/native.REASONS (lifecycle's words), SE_* is limits'."""
+    from socket_echo import limits
+    from socket_echo.lifecycle import ERROR, IDLE, PEER_CLOSED, RESET, STALLED
+    from socket_echo.tcp.native import REASONS
+
+    enum = re.search(r"enum \{ (R_PEER_CLOSED = 0.*?) \};", TCP_C)
+    assert enum
+    codes = dict(re.findall(r"(R_[A-Z_]+) = (\d+)", enum.group(1)))
+    words = {"R_PEER_CLOSED": PEER_CLOSED, "R_RESET": RESET, "R_ERROR": ERROR,
+             "R_IDLE": IDLE, "R_STALLED": STALLED}  # fmt: skip
+    assert {REASONS[int(v)] for k, v in codes.items() if k in words} == set(words.values())
+    assert all(REASONS[int(codes[k])] == w for k, w in words.items())
+    assert int(codes["R_COUNT"]) == len(REASONS)
+    admission = dict(re.findall(r"(SE_[A-Z_]+) = (\d+)", TCP_C))
+    assert int(admission["SE_ADMITTED"]) == limits.ADMITTED
+    assert int(admission["SE_OVER_CAP"]) == limits.OVER_CAP
+    assert int(admission["SE_OVER_BUDGET"]) == limits.OVER_BUDGET
+
+
 BENCH_C = (PACKAGE / "tools" / "bench" / "_native.c").read_text()
 
 

@@ -59,7 +59,7 @@ REASONS = (
 
 def lost_reason(exc: BaseException) -> tuple[str, str]:
     """(reason, detail) of a connection lost to ``exc``: the one rule every stream path
-    follows (tcp/_native.c's ``lost`` is its C twin), so closed_total{reason} does not
+    follows (tcp/engine.c's ``lost`` is its C twin), so closed_total{reason} does not
     depend on the scheme or the engine. A peer's reset (ECONNRESET, EPIPE), whatever raised
     it, is RESET; anything else is ERROR with its cause."""
     if isinstance(exc, (ConnectionResetError, BrokenPipeError)) or getattr(exc, "errno", None) in (
@@ -71,7 +71,7 @@ def lost_reason(exc: BaseException) -> tuple[str, str]:
 
 
 def activity(bytes_in: int, drains: int, held: int, unacked: int) -> int:
-    """The one rule for a connection's progress (tcp/_native.c's ``Engine.activity`` is its
+    """The one rule for a connection's progress (tcp/engine.c's ``activity`` is its
     C twin): bytes received, plus bytes the peer took (received minus held minus what the
     kernel still has unacknowledged), plus drains. So a reader that takes 10 KB/s is
     progress, and "write stalled" means no progress at all, not too little."""
@@ -170,6 +170,8 @@ class Connection:
         "seen_activity",
     )
 
+    engine_owned = False  # the table admits it, gives its slot back and sweeps it
+
     def __init__(self, ctx: ListenerContext, peer: Any = None) -> None:
         self.ctx = ctx
         self.peer = peer
@@ -205,7 +207,7 @@ class Connection:
         """Count the connection in, or refuse it (the caller then closes the socket).
         ``now``: the loop's time, when the caller has it already (a batch of events), or
         when the connection opened (``listed_late``: a path that admitted it itself lists it
-        now, limits and draining notwithstanding; limits.Unlisted)."""
+        now, limits and draining notwithstanding; ``engine_owned``)."""
         ctx = self.ctx
         self.opened_at = now = ctx.loop.time() if now is None else now
         if listed_late:

@@ -2,6 +2,12 @@
 
 Timeouts are one periodic sweep over per-connection activity counters, never a timer per
 message: the data path only adds integers, and the sweep notices which counters moved.
+
+The open connections are one count per process (``OpenCount``; the native extension's
+``Count`` where it is built, so the native engine's thread admits against the same atomic
+number as the Python paths). The native engine admits, sweeps and closes its connections
+itself (``engine_owned``); the table then only aggregates what it is told, and pulls
+(``Unlisted``) when it must see every connection. Nothing here calls back into an engine.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from socket_echo.logs import RateLimitedLog
 
 class Tracked(Protocol):
     """What the table, its sweep, the drain and the metrics need of a connection
-    (lifecycle.py's Connection)."""
+    (lifecycle.py's Connection). ``engine_owned``: its path took its slot in the count, gives
+    it back, and sweeps it (tcp/native.py); the table lists and counts it, nothing more."""
 
+    engine_owned: bool
     seen_activity: int
     active_since: float
     bytes_in: int
@@ -76,16 +84,66 @@ def descriptor_budget(max_connections: int, metrics: bool = False) -> int:
     return max(1, limit - in_use - reserve)
 
 
+ADMITTED, OVER_CAP, OVER_BUDGET = 0, 1, 2  # OpenCount.take (engine.h's SE_*)
+
+
+class Count(Protocol):
+    def take(self, max_connections: int, fd_budget: int, /) -> int: ...
+    def give(self) -> None: ...
+    def value(self) -> int: ...
+
+
+class OpenCount:
+    """The pure-Python twin of the native ``Count`` (engine.h's se_count_take, the one rule):
+    a slot for one more connection unless the cap is reached, then unless the descriptors
+    (one per connection plus ``extra``) reach the budget. Only the event loop's thread uses
+    it, so a plain integer is atomic enough."""
+
+    __slots__ = ("extra", "open")
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.extra = 0  # descriptors beyond one per connection (the native engine's pipes)
+
+    def take(self, max_connections: int, fd_budget: int, /) -> int:
+        n = self.open
+        if n >= max_connections:
+            return OVER_CAP
+        if n + self.extra >= fd_budget:
+            return OVER_BUDGET
+        self.open = n + 1
+        return ADMITTED
+
+    def give(self) -> None:
+        self.open -= 1
+
+    def value(self) -> int:
+        return self.open
+
+
+def open_count() -> Count:
+    """The process's count: the native one where the extension may run (the native engine
+    requires it), else the twin."""
+    from socket_echo import extensions
+
+    if not extensions.disabled():
+        try:
+            from socket_echo.tcp import _native  # type: ignore[attr-defined,unused-ignore]
+        except ImportError:
+            pass
+        else:
+            count: Count = _native.Count()
+            return count
+    return OpenCount()
+
+
 class Unlisted(Protocol):
     """A data path that admits connections itself and makes their objects only when asked
-    (tcp/native.py): the table counts them, lists them before it looks at every open
-    connection (the sweep, the drain, a scrape), and tells it each change in ``open`` (its
-    admission counts those too)."""
+    (tcp/native.py): the table pulls from it when it must see every open connection (the
+    drain lists them; a scrape sums them)."""
 
-    def unlisted(self) -> int: ...
     def list_unlisted(self) -> None: ...
     def unlisted_by_listener(self) -> dict[str, tuple[int, int, int]]: ...
-    def open_changed(self, listed: int) -> None: ...
 
 
 class ListenerCounters:
@@ -107,12 +165,16 @@ class ConnectionTable:
     """
 
     def __init__(
-        self, max_connections: int, idle_timeout: float, fd_budget: int | None = None
+        self,
+        max_connections: int,
+        idle_timeout: float,
+        fd_budget: int | None = None,
+        count: Count | None = None,
     ) -> None:
         self.max_connections = max_connections
         self.fd_budget = max_connections if fd_budget is None else fd_budget
-        self.limit = min(max_connections, self.fd_budget)  # whichever refuses first
         self.idle_timeout = idle_timeout
+        self.slots = open_count() if count is None else count
         self.open: set[Tracked] = set()
         self.opened = 0  # also the id of the newest connection
         # Counted once per connection, never per message; totals are summed when asked.
@@ -133,11 +195,8 @@ class ConnectionTable:
         self._sweeper: asyncio.TimerHandle | None = None
 
     def count(self) -> int:
-        """Open connections, listed or not."""
-        n = len(self.open)
-        for source in self.unlisted:
-            n += source.unlisted()
-        return n
+        """Open connections, listed or not, every path's."""
+        return self.slots.value()
 
     def unlisted_by_listener(self) -> dict[str, tuple[int, int, int]]:
         """(connections, bytes in, bytes out) of the open connections that have no object, by
@@ -157,18 +216,15 @@ class ConnectionTable:
 
     def admit(self, conn: Tracked, now: float, listener: str = "", force: bool = False) -> bool:
         """Count a connection in, or refuse it over a limit. ``force``: it was admitted
-        already, by a path that admits itself (``unlisted``), and is only listed now."""
-        if not force and (n := self.count()) >= self.limit:
-            if n >= self.max_connections:
-                self.rejected.note()
-            else:
-                self.out_of_descriptors.note()
-            return False
+        already, by a path that admits itself (``engine_owned``), and is only listed now."""
+        if not force:
+            why = self.slots.take(self.max_connections, self.fd_budget)
+            if why != ADMITTED:
+                (self.rejected if why == OVER_CAP else self.out_of_descriptors).note()
+                return False
         conn.active_since = now
         self.open.add(conn)
         self.opened += 1
-        for source in self.unlisted:
-            source.open_changed(len(self.open))
         counters = self.by_listener.get(listener)
         if counters is None:
             counters = self.by_listener[listener] = ListenerCounters()
@@ -185,8 +241,8 @@ class ConnectionTable:
         duration: float = 0.0,
     ) -> None:
         self.open.discard(conn)
-        for source in self.unlisted:
-            source.open_changed(len(self.open))
+        if not conn.engine_owned:
+            self.slots.give()
         self._count_close(self.by_listener[listener], reason, bytes_in, bytes_out, duration)
 
     def count_gone(
@@ -267,12 +323,14 @@ class ConnectionTable:
         self._sweeper = loop.call_later(interval, self._sweep, loop, interval)
 
     def sweep(self, now: float) -> None:
-        """One look at every open connection: those whose activity counter has not moved
-        for ``idle_timeout`` are told so (they close, or abort if their echo is stuck).
-        An idle timeout of 0 means never (and no sweep is scheduled for it at all)."""
-        self.list_all()
+        """One look at every open connection of the Python paths: those whose activity
+        counter has not moved for ``idle_timeout`` are told so (they close, or abort if their
+        echo is stuck). The native engine sweeps its own (engine.c's sweep, this rule's
+        twin). An idle timeout of 0 means never (and no sweep is scheduled for it at all)."""
         expired = []
         for conn in self.open:
+            if conn.engine_owned:
+                continue
             seen = conn.activity()
             if seen != conn.seen_activity:
                 conn.seen_activity = seen

@@ -1,9 +1,10 @@
 /* The CPython binding of the native TCP engine (engine.c, engine.h: pure C, no Python.h).
  *
- * An Engine object owns one engine_t. Every method takes the engine's mutex only around C
- * (LOCKED) and makes Python objects after it: what the thread queued is moved out under the
- * lock (move_told, as libuv's uv__work_done moves its queue) and built into tuples here,
- * holding the GIL and no lock, so the thread never waits for Python.
+ * An Engine object owns one engine_t and touches it only through engine.h's se_ functions
+ * (each takes the engine's mutex around C alone); it parses arguments and makes Python
+ * objects after: what the thread queued is moved out under the lock (se_take, as libuv's
+ * uv__work_done moves its queue) and built into tuples here, holding the GIL and no lock,
+ * so the thread never waits for Python. Count is the process's one open-connection count.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
@@ -15,15 +16,11 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/epoll.h>
-#include <sys/eventfd.h>
-#include <sys/ioctl.h>
-#include <linux/sockios.h>
-#include <unistd.h>
 
 typedef struct {
     PyObject_HEAD
     engine_t e;
+    PyObject *count; /* the Count it admits against (se_set_table), kept alive while it runs */
 } Engine;
 
 static PyObject *peer_of(struct sockaddr_storage *sa) {
@@ -42,8 +39,53 @@ static PyObject *peer_of(struct sockaddr_storage *sa) {
     Py_RETURN_NONE; /* a Unix-socket peer has no address */
 }
 
+/* The process's one open-connection count (engine.h's se_count_t), shared by every engine
+ * and every Python path: limits.ConnectionTable admits against it (limits.OpenCount is the
+ * twin where the extension is not built). */
+typedef struct {
+    PyObject_HEAD
+    se_count_t c;
+} Count;
+
+static PyObject *Count_take(Count *self, PyObject *args) {
+    long max_connections, fd_budget;
+    if (!PyArg_ParseTuple(args, "ll", &max_connections, &fd_budget)) return NULL;
+    return PyLong_FromLong(se_count_take(&self->c, max_connections, fd_budget));
+}
+
+static PyObject *Count_give(Count *self, PyObject *Py_UNUSED(ignored)) {
+    se_count_give(&self->c);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Count_value(Count *self, PyObject *Py_UNUSED(ignored)) {
+    return PyLong_FromLong(se_count_open(&self->c));
+}
+
+static PyMethodDef Count_methods[] = {
+    {"take", (PyCFunction)Count_take, METH_VARARGS,
+     "take(max_connections, fd_budget) -> 0 (admitted), 1 (over the cap), 2 (over the budget)."},
+    {"give", (PyCFunction)Count_give, METH_NOARGS, "A connection admitted by take() is gone."},
+    {"value", (PyCFunction)Count_value, METH_NOARGS, "Open connections, every path's."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject CountType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "socket_echo.tcp._native.Count",
+    .tp_basicsize = sizeof(Count),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The process's open-connection count, one atomic number every path admits against.",
+    .tp_new = PyType_GenericNew,
+    .tp_methods = Count_methods,
+};
+
+static PyObject *from_errno(int err) {
+    errno = err;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
 static int Engine_init(Engine *py, PyObject *args, PyObject *kwds) {
-    engine_t *self = &py->e;
     static char *kwlist[] = {"read_size", "want_peers", NULL};
     Py_ssize_t read_size = 65536;
     int want_peers = 0;
@@ -53,264 +95,136 @@ static int Engine_init(Engine *py, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_ValueError, "read_size must be at least 1");
         return -1;
     }
-    if (self->ep >= 0) {
+    int err = se_init(&py->e, (size_t)read_size, want_peers);
+    if (err == EALREADY) {
         PyErr_SetString(PyExc_RuntimeError, "already initialised");
         return -1;
     }
-    self->buf = malloc((size_t)read_size);
-    if (!self->buf) {
-        PyErr_NoMemory();
+    if (err) {
+        from_errno(err);
         return -1;
     }
-    self->bufsize = (size_t)read_size;
-    self->ep = epoll_create1(EPOLL_CLOEXEC);
-    self->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    self->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (self->ep < 0 || self->wake_fd < 0 || self->notify_fd < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    struct epoll_event e;
-    e.events = EPOLLIN;
-    e.data.u64 = WAKE_MARK;
-    if (epoll_ctl(self->ep, EPOLL_CTL_ADD, self->wake_fd, &e) < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    self->want_peers = want_peers;
-    self->lazy = !want_peers;
-    self->accepting = 1;
-    self->fd_budget = self->max_connections = PY_SSIZE_T_MAX;
     return 0;
 }
 
 static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     Engine *py = (Engine *)type->tp_alloc(type, 0);
     if (!py) return NULL;
-    engine_t *self = &py->e;
-    self->ep = self->wake_fd = self->notify_fd = -1;
-    pthread_mutex_init(&self->mu, NULL);
+    se_preinit(&py->e);
+    py->count = NULL;
     return (PyObject *)py;
 }
 
-/* Stop the thread and wait for it (it never takes the GIL: joining with it held is safe,
- * but other Python threads may run meanwhile). */
+/* Stop the thread and wait for it (it never takes the GIL: other Python threads may run
+ * meanwhile). */
 static void stop_thread(Engine *py) {
-    engine_t *self = &py->e;
-    if (!self->running) return;
-    pthread_mutex_lock(&self->mu);
-    self->stopping = 1;
-    pthread_mutex_unlock(&self->mu);
-    uint64_t one = 1;
-    ssize_t r = write(self->wake_fd, &one, sizeof one);
-    (void)r;
     Py_BEGIN_ALLOW_THREADS
-    pthread_join(self->thread, NULL);
+    se_stop(&py->e);
     Py_END_ALLOW_THREADS
-    self->running = 0;
-}
-
-static void close_everything(Engine *py) {
-    engine_t *self = &py->e;
-    for (size_t fd = 0; fd < self->capacity; fd++)
-        if (self->conns[fd].state != FREE) release(self, (int)fd);
-    if (self->ep >= 0) close(self->ep);
-    self->ep = -1;
 }
 
 static void Engine_dealloc(Engine *py) {
-    engine_t *self = &py->e;
     stop_thread(py);
-    close_everything(py);
-    if (self->wake_fd >= 0) close(self->wake_fd);
-    if (self->notify_fd >= 0) close(self->notify_fd);
-    free(self->conns);
-    free(self->buf);
-    free(self->queue);
-    free(self->told.queue);
-    pthread_mutex_destroy(&self->mu);
+    se_destroy(&py->e);
+    Py_CLEAR(py->count); /* after the engine: its thread and its closes use the count */
     Py_TYPE(py)->tp_free((PyObject *)py);
 }
 
 static int check_open(Engine *py) {
-    engine_t *self = &py->e;
-    if (self->ep < 0) {
+    if (!se_is_open(&py->e)) {
         PyErr_SetString(PyExc_ValueError, "the engine is shut down");
         return -1;
     }
     return 0;
 }
 
-/* The statements, under the engine's mutex (never a return or a Python call inside). */
-#define LOCKED(...)                      \
-    do {                                 \
-        pthread_mutex_lock(&self->mu);   \
-        __VA_ARGS__;                     \
-        pthread_mutex_unlock(&self->mu); \
-    } while (0)
+static int handle_arg(PyObject *arg, unsigned long long *handle) {
+    *handle = PyLong_AsUnsignedLongLong(arg);
+    return PyErr_Occurred() ? -1 : 0;
+}
 
 static PyObject *Engine_fileno(Engine *py, PyObject *Py_UNUSED(ignored)) {
-    engine_t *self = &py->e;
-    return PyLong_FromLong(self->notify_fd);
+    return PyLong_FromLong(py->e.notify_fd);
 }
 
 static PyObject *Engine_start(Engine *py, PyObject *Py_UNUSED(ignored)) {
-    engine_t *self = &py->e;
     if (check_open(py) < 0) return NULL;
-    if (self->running) Py_RETURN_NONE;
-    int err = pthread_create(&self->thread, NULL, engine_thread, self);
-    if (err) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    self->running = 1;
+    int err = se_start(&py->e);
+    if (err) return from_errno(err);
     Py_RETURN_NONE;
 }
 
 static PyObject *Engine_add_listener(Engine *py, PyObject *args) {
-    engine_t *self = &py->e;
-    int fd, tag, failed = 0;
+    int fd, tag;
     if (!PyArg_ParseTuple(args, "ii", &fd, &tag) || check_open(py) < 0) return NULL;
-    if (tag < 0 || tag >= MAX_LISTENERS || self->nlisteners >= MAX_LISTENERS) {
+    int err = se_add_listener(&py->e, fd, tag);
+    if (err == EINVAL) {
         PyErr_SetString(PyExc_ValueError, "too many listeners");
         return NULL;
     }
-    LOCKED({
-        struct epoll_event e;
-        e.events = (self->paused || !self->accepting) ? 0 : EPOLLIN;
-        e.data.u64 = LISTENER_MARK | (uint64_t)self->nlisteners;
-        self->listeners[self->nlisteners] = fd;
-        self->tags[self->nlisteners] = tag;
-        if (epoll_ctl(self->ep, EPOLL_CTL_ADD, fd, &e) < 0) failed = errno;
-        else self->nlisteners++;
-    });
-    if (failed) {
-        errno = failed;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
+    if (err) return from_errno(err);
     Py_RETURN_NONE;
 }
 
 static PyObject *Engine_stop_accepting(Engine *py, PyObject *Py_UNUSED(ignored)) {
-    engine_t *self = &py->e;
     if (check_open(py) < 0) return NULL;
-    LOCKED({
-        for (int i = 0; i < self->nlisteners; i++)
-            epoll_ctl(self->ep, EPOLL_CTL_DEL, self->listeners[i], NULL);
-        self->nlisteners = 0;
-        self->accepting = 0;
-    });
-    Py_RETURN_NONE;
-}
-
-static PyObject *Engine_resume_accepting(Engine *py, PyObject *Py_UNUSED(ignored)) {
-    engine_t *self = &py->e;
-    if (check_open(py) < 0) return NULL;
-    LOCKED({
-        if (self->paused && self->accepting) set_listeners(self, EPOLLIN);
-        self->paused = 0;
-    });
+    se_stop_accepting(&py->e);
     Py_RETURN_NONE;
 }
 
 static PyObject *Engine_close(Engine *py, PyObject *arg) {
-    engine_t *self = &py->e;
-    unsigned long long handle = PyLong_AsUnsignedLongLong(arg);
-    int done = 0;
-    if (PyErr_Occurred()) return NULL;
-    int fd = (int)(handle & 0xffffffffu);
-    LOCKED({
-        conn_t *c = lookup(self, handle);
-        if (c && c->state == OPEN) {
-            c->state = CLOSING;
-            if (!c->pending && !c->piped && shutdown(fd, SHUT_WR) == 0)
-                c->state = FIN_SENT; /* on failure the next read reports it */
-            done = 1;
-        }
-    });
-    return PyBool_FromLong(done);
+    unsigned long long handle;
+    if (handle_arg(arg, &handle) < 0) return NULL;
+    return PyBool_FromLong(se_close(&py->e, handle));
 }
 
 static PyObject *Engine_abort(Engine *py, PyObject *arg) {
-    engine_t *self = &py->e;
-    unsigned long long handle = PyLong_AsUnsignedLongLong(arg);
-    int found = 0;
-    unsigned long long bytes_in = 0;
+    unsigned long long handle;
+    uint64_t bytes_in = 0;
     size_t unsent = 0;
-    if (PyErr_Occurred()) return NULL;
-    int fd = (int)(handle & 0xffffffffu);
-    LOCKED({
-        conn_t *c = lookup(self, handle);
-        if (c) {
-            struct linger lg = {1, 0}; /* close() sends RST at once */
-            setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
-            bytes_in = c->bytes_in;
-            unsent = release(self, fd);
-            found = 1;
-        }
-    });
-    if (!found) Py_RETURN_NONE;
-    return Py_BuildValue("(Kn)", bytes_in, (Py_ssize_t)unsent);
-}
-
-/* (bytes_in, drains, held, unacked) of a connection, zeros when it is gone. unacked (the
- * kernel's SIOCOUTQ: sent, not yet taken by the peer) only while an echo is held: then the
- * kernel's buffer is full, and a slow reader's progress shows only there. */
-static int read_counters(Engine *py, PyObject *arg, uint64_t out[4]) {
-    engine_t *self = &py->e;
-    unsigned long long handle = PyLong_AsUnsignedLongLong(arg);
-    if (PyErr_Occurred()) return -1;
-    out[0] = out[1] = out[2] = out[3] = 0;
-    LOCKED({
-        conn_t *c = lookup(self, handle);
-        if (c) {
-            out[0] = c->bytes_in;
-            out[1] = c->drains;
-            out[2] = (c->pending ? c->len - c->off : 0) + c->piped;
-            int unacked = 0;
-            if (out[2] && ioctl((int)(handle & 0xffffffffu), SIOCOUTQ, &unacked) == 0)
-                out[3] = (uint64_t)unacked;
-        }
-    });
-    return 0;
-}
-
-static PyObject *Engine_counters(Engine *py, PyObject *arg) {
-    uint64_t v[4];
-    if (read_counters(py, arg, v) < 0) return NULL;
-    return Py_BuildValue("(KKK)", (unsigned long long)v[0], (unsigned long long)v[1],
-                         (unsigned long long)v[2]);
+    if (handle_arg(arg, &handle) < 0) return NULL;
+    if (!se_abort(&py->e, handle, &bytes_in, &unsent)) Py_RETURN_NONE;
+    return Py_BuildValue("(Kn)", (unsigned long long)bytes_in, (Py_ssize_t)unsent);
 }
 
 static PyObject *Engine_activity(Engine *py, PyObject *arg) {
-    uint64_t v[4];
-    if (read_counters(py, arg, v) < 0) return NULL;
-    /* bytes in + bytes the peer took (in - held - unacked) + drains: a slow reader is
-     * progress too (lifecycle.activity is the one rule; this is its twin) */
-    return PyLong_FromUnsignedLongLong(2 * v[0] - v[2] - v[3] + v[1]);
+    unsigned long long handle;
+    se_counters_t v;
+    if (handle_arg(arg, &handle) < 0) return NULL;
+    se_counters(&py->e, handle, &v);
+    return PyLong_FromUnsignedLongLong(v.activity);
 }
 
 static PyObject *Engine_held(Engine *py, PyObject *arg) {
-    uint64_t v[4];
-    if (read_counters(py, arg, v) < 0) return NULL;
-    return PyLong_FromUnsignedLongLong(v[2]);
+    unsigned long long handle;
+    se_counters_t v;
+    if (handle_arg(arg, &handle) < 0) return NULL;
+    se_counters(&py->e, handle, &v);
+    return PyLong_FromUnsignedLongLong(v.held);
 }
 
 static PyObject *Engine_bytes_in(Engine *py, PyObject *arg) {
-    uint64_t v[4];
-    if (read_counters(py, arg, v) < 0) return NULL;
-    return PyLong_FromUnsignedLongLong(v[0]);
+    unsigned long long handle;
+    se_counters_t v;
+    if (handle_arg(arg, &handle) < 0) return NULL;
+    se_counters(&py->e, handle, &v);
+    return PyLong_FromUnsignedLongLong(v.bytes_in);
 }
 
 static PyObject *Engine_set_table(Engine *py, PyObject *args) {
-    engine_t *self = &py->e;
-    PyObject *bounds;
-    Py_ssize_t fd_budget, max_connections;
-    if (!PyArg_ParseTuple(args, "nnO!", &fd_budget, &max_connections, &PyTuple_Type, &bounds))
+    PyObject *count, *bounds;
+    long fd_budget, max_connections;
+    double idle_timeout, sweep_every, retry_after;
+    if (!PyArg_ParseTuple(args, "O!llO!ddd", &CountType, &count, &fd_budget, &max_connections,
+                          &PyTuple_Type, &bounds, &idle_timeout, &sweep_every, &retry_after))
         return NULL;
     Py_ssize_t nb = PyTuple_GET_SIZE(bounds);
     if (nb > MAX_BOUNDS) {
         PyErr_SetString(PyExc_ValueError, "too many duration buckets");
+        return NULL;
+    }
+    if (py->count && py->count != count) {
+        PyErr_SetString(PyExc_RuntimeError, "the engine admits against one count for its life");
         return NULL;
     }
     double values[MAX_BOUNDS];
@@ -318,35 +232,26 @@ static PyObject *Engine_set_table(Engine *py, PyObject *args) {
         values[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(bounds, i));
         if (values[i] == -1.0 && PyErr_Occurred()) return NULL;
     }
-    LOCKED({
-        memcpy(self->bounds, values, sizeof values);
-        self->nbounds = (int)nb;
-        self->fd_budget = fd_budget;
-        self->max_connections = max_connections;
-    });
+    if (!py->count) {
+        Py_INCREF(count);
+        py->count = count;
+    }
+    se_set_table(&py->e, &((Count *)count)->c, fd_budget, max_connections, values, (int)nb,
+                 idle_timeout, sweep_every, retry_after);
     Py_RETURN_NONE;
 }
 
-static PyObject *Engine_set_others(Engine *py, PyObject *arg) {
-    engine_t *self = &py->e;
-    Py_ssize_t n = PyLong_AsSsize_t(arg);
-    if (n == -1 && PyErr_Occurred()) return NULL;
-    LOCKED(self->others = n < 0 ? 0 : n);
+static PyObject *Engine_sweep(Engine *py, PyObject *arg) {
+    double now = PyFloat_AsDouble(arg);
+    if (now == -1.0 && PyErr_Occurred()) return NULL;
+    se_sweep(&py->e, now);
     Py_RETURN_NONE;
-}
-
-static PyObject *Engine_open_count(Engine *py, PyObject *Py_UNUSED(ignored)) {
-    engine_t *self = &py->e;
-    Py_ssize_t n;
-    LOCKED(n = self->open_here);
-    return PyLong_FromSsize_t(n);
 }
 
 /* ``told`` as a list of Python event tuples, emptied; NULL on a Python error (kept then).
  * Called without the mutex. */
 static PyObject *build_told(Engine *py) {
-    engine_t *self = &py->e;
-    reported_t *t = &self->told;
+    reported_t *t = &py->e.told;
     PyObject *out = PyList_New(0);
     if (!out) return NULL;
     for (size_t i = 0; i < t->queued; i++) {
@@ -354,11 +259,11 @@ static PyObject *build_told(Engine *py) {
         PyObject *item;
         if (e->kind == EV_OPENED) {
             PyObject *peer = peer_of(&e->peer);
-            item = peer ? Py_BuildValue("(iKiNd)", EV_OPENED, handle_of(e->fd, e->gen),
+            item = peer ? Py_BuildValue("(iKiNd)", EV_OPENED, se_handle_of(e->fd, e->gen),
                                         (int)e->tag, peer, e->opened_at)
                         : NULL;
         } else if (e->kind == EV_CLOSED) {
-            item = Py_BuildValue("(iKiiKn)", EV_CLOSED, handle_of(e->fd, e->gen), (int)e->reason,
+            item = Py_BuildValue("(iKiiKn)", EV_CLOSED, se_handle_of(e->fd, e->gen), (int)e->reason,
                                  e->err, (unsigned long long)e->bytes_in, (Py_ssize_t)e->unsent);
         } else {
             item = Py_BuildValue("(i)", (int)e->kind);
@@ -372,9 +277,9 @@ static PyObject *build_told(Engine *py) {
     for (int i = 0; i < MAX_LISTENERS; i++) {
         closed_sums_t *g = &t->gone[i];
         if (!g->count) continue;
-        PyObject *buckets = PyTuple_New(self->nbounds + 1);
+        PyObject *buckets = PyTuple_New(py->e.nbounds + 1);
         if (!buckets) goto fail;
-        for (int b = 0; b <= self->nbounds; b++) {
+        for (int b = 0; b <= py->e.nbounds; b++) {
             PyObject *v = PyLong_FromSsize_t(g->buckets[b]);
             if (!v) {
                 Py_DECREF(buckets);
@@ -382,10 +287,11 @@ static PyObject *build_told(Engine *py) {
             }
             PyTuple_SET_ITEM(buckets, b, v);
         }
-        PyObject *item = Py_BuildValue("(iin(nnn)KKNd)", EV_GONE, i, g->count,
+        PyObject *item = Py_BuildValue("(iin(nnnnn)KKNd)", EV_GONE, i, g->count,
                                        g->closed[R_PEER_CLOSED], g->closed[R_RESET],
-                                       g->closed[R_ERROR], g->bytes_in, g->bytes_out, buckets,
-                                       g->duration_sum);
+                                       g->closed[R_ERROR], g->closed[R_IDLE],
+                                       g->closed[R_STALLED], g->bytes_in, g->bytes_out,
+                                       buckets, g->duration_sum);
         if (!item || PyList_Append(out, item) < 0) {
             Py_XDECREF(item);
             goto fail;
@@ -410,50 +316,21 @@ fail:
     return NULL;
 }
 
-static PyObject *failed_error(int failed) {
-    errno = failed;
-    return PyErr_SetFromErrno(PyExc_OSError);
-}
-
 static PyObject *Engine_take(Engine *py, PyObject *Py_UNUSED(ignored)) {
-    engine_t *self = &py->e;
-    int failed;
-    LOCKED(failed = move_told(self));
-    if (failed) return failed_error(failed);
+    int failed = se_take(&py->e);
+    if (failed) return from_errno(failed);
     return build_told(py);
 }
 
 /* (events, [(handle, tag, opened_at)]): what was queued, and the connections Python has no
  * object for, listed from now on (their close is an EV_CLOSED). One snapshot: the events
- * come first, so a close queued for a reused descriptor is heard before its new tenant. The
- * connections are copied out under the mutex; their Python objects are made after it. */
+ * come first, so a close queued for a reused descriptor is heard before its new tenant. */
 static PyObject *Engine_take_all(Engine *py, PyObject *Py_UNUSED(ignored)) {
-    engine_t *self = &py->e;
     PyObject *events = NULL, *listed = NULL, *out = NULL;
     listed_t *copied = NULL;
     size_t n = 0;
-    int failed;
-    LOCKED({
-        failed = move_told(self);
-        if (!failed && self->unlisted > 0) {
-            copied = malloc((size_t)self->unlisted * sizeof *copied);
-            if (!copied) failed = ENOMEM;
-        }
-        for (size_t fd = 0; copied && fd < self->capacity && self->unlisted > 0; fd++) {
-            conn_t *c = &self->conns[fd];
-            if (c->state == FREE || !c->unlisted) continue;
-            copied[n].handle = handle_of((int)fd, c->gen);
-            copied[n].tag = (int)c->tag;
-            copied[n].opened_at = c->opened_at;
-            n++;
-            c->unlisted = 0;
-            self->unlisted--;
-        }
-    });
-    if (failed) {
-        free(copied);
-        return failed_error(failed);
-    }
+    int failed = se_take_all(&py->e, &copied, &n);
+    if (failed) return from_errno(failed);
     if (!(events = build_told(py)) || !(listed = PyList_New((Py_ssize_t)n))) goto done;
     for (size_t i = 0; i < n; i++) {
         PyObject *item = Py_BuildValue("(Kid)", copied[i].handle, copied[i].tag,
@@ -463,17 +340,7 @@ static PyObject *Engine_take_all(Engine *py, PyObject *Py_UNUSED(ignored)) {
     }
     out = PyTuple_Pack(2, events, listed);
 done:
-    if (!out && n) { /* not listed after all: unlisted again, as they were */
-        LOCKED({
-            for (size_t i = 0; i < n; i++) {
-                conn_t *c = lookup(self, copied[i].handle);
-                if (c && !c->unlisted) {
-                    c->unlisted = 1;
-                    self->unlisted++;
-                }
-            }
-        });
-    }
+    if (!out && n) se_relist(&py->e, copied, n); /* not listed after all: as they were */
     free(copied);
     Py_XDECREF(events);
     Py_XDECREF(listed);
@@ -483,44 +350,28 @@ done:
 /* (events, [(tag, connections, bytes_in, bytes_out)]): what was queued, and the sums of the
  * open connections Python has no object for, per listener, leaving them unlisted; one
  * snapshot, so a connection that closes meanwhile is in the sums or in the events, never in
- * neither (a scrape's counters never step back). What a scrape counts: listing them all would
- * end the unlisted mode for every one. */
+ * neither (a scrape's counters never step back). */
 static PyObject *Engine_unlisted_sums(Engine *py, PyObject *Py_UNUSED(ignored)) {
-    engine_t *self = &py->e;
-    Py_ssize_t count[MAX_LISTENERS] = {0};
-    unsigned long long in[MAX_LISTENERS] = {0}, held[MAX_LISTENERS] = {0};
-    int failed;
-    LOCKED({
-        failed = move_told(self);
-        Py_ssize_t left = self->unlisted;
-        for (size_t fd = 0; !failed && fd < self->capacity && left > 0; fd++) {
-            conn_t *c = &self->conns[fd];
-            if (c->state == FREE || !c->unlisted || c->tag >= MAX_LISTENERS) continue;
-            left--;
-            count[c->tag]++;
-            in[c->tag] += c->bytes_in;
-            held[c->tag] += (c->pending ? c->len - c->off : 0) + c->piped;
-        }
-    });
-    if (failed) return failed_error(failed);
-    PyObject *events = build_told(py), *sums = events ? PyList_New(0) : NULL;
-    for (int t = 0; sums && t < MAX_LISTENERS; t++) {
-        if (!count[t]) continue;
-        PyObject *item = Py_BuildValue("(inKK)", t, count[t], in[t], in[t] - held[t]);
-        if (!item || PyList_Append(sums, item) < 0) Py_CLEAR(sums);
+    open_sums_t sums[MAX_LISTENERS];
+    int failed = se_unlisted_sums(&py->e, sums);
+    if (failed) return from_errno(failed);
+    PyObject *events = build_told(py), *list = events ? PyList_New(0) : NULL;
+    for (int t = 0; list && t < MAX_LISTENERS; t++) {
+        if (!sums[t].count) continue;
+        PyObject *item = Py_BuildValue("(inKK)", t, sums[t].count, sums[t].bytes_in,
+                                       sums[t].bytes_out);
+        if (!item || PyList_Append(list, item) < 0) Py_CLEAR(list);
         Py_XDECREF(item);
     }
-    PyObject *out = sums ? PyTuple_Pack(2, events, sums) : NULL;
+    PyObject *out = list ? PyTuple_Pack(2, events, list) : NULL;
     Py_XDECREF(events);
-    Py_XDECREF(sums);
+    Py_XDECREF(list);
     return out;
 }
 
 static PyObject *Engine_shutdown(Engine *py, PyObject *Py_UNUSED(ignored)) {
-    engine_t *self = &py->e;
     stop_thread(py);
-    close_everything(py);
-    self->nlisteners = 0;
+    se_close_all(&py->e);
     Py_RETURN_NONE;
 }
 
@@ -544,24 +395,21 @@ static PyMethodDef Engine_methods[] = {
     {"add_listener", (PyCFunction)Engine_add_listener, METH_VARARGS,
      "add_listener(fd, tag): accept from this listening socket."},
     {"stop_accepting", (PyCFunction)Engine_stop_accepting, METH_NOARGS, "Accept no more."},
-    {"resume_accepting", (PyCFunction)Engine_resume_accepting, METH_NOARGS,
-     "Accept again after a pause (EMFILE)."},
     {"close", (PyCFunction)Engine_close, METH_O,
      "close(handle): echo no more, deliver what is held, FIN, wait for the peer."},
     {"abort", (PyCFunction)Engine_abort, METH_O,
      "abort(handle) -> (bytes_in, unsent) or None: reset now."},
-    {"counters", (PyCFunction)Engine_counters, METH_O,
-     "counters(handle) -> (bytes_in, drains, held), zeros once it is gone."},
     {"activity", (PyCFunction)Engine_activity, METH_O,
      "activity(handle) -> 2 * bytes_in - held - unacked + drains (lifecycle.activity)."},
     {"held", (PyCFunction)Engine_held, METH_O, "held(handle) -> echo bytes not yet sent."},
     {"bytes_in", (PyCFunction)Engine_bytes_in, METH_O, "bytes_in(handle) -> bytes received."},
     {"set_table", (PyCFunction)Engine_set_table, METH_VARARGS,
-     "set_table(fd_budget, max_connections, duration_bounds): the table's limits and buckets."},
-    {"set_others", (PyCFunction)Engine_set_others, METH_O,
-     "set_others(n): the table's open connections that are not this engine's."},
-    {"open_count", (PyCFunction)Engine_open_count, METH_NOARGS,
-     "This engine's open connections, whether Python has heard of them or not."},
+     "set_table(count, fd_budget, max_connections, duration_bounds, idle_timeout, "
+     "sweep_every, retry_after): the count it admits against, the table's limits, buckets, "
+     "sweep, and how long accepting pauses on EMFILE."},
+    {"sweep", (PyCFunction)Engine_sweep, METH_O,
+     "sweep(now): one look of the idle/stall sweep at monotonic time now (the thread's own "
+     "runs every sweep_every s)."},
     {"shutdown", (PyCFunction)Engine_shutdown, METH_NOARGS,
      "Stop the thread, close every connection and the epoll descriptor."},
     {NULL, NULL, 0, NULL},
@@ -584,11 +432,13 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__native(void) {
-    if (PyType_Ready(&EngineType) < 0) return NULL;
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&CountType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     Py_INCREF(&EngineType);
+    Py_INCREF(&CountType);
     if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 ||
+        PyModule_AddObject(m, "Count", (PyObject *)&CountType) < 0 ||
         PyModule_AddIntConstant(m, "OPENED", EV_OPENED) < 0 ||
         PyModule_AddIntConstant(m, "CLOSED", EV_CLOSED) < 0 ||
         PyModule_AddIntConstant(m, "PAUSED", EV_PAUSED) < 0 ||
@@ -596,7 +446,12 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyModule_AddIntConstant(m, "REFUSED", EV_REFUSED) < 0 ||
         PyModule_AddIntConstant(m, "PEER_CLOSED", R_PEER_CLOSED) < 0 ||
         PyModule_AddIntConstant(m, "RESET", R_RESET) < 0 ||
-        PyModule_AddIntConstant(m, "ERROR", R_ERROR) < 0) {
+        PyModule_AddIntConstant(m, "ERROR", R_ERROR) < 0 ||
+        PyModule_AddIntConstant(m, "IDLE", R_IDLE) < 0 ||
+        PyModule_AddIntConstant(m, "STALLED", R_STALLED) < 0 ||
+        PyModule_AddIntConstant(m, "ADMITTED", SE_ADMITTED) < 0 ||
+        PyModule_AddIntConstant(m, "OVER_CAP", SE_OVER_CAP) < 0 ||
+        PyModule_AddIntConstant(m, "OVER_BUDGET", SE_OVER_BUDGET) < 0) {
         Py_DECREF(&EngineType);
         Py_DECREF(m);
         return NULL;

@@ -1,10 +1,12 @@
 """The native TCP data path: tcp/_native.c's ready loop, under the one connection lifecycle.
 
-The C engine owns the descriptors and moves the bytes in a thread of its own (epoll, recv,
-send, held echoes, counters in C structs, admission against the table's limits); this module
-turns what it reports (opened, closed, accept paused) into the lifecycle of
-lifecycle.py: reasons, counters, log records, the sweep and the drain are the same code
-as on the pure paths. Nothing here runs per message.
+The C engine owns its connections' whole life in a thread of its own: admission (a slot of
+the process's one count, limits.open_count), the bytes (epoll, recv, send, held echoes,
+splice), the idle/stall sweep (the table's rule, in C), close and abort, and their counters.
+This module turns what it reports (opened, closed and why, sums of unlisted closes,
+refusals, accept paused) into lifecycle.py's records and the table's counters, and pulls
+(limits.Unlisted) when the drain or a scrape must see every connection. The table never
+calls into it. Nothing here runs per message.
 
 ``available()`` is False where the extension was not built (no compiler, not Linux, or
 ``SOCKET_ECHO_NO_EXTENSIONS=1`` at install time) or when ``SOCKET_ECHO_NO_EXTENSIONS=1`` is
@@ -20,8 +22,16 @@ from typing import Any
 
 from socket_echo import extensions
 from socket_echo.config import ACCEPT_RETRY_DELAY, READ_CHUNK
-from socket_echo.lifecycle import ERROR, PEER_CLOSED, RESET, Connection, ListenerContext
-from socket_echo.limits import DURATION_BUCKETS, ConnectionTable
+from socket_echo.lifecycle import (
+    ERROR,
+    IDLE,
+    PEER_CLOSED,
+    RESET,
+    STALLED,
+    Connection,
+    ListenerContext,
+)
+from socket_echo.limits import DURATION_BUCKETS, ConnectionTable, sweep_interval
 from socket_echo.logs import RateLimitedLog
 
 _native: Any
@@ -30,20 +40,14 @@ try:
 except ImportError:  # not built here
     _native = None
 
-# the engine's event kinds and close causes (module constants: read once, not per event)
-OPENED, CLOSED, GONE, REFUSED, PAUSED, C_RESET, C_ERROR = (
-    (
-        _native.OPENED,
-        _native.CLOSED,
-        _native.GONE,
-        _native.REFUSED,
-        _native.PAUSED,
-        _native.RESET,
-        _native.ERROR,
-    )
+# the engine's event kinds (module constants: read once, not per event)
+OPENED, CLOSED, GONE, REFUSED, PAUSED = (
+    (_native.OPENED, _native.CLOSED, _native.GONE, _native.REFUSED, _native.PAUSED)
     if _native
-    else (0, 1, 2, 3, 4, 5, 6)
+    else (0, 1, 2, 3, 4)
 )
+# why a connection closed, by the engine's R_* code (the GONE sums come in this order too)
+REASONS = (PEER_CLOSED, RESET, ERROR, IDLE, STALLED)
 
 
 def available() -> bool:
@@ -63,6 +67,7 @@ class NativeConnection(Connection):
     call made after the engine closed it (and maybe reused the descriptor) finds nothing."""
 
     __slots__ = ("engine", "handle")
+    engine_owned = True  # admitted, swept and counted out by the engine
 
     def __init__(self, engine: NativeEngine, handle: int, peer: Any, ctx: ListenerContext) -> None:
         self.engine = engine
@@ -93,12 +98,12 @@ class NativeEngine:
     """Drives one C engine (its own thread) from the running loop: one reader callback on
     the descriptor it signals when it has something to tell.
 
-    Admission is in C, against the table's limits: ``set_others`` keeps it told how many of
-    the table's connections are not its own. Without per-connection log lines
-    (``want_peers`` False) a connection gets its Python object only when the table lists
-    everything (limits.Unlisted: the sweep, the drain, a scrape); one that comes and goes in
-    between is counted in a sum, told within a few milliseconds. With them, each opening is
-    told at once (its log line needs the peer)."""
+    Admission is in C, a slot of the table's count (shared with every other path), and so
+    is the sweep. Without per-connection log lines (``want_peers`` False) a connection gets
+    its Python object only when the drain lists everything (limits.Unlisted); one that
+    comes and goes is counted in a sum, told within a few milliseconds, and a scrape sums
+    the open ones without listing them. With log lines, each opening is told at once (its
+    log line needs the peer)."""
 
     def __init__(
         self,
@@ -113,21 +118,22 @@ class NativeEngine:
         self.core = _native.Engine(max(1, min(READ_CHUNK, max_buffer)), want_peers)
         self.conns: dict[int, NativeConnection] = {}  # by handle
         self.contexts: list[ListenerContext] = []
-        self.accepting = True
-        self._retry: asyncio.TimerHandle | None = None
         self.table = table
-        self.core.set_table(table.fd_budget, table.max_connections, DURATION_BUCKETS)
-        self.open_changed(len(table.open))
+        sweep_every = sweep_interval(table.idle_timeout) if table.idle_timeout > 0 else 0.0
+        self.core.set_table(
+            table.slots,
+            table.fd_budget,
+            table.max_connections,
+            DURATION_BUCKETS,
+            table.idle_timeout,
+            sweep_every,
+            ACCEPT_RETRY_DELAY,  # out of descriptors: accepting pauses this long (or to a close)
+        )
         table.unlisted.append(self)
         loop.add_reader(self.core.fileno(), self._ready)
         self.core.start()
 
     # limits.Unlisted
-    def unlisted(self) -> int:
-        """Open here and not in the table: ``open_count`` counts a connection until the
-        engine closes it, the table until its close is heard, so the sum is exact."""
-        return int(self.core.open_count()) - len(self.conns)
-
     def list_unlisted(self) -> None:
         events, listed = self.core.take_all()
         self._handle(events)
@@ -144,35 +150,12 @@ class NativeEngine:
         contexts = self.contexts
         return {contexts[tag].listener: (n, got, sent) for tag, n, got, sent in sums}
 
-    def open_changed(self, listed: int) -> None:
-        """The table's ``open`` changed (limits.ConnectionTable.admit/release): tell the C
-        admission how many of them are not this engine's. A connection of ours enters
-        ``conns`` before the table and leaves it first, so the difference is exact."""
-        self.core.set_others(listed - len(self.conns))
-
     def add_listener(self, sock: socket.socket, ctx: ListenerContext) -> None:
         self.core.add_listener(sock.fileno(), len(self.contexts))
         self.contexts.append(ctx)
-        ctx.table.on_close.append(self._resume_accepting)  # a descriptor just came free
 
     def stop_accepting(self) -> None:
-        self.accepting = False
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
         self.core.stop_accepting()
-
-    def _pause_accepting(self) -> None:
-        self.exhausted.note()
-        if self._retry is None:
-            self._retry = self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting)
-
-    def _resume_accepting(self) -> None:
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
-            if self.accepting:
-                self.core.resume_accepting()
 
     def _ready(self) -> None:
         self._handle(self.core.take())
@@ -198,17 +181,14 @@ class NativeEngine:
                 done.handle = -1
                 done.bytes_in = bytes_in
                 if not done.reason:
-                    if why == C_RESET:
-                        done.reason = RESET
-                    elif why == C_ERROR:
-                        done.reason, done.detail = ERROR, os.strerror(err)
-                    else:
-                        done.reason = PEER_CLOSED
+                    done.reason = REASONS[why]
+                    if err:
+                        done.detail = os.strerror(err)
                 done.released(unsent, now)
             elif kind == GONE:  # never listed, summed in C per listener: counted in and out
-                _, tag, n, (peers, resets, errors), bytes_in, bytes_out, buckets, spent = event
+                _, tag, n, by_reason, bytes_in, bytes_out, buckets, spent = event
                 ctx = contexts[tag]
-                reasons = {PEER_CLOSED: peers, RESET: resets, ERROR: errors}
+                reasons = dict(zip(REASONS, by_reason, strict=True))
                 ctx.table.count_gone(ctx.listener, n, reasons, bytes_in, bytes_out, buckets, spent)
             elif kind == REFUSED:  # by the C admission
                 _, over_cap, over_budget = event
@@ -216,8 +196,8 @@ class NativeEngine:
                     self.table.rejected.note(over_cap)
                 if over_budget:
                     self.table.out_of_descriptors.note(over_budget)
-            elif kind == PAUSED:
-                self._pause_accepting()
+            elif kind == PAUSED:  # the engine resumes by itself (a close, or the delay)
+                self.exhausted.note()
 
     def abort(self, conn: NativeConnection) -> None:
         if conn.handle < 0:
