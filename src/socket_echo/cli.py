@@ -36,6 +36,7 @@ from socket_echo.tools.defaults import (
     MAX_IN_FLIGHT,
     MAX_SEGMENTS,
     MAX_SIZE,
+    MIN_EFFECT,
     MODES,
 )
 
@@ -1003,19 +1004,54 @@ def bench(
 @cli.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @_slo_option
+@click.option(
+    "--compare",
+    "base_files",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    metavar="BASE",
+    help="An A/B verdict against the base: its --json file(s) (repeatable; added as FILES "
+    "are). Per figure new/base, a 95% interval (bootstrap over whole seconds) and better, "
+    "worse or no significant difference.",
+)
+@click.option(
+    "--min-effect",
+    type=click.FloatRange(0.0, 10.0),
+    default=MIN_EFFECT,
+    show_default=True,
+    help="With --compare: a significant difference smaller than this share (0.05: 5%) is "
+    "not counted.",
+)
+@click.option(
+    "--fail-on-regression",
+    is_flag=True,
+    help="With --compare: exit 3 when a figure is worse than the base.",
+)
 @_outputs
 def report(
     files: tuple[str, ...],
     slos: tuple[str, ...],
+    base_files: tuple[str, ...],
+    min_effect: float,
+    fail_on_regression: bool,
     json_file: str | None,
     plot_file: str | None,
     hgrm_file: str | None,
 ) -> None:
     """Add bench results (the --json files of the segments of one run, or of several runs
     of one load): histograms added, counters and rates summed, the window the common one.
-    Prints the table a single run prints; exit 1 if any had errors or mismatches."""
+    Prints the table a single run prints; exit 1 if any had errors or mismatches. With
+    --compare, also how the result differs from a base and whether that is noise."""
     from socket_echo.tools.bench import report as tool
 
+    if (fail_on_regression or min_effect != MIN_EFFECT) and not base_files:
+        raise click.UsageError("--fail-on-regression and --min-effect need --compare BASE")
+    if not math.isfinite(min_effect):
+        raise click.BadParameter("not a number", param_hint="--min-effect")
     objectives = _objectives(slos)
     outputs = _outputs_checked(json_file, plot_file, hgrm_file)
-    _exit_with(lambda: tool.run(list(files), outputs, objectives))
+    _exit_with(
+        lambda: tool.run(
+            list(files), outputs, objectives, base_files, min_effect, fail_on_regression
+        )
+    )

@@ -7,6 +7,7 @@ the same code (README, "Exit codes"). For the tools:
     2  UNREACHABLE  nothing to measure: no connection or handshake (probe's --quick too)
     2  USAGE        a mistake on the command line or in a file given (click's own code)
     3  SLO_MISSED   bench and report: the run was clean, but an --slo objective was missed
+                    (or, report --fail-on-regression, a figure was worse than its --compare base)
 
 A leaf: imports nothing of socket_echo.
 """

@@ -24,3 +24,4 @@ ECHO_FLOOR_RATE = 32 << 10
 UDP_TIMEOUT = 1.0  # bench --mode udp: a datagram not answered by then counts as lost, sent anew
 CHECK_EVERY = 0.1  # bench: timeouts looked for, progress shown this often (C: CHECK_EVERY_US)
 SPIN_US = 200  # bench's open loop polls (does not sleep) the last this-many us before a slot
+MIN_EFFECT = 0.05  # report --compare: a significant difference under this share is not counted

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from socket_echo.tools.bench import compare
+from socket_echo.tools.bench.compare import Comparison
 from socket_echo.tools.bench.result import BenchResult, Spectrum
 from socket_echo.tools.bench.slo import Verdict
 from socket_echo.tools.defaults import BEHIND_SHARE, BEHIND_US
@@ -54,14 +56,20 @@ def show(
     outputs: Outputs,
     note: str | None = None,
     verdicts: Sequence[tuple[Verdict, str]] = (),
+    comparison: Comparison | None = None,
 ) -> None:
     """The table (stderr when stdout carries JSON or hgrm) with the objectives' verdicts
-    (each with its unit), then the files asked for; OSError when one cannot be written."""
+    (each with its unit) and an A/B comparison, then the files asked for (the plot of both
+    sides when compared); OSError when one cannot be written."""
     out = sys.stderr if outputs.stdout_taken else sys.stdout
     table(result, out, note)
     for verdict, unit in verdicts:
         print(verdict.line(unit), file=out)
-    if outputs.plot_file:
+    if comparison is not None:
+        compare.show(comparison, out)
+    if outputs.plot_file and comparison is not None and comparison.base is not None:
+        compare.plot(comparison.base, result, outputs.plot_file)
+    elif outputs.plot_file:
         plot(result, outputs.plot_file)
     if outputs.hgrm_file:
         write_hgrm(result, outputs.hgrm_file)
@@ -69,6 +77,8 @@ def show(
         fields = result.to_dict()
         if verdicts:
             fields["slo"] = [v.to_dict() for v, _ in verdicts]
+        if comparison is not None:
+            fields["comparison"] = comparison.to_dict()
         text = json.dumps(fields, indent=2)
         if outputs.json_file == "-":
             print(text, flush=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from socket_echo.exits import FAILED, OK, SLO_MISSED, UNREACHABLE, ToolError
 from socket_echo.kinds import DTLS, QUIC, kind
 from socket_echo.tools.bench import output, slo, statistics, workers
+from socket_echo.tools.bench.compare import Comparison
 from socket_echo.tools.bench.model import BenchConfig
 from socket_echo.tools.bench.result import BenchResult
 from socket_echo.tools.bench.slo import Objective
@@ -48,12 +49,13 @@ def verdict(
     outputs: output.Outputs,
     objectives: tuple[Objective, ...],
     note: str | None = None,
+    comparison: Comparison | None = None,
 ) -> int:
-    """A result (a run's or a merge's) shown and written with its objectives judged; the
-    exit code bench and report share."""
+    """A result (a run's or a merge's) shown and written with its objectives judged (and
+    report's A/B comparison); the exit code bench and report share."""
     verdicts = [(o.judge(result), slo.unit_of(o)) for o in objectives]
     try:
-        output.show(result, outputs, note, verdicts)
+        output.show(result, outputs, note, verdicts, comparison)
     except OSError as exc:
         raise ToolError(f"cannot write results: {exc.strerror or exc}") from None
     if result.failed:
