@@ -29,7 +29,7 @@ lint: install
 # slowest are printed. Then the native data path's tests again, with the extension built
 # under ASan and UBSan, then TSan.
 test: lint
-	$(BIN)/pytest -n 4 --dist worksteal --durations=10 -m "not packaging and not board" \
+	$(BIN)/pytest -n 4 --dist worksteal --durations=10 -m "not packaging and not board and not multicast" \
 		--cov=socket_echo --cov-report=term:skip-covered $(ARGS)
 	$(MAKE) packaging
 	$(MAKE) board
@@ -56,16 +56,18 @@ native_count = @n=$$($(BIN)/pytest -q --collect-only -p no:cacheprovider -m nati
 	| grep '::' | grep -vc 'test_native_'); echo "$(2): $$n native cases outside test_native_*"; \
 	test $$n -ge $(3) || { echo "$(2): fewer than $(3) native cases"; exit 1; }
 
-# The tools against an embedded TCP/IP stack (tests/test_board.py: the seed's loop over lwIP
-# on a TAP device in a network namespace the tests make). They need root, /dev/net/tun and
-# liblwip-dev: elsewhere they skip, and this gate says how many ran; in CI (CI set) it fails
-# when fewer than all of them ran.
-BOARD_CASES := 7
+# The tests in network namespaces they make: the tools against an embedded TCP/IP stack
+# (tests/test_board.py: the seed's loop over lwIP on a TAP device) and a multicast segment of
+# responders (tests/test_multicast.py). They need root, /dev/net/tun and liblwip-dev:
+# elsewhere they skip, and this gate says how many ran; in CI (CI set) it fails when fewer
+# than all of them ran.
+BOARD_CASES := 13
 board: install
-	@out=$$($(BIN)/pytest -p no:cacheprovider -m board -rs tests/test_board.py 2>&1); \
+	@out=$$($(BIN)/pytest -p no:cacheprovider -m "board or multicast" -rs tests/test_board.py \
+		tests/test_multicast.py 2>&1); \
 		echo "$$out" | tail -4; \
 		n=$$(echo "$$out" | grep -oE '[0-9]+ passed' | grep -oE '[0-9]+' || true); \
-		echo "board: $${n:-0} cases ran against the lwIP board"; \
+		echo "board: $${n:-0} cases ran in network namespaces (lwIP board, multicast segment)"; \
 		if echo "$$out" | grep -qE '[0-9]+ (failed|error)'; then exit 1; fi; \
 		if [ -n "$$CI" ] && [ "$${n:-0}" -lt $(BOARD_CASES) ]; then \
 			echo "board: fewer than $(BOARD_CASES) cases ran in CI"; exit 1; fi

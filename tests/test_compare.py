@@ -14,13 +14,13 @@ from socket_echo.tools.bench.compare import SAME, WORSE, judge
 
 
 def bench_json(target: str, path: str) -> None:
-    done = run_cli("bench", target, "-c", "4", "-d", "2", "-p", "1", "--json", path)
+    done = run_cli("bench", target, "-c", "2", "-d", "1.5", "-p", "1", "--json", path)
     assert done.returncode == 0, done.stderr
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """One plain and one ?delay=1ms listener of one server, a 2 s run against each."""
+    """One plain and one ?delay=1ms listener of one server, a 1.5 s run against each."""
     from conftest import ServerProcess
 
     tmp = tmp_path_factory.mktemp("ab")
@@ -129,14 +129,18 @@ def test_runs_that_differ_from_one_another_widen_the_interval(tmp_path):
     worse); Welch's small-sample interval, which the verdict takes where it is wider, is not."""
     from socket_echo.tools.bench.compare import compare
 
-    one = compare(runs_scaled(tmp_path, [1.0], 0), runs_scaled(tmp_path, [1.2], 10_000))
+    one = compare(
+        runs_scaled(tmp_path, [1.0], 0), runs_scaled(tmp_path, [1.2], 10_000), resamples=400
+    )
     assert {f.name: f.verdict for f in one.figures}["p50"] == WORSE
     spread = (0.0, 0.1, -0.1)
     base = runs_scaled(tmp_path, [math.exp(x) for x in spread], 20_000)
     new = runs_scaled(tmp_path, [math.exp(x + 0.18) for x in spread], 30_000)
-    three = compare(base, new)
+    three = compare(base, new, resamples=400)
     assert three.base_runs == three.new_runs == 3
     p50 = {f.name: f for f in three.figures}["p50"]
     assert p50.verdict == SAME and p50.low is not None and p50.low < 1 < p50.ratio, p50  # type: ignore[operator]
-    shifted = compare(base, runs_scaled(tmp_path, [math.exp(x + 0.6) for x in spread], 40_000))
+    shifted = compare(
+        base, runs_scaled(tmp_path, [math.exp(x + 0.6) for x in spread], 40_000), resamples=400
+    )
     assert {f.name: f.verdict for f in shifted.figures}["p50"] == WORSE  # a real shift still is

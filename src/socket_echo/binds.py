@@ -8,9 +8,16 @@ import ipaddress
 from urllib.parse import urlsplit
 
 from socket_echo.config import DEFAULT_HOSTS, ConfigError, ListenerSpec, check_port
+from socket_echo.groups import (
+    LISTENER_OPTIONS,
+    GroupError,
+    is_multicast,
+    listener_group,
+    split_query,
+)
 from socket_echo.impair.params import ImpairmentError
 from socket_echo.impair.params import parse as parse_impairments
-from socket_echo.kinds import DEFAULT_PORT, SCHEMES, kind
+from socket_echo.kinds import DEFAULT_PORT, KINDS, SCHEMES, kind
 
 
 def parse_bind_url(url: str) -> ListenerSpec:
@@ -23,8 +30,11 @@ def parse_bind_url(url: str) -> ListenerSpec:
     if parts.scheme not in SCHEMES:
         known = ", ".join(f"{s}://" for s in SCHEMES)
         raise ConfigError(f"malformed --bind {url!r}: unknown scheme (use {known})")
+    query, options = parts.query, dict[str, str]()
+    if kind(parts.scheme).groups:  # a group's options beside the impairments (groups.py)
+        options, query = split_query(query, LISTENER_OPTIONS)
     try:
-        impair = parse_impairments(parts.query, parts.scheme, url)
+        impair = parse_impairments(query, parts.scheme, url)
     except ImpairmentError as exc:
         raise ConfigError(str(exc)) from None
     if kind(parts.scheme).unix:
@@ -46,7 +56,15 @@ def parse_bind_url(url: str) -> ListenerSpec:
             raise ConfigError(
                 f"malformed --bind {url!r}: {host!r} is not an IPv6 address"
             ) from None
-    return ListenerSpec(parts.scheme, host, DEFAULT_PORT if port is None else port, "", impair)
+    try:
+        group = listener_group(host, options, url) if kind(parts.scheme).groups else None
+    except GroupError as exc:
+        raise ConfigError(str(exc)) from None
+    if group is None and is_multicast(host):
+        joins = ", ".join(f"{k.scheme}://" for k in KINDS.values() if k.groups)
+        raise ConfigError(f"--bind {url!r}: a multicast group is joined by {joins} listeners only")
+    port = DEFAULT_PORT if port is None else port
+    return ListenerSpec(parts.scheme, host, port, "", impair, group)
 
 
 def listeners_from_hosts(hosts: tuple[str, ...], port: int) -> tuple[ListenerSpec, ...]:

@@ -20,8 +20,6 @@ from socket_echo import __version__, binds, config
 from socket_echo.config import ConfigError, ServerConfig
 from socket_echo.exits import FAILED, USAGE, error_line
 from socket_echo.logs import quiet_aioquic
-from socket_echo.main import StartError
-from socket_echo.main import serve as serve_config
 from socket_echo.supervisors.cpu import check_process_count, cpu_count, worker_count
 from socket_echo.tools.defaults import (
     ARRIVALS,
@@ -554,6 +552,11 @@ def serve(
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    # the server's modules only for serve: the tools' start-up stays light (a CI job or a
+    # test suite starts bench, probe and client hundreds of times)
+    from socket_echo.main import StartError
+    from socket_echo.main import serve as serve_config
+
     try:
         code = serve_config(cfg)  # main.check_choices first: a path this platform lacks, exit 2
     except ConfigError as exc:
@@ -639,6 +642,17 @@ def _alpn(ctx: click.Context, param: click.Parameter, value: str) -> str:
         raise click.UsageError(str(exc)) from None
 
 
+_expect_responders = click.option(
+    "--expect-responders",
+    type=click.IntRange(min=1, max=100_000),
+    default=None,
+    metavar="N",
+    help="A multicast group (udp://GROUP:PORT?iface=NAME): probe fails when fewer than N "
+    "members answer; bench sends each next datagram once N answered (default: every member "
+    "seen so far) or the timeout passed.",
+)
+
+
 def transport_options(f: F) -> F:
     """The target's transport, for client, probe and bench alike."""
     f = click.option(
@@ -715,6 +729,7 @@ def client(
     is_flag=True,
     help="Fail (not just report) a server that serves one client at a time.",
 )
+@_expect_responders
 def probe(
     target: str,
     udp: bool,
@@ -726,15 +741,24 @@ def probe(
     as_json: bool,
     quick: bool,
     require_concurrency: bool,
+    expect_responders: int | None,
     alpn: str,
 ) -> None:
     """Check that any echo server conforms. Exit 0 passed, 1 failed, 2 unreachable
-    (--quick too)."""
+    (--quick too). A multicast group: every member that answers, and what each got right."""
     from socket_echo.tools.probe import run as tool
 
     t = _target(target, udp, tls)
+    if expect_responders and t.group is None:
+        raise click.BadParameter(
+            "is for a multicast group target", param_hint="--expect-responders"
+        )
     options = _tls_options(ca, insecure, server_name)
-    _exit_with(lambda: tool.main(t, timeout, options, alpn, quick, require_concurrency, as_json))
+    _exit_with(
+        lambda: tool.main(
+            t, timeout, options, alpn, quick, require_concurrency, as_json, expect_responders or 0
+        )
+    )
 
 
 def _segment(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:
@@ -940,6 +964,7 @@ def _outputs_checked(json_file: str | None, plot_file: str | None, hgrm_file: st
     "the peer closes; one that has not closed within this is reset (and counted): a reset "
     "wedges some firmware echo loops.",
 )
+@_expect_responders
 @_slo_option
 @_outputs
 def bench(
@@ -963,6 +988,7 @@ def bench(
     start_at: float | None,
     timeout: float,
     drain_timeout: float,
+    expect_responders: int | None,
     slos: tuple[str, ...],
     json_file: str | None,
     plot_file: str | None,
@@ -970,7 +996,7 @@ def bench(
     alpn: str,
 ) -> None:
     """Load any echo server and verify every byte. Exit 1 on errors or mismatches, 2 when
-    the target is unreachable."""
+    the target is unreachable. A multicast group: every member measured apart."""
     from socket_echo.tools.bench.model import BenchConfig
     from socket_echo.tools.bench.run import run
 
@@ -993,6 +1019,7 @@ def bench(
             start_at=start_at,
             probe_rate=probe_rate,
             drain_timeout=drain_timeout,
+            expect_responders=expect_responders or 0,
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None

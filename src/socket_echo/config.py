@@ -14,6 +14,7 @@ from socket_echo.kinds import DEFAULT_PORT as DEFAULT_PORT
 from socket_echo.kinds import kind
 
 if TYPE_CHECKING:  # the parser (impair/params.py) runs in binds.py: config.py imports no parser
+    from socket_echo.groups import Group
     from socket_echo.impair.params import Impairments
 
 DEFAULT_HOSTS = ("127.0.0.1", "::1")  # localhost only: safe on a laptop
@@ -123,10 +124,13 @@ class ListenerSpec:
     port: int
     path: str = ""
     impair: Impairments | None = None  # from the URL's query: binds.py, impair/params.py
+    group: Group | None = None  # a multicast group to join (groups.py): ?iface=, ?source=
 
     @property
     def url(self) -> str:
-        return format_url(self.scheme, self.host, self.port, self.path)
+        url = format_url(self.scheme, self.host, self.port, self.path)
+        query = self.group.query() if self.group else ""
+        return f"{url}?{query}" if query else url
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,7 @@ class ListenerKind:
     impairments: str | None = None  # "stream", "datagram", or None: no ?delay=... query
     engine: bool = False  # the TCP data path (native, epoll) may take it when unimpaired
     tools_reach: bool = True  # client, probe and bench can reach it (a TARGET)
+    groups: bool = False  # a multicast group as a listener and a target (groups.py)
     default_port: int = DEFAULT_PORT  # the tools' port when TARGET gives none
 
     def takes_engine(self, impaired: bool) -> bool:
@@ -41,7 +42,7 @@ KINDS: dict[str, ListenerKind] = {
     k.scheme: k
     for k in (
         ListenerKind("tcp", "TCP", STREAM, impairments="stream", engine=True),
-        ListenerKind("udp", "UDP", UDP, datagram=True, impairments="datagram"),
+        ListenerKind("udp", "UDP", UDP, datagram=True, impairments="datagram", groups=True),
         ListenerKind("tls", "TLS", STREAM, tls=True, secure=True, impairments="stream"),
         ListenerKind("unix", "Unix-socket", STREAM, unix=True, impairments="stream", engine=True),
         ListenerKind(

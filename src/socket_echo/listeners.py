@@ -16,6 +16,7 @@ import socket
 import stat
 import sys
 
+from socket_echo import groups
 from socket_echo.config import DEFAULT_HOSTS, ConfigError, ListenerSpec, format_url
 from socket_echo.kinds import kind
 
@@ -169,11 +170,42 @@ def _bind_unix(spec: ListenerSpec, backlog: int) -> BoundListener:
     return BoundListener(spec, sock, inode=os.stat(path).st_ino)
 
 
+def _bind_group(spec: ListenerSpec, port: int) -> BoundListener:
+    """A UDP socket bound to a multicast group's address and port, the group joined on its
+    interface (groups.py). SO_REUSEADDR: more than one member of a group on one host is the
+    normal case. Never SO_REUSEPORT: workers share this one socket (a group's datagram reaches
+    every socket bound to it, so each worker would answer it)."""
+    assert spec.group is not None
+    family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+    where = format_url(spec.scheme, spec.host, port)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((spec.host, port, 0, groups.ifindex(spec.group.iface)))
+        else:
+            sock.bind((spec.host, port))
+        groups.join(sock, spec.host, spec.group)
+        sock.setblocking(False)
+    except groups.GroupError as exc:
+        sock.close()
+        raise BindError(errno.ENODEV, f"cannot join {where}: {exc}") from None
+    except OSError as exc:
+        sock.close()
+        hint = _HINTS.get(exc.errno or 0, exc.strerror or str(exc))
+        on = f" on {spec.group.iface}" if spec.group.iface else ""
+        raise BindError(exc.errno, f"cannot join {where}{on}: {hint}") from None
+    return _listener(spec, sock)
+
+
 def _bind_spec(
     spec: ListenerSpec, port: int, backlog: BindOptions, optional: bool
 ) -> list[BoundListener]:
     if kind(spec.scheme).unix:
         return [_bind_unix(spec, backlog.backlog)]
+    if spec.group is not None:
+        return [_bind_group(spec, port)]
     bound: list[BoundListener] = []
     try:
         for family, address in _addresses(spec.host, port):

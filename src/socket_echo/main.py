@@ -56,7 +56,8 @@ def serve(cfg: ServerConfig) -> int:
         raise StartError(exc.strerror or str(exc)) from None
     if cfg.workers == 1:
         return run(cfg, bound + fd_bound, credentials, metrics_bound)
-    own = [b for b in bound if reuse and not kind(b.scheme).unix]
+    # a group's socket is shared: a datagram to a group reaches every socket bound to it
+    own = [b for b in bound if reuse and not kind(b.scheme).unix and b.spec.group is None]
     shared = [b for b in bound if b not in own] + fd_bound
     try:
         supervisor = Supervisor(cfg, cfg.workers, shared, own, metrics_bound, credentials)

@@ -9,7 +9,8 @@ import time
 
 from socket_echo.tools.bench import errors
 from socket_echo.tools.bench.loop import Conn, Loop
-from socket_echo.tools.connect.target import Unreachable, connect
+from socket_echo.tools.bench.model import ResponderCounts
+from socket_echo.tools.connect.target import Unreachable, connect, group_socket
 from socket_echo.tools.defaults import CHECK_EVERY, UDP_TIMEOUT
 
 
@@ -91,3 +92,112 @@ class Datagrams(Loop):
             self.result.lost += 1
         except ConnectionRefusedError:
             self.result.errors[errors.PORT_UNREACHABLE] += 1
+
+
+class GroupDatagrams(Datagrams):
+    """bench ``--mode udp`` to a multicast group: each socket sends a datagram to the group and
+    sends the next once ``--expect-responders`` members answered it (by default every member
+    seen so far), or UDP_TIMEOUT passed. Answers are counted per responder (the source of each
+    unicast answer): answered, lost (datagrams sent since its first answer that it never
+    answered), duplicated, reordered, and its latencies; every answer is also one of the run's
+    requests, so the totals are the group's."""
+
+    def serve(self) -> None:
+        cfg, res = self.cfg, self.result
+        group: dict[int, tuple[object, ...]] = {}
+        for _ in range(self.n):
+            try:
+                sock, address = group_socket(cfg.target, cfg.timeout)
+            except Unreachable as exc:
+                res.errors[errors.because(errors.SOCKET, exc)] += 1
+                continue
+            sock.setblocking(False)
+            conn = self.conns[sock.fileno()] = Conn(sock)
+            conn.slot = len(self.conns) - 1
+            group[sock.fileno()] = address
+            self.epoll.register(sock.fileno(), select.EPOLLIN)
+        self.group = group
+        self.answered_now: dict[int, set[str]] = {fd: set() for fd in self.conns}
+        self.last_seq: dict[tuple[int, str], int] = {}  # per socket and member
+        res.slots(len(self.conns))
+        self.start()
+        for conn in self.conns.values():
+            self.send(conn)
+        deadline = res.mono_start + cfg.duration
+        next_check = time.monotonic() + CHECK_EVERY
+        while time.monotonic() < deadline:
+            for fd, _ in self.epoll.poll(0.1):
+                conn = self.conns[fd]
+                try:
+                    data, addr = conn.sock.recvfrom(65536)
+                except (BlockingIOError, ConnectionRefusedError):
+                    continue
+                self.answer(fd, conn, data, str(addr[0]))
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + CHECK_EVERY
+                for conn in self.conns.values():
+                    if now - conn.t0 > UDP_TIMEOUT:
+                        self.send(conn)  # whoever did not answer by now is counted lost
+            self.progress.value = res.requests
+        self.finish()
+        res.bytes = res.requests * cfg.size * 2
+
+    def answer(self, fd: int, conn: Conn, data: bytes, who: str) -> None:
+        res = self.result
+        t = time.monotonic()
+        seq = int.from_bytes(data[:8], "big") // 1000 if len(data) >= 8 else 0
+        if not 0 < seq <= conn.seq or data != self.datagram(seq):
+            res.mismatches += 1
+            return
+        counts = res.responders.get(who)
+        if counts is None:  # a new member: expected from this datagram on
+            counts = res.responders[who] = ResponderCounts(t - res.mono_start)
+            counts.expected = 1 if conn.t0 >= res.mono_start else 0
+        last = self.last_seq.get((fd, who), 0)
+        if (seq == conn.seq and who in self.answered_now[fd]) or (seq < conn.seq and seq <= last):
+            counts.duplicates += 1  # it answered this one (or a later one) already
+            res.duplicates += 1
+            return
+        if seq < conn.seq:  # an answer to an earlier datagram than the one in flight
+            counts.reordered += 1
+            res.late += 1
+            self.last_seq[(fd, who)] = seq
+            return
+        self.answered_now[fd].add(who)
+        self.last_seq[(fd, who)] = seq
+        counts.last_t = t - res.mono_start
+        if t >= res.mono_start and conn.t0 >= res.mono_start:
+            us = int((t - conn.t0) * 1e6)
+            counts.answered += 1
+            counts.latency_us[us] += 1
+            res.record(us, t, conn.slot)
+        expected = self.cfg.expect_responders or max(1, len(res.responders))
+        if len(self.answered_now[fd]) >= expected:
+            self.send(conn)
+
+    def send(self, conn: Conn) -> None:
+        fd = conn.sock.fileno()
+        res = self.result
+        self.answered_now[fd] = set()
+        conn.seq += 1
+        conn.expected = self.datagram(conn.seq)
+        conn.t0 = time.monotonic()
+        if conn.t0 >= res.mono_start:
+            for counts in res.responders.values():
+                counts.expected += 1
+        try:
+            conn.sock.sendto(conn.expected, self.group[fd])
+        except BlockingIOError:
+            res.lost += 1
+        except OSError as exc:
+            res.errors[errors.because(errors.SEND, exc)] += 1
+
+    def finish(self) -> None:
+        """The datagrams still in flight at the end are no member's loss."""
+        for fd, conn in self.conns.items():
+            if conn.t0 < self.result.mono_start:
+                continue
+            for who, counts in self.result.responders.items():
+                if who not in self.answered_now[fd]:
+                    counts.expected = max(counts.answered, counts.expected - 1)

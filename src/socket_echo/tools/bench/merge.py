@@ -8,15 +8,18 @@ import math
 from collections import Counter, defaultdict
 from typing import Any
 
+from socket_echo.groups import address_key
 from socket_echo.tools.bench.histograms import add_encoded, encode, histogram
 from socket_echo.tools.bench.result import (
     COUNTED,
     BenchResult,
     Flow,
     PerConnection,
+    Responder,
     ResultError,
     Second,
     Segment,
+    Spectrum,
     Transport,
     Window,
 )
@@ -117,7 +120,36 @@ def merge(results: list[tuple[str, BenchResult]]) -> BenchResult:
         per_second=tuple(merge_second(t, seconds.pop(t)) for t in sorted(seconds)),
         loss_explanation=None,
         under_load=merge_flows([(p, r.under_load) for p, r in results if r.under_load]),
+        responders=merge_responders(results),
     )
+
+
+def merge_responders(results: list[tuple[str, BenchResult]]) -> tuple[Responder, ...]:
+    """A group's members over every segment: counts added, histograms added, by address (a
+    member seen by one segment only is that segment's)."""
+    by: dict[str, list[tuple[str, Responder]]] = {}
+    for path, r in results:
+        for member in r.responders:
+            by.setdefault(member.address, []).append((path, member))
+    merged = []
+    for address, parts in by.items():
+        hist = histogram()
+        for path, m in parts:
+            add_encoded(hist, m.histogram, f"{path}: responder {address}")
+        merged.append(
+            Responder(
+                address=address,
+                answered=sum(m.answered for _, m in parts),
+                lost=sum(m.lost for _, m in parts),
+                duplicates=sum(m.duplicates for _, m in parts),
+                reordered=sum(m.reordered for _, m in parts),
+                first_s=min(m.first_s for _, m in parts),
+                last_s=max(m.last_s for _, m in parts),
+                latency_us=Spectrum.of(hist),
+                histogram=encode(hist),
+            )
+        )
+    return tuple(sorted(merged, key=lambda m: address_key(m.address)))
 
 
 def summed(counts: Counter[str]) -> dict[str, Any]:

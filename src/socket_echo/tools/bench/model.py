@@ -62,6 +62,7 @@ class BenchConfig:
     start_at: float | None = None  # wall-clock seconds every segment starts at
     probe_rate: float = 0.0  # stream: a ping-pong flow at this rate, measured under the load
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT  # the end: what is owed is read this long
+    expect_responders: int = 0  # a group: the next datagram once this many answered (0: all)
 
     def __post_init__(self) -> None:
         served = kind(self.target.scheme)
@@ -84,6 +85,8 @@ class BenchConfig:
                 f"--segment {index}/{count}: {self.connections} connections cannot be divided "
                 f"into {count} segments (each needs one)"
             )
+        if self.expect_responders and self.target.group is None:
+            raise ConfigError("--expect-responders is for a multicast group target")
         if not 1 <= self.in_flight <= MAX_IN_FLIGHT:
             raise ConfigError(f"--in-flight {self.in_flight}: 1 to {MAX_IN_FLIGHT}")
         if self.arrival not in ARRIVALS:
@@ -139,6 +142,19 @@ def split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
+class ResponderCounts:
+    """One member of a multicast group as one worker saw it (datagrams.GroupDatagrams)."""
+
+    def __init__(self, t: float) -> None:
+        self.answered = 0
+        self.expected = 0  # datagrams sent in the window since it first answered (in flight: not)
+        self.duplicates = 0
+        self.reordered = 0  # answers that came after its answer to a later datagram
+        self.first_t = t  # s into the window of its first answer, and of its last
+        self.last_t = t
+        self.latency_us: Counter[int] = Counter()
+
+
 @dataclasses.dataclass
 class WorkerResult:
     requests: int = 0
@@ -168,6 +184,7 @@ class WorkerResult:
     ended_gracefully: int = 0  # connections ended with FIN both ways after their echo
     resets_sent: int = 0  # ... ended with a reset: the peer had not closed within the drain
     drained_bytes: int = 0  # echo read after the window, while ending (in no figure)
+    responders: dict[str, ResponderCounts] = dataclasses.field(default_factory=dict)  # a group
     elapsed: float = 0.0
 
     def begin(self, mono_start: float) -> None:

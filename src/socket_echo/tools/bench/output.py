@@ -17,6 +17,8 @@ from socket_echo.tools.bench.result import BenchResult, Spectrum
 from socket_echo.tools.bench.slo import Verdict
 from socket_echo.tools.defaults import BEHIND_SHARE, BEHIND_US
 
+SILENT_BEFORE_END = 1.5  # s: a member whose last answer came this long before the end went silent
+
 
 class OutputError(ValueError):
     """An output that cannot be written: one line, before the run (exit 2)."""
@@ -92,6 +94,28 @@ def _spectrum(lat: Spectrum) -> str:
     return "  ".join(f"{k} {lat[k]:,}" for k in keys if lat[k] is not None)
 
 
+def responder_rows(r: BenchResult) -> list[tuple[str, str]]:
+    """A group's members, one row each (in address order), the slowest at the median marked;
+    one that stopped answering well before the end is said to have gone silent."""
+    slowest = max(r.responders, key=lambda m: m.latency_us.p50 or 0)
+    rows = [("responders", f"{len(r.responders)} member(s) of the group answered")]
+    for m in r.responders:
+        lat = m.latency_us
+        spectrum = f"p50 {lat.p50:,} p99 {lat.p99:,} µs" if lat.p50 is not None else "—"
+        mark = "  (slowest)" if m is slowest and len(r.responders) > 1 else ""
+        silent = m.lost and m.last_s < r.window.seconds - SILENT_BEFORE_END
+        rows.append(
+            (
+                f"  {m.address}",
+                f"answered {m.answered:,}, lost {m.lost:,}, duplicated {m.duplicates:,}, "
+                f"reordered {m.reordered:,}; {spectrum}; first answer at {m.first_s:.1f} s"
+                + (f", silent after {m.last_s:.1f} s" if silent else "")
+                + mark,
+            )
+        )
+    return rows
+
+
 def lines(r: BenchResult) -> list[tuple[str, str]]:
     rows = [
         ("target", f"{r.target} ({r.mode})"),
@@ -116,6 +140,8 @@ def lines(r: BenchResult) -> list[tuple[str, str]]:
     if lateness and lateness.p50 is not None:
         keys = ("p50", "p99", "p999", "max")
         rows.append(("  after slot µs", "  ".join(f"{k} {lateness[k]:,}" for k in keys)))
+    if r.responders:
+        rows += responder_rows(r)
     pc = r.per_connection
     if pc.answers:
         s = pc.summary()

@@ -187,6 +187,21 @@ class Transport:
 
 
 @dataclasses.dataclass(frozen=True)
+class Responder:
+    """One member of a multicast group as bench saw it answer (bench to a group target)."""
+
+    address: str
+    answered: int
+    lost: int  # datagrams sent since its first answer that it never answered
+    duplicates: int
+    reordered: int  # answers that came after its answer to a later datagram
+    first_s: float  # s into the window of its first answer ...
+    last_s: float  # ... and of its last: a member that went silent stops early
+    latency_us: Spectrum
+    histogram: str
+
+
+@dataclasses.dataclass(frozen=True)
 class BenchResult:
     target: str
     mode: str
@@ -225,6 +240,7 @@ class BenchResult:
     per_second: tuple[Second, ...]
     loss_explanation: str | None
     under_load: Flow | None
+    responders: tuple[Responder, ...] = ()  # a multicast group's members, by address
 
     @property
     def failed(self) -> bool:

@@ -26,6 +26,7 @@ from socket_echo.tools.bench.result import (
     Flow,
     Parameters,
     PerConnection,
+    Responder,
     ResultError,
     Second,
     Segment,
@@ -198,7 +199,32 @@ class _Reader:
             per_second=tuple(self.second(s, f"per_second[{i}]") for i, s in enumerate(per_second)),
             loss_explanation=self.optional_text(data.get("loss_explanation"), "loss_explanation"),
             under_load=self.flow(data["under_load"]) if data.get("under_load") else None,
+            responders=self.responders(data.get("responders") or []),
         )
+
+    def responders(self, value: Any) -> tuple[Responder, ...]:
+        if not isinstance(value, list) or len(value) > MAX_CONNECTIONS:
+            raise self.fail("responders", "a list of one entry per member of the group")
+        out = []
+        for i, r in enumerate(value):
+            where = f"responders[{i}]"
+            r = self.table(r, where)
+            g = self.get
+            histogram = self.histogram(g(r, "histogram", where), f"{where}.histogram")
+            out.append(
+                Responder(
+                    address=self.text(g(r, "address", where), f"{where}.address", 64),
+                    answered=self.whole(g(r, "answered", where), f"{where}.answered"),
+                    lost=self.whole(r.get("lost") or 0, f"{where}.lost"),
+                    duplicates=self.whole(r.get("duplicates") or 0, f"{where}.duplicates"),
+                    reordered=self.whole(r.get("reordered") or 0, f"{where}.reordered"),
+                    first_s=self.number(r.get("first_s") or 0, f"{where}.first_s", 0, MAX_SECONDS),
+                    last_s=self.number(r.get("last_s") or 0, f"{where}.last_s", 0, MAX_SECONDS),
+                    latency_us=self.spectrum(histogram),
+                    histogram=histogram,
+                )
+            )
+        return tuple(out)
 
     def per_connection(self, value: Any) -> PerConnection:
         p = self.table(value, "per_connection")

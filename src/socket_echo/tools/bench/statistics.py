@@ -14,14 +14,16 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
+from socket_echo.groups import address_key
 from socket_echo.tools.bench.errors import NEVER_ANSWERED, NO_REQUEST
 from socket_echo.tools.bench.histograms import encode, histogram, iterate
-from socket_echo.tools.bench.model import BenchConfig, WorkerResult
+from socket_echo.tools.bench.model import BenchConfig, ResponderCounts, WorkerResult
 from socket_echo.tools.bench.result import (
     BenchResult,
     Flow,
     Parameters,
     PerConnection,
+    Responder,
     Second,
     Segment,
     Spectrum,
@@ -80,6 +82,35 @@ def flow(
     )
 
 
+def group_members(results: list[WorkerResult]) -> tuple[Responder, ...]:
+    """A group's members, each worker's counts added by address, in address order."""
+    by: dict[str, list[ResponderCounts]] = {}
+    for r in results:
+        for address, counts in r.responders.items():
+            by.setdefault(address, []).append(counts)
+    members = []
+    for address, parts in by.items():
+        latency: Counter[int] = Counter()
+        for part in parts:
+            latency.update(part.latency_us)
+        hist = histogram(latency)
+        answered = sum(p.answered for p in parts)
+        members.append(
+            Responder(
+                address=address,
+                answered=answered,
+                lost=max(0, sum(p.expected for p in parts) - answered),
+                duplicates=sum(p.duplicates for p in parts),
+                reordered=sum(p.reordered for p in parts),
+                first_s=round(max(0.0, min(p.first_t for p in parts)), 6),
+                last_s=round(max(0.0, max(p.last_t for p in parts)), 6),
+                latency_us=Spectrum.of(hist),
+                histogram=encode(hist),
+            )
+        )
+    return tuple(sorted(members, key=lambda m: address_key(m.address)))
+
+
 def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> BenchResult:
     """One run's result, from what each worker process brought back."""
     from socket_echo.tools.bench.losses import explain_losses
@@ -119,7 +150,8 @@ def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> BenchResult:
         ((r.cpu_seconds - r.spun_seconds) / r.elapsed for r in results if r.elapsed), default=0.0
     )  # polling for the next slot is CPU kept on purpose, not load
     sends = sum(r.sends for r in results)
-    lost = sum(r.lost for r in results)
+    responders = group_members(results)
+    lost = sum(r.lost for r in results) + sum(m.lost for m in responders)
     connections, rate = cfg.share
     open_loop = bool(cfg.rate) and cfg.mode == "pingpong"
     processes = max(1, len(results))
@@ -178,6 +210,7 @@ def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> BenchResult:
         ),
         loss_explanation=explain_losses(cfg, requests, lost, elapsed),
         under_load=under_load(cfg, probes) if cfg.probe_rate else None,
+        responders=responders,
     )
 
 

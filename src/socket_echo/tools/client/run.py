@@ -21,6 +21,7 @@ from socket_echo.tools.connect.target import (
     TlsOptions,
     Unreachable,
     connect,
+    group_socket,
 )
 from socket_echo.tools.defaults import DEFAULT_DRAIN_TIMEOUT
 
@@ -58,6 +59,8 @@ def main(target: Target, tls: TlsOptions | None, timeout: float, alpn: str) -> i
 
 
 def run(target: Target, tls: TlsOptions | None, timeout: float) -> int:
+    if target.group is not None:
+        return group_udp(target, timeout)
     sock = connect(target, timeout, tls)
     try:
         if target.scheme == "udp":
@@ -122,3 +125,59 @@ def udp(sock: socket.socket, timeout: float, target: Target) -> int:
             raise ClientError(f"no reply to a {len(chunk)}-byte datagram after {UDP_TRIES} tries")
         out.write(reply)
         out.flush()
+
+
+def group_udp(target: Target, timeout: float) -> int:
+    """A multicast group: each datagram goes to the group; the first member to answer is the
+    one whose echo is written (named on stderr), the others' answers are counted apart (probe
+    and bench measure every member)."""
+    sock, group = group_socket(target, timeout / UDP_TRIES)
+    tty = sys.stdin.isatty()
+    fd = sys.stdin.fileno()
+    out = sys.stdout.buffer
+    chosen: str | None = None
+    others = 0
+    try:
+        while True:
+            chunk = sys.stdin.readline().encode() if tty else os.read(fd, UDP_CHUNK)
+            if not chunk:
+                break
+            for _ in range(UDP_TRIES):
+                sock.sendto(chunk, group)
+                reply = _answer_from(sock, chosen, chunk)
+                if reply is not None:
+                    break
+            else:
+                raise ClientError(
+                    f"no member of the group answered a {len(chunk)}-byte datagram after "
+                    f"{UDP_TRIES} tries"
+                )
+            who, data, extra = reply
+            others += extra
+            if chosen is None:
+                chosen = who
+                print(f"answering: {who} (the first member of the group to answer)",
+                      file=sys.stderr)  # fmt: skip
+            out.write(data)
+            out.flush()
+    finally:
+        sock.close()
+    if others:
+        print(f"{others} answer(s) from other members of the group, not written", file=sys.stderr)
+    return 0
+
+
+def _answer_from(
+    sock: socket.socket, chosen: str | None, chunk: bytes
+) -> tuple[str, bytes, int] | None:
+    """(member, its answer, answers of others meanwhile) or None when the wait runs out."""
+    others = 0
+    while True:
+        try:
+            data, addr = sock.recvfrom(65535)
+        except TimeoutError:
+            return None
+        who = str(addr[0])
+        if chosen is None or who == chosen:
+            return who, data, others
+        others += 1

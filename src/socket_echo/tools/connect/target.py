@@ -3,6 +3,8 @@
 TARGET is ``HOST[:PORT]`` (port 4242 by default), ``[V6]:PORT``, or a URL as in ``--bind``:
 ``tcp://``, ``udp://``, ``tls://``, ``unix:///path``, ``quic://`` (port 4422 by default, as
 Zephyr's QUIC echo), ``dtls://`` (port 4242, as Zephyr's echo_server with overlay-tls.conf).
+A multicast group is a ``udp://`` target too: ``udp://239.192.0.2:4242?iface=eth0&ttl=1&loop=0``
+(groups.py); every member of the group answers.
 """
 
 from __future__ import annotations
@@ -18,7 +20,17 @@ from urllib.parse import urlsplit
 
 from socket_echo.config import DEFAULT_PORT, format_url
 from socket_echo.gates.tls import failure_reason
-from socket_echo.kinds import TARGET_SCHEMES, kind
+from socket_echo.groups import (
+    TARGET_OPTIONS,
+    Group,
+    GroupError,
+    ifindex,
+    is_multicast,
+    prepare_sender,
+    split_query,
+    target_group,
+)
+from socket_echo.kinds import KINDS, TARGET_SCHEMES, kind
 
 
 class TargetError(ValueError):
@@ -35,6 +47,7 @@ class Target:
     host: str = ""
     port: int = DEFAULT_PORT
     path: str = ""
+    group: Group | None = None  # a multicast group: every member answers (groups.py)
 
     @property
     def url(self) -> str:
@@ -89,7 +102,8 @@ def parse_target(text: str, scheme: str | None = None) -> Target:
         if not parts.hostname:
             raise TargetError(f"no host in {text!r}")
         default = kind(parts.scheme).default_port
-        return Target(parts.scheme, parts.hostname, default if port is None else port)
+        group = _group_of(parts.scheme, parts.hostname, parts.query, text)
+        return Target(parts.scheme, parts.hostname, default if port is None else port, "", group)
     host, port_text = text, ""
     if text.startswith("["):
         end = text.find("]")
@@ -115,7 +129,25 @@ def parse_target(text: str, scheme: str | None = None) -> Target:
         if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
             raise TargetError(f"bad port {port_text!r} in {text!r} (1-65535)")
         port = int(port_text)
-    return Target(scheme or "tcp", host, port)
+    scheme = scheme or "tcp"
+    return Target(scheme, host, port, "", _group_of(scheme, host, "", text))
+
+
+def _group_of(scheme: str, host: str, query: str, text: str) -> Group | None:
+    """A multicast target's options (``?iface=&ttl=&loop=``), None for a unicast one."""
+    if not kind(scheme).groups:
+        if is_multicast(host):
+            joins = ", ".join(f"{k.scheme}://" for k in KINDS.values() if k.groups)
+            raise TargetError(f"{text!r}: a multicast group is reached over {joins} only")
+        return None
+    options, rest = split_query(query, TARGET_OPTIONS)
+    if rest:
+        raise TargetError(f"{text!r}: unknown option(s) {rest!r} (a group takes "
+                          f"{', '.join(TARGET_OPTIONS)})")  # fmt: skip
+    try:
+        return target_group(host, options, text)
+    except GroupError as exc:
+        raise TargetError(str(exc)) from None
 
 
 def _family_addresses(target: Target, kind: int) -> list[tuple[int, tuple[object, ...]]]:
@@ -215,6 +247,26 @@ def connect_many(
     return connected, count - len(connected)
 
 
+def group_socket(target: Target, timeout: float) -> tuple[socket.socket, tuple[object, ...]]:
+    """An unconnected UDP socket set to send to the target's group (its interface, hop limit
+    and loop), and the group's address: answers come from every member, by unicast."""
+    assert target.group is not None
+    family, addr = _family_addresses(target, socket.SOCK_DGRAM)[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        prepare_sender(sock, target.group)
+    except GroupError as exc:
+        sock.close()
+        raise Unreachable(f"{target.url}: {exc}") from None
+    except OSError as exc:
+        sock.close()
+        raise Unreachable(f"{target.url}: {exc.strerror or exc}") from None
+    if family == socket.AF_INET6 and target.group.iface:
+        addr = (addr[0], addr[1], 0, ifindex(target.group.iface))
+    sock.settimeout(timeout)
+    return sock, addr
+
+
 def udp_socket(target: Target, timeout: float) -> socket.socket:
     """A UDP socket connect()ed to the target, so only its answers come in."""
     family, addr = _family_addresses(target, socket.SOCK_DGRAM)[0]
@@ -230,7 +282,10 @@ ICMP_REFUSED = "refused: ICMP port unreachable (nothing listens there)"
 def check_datagrams_reach(target: Target, timeout: float) -> None:
     """One datagram before a UDP run: Unreachable when an ICMP port unreachable answers it
     (nothing listens there). Silence, or an answer, lets the run go on: a peer may drop one
-    datagram (a rate limit, a lossy path) and still be there."""
+    datagram (a rate limit, a lossy path) and still be there. A group: nothing to check (no
+    ICMP answers a multicast datagram; its members are counted by who answers)."""
+    if target.group is not None:
+        return
     with udp_socket(target, min(timeout, 0.5)) as sock:
         try:
             sock.send(b"socket-echo: is anyone there?")

@@ -17,13 +17,20 @@ def main(
     quick: bool = False,
     require_concurrency: bool = False,
     as_json: bool = False,
+    expect_responders: int = 0,
 ) -> int:
     """``socket-echo probe`` on any target: prints the report (none with ``quick``) and
     returns the exit code (exits.py); ToolError when nothing answers."""
     from socket_echo.tools.probe import output
 
     try:
-        if target.scheme == "quic":
+        if target.group is not None:  # a multicast group: every member answers
+            from socket_echo.tools.probe import group
+
+            steps = group.run(target, timeout, expect_responders)
+            if quick:
+                return FAILED if any(s.status == FAIL for s in steps) else OK
+        elif target.scheme == "quic":
             from socket_echo.tools.probe import quic
 
             steps = quic.run(target, timeout, tls, alpn, quick)
