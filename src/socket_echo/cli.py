@@ -611,10 +611,18 @@ def _target(text: str, udp: bool, tls: bool) -> Any:
         raise click.UsageError(str(exc)) from None
 
 
-def _tls_options(ca: str | None, insecure: bool, server_name: str | None = None) -> Any:
+def _tls_options(
+    ca: str | None,
+    insecure: bool,
+    server_name: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+) -> Any:
     from socket_echo.tools.connect.target import TlsOptions
 
-    return TlsOptions(ca_file=ca, insecure=insecure, server_name=server_name)
+    if key and not cert:
+        raise click.BadParameter("needs --cert", param_hint="--key")
+    return TlsOptions(ca, insecure, server_name, cert, key)
 
 
 def _server_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -964,6 +972,21 @@ def _outputs_checked(json_file: str | None, plot_file: str | None, hgrm_file: st
     "the peer closes; one that has not closed within this is reset (and counted): a reset "
     "wedges some firmware echo loops.",
 )
+@click.option(
+    "--tls-resume",
+    is_flag=True,
+    help="--mode churn over tls://: each connection offers the session the one before it got "
+    "(resumption); the result counts how many the server resumed.",
+)
+@click.option(
+    "--cert",
+    type=click.Path(exists=True, dir_okay=False),
+    metavar="FILE",
+    help="tls://: mutual TLS, the client's certificate (PEM; with its key unless --key).",
+)
+@click.option(
+    "--key", type=click.Path(exists=True, dir_okay=False), metavar="FILE", help="--cert's key."
+)
 @_expect_responders
 @_slo_option
 @_outputs
@@ -988,6 +1011,9 @@ def bench(
     start_at: float | None,
     timeout: float,
     drain_timeout: float,
+    tls_resume: bool,
+    cert: str | None,
+    key: str | None,
     expect_responders: int | None,
     slos: tuple[str, ...],
     json_file: str | None,
@@ -1010,7 +1036,7 @@ def bench(
             processes=processes or cpu_count(),
             rate=rate,
             timeout=timeout,
-            tls=_tls_options(ca, insecure, server_name),
+            tls=_tls_options(ca, insecure, server_name, cert, key),
             alpn=alpn,
             arrival=arrival,
             warmup=warmup,
@@ -1020,6 +1046,7 @@ def bench(
             probe_rate=probe_rate,
             drain_timeout=drain_timeout,
             expect_responders=expect_responders or 0,
+            tls_resume=tls_resume,
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None

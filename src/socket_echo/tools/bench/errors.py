@@ -16,6 +16,7 @@ WORKER_SILENT = "a worker did not report"
 
 # "<what>: <cause>" kinds: the cause is the system's words (strerror)
 CONNECT, SEND, RECV, SOCKET, WORKER_FAILED = "connect", "send", "recv", "socket", "worker failed"
+HANDSHAKE = "TLS handshake"  # churn over tls://: a handshake of the loop's own failed
 
 # the C twin's name for each kind it counts (bench/_native.c: #define E_... "...")
 C_NAMES = {

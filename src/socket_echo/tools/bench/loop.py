@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import select
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -22,6 +23,12 @@ from socket_echo.tools.connect import tcp_info
 from socket_echo.tools.connect.ending import end_gracefully
 from socket_echo.tools.connect.patterns import Patterns
 from socket_echo.tools.connect.target import Unreachable, connect
+
+# "Not now" from a non-blocking socket, plain or TLS: a TLS socket says it with its own errors
+# (a record not complete yet, or a write to be retried with the same bytes). A TLS record is at
+# most 16 KiB and every read here asks for more, so no plaintext waits inside OpenSSL unseen by
+# epoll (no read-ahead): level-triggered readiness is enough.
+WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class Conn:
@@ -96,7 +103,7 @@ class Loop:
     def connect(self) -> socket.socket | None:
         """A non-blocking connected socket, or None (the failure counted)."""
         try:
-            sock = connect(self.cfg.target, self.cfg.timeout)
+            sock = connect(self.cfg.target, self.cfg.timeout, self.cfg.tls)
         except Unreachable as exc:
             self.result.errors[errors.because(errors.CONNECT, exc)] += 1
             return None

@@ -63,11 +63,10 @@ class BenchConfig:
     probe_rate: float = 0.0  # stream: a ping-pong flow at this rate, measured under the load
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT  # the end: what is owed is read this long
     expect_responders: int = 0  # a group: the next datagram once this many answered (0: all)
+    tls_resume: bool = False  # churn over tls://: offer the last session (resumption)
 
     def __post_init__(self) -> None:
         served = kind(self.target.scheme)
-        if served.tls:
-            raise ConfigError("bench over TLS is not supported yet (probe and client are)")
         mode = "udp" if served.served_by == UDP else self.mode
         modes = MODES_BY_KIND[served.served_by]
         if mode not in modes:
@@ -85,6 +84,8 @@ class BenchConfig:
                 f"--segment {index}/{count}: {self.connections} connections cannot be divided "
                 f"into {count} segments (each needs one)"
             )
+        if self.tls_resume and not (served.tls and mode == "churn"):
+            raise ConfigError("--tls-resume is for --mode churn over tls://")
         if self.expect_responders and self.target.group is None:
             raise ConfigError("--expect-responders is for a multicast group target")
         if not 1 <= self.in_flight <= MAX_IN_FLIGHT:
@@ -185,6 +186,8 @@ class WorkerResult:
     resets_sent: int = 0  # ... ended with a reset: the peer had not closed within the drain
     drained_bytes: int = 0  # echo read after the window, while ending (in no figure)
     responders: dict[str, ResponderCounts] = dataclasses.field(default_factory=dict)  # a group
+    tls_handshakes: int = 0  # churn over tls://: handshakes made in the window ...
+    tls_resumed: int = 0  # ... of which the server resumed a session (--tls-resume)
     elapsed: float = 0.0
 
     def begin(self, mono_start: float) -> None:

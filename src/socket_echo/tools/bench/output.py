@@ -142,6 +142,10 @@ def lines(r: BenchResult) -> list[tuple[str, str]]:
         rows.append(("  after slot µs", "  ".join(f"{k} {lateness[k]:,}" for k in keys)))
     if r.responders:
         rows += responder_rows(r)
+    if r.tls_handshakes:
+        rows.append(
+            ("TLS", f"{r.tls_handshakes:,} handshakes, {r.tls_resumed:,} of them resumed sessions")
+        )
     pc = r.per_connection
     if pc.answers:
         s = pc.summary()

@@ -27,7 +27,7 @@ from typing import Any
 from socket_echo import extensions
 from socket_echo.kinds import kind
 from socket_echo.tools.bench import errors
-from socket_echo.tools.bench.loop import Loop
+from socket_echo.tools.bench.loop import WOULD_BLOCK, Loop
 from socket_echo.tools.bench.model import BenchConfig
 from socket_echo.tools.connect.patterns import pingpong_seed
 from socket_echo.tools.defaults import CHECK_EVERY, LATE_SEND_US, SPIN_US
@@ -263,7 +263,7 @@ class PingPong(Loop):
             return True  # it goes once those before it are out
         try:  # nothing waits before it: straight to the kernel (the usual case)
             n = peer.sock.send(message)
-        except BlockingIOError:
+        except WOULD_BLOCK:
             n = 0
         except OSError as exc:
             self.replace(i, errors.because(errors.SEND, exc.strerror or exc))
@@ -287,7 +287,7 @@ class PingPong(Loop):
                 peer.out = memoryview(entry.message)
             try:
                 n = peer.sock.send(peer.out)
-            except BlockingIOError:
+            except WOULD_BLOCK:
                 n = 0
             except OSError as exc:
                 self.replace(i, errors.because(errors.SEND, exc.strerror or exc))
@@ -316,7 +316,7 @@ class PingPong(Loop):
         peer = self.peers[i]
         try:
             data = peer.sock.recv(65536)
-        except BlockingIOError:
+        except WOULD_BLOCK:
             return
         except OSError as exc:
             self.replace(i, errors.because(errors.RECV, exc.strerror or exc))

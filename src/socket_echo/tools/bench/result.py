@@ -33,7 +33,7 @@ class ResultError(ValueError):
 COUNTED = (
     "requests", "errors", "mismatches", "lost_datagrams", "late_datagrams",
     "duplicate_datagrams", "sends", "late_sends", "held_sends", "ended_gracefully",
-    "resets_sent", "drained_bytes",
+    "resets_sent", "drained_bytes", "tls_handshakes", "tls_resumed",
 )  # fmt: skip
 
 
@@ -241,6 +241,8 @@ class BenchResult:
     loss_explanation: str | None
     under_load: Flow | None
     responders: tuple[Responder, ...] = ()  # a multicast group's members, by address
+    tls_handshakes: int = 0  # churn over tls://: full or resumed handshakes in the window
+    tls_resumed: int = 0  # ... of which the server resumed the session offered
 
     @property
     def failed(self) -> bool:

@@ -5,6 +5,8 @@ the workers (workers.py), the result (statistics.py), its outputs (output.py).""
 
 from __future__ import annotations
 
+import sys
+
 from socket_echo.exits import FAILED, OK, SLO_MISSED, UNREACHABLE, ToolError
 from socket_echo.kinds import DTLS, QUIC, kind
 from socket_echo.tools.bench import output, slo, statistics, workers
@@ -25,7 +27,7 @@ def check_reachable(cfg: BenchConfig) -> None:
         elif kind(cfg.target.scheme).datagram:
             check_datagrams_reach(cfg.target, cfg.timeout)
         else:
-            connect(cfg.target, cfg.timeout).close()
+            connect(cfg.target, cfg.timeout, cfg.tls).close()
     except Unreachable as exc:
         raise ToolError(f"unreachable: {exc}", UNREACHABLE) from None
 
@@ -34,6 +36,12 @@ def run(cfg: BenchConfig, outputs: output.Outputs, objectives: tuple[Objective, 
     """The run, shown and written; the exit code (exits.py): 1 on errors or mismatches, 3
     when it was clean but an objective was missed."""
     check_reachable(cfg)
+    if kind(cfg.target.scheme).tls:  # said once: the reader weighs the figures by it
+        print(
+            "bench over tls:// runs in the Python loop (the C loop has no TLS yet): watch "
+            "'client CPU' and the saturation warning",
+            file=sys.stderr,
+        )
     unit = "bytes" if cfg.mode == "stream" else "requests"
     progress = output.Progress(cfg.duration + cfg.warmup, unit)
     try:

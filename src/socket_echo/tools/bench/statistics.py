@@ -211,6 +211,8 @@ def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> BenchResult:
         loss_explanation=explain_losses(cfg, requests, lost, elapsed),
         under_load=under_load(cfg, probes) if cfg.probe_rate else None,
         responders=responders,
+        tls_handshakes=sum(r.tls_handshakes for r in results),
+        tls_resumed=sum(r.tls_resumed for r in results),
     )
 
 

@@ -8,7 +8,7 @@ import select
 import time
 
 from socket_echo.tools.bench import errors
-from socket_echo.tools.bench.loop import Loop
+from socket_echo.tools.bench.loop import WOULD_BLOCK, Loop
 
 STREAM_WINDOW = 4 << 20  # bytes in flight per stream connection at most
 STREAM_PERIOD = 1 << 20
@@ -48,7 +48,7 @@ class Stream(Loop):
                         off = sent[fd] % period
                         try:
                             n = conn.sock.send(view[off : off + size])
-                        except BlockingIOError:
+                        except WOULD_BLOCK:
                             break
                         except OSError as exc:
                             res.errors[errors.because(errors.SEND, exc.strerror or exc)] += 1
@@ -57,7 +57,7 @@ class Stream(Loop):
                 if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
                     try:
                         data = conn.sock.recv(1 << 18)
-                    except BlockingIOError:
+                    except WOULD_BLOCK:
                         data = None
                     except OSError as exc:
                         res.errors[errors.because(errors.RECV, exc.strerror or exc)] += 1

@@ -63,13 +63,22 @@ class TlsOptions:
     ca_file: str | None = None
     insecure: bool = False
     server_name: str | None = None
+    cert_file: str | None = None  # mutual TLS: the client's certificate (bench --cert)
+    key_file: str | None = None
 
     def context(self) -> ssl.SSLContext:
-        """The client context: a ``--ca`` file without a certificate is one line naming it."""
+        """The client context: a ``--ca`` file without a certificate, or a ``--cert``/``--key``
+        that does not load, is one line naming it."""
         try:
             ctx = ssl.create_default_context(cafile=self.ca_file)
         except ssl.SSLError as exc:
             raise Unreachable(f"--ca {self.ca_file}: {failure_reason(exc)}") from None
+        if self.cert_file:
+            try:
+                ctx.load_cert_chain(self.cert_file, self.key_file)
+            except (ssl.SSLError, OSError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                raise Unreachable(f"--cert {self.cert_file}: {reason}") from None
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if self.insecure:
             ctx.check_hostname = False
