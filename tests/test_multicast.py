@@ -90,7 +90,7 @@ class Segment:
                 "-m",
                 "socket_echo",
             ],
-            expect_listeners=2,
+            expect_listeners=2 + args.count("--bind"),
         )
         self.servers.append(server)
         return server
@@ -244,3 +244,31 @@ def test_client_writes_the_first_members_echo(segment):
     assert done.returncode == 0, done.stderr
     assert done.stdout == b"one datagram\n"
     assert b"answering: 198.51.100." in done.stderr
+
+
+def test_the_open_loop_sends_on_its_schedule_and_times_each_member_from_the_slot(segment):
+    for i in range(2):
+        segment.serve(i)
+    done = segment.tool("bench", target(True), "--rate", "200", "-c", "2", "-d", "1.5", "-p",
+                        "1", "--json", "-")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    r = json.loads(done.stdout[done.stdout.index("{") :])
+    assert r["latency_from"] == "intended send time (corrected)"
+    assert 250 <= r["sends"] <= 305, r["sends"]  # 200/s for 1.5 s
+    members = {m["address"]: m for m in r["responders"]}
+    assert set(members) == {segment.address(i, True) for i in range(2)}
+    for m in members.values():
+        assert m["answered"] >= r["sends"] - 3 and m["lost"] <= 2, m
+        assert m["latency_us"]["p50"] is not None
+
+
+def test_a_source_specific_join_hears_only_that_source(segment):
+    """?source= (IGMPv3's INCLUDE): a member joined for the sender's address answers it; one
+    joined for another source does not hear it at all."""
+    segment.serve(0, "--bind", f"udp://{GROUP4}:{PORT + 1}?iface=eth0&source=198.51.100.10")
+    segment.serve(1, "--bind", f"udp://{GROUP4}:{PORT + 1}?iface=eth0&source=198.51.100.99")
+    done = segment.tool("probe", f"udp://{GROUP4}:{PORT + 1}?iface=eth0", "--json",
+                        "--timeout", "1")  # fmt: skip
+    report = json.loads(done.stdout)
+    members = [s["name"] for s in report["steps"] if s["name"].startswith("responder ")]
+    assert members == [f"responder {segment.address(0, False)}"], report

@@ -4,6 +4,7 @@ answer (after it was counted lost) and a duplicate are told apart from a wrong o
 
 from __future__ import annotations
 
+import math
 import select
 import time
 
@@ -102,7 +103,8 @@ class GroupDatagrams(Datagrams):
     answered), duplicated, reordered, and its latencies; every answer is also one of the run's
     requests, so the totals are the group's."""
 
-    def serve(self) -> None:
+    def open_sockets(self) -> None:
+        """One group socket per --connections (its own source port: answers come back to it)."""
         cfg, res = self.cfg, self.result
         group: dict[int, tuple[object, ...]] = {}
         for _ in range(self.n):
@@ -120,6 +122,10 @@ class GroupDatagrams(Datagrams):
         self.answered_now: dict[int, set[str]] = {fd: set() for fd in self.conns}
         self.last_seq: dict[tuple[int, str], int] = {}  # per socket and member
         res.slots(len(self.conns))
+
+    def serve(self) -> None:
+        cfg, res = self.cfg, self.result
+        self.open_sockets()
         self.start()
         for conn in self.conns.values():
             self.send(conn)
@@ -201,3 +207,103 @@ class GroupDatagrams(Datagrams):
             for who, counts in self.result.responders.items():
                 if who not in self.answered_now[fd]:
                     counts.expected = max(counts.answered, counts.expected - 1)
+
+
+class GroupOpenLoop(GroupDatagrams):
+    """bench ``--mode udp --rate R`` to a multicast group: each socket sends on a schedule
+    (uniform gaps, or poisson arrivals), whoever answers; each member's latency counts from the
+    datagram's slot (corrected, as the ping-pong's open loop). A datagram is waited for
+    UDP_TIMEOUT; a member that has not answered it by then lost it."""
+
+    def serve(self) -> None:
+        cfg, res = self.cfg, self.result
+        self.open_sockets()
+        # per socket: seq -> (slot, members that answered it), oldest first
+        self.pending: dict[int, dict[int, tuple[float, set[str]]]] = {fd: {} for fd in self.conns}
+        n = len(self.conns)
+        interval = n / self.rate if n else 0.0
+        start = self.start()
+        slots = {fd: start + interval * i / max(1, n) for i, fd in enumerate(self.conns)}
+        deadline = res.mono_start + cfg.duration
+        while (now := time.monotonic()) < deadline:
+            for fd, conn in self.conns.items():
+                while slots[fd] <= now:
+                    self.send_at(fd, conn, slots[fd])
+                    slots[fd] += self.gap(interval)
+            wake = min(min(slots.values(), default=deadline), deadline)
+            for fd, _ in self.epoll.poll(max(0.0, min(0.1, wake - time.monotonic()))):
+                conn = self.conns[fd]
+                try:
+                    data, addr = conn.sock.recvfrom(65536)
+                except (BlockingIOError, ConnectionRefusedError):
+                    continue
+                self.answer_open(fd, conn, data, str(addr[0]))
+            self.expire(time.monotonic() - UDP_TIMEOUT)
+            self.progress.value = res.requests
+        self.expire(deadline - UDP_TIMEOUT)
+        for fd in self.conns:  # still in flight at the end: no member's loss
+            for _, answered in self.pending[fd].values():
+                for who, counts in res.responders.items():
+                    if who not in answered:
+                        counts.expected = max(counts.answered, counts.expected - 1)
+        res.bytes = res.requests * cfg.size * 2
+
+    def gap(self, interval: float) -> float:
+        if self.cfg.arrival == "poisson":
+            return -math.log(1.0 - self.rng.random()) * interval
+        return interval
+
+    def send_at(self, fd: int, conn: Conn, slot: float) -> None:
+        res = self.result
+        conn.seq += 1
+        self.pending[fd][conn.seq] = (slot, set())
+        if slot >= res.mono_start:
+            res.sends += 1
+            for counts in res.responders.values():
+                counts.expected += 1
+        try:
+            conn.sock.sendto(self.datagram(conn.seq), self.group[fd])
+        except BlockingIOError:
+            res.lost += 1
+        except OSError as exc:
+            res.errors[errors.because(errors.SEND, exc)] += 1
+
+    def answer_open(self, fd: int, conn: Conn, data: bytes, who: str) -> None:
+        res = self.result
+        t = time.monotonic()
+        seq = int.from_bytes(data[:8], "big") // 1000 if len(data) >= 8 else 0
+        if not 0 < seq <= conn.seq or data != self.datagram(seq):
+            res.mismatches += 1
+            return
+        counts = res.responders.get(who)
+        entry = self.pending[fd].get(seq)
+        if counts is None:
+            counts = res.responders[who] = ResponderCounts(t - res.mono_start)
+            counts.expected = 1 if entry and entry[0] >= res.mono_start else 0
+        if entry is None:  # answered after it was given up on, or twice after that
+            res.late += 1
+            return
+        slot, answered = entry
+        if who in answered:
+            counts.duplicates += 1
+            res.duplicates += 1
+            return
+        answered.add(who)
+        if seq < self.last_seq.get((fd, who), 0):
+            counts.reordered += 1
+        self.last_seq[(fd, who)] = max(seq, self.last_seq.get((fd, who), 0))
+        counts.last_t = t - res.mono_start
+        if slot >= res.mono_start:
+            us = int((t - slot) * 1e6)
+            counts.answered += 1
+            counts.latency_us[us] += 1
+            res.record(us, t, conn.slot)
+
+    def expire(self, before: float) -> None:
+        """Datagrams sent before ``before`` are waited for no longer."""
+        for pending in self.pending.values():
+            while pending:
+                seq = next(iter(pending))
+                if pending[seq][0] >= before:
+                    break
+                del pending[seq]

@@ -104,9 +104,10 @@ class BenchConfig:
             raise ConfigError(f"--size is at most {DTLS_MAX_RECORD} for DTLS (one record)")
 
     def _check_rates(self, served_by: str, mode: str) -> None:
-        if self.rate and mode != "pingpong":
+        group = self.target.group is not None  # a multicast group: open loop too
+        if self.rate and mode != "pingpong" and not group:
             raise ConfigError(f"--rate is the open loop of --mode pingpong, not of {mode}")
-        if self.rate and served_by not in OPEN_LOOP_KINDS:
+        if self.rate and served_by not in OPEN_LOOP_KINDS and not group:
             raise ConfigError(
                 f"--rate over {self.target.scheme}:// is not supported (closed loop only)"
             )

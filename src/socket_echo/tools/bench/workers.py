@@ -13,7 +13,7 @@ from typing import Any
 from socket_echo.kinds import DTLS, QUIC, kind
 from socket_echo.tools.bench import errors
 from socket_echo.tools.bench.churn import Churn
-from socket_echo.tools.bench.datagrams import Datagrams, GroupDatagrams
+from socket_echo.tools.bench.datagrams import Datagrams, GroupDatagrams, GroupOpenLoop
 from socket_echo.tools.bench.loop import Loop
 from socket_echo.tools.bench.model import BenchConfig, WorkerResult, split
 from socket_echo.tools.bench.pingpong import pingpong_loop
@@ -78,7 +78,7 @@ def mode_loop(cfg: BenchConfig) -> type[Loop]:
     if cfg.mode == "pingpong":
         return pingpong_loop(cfg)
     if cfg.target.group is not None:  # a multicast group: every member counted apart
-        return GroupDatagrams
+        return GroupOpenLoop if cfg.rate else GroupDatagrams
     return {"stream": Stream, "churn": Churn, "udp": Datagrams}[cfg.mode]
 
 
