@@ -187,3 +187,28 @@ def test_a_merge_has_every_field_a_run_has(tmp_path):
 def test_report_says_it_in_one_line_exit_2(tmp_path, change, words):
     path = write(tmp_path, spoiled(change))
     assert_one_line_error(run_cli("report", path), 2, path, words)
+
+
+def test_a_groups_members_add_by_address_across_segments(tmp_path):
+    """report of two segments of a multicast run: each member's counts and histograms added,
+    a member only one segment saw kept as it was; a malformed member is one line."""
+    from socket_echo.tools.bench.merge import merge
+
+    def member(address: str, answered: int, lost: int, seed: int) -> dict[str, Any]:
+        return {"address": address, "answered": answered, "lost": lost, "duplicates": 1,
+                "reordered": 0, "first_s": 0.1, "last_s": 2.0,
+                "histogram": encoded(seed)}  # fmt: skip
+
+    a = result(2, index=0, count=2)
+    a["responders"] = [member("198.51.100.11", 100, 0, 1), member("198.51.100.12", 90, 10, 2)]
+    b = result(2, index=1, count=2)
+    b["responders"] = [member("198.51.100.11", 50, 5, 3)]
+    merged = merge([(p, load(p)) for p in (write(tmp_path, a, "a.json"),
+                                           write(tmp_path, b, "b.json"))])  # fmt: skip
+    by = {m.address: m for m in merged.responders}
+    assert (by["198.51.100.11"].answered, by["198.51.100.11"].lost) == (150, 5)
+    assert by["198.51.100.11"].duplicates == 2 and by["198.51.100.12"].answered == 90
+    assert [m.address for m in merged.responders] == ["198.51.100.11", "198.51.100.12"]
+    bad = result(2)
+    bad["responders"] = [{"address": "x"}]
+    refused(tmp_path, bad, "responders[0]")
