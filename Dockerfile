@@ -6,7 +6,7 @@
 
 FROM python:3.11-slim AS build
 # A C compiler for the native data paths (src/socket_echo/*/_native.c): only in this stage.
-RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev libssl-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./

@@ -78,7 +78,8 @@ ASAN_DIR := build/asan
 SANITIZED_TESTS := tests/test_echo.py tests/test_flow_control.py tests/test_half_close.py \
 	tests/test_abuse.py tests/test_faults.py tests/test_shutdown.py tests/test_idle_timeout.py \
 	tests/test_descriptors.py tests/test_max_connections.py tests/test_unix.py tests/test_udp.py \
-	tests/test_bench.py tests/test_native_unlisted.py tests/test_native_engine.py \
+	tests/test_bench.py tests/test_bench_tls.py tests/test_native_unlisted.py \
+	tests/test_native_engine.py \
 	tests/test_close_reasons.py tests/test_distributed.py
 SANITIZED = ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \

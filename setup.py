@@ -59,6 +59,7 @@ def extensions():
         checks = "thread" if sanitize == "thread" else "address,undefined"
         flags += ["-O1", "-g", f"-fsanitize={checks}", "-fno-omit-frame-pointer"]
         link += [f"-fsanitize={checks}"]
+    tls = openssl_found()
     return [
         Extension(
             f"socket_echo.{part.replace('/', '.')}._native",
@@ -66,9 +67,26 @@ def extensions():
             depends=[f"src/socket_echo/{part}/{name}" for name in HEADERS.get(part, ())],
             extra_compile_args=flags,
             extra_link_args=link,
+            # bench's C loop speaks TLS where OpenSSL's headers are (libssl-dev); without them
+            # it is built without, and bench over tls:// runs in the Python loop (and says so)
+            define_macros=[("SE_TLS", "1")] if part == "tools/bench" and tls else [],
+            libraries=["ssl", "crypto"] if part == "tools/bench" and tls else [],
         )
         for part in ("tcp", "udp", "tools/bench")
     ]
+
+
+def openssl_found():
+    """OpenSSL's headers and its link library where the compiler looks (Debian's
+    libssl-dev puts them in /usr/include and /usr/lib/<multiarch>)."""
+    import sysconfig
+
+    includes = ["/usr/include", "/usr/local/include"]
+    if not any(os.path.exists(os.path.join(d, "openssl", "ssl.h")) for d in includes):
+        return False
+    arch = sysconfig.get_config_var("MULTIARCH") or ""
+    libs = ["/usr/lib", "/usr/lib64", "/usr/local/lib", os.path.join("/usr/lib", arch)]
+    return any(os.path.exists(os.path.join(d, "libssl.so")) for d in libs)
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

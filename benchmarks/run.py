@@ -403,13 +403,20 @@ def fmt(v: float | None) -> str:
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.2f}"
 
 
-def report(results: dict[str, dict[str, list[dict[str, Any]]]], runs: int, secs: float) -> str:
-    names = list(next(iter(results.values())).keys())
-    lines = [
+def machine(runs: int, secs: float) -> str:
+    """The line every report starts with: the machine, the pinning, the runs."""
+    return (
         f"Machine: {platform.node() and 'this host'}, {os.cpu_count()} cores "
         f"({cpu_model()}), Linux {platform.release()}, Python {platform.python_version()}; "
         f"server pinned to CPU {SERVER_CPU}, load generator to CPU {LOAD_CPU}; "
-        f"medians of {runs} runs of {secs:g} s.",
+        f"medians of {runs} runs of {secs:g} s."
+    )
+
+
+def report(results: dict[str, dict[str, list[dict[str, Any]]]], runs: int, secs: float) -> str:
+    names = list(next(iter(results.values())).keys())
+    lines = [
+        machine(runs, secs),
         "",
         "| server | 50x64B req/s | p99 µs | CPU µs/req | stream MB/s | 9k idle: s to connect "
         "| KiB/conn | churn conn/s | churn CPU µs/conn | errors |",
@@ -494,7 +501,7 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument(
         "--only",
-        default=",".join([*SCENARIOS, "udp", "generators"]),
+        default=",".join([*SCENARIOS, "udp", "tls", "generators"]),
         help="comma-separated scenarios (and 'generators': bench vs C loadgen)",
     )
     ap.add_argument("--servers", default="", help="comma-separated substrings of server names")
@@ -508,9 +515,10 @@ def main() -> int:
     BEFORE = args.before
     compile_c()
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    requested = set(chosen)
     with_generators = "generators" in chosen
     with_udp = "udp" in chosen
-    chosen = [s for s in chosen if s not in ("generators", "udp")]
+    chosen = [s for s in chosen if s not in ("generators", "udp", "tls")]
     unknown = set(chosen) - set(SCENARIOS)
     if unknown:
         ap.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
@@ -551,6 +559,12 @@ def main() -> int:
                 )
         results["udp"] = udp
         text += "\n" + udp_report(udp)
+    if "tls" in requested:
+        from tls_load import run_tls, tls_report
+
+        tls = run_tls(args.duration, args.runs)
+        results["tls"] = tls
+        text += "\n" + tls_report(tls)
     if with_generators:
         gen = run_generators(args.duration, args.runs)
         results["generators"] = {k: v for k, v in gen.items()}

@@ -29,6 +29,15 @@
  * Latencies are kept in 1-us buckets (up to 10 s; slower counts as 10 s), one histogram per
  * second of the measured window (touched buckets only), and returned as {us: count} per
  * second; the warm-up is run but not counted.
+ *
+ * Over tls:// (where OpenSSL's headers were found at build time: SE_TLS, the module's TLS is
+ * 1) the same loop runs through OpenSSL on the same epoll: Python hands over plain TCP
+ * connections, each gets its handshake here (a blocking one, before the schedule starts or
+ * when it replaces a failed one: never inside a measured send), then SSL_write and SSL_read
+ * take send's and recv's places, WANT_READ/WANT_WRITE being EAGAIN. A record is at most 16 KiB
+ * and every read asks for 64 KiB, OpenSSL reads no further ahead, so level-triggered epoll
+ * sees everything still to read. At the end each sends its close_notify before Python ends
+ * the connection with FIN.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
@@ -45,6 +54,14 @@
 #include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
+
+#ifdef SE_TLS
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <arpa/inet.h>
+#include <openssl/x509v3.h>
+#include <poll.h>
+#endif
 
 /* Shared with Python, each owned there and held equal by tests/test_shared_constants.py:
  * tools/defaults.py (LATE_SEND_US, SPIN_US, CHECK_EVERY, MAX_SIZE, MAX_IN_FLIGHT),
@@ -87,6 +104,7 @@ typedef struct {
     double next_slot;
     uint64_t answers; /* in the window, over this slot's connections (replacements too) */
     double first;     /* when its first answer in the window came (0: none yet) */
+    void *ssl;        /* tls://: its SSL (SE_TLS), else NULL */
 } peer_t;
 
 typedef struct {
@@ -119,7 +137,118 @@ typedef struct {
     int *heap;    /* peers by next_slot */
     Py_ssize_t nheap;
     PyObject *replace;
+    void *ctx;               /* tls://: the SSL_CTX (SE_TLS), else NULL */
+    const char *server_name; /* tls://: the name sent (SNI) and verified */
+    int verify;
 } run_t;
+
+/* -- the transport: plain send/recv, or OpenSSL's ------------------------------------------ */
+
+static double now(void);
+
+#ifdef SE_TLS
+/* An OpenSSL failure as errno for the caller's message: EAGAIN for "not now". */
+static ssize_t tls_failed(void *ssl, int ret) {
+    int e = SSL_get_error(ssl, ret);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) errno = EAGAIN;
+    else if (e == SSL_ERROR_ZERO_RETURN) return 0;
+    else if (!(e == SSL_ERROR_SYSCALL && errno)) errno = EPROTO;
+    ERR_clear_error();
+    return -1;
+}
+#endif
+
+static ssize_t io_send(peer_t *p, const void *buf, size_t n) {
+#ifdef SE_TLS
+    if (p->ssl) {
+        int w = SSL_write(p->ssl, buf, (int)n);
+        return w > 0 ? w : tls_failed(p->ssl, w);
+    }
+#endif
+    return send(p->fd, buf, n, MSG_NOSIGNAL);
+}
+
+static ssize_t io_recv(peer_t *p, void *buf, size_t n) {
+#ifdef SE_TLS
+    if (p->ssl) {
+        int got = SSL_read(p->ssl, buf, (int)n);
+        return got > 0 ? got : tls_failed(p->ssl, got);
+    }
+#endif
+    return recv(p->fd, buf, n, 0);
+}
+
+/* Plaintext OpenSSL holds that epoll cannot see (none, the way reads are sized: a check). */
+static int io_pending(peer_t *p) {
+#ifdef SE_TLS
+    if (p->ssl) return SSL_pending(p->ssl) > 0;
+#endif
+    return 0;
+}
+
+/* Forget the peer's TLS (its descriptor is Python's to close). `notify`: send close_notify
+ * first (the run's end; not after an error). */
+static void tls_drop(peer_t *p, int notify) {
+#ifdef SE_TLS
+    if (!p->ssl) return;
+    if (notify) SSL_shutdown(p->ssl); /* non-blocking: one try */
+    SSL_free(p->ssl);
+    ERR_clear_error();
+#endif
+    p->ssl = NULL;
+}
+
+/* The handshake on a fresh connection (blocking, within `timeout`); 0, or -1 with `why` said.
+ * Never inside the schedule: at the start, or in place of a failed connection. */
+static int tls_start(run_t *r, peer_t *p, char *why, size_t why_len) {
+#ifdef SE_TLS
+    SSL *ssl = SSL_new(r->ctx);
+    if (!ssl || !SSL_set_fd(ssl, p->fd)) {
+        snprintf(why, why_len, "TLS handshake: out of memory");
+        SSL_free(ssl);
+        return -1;
+    }
+    if (r->server_name && *r->server_name) {
+        unsigned char addr[16];
+        int literal = inet_pton(AF_INET, r->server_name, addr) == 1 ||
+                      inet_pton(AF_INET6, r->server_name, addr) == 1;
+        if (literal) { /* as Python's ssl: no SNI for an address, its IP SAN checked */
+            if (r->verify) X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), r->server_name);
+        } else {
+            SSL_set_tlsext_host_name(ssl, r->server_name);
+            if (r->verify) SSL_set1_host(ssl, r->server_name);
+        }
+    }
+    double deadline = now() + r->timeout;
+    for (;;) {
+        int ret = SSL_connect(ssl);
+        if (ret == 1) break;
+        int e = SSL_get_error(ssl, ret);
+        double left = deadline - now();
+        if ((e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) && left > 0) {
+            struct pollfd pfd = {.fd = p->fd, .events = e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT};
+            int n;
+            Py_BEGIN_ALLOW_THREADS
+            n = poll(&pfd, 1, (int)(left * 1000) + 1);
+            Py_END_ALLOW_THREADS
+            if (n >= 0 || errno == EINTR) continue;
+        }
+        unsigned long err = ERR_get_error();
+        char text[160] = "timed out";
+        if (err) ERR_error_string_n(err, text, sizeof text);
+        else if (left > 0) snprintf(text, sizeof text, "%s", strerror(errno ? errno : EPROTO));
+        snprintf(why, why_len, "TLS handshake: %s", text);
+        ERR_clear_error();
+        SSL_free(ssl);
+        return -1;
+    }
+    p->ssl = ssl;
+    return 0;
+#else
+    snprintf(why, why_len, "TLS handshake: built without OpenSSL");
+    return -1;
+#endif
+}
 
 static double now(void) {
     struct timespec ts;
@@ -252,7 +381,7 @@ static int push(run_t *r, peer_t *p) {
     while (p->tx < p->tail) {
         req_t *q = &p->ring[p->tx & r->mask];
         if (p->off == 0) q->sent = now();
-        ssize_t w = send(p->fd, message(r, q->seq) + p->off, r->size - p->off, MSG_NOSIGNAL);
+        ssize_t w = io_send(p, message(r, q->seq) + p->off, r->size - p->off);
         if (w < 0) {
             if (errno == EAGAIN || errno == EINTR) {
                 want_out(r, p, 1);
@@ -319,6 +448,7 @@ static int watch(run_t *r, peer_t *p) {
 static int replace(run_t *r, peer_t *p, const char *reason) {
     int old = p->fd;
     epoll_ctl(r->ep, EPOLL_CTL_DEL, old, NULL);
+    tls_drop(p, 0);
     PyObject *res = PyObject_CallFunction(r->replace, "is", old, reason);
     if (!res) return -1;
     long fd = PyLong_AsLong(res);
@@ -328,6 +458,8 @@ static int replace(run_t *r, peer_t *p, const char *reason) {
     p->head = p->tx = p->tail = 0;
     p->off = p->got = 0;
     if (fd < 0) return 0; /* none to be had: this slot rests */
+    char why[200];
+    if (r->ctx && tls_start(r, p, why, sizeof why) < 0) return replace(r, p, why);
     if (watch(r, p) < 0) return replace(r, p, E_REGISTER_FAILED);
     if (fill(r, p, now()) < 0) return replace(r, p, E_SEND_FAILED);
     return 0;
@@ -341,7 +473,7 @@ static int replace_errno(run_t *r, peer_t *p, const char *what) {
 
 /* Read what came back, match it to the requests in flight by position, verify it. */
 static int readable(run_t *r, peer_t *p) {
-    ssize_t got = recv(p->fd, r->rbuf, RBUF, 0);
+    ssize_t got = io_recv(p, r->rbuf, RBUF);
     if (got < 0) return errno == EAGAIN || errno == EINTR ? 0 : replace_errno(r, p, E_RECV);
     if (got == 0) return replace(r, p, E_CLOSED_BY_SERVER);
     double t = now();
@@ -365,7 +497,8 @@ static int readable(run_t *r, peer_t *p) {
             p->got = 0;
         }
     }
-    return fill(r, p, t) < 0 ? replace_errno(r, p, E_SEND) : 0;
+    if (fill(r, p, t) < 0) return replace_errno(r, p, E_SEND);
+    return p->fd >= 0 && io_pending(p) ? readable(r, p) : 0;
 }
 
 /* Wake at `when` (absolute CLOCK_MONOTONIC seconds) through the timerfd. */
@@ -472,6 +605,17 @@ static int schedule_first(run_t *r, double start) {
         peer_t *p = &r->peers[i];
         p->next_slot = start + (r->poisson ? gap(r) : r->interval * (double)i / (double)r->n);
         if ((watch(r, p) < 0 || fill(r, p, start) < 0) && replace(r, p, E_SEND_FAILED) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* Every connection's handshake, before the schedule (and before the start together). */
+static int handshakes(run_t *r) {
+    char why[200];
+    for (Py_ssize_t i = 0; r->ctx && i < r->n; i++) {
+        peer_t *p = &r->peers[i];
+        if (p->fd >= 0 && tls_start(r, p, why, sizeof why) < 0 && replace(r, p, why) < 0)
             return -1;
     }
     return 0;
@@ -636,7 +780,13 @@ static void run_free(run_t *r) {
     if (r->ep >= 0) close(r->ep);
     if (r->tfd >= 0) close(r->tfd);
     if (r->peers)
-        for (Py_ssize_t i = 0; i < r->n; i++) free(r->peers[i].ring);
+        for (Py_ssize_t i = 0; i < r->n; i++) {
+            tls_drop(&r->peers[i], 1); /* close_notify; Python ends the TCP with FIN */
+            free(r->peers[i].ring);
+        }
+#ifdef SE_TLS
+    SSL_CTX_free(r->ctx);
+#endif
     for (size_t i = 0; i < r->nseconds; i++) {
         free(r->seconds[i].us);
         free(r->seconds[i].count);
@@ -651,19 +801,57 @@ static void run_free(run_t *r) {
     free(r->rbuf);
 }
 
+/* tls=(ca_file or None, insecure, server_name, cert_file or None, key_file or None): the
+ * client context, as tools/connect/target.TlsOptions.context makes Python's (TLS 1.2 at
+ * least, the system's CAs or --ca, the name checked unless insecure); -1 with a Python error. */
+static int tls_context(run_t *r, PyObject *tls) {
+#ifdef SE_TLS
+    const char *ca = NULL, *name = NULL, *cert = NULL, *key = NULL;
+    int insecure = 0;
+    if (!PyArg_ParseTuple(tls, "zpzzz", &ca, &insecure, &name, &cert, &key)) return -1;
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    if (!ctx) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    r->ctx = ctx;
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    SSL_CTX_clear_mode(ctx, SSL_MODE_AUTO_RETRY);
+    r->verify = !insecure;
+    r->server_name = name;
+    SSL_CTX_set_verify(ctx, insecure ? SSL_VERIFY_NONE : SSL_VERIFY_PEER, NULL);
+    int ok = insecure || (ca ? SSL_CTX_load_verify_locations(ctx, ca, NULL)
+                             : SSL_CTX_set_default_verify_paths(ctx));
+    if (ok && cert) ok = SSL_CTX_use_certificate_chain_file(ctx, cert) &&
+                         SSL_CTX_use_PrivateKey_file(ctx, key ? key : cert, SSL_FILETYPE_PEM);
+    if (!ok) {
+        char text[160] = "unknown";
+        ERR_error_string_n(ERR_get_error(), text, sizeof text);
+        ERR_clear_error();
+        PyErr_Format(PyExc_ValueError, "TLS context: %s", text);
+        return -1;
+    }
+    return 0;
+#else
+    PyErr_SetString(PyExc_RuntimeError, "built without OpenSSL: no TLS in the C loop");
+    return -1;
+#endif
+}
+
 static PyObject *pingpong(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"fds",   "size",    "seconds", "timeout", "index", "base",
                              "replace", "tick",  "rate",    "poisson", "seed",  "warmup",
-                             "start", "depth",   NULL};
-    PyObject *fds, *replace_cb, *tick_cb;
+                             "start", "depth",   "tls",     NULL};
+    PyObject *fds, *replace_cb, *tick_cb, *tls = Py_None;
     Py_buffer base;
     Py_ssize_t size, depth = 16;
     double seconds, timeout, rate = 0.0, warmup = 0.0, start = 0.0;
     int index, poisson = 0;
     unsigned long long seed = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Onddiy*OO|dpKddn", kwlist, &fds, &size,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Onddiy*OO|dpKddnO", kwlist, &fds, &size,
                                      &seconds, &timeout, &index, &base, &replace_cb, &tick_cb,
-                                     &rate, &poisson, &seed, &warmup, &start, &depth))
+                                     &rate, &poisson, &seed, &warmup, &start, &depth, &tls))
         return NULL;
     run_t r = {.index = index, .size = (size_t)size, .base = base.buf, .replace = replace_cb,
                .open = rate > 0, .rate = rate, .poisson = poisson, .timeout = timeout,
@@ -679,6 +867,7 @@ static PyObject *pingpong(PyObject *self, PyObject *args, PyObject *kwargs) {
     }
     seq = PySequence_Fast(fds, "fds must be a sequence");
     if (!seq || run_init(&r, seq, depth) < 0) goto done;
+    if (tls != Py_None && (tls_context(&r, tls) < 0 || handshakes(&r) < 0)) goto done;
     if (start > 0) { /* every process (and every segment) begins together */
         if (wait_start(start) < 0) goto done;
     } else {
@@ -696,7 +885,7 @@ done:
 static PyMethodDef methods[] = {
     {"pingpong", (PyCFunction)(void (*)(void))pingpong, METH_VARARGS | METH_KEYWORDS,
      "pingpong(fds, size, seconds, timeout, index, base, replace, tick, rate=0, poisson=False, "
-     "seed=0, warmup=0, start=0, depth=16) -> {requests, per_second: [{us: count}], "
+     "seed=0, warmup=0, start=0, depth=16, tls=None) -> {requests, per_second: [{us: count}], "
      "uncorrected: {us: count} | None, lateness: {us: count} | None, mismatches, late, open_fds, late_sends, held_sends, "
      "sends, start, measured_from, spun, answers: [per connection], first: [s or -1]}"},
     {NULL, NULL, 0, NULL},
@@ -706,4 +895,13 @@ static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_native", "socket-echo bench's ping-pong loop in C.", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+    PyObject *m = PyModule_Create(&module);
+#ifdef SE_TLS
+    int tls = 1;
+#else
+    int tls = 0;
+#endif
+    if (m && PyModule_AddIntConstant(m, "TLS", tls) < 0) Py_CLEAR(m);
+    return m;
+}

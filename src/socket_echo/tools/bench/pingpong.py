@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import heapq
 import math
 import select
@@ -30,6 +31,7 @@ from socket_echo.tools.bench import errors
 from socket_echo.tools.bench.loop import WOULD_BLOCK, Loop
 from socket_echo.tools.bench.model import BenchConfig
 from socket_echo.tools.connect.patterns import pingpong_seed
+from socket_echo.tools.connect.target import TlsOptions, Unreachable, connect
 from socket_echo.tools.defaults import CHECK_EVERY, LATE_SEND_US, SPIN_US
 
 _native: Any
@@ -43,9 +45,12 @@ POLL_CEILING = 0.001  # epoll.poll() rounds its timeout up to whole milliseconds
 
 
 def native_pingpong(cfg: BenchConfig) -> bool:
-    """Whether the C loop runs this ping-pong: plain TCP or a Unix socket, where the
-    extension is built and SOCKET_ECHO_NO_EXTENSIONS is not set."""
-    return _native is not None and not extensions.disabled() and kind(cfg.target.scheme).engine
+    """Whether the C loop runs this ping-pong: plain TCP or a Unix socket, and TLS where it was
+    built with OpenSSL, where the extension is built and SOCKET_ECHO_NO_EXTENSIONS is not set."""
+    if _native is None or extensions.disabled():
+        return False
+    served = kind(cfg.target.scheme)
+    return served.engine or (served.tls and bool(_native.TLS))
 
 
 def pingpong_loop(cfg: BenchConfig) -> type[Loop]:
@@ -85,7 +90,28 @@ class _Peer:
 
 
 class NativePingPong(Loop):
-    """The ping-pong in C (bench/_native.c); PingPong is its twin."""
+    """The ping-pong in C (bench/_native.c); PingPong is its twin. Over tls:// Python opens
+    plain TCP connections and C makes each one's handshake (OpenSSL), then runs the loop."""
+
+    def connect(self) -> socket.socket | None:
+        if not kind(self.cfg.target.scheme).tls:
+            return super().connect()
+        tcp = dataclasses.replace(self.cfg.target, scheme="tcp")  # TLS is C's
+        try:
+            sock = connect(tcp, self.cfg.timeout)
+        except Unreachable as exc:
+            self.result.errors[errors.because(errors.CONNECT, exc)] += 1
+            return None
+        sock.setblocking(False)
+        return sock
+
+    def tls(self) -> tuple[str | None, bool, str, str | None, str | None] | None:
+        """What the C loop's TLS context is made of (TlsOptions.context's twin)."""
+        if not kind(self.cfg.target.scheme).tls:
+            return None
+        opts = self.cfg.tls or TlsOptions()
+        name = opts.server_name or self.cfg.target.host
+        return (opts.ca_file, opts.insecure, name, opts.cert_file, opts.key_file)
 
     def serve(self) -> None:
         """The same loop in C: Python opens the connections, replaces those that fail and
@@ -130,6 +156,7 @@ class NativePingPong(Loop):
             warmup=cfg.warmup,
             start=start,
             depth=cfg.in_flight,
+            tls=self.tls(),
         )
         res.begin(out["measured_from"])
         res.requests += out["requests"]

@@ -12,6 +12,7 @@ from socket_echo.kinds import DTLS, QUIC, kind
 from socket_echo.tools.bench import output, slo, statistics, workers
 from socket_echo.tools.bench.compare import Comparison
 from socket_echo.tools.bench.model import BenchConfig
+from socket_echo.tools.bench.pingpong import native_pingpong
 from socket_echo.tools.bench.result import BenchResult
 from socket_echo.tools.bench.slo import Objective
 from socket_echo.tools.connect.target import Unreachable, check_datagrams_reach, connect
@@ -36,10 +37,15 @@ def run(cfg: BenchConfig, outputs: output.Outputs, objectives: tuple[Objective, 
     """The run, shown and written; the exit code (exits.py): 1 on errors or mismatches, 3
     when it was clean but an objective was missed."""
     check_reachable(cfg)
-    if kind(cfg.target.scheme).tls:  # said once: the reader weighs the figures by it
+    if kind(cfg.target.scheme).tls and (cfg.mode != "pingpong" or not native_pingpong(cfg)):
+        why = (  # said once: the reader weighs the figures by it
+            f"--mode {cfg.mode} has no C loop"
+            if cfg.mode != "pingpong"
+            else "the C loop was built without OpenSSL, or extensions are off"
+        )
         print(
-            "bench over tls:// runs in the Python loop (the C loop has no TLS yet): watch "
-            "'client CPU' and the saturation warning",
+            f"bench over tls:// runs in the Python loop ({why}): watch 'client CPU' and the "
+            "saturation warning",
             file=sys.stderr,
         )
     unit = "bytes" if cfg.mode == "stream" else "requests"
