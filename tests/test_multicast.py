@@ -162,7 +162,7 @@ def test_bench_measures_each_member_and_a_killed_one_shows_as_lost(segment):
     bench = subprocess.Popen(
         ["ip", "netns", "exec", segment.sender, sys.executable, "-m", "socket_echo", "bench",
          target(False), "-c", "2", "-d", "4", "-p", "1", "--json", "-", "--expect-responders",
-         "3"],
+         "3", "--slo", "lost_datagrams<=2@responder", "--slo", "responders>=3"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -187,6 +187,9 @@ def test_bench_measures_each_member_and_a_killed_one_shows_as_lost(segment):
         assert alive["latency_us"]["p50"] is not None
     assert result["mismatches"] == 0 and result["errors"] == 0, result["error_kinds"]
     assert "slowest" in err or "silent after" in err, err
+    lost_slo, count_slo = result["slo"]  # the killed member misses it, alone: exit 3
+    assert lost_slo["missed_by"] == [segment.address(1, False)] and count_slo["passed"]
+    assert bench.returncode == 3, err
     print("\n" + err)
 
 

@@ -68,3 +68,51 @@ def test_report_judges_the_exactly_merged_histograms(tmp_path):
     assert verdict == {"objective": f"p99<{p99}us", "measured": p99, "passed": False}
     under = run_cli("report", *paths, "--slo", f"p99<={p99}us")
     assert under.returncode == 0, under.stderr
+
+
+def test_a_segment_scope_holds_only_when_every_segment_meets_it(tmp_path):
+    """p99<X@segment: each result given to report, before they are added; the worst segment
+    is the measured value and the ones that missed are named (the merge alone could hide a
+    slow node among fast ones)."""
+    fast = result(2, index=0, count=2, texts=[encoded(1), encoded(2)])
+    slow = result(2, index=1, count=2, texts=[encoded(3), encoded(4)])
+    paths = [write(tmp_path, fast, "a.json"), write(tmp_path, slow, "b.json")]
+    each = {p: load(p).latency_us.p99 for p in paths}
+    worst, best = max(each.values()), min(each.values())  # type: ignore[type-var]
+    missed = run_cli("report", *paths, "--json", "-", "--slo", f"p99<{worst}us@segment")
+    assert missed.returncode == 3, missed.stderr
+    (verdict,) = json.loads(missed.stdout)["slo"]
+    assert verdict["measured"] == worst and verdict["passed"] is False
+    assert verdict["missed_by"] == [p for p in paths if each[p] == worst]
+    assert "missed by" in missed.stderr
+    kept = run_cli("report", *paths, "--slo", f"p99<={worst}us@segment")
+    assert kept.returncode == 0, kept.stderr
+    assert best is not None
+
+
+def test_a_responder_scope_judges_each_member_of_a_group(tmp_path):
+    from socket_echo.tools.bench.slo import parse
+
+    data = result(2)
+    data["responders"] = [
+        {"address": "198.51.100.11", "answered": 100, "lost": 0, "histogram": encoded(1)},
+        {"address": "198.51.100.12", "answered": 90, "lost": 10, "histogram": encoded(3)},
+    ]
+    r = load(write(tmp_path, data))
+    p99 = {m.address: m.latency_us.p99 for m in r.responders}
+    slowest = max(p99, key=lambda a: p99[a] or 0)
+    v = parse(f"p99<{p99[slowest]}us@responder").judge(r)
+    assert not v.passed and v.missed_by == (slowest,) and v.measured == p99[slowest]
+    assert parse(f"p99<={p99[slowest]}us@responder").judge(r).passed
+    lost = parse("lost_datagrams==0@responder").judge(r)
+    assert not lost.passed and lost.missed_by == ("198.51.100.12",)
+    assert parse("responders>=2").judge(r).passed and not parse("responders>=3").judge(r).passed
+    assert not parse("p99<1s@responder").judge(load(write(tmp_path, result(2), "n.json"))).passed
+
+
+@pytest.mark.parametrize(
+    ("expr", "words"),
+    [("p99<2ms@node", "no scope"), ("rps>1@responder", "not rps"), ("errors==0@responder", "not")],
+)
+def test_a_malformed_scope_is_one_line(expr, words):
+    assert_one_line_error(run_cli("bench", "127.0.0.1:9", "--slo", expr), 2, words)

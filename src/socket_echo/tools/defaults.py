@@ -15,6 +15,7 @@ MAX_IN_FLIGHT = 4096  # ... and its bound (bench/_native.c: the same)
 MAX_SIZE = 65536  # bench --size at most (bench/_native.c: the same)
 MAX_SEGMENTS = 10_000  # bench --segment I/N: N at most (report refuses a file claiming more)
 LATE_SEND_US = 10  # a send this much after its slot, with room to go, was late (ours)
+ASYNC_LATE_SEND_US = 1000  # ... in the asyncio loops (QUIC, DTLS): their timers' grain
 BEHIND_US = 100  # sends this late (or later) ...
 BEHIND_SHARE = 0.01  # ... over this share of all: the generator fell behind (a warning)
 # client and probe: a byte sent is due back within --timeout plus the time the bytes still

@@ -23,7 +23,7 @@ from socket_echo.tools.bench.result import (
     Transport,
     Window,
 )
-from socket_echo.tools.bench.statistics import flow, latency_fields
+from socket_echo.tools.bench.statistics import behind_us, flow, latency_fields
 from socket_echo.tools.defaults import LATE_SEND_US
 
 SAME = ("target", "mode")  # results of different targets, modes or sizes do not add
@@ -93,6 +93,7 @@ def merge(results: list[tuple[str, BenchResult]]) -> BenchResult:
             uncorrected if open_loop else None,
             lateness if open_loop else None,
             counts["sends"],
+            behind_us(first.late_send_threshold_us or LATE_SEND_US),
         ),
         error_kinds=dict(errors),
         late_send_threshold_us=first.late_send_threshold_us or LATE_SEND_US,

@@ -21,6 +21,7 @@ from socket_echo.tools.defaults import (
     DEFAULT_SIZE,
     DEFAULT_STREAM_SIZE,
     DEFAULT_TIMEOUT,
+    LATE_SEND_US,
     MAX_IN_FLIGHT,
     MAX_SIZE,
 )
@@ -33,7 +34,8 @@ MODES_BY_KIND: dict[str, tuple[str, ...]] = {
     QUIC: ("pingpong", "stream", "churn"),
     DTLS: ("pingpong", "churn"),
 }
-OPEN_LOOP_KINDS = (STREAM,)  # --rate: the C loop (bench/_native.c) and its Python twin
+# --rate: the C loop (bench/_native.c) and its Python twin; QUIC and DTLS's asyncio workers
+OPEN_LOOP_KINDS = (STREAM, QUIC, DTLS)
 PROBE_RATE_SCHEMES = ("tcp", "unix")  # --probe-rate beside --mode stream
 MAX_UDP_SIZE = 65507  # the largest IPv4 datagram's payload
 DTLS_MAX_RECORD = 16384  # the largest DTLS plaintext record
@@ -108,9 +110,8 @@ class BenchConfig:
         if self.rate and mode != "pingpong" and not group:
             raise ConfigError(f"--rate is the open loop of --mode pingpong, not of {mode}")
         if self.rate and served_by not in OPEN_LOOP_KINDS and not group:
-            raise ConfigError(
-                f"--rate over {self.target.scheme}:// is not supported (closed loop only)"
-            )
+            raise ConfigError(f"--rate over {self.target.scheme}:// is the open loop of "
+                              "--mode pingpong")  # fmt: skip
         if self.probe_rate and (mode != "stream" or self.target.scheme not in PROBE_RATE_SCHEMES):
             raise ConfigError(
                 "--probe-rate measures latency under --mode stream over tcp:// or unix://"
@@ -187,6 +188,7 @@ class WorkerResult:
     resets_sent: int = 0  # ... ended with a reset: the peer had not closed within the drain
     drained_bytes: int = 0  # echo read after the window, while ending (in no figure)
     responders: dict[str, ResponderCounts] = dataclasses.field(default_factory=dict)  # a group
+    late_send_threshold_us: int = LATE_SEND_US  # the open loop's "late" (coarser in asyncio)
     tls_handshakes: int = 0  # churn over tls://: handshakes made in the window ...
     tls_resumed: int = 0  # ... of which the server resumed a session (--tls-resume)
     elapsed: float = 0.0

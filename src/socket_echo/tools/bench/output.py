@@ -15,7 +15,8 @@ from socket_echo.tools.bench import compare
 from socket_echo.tools.bench.compare import Comparison
 from socket_echo.tools.bench.result import BenchResult, Spectrum
 from socket_echo.tools.bench.slo import Verdict
-from socket_echo.tools.defaults import BEHIND_SHARE, BEHIND_US
+from socket_echo.tools.bench.statistics import behind_us
+from socket_echo.tools.defaults import BEHIND_SHARE
 
 SILENT_BEFORE_END = 1.5  # s: a member whose last answer came this long before the end went silent
 
@@ -258,7 +259,8 @@ def warnings(r: BenchResult) -> list[str]:
     out = []
     if r.generator_behind:
         out.append(
-            f"warning: over {BEHIND_SHARE:.0%} of {r.sends:,} sends left {BEHIND_US} us "
+            f"warning: over {BEHIND_SHARE:.0%} of {r.sends:,} sends left "
+            f"{behind_us(r.late_send_threshold_us)} us "
             "or more after their slot with room to go: the load generator, not the server, fell "
             "behind its schedule (lower --rate, add --processes, or run segments on more "
             "machines)"

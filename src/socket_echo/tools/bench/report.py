@@ -33,7 +33,7 @@ def run(
             comparison = compare.compare(base, compare.runs_of(results), min_effect)
     except ResultError as exc:
         raise ToolError(str(exc), USAGE) from None
-    code = verdict(merged, outputs, objectives, coverage_note(merged), comparison)
+    code = verdict(merged, outputs, objectives, coverage_note(merged), comparison, results)
     if code == OK and fail_on_regression and comparison is not None and comparison.regressed:
         return SLO_MISSED
     return code

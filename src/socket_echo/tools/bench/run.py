@@ -6,6 +6,7 @@ the workers (workers.py), the result (statistics.py), its outputs (output.py).""
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 from socket_echo.exits import FAILED, OK, SLO_MISSED, UNREACHABLE, ToolError
 from socket_echo.kinds import DTLS, QUIC, kind
@@ -64,10 +65,11 @@ def verdict(
     objectives: tuple[Objective, ...],
     note: str | None = None,
     comparison: Comparison | None = None,
+    segments: Sequence[tuple[str, BenchResult]] = (),
 ) -> int:
     """A result (a run's or a merge's) shown and written with its objectives judged (and
     report's A/B comparison); the exit code bench and report share."""
-    verdicts = [(o.judge(result), slo.unit_of(o)) for o in objectives]
+    verdicts = [(o.judge(result, segments), slo.unit_of(o)) for o in objectives]
     try:
         output.show(result, outputs, note, verdicts, comparison)
     except OSError as exc:

@@ -35,13 +35,19 @@ from socket_echo.tools.defaults import BEHIND_SHARE, BEHIND_US, LATE_SEND_US
 SATURATED = 0.90  # a worker busier than this measured itself, not the server
 
 
-def behind(lateness: HdrHistogram, sends: int) -> bool:
+def behind_us(late_send_threshold_us: int) -> int:
+    """How late a send must leave to count as the generator falling behind: BEHIND_US, or the
+    loop's own grain where that is coarser (asyncio's, for QUIC and DTLS)."""
+    return max(BEHIND_US, late_send_threshold_us)
+
+
+def behind(lateness: HdrHistogram, sends: int, threshold_us: int = BEHIND_US) -> bool:
     """Whether the generator fell behind its schedule: over BEHIND_SHARE of the sends left
-    BEHIND_US or more after their slot (a few microseconds late is the machine's noise and is
-    counted in late_sends; this is the one that moves the figures)."""
+    ``threshold_us`` or more after their slot (a few microseconds late is the machine's noise
+    and is counted in late_sends; this is the one that moves the figures)."""
     if not sends:
         return False
-    above = sum(n for value, n in iterate(lateness) if value >= BEHIND_US)
+    above = sum(n for value, n in iterate(lateness) if value >= threshold_us)
     return above > BEHIND_SHARE * sends
 
 
@@ -50,6 +56,7 @@ def latency_fields(
     uncorrected: HdrHistogram | None,
     lateness: HdrHistogram | None,
     sends: int,
+    behind_threshold_us: int = BEHIND_US,
 ) -> dict[str, Any]:
     """The latency fields of a result, a run's or a merge's (``uncorrected`` and ``lateness``
     are the open loop's, None for a closed loop)."""
@@ -57,7 +64,7 @@ def latency_fields(
         "latency_us": Spectrum.of(corrected),
         "latency_uncorrected_us": Spectrum.of(uncorrected) if uncorrected else None,
         "send_lateness_us": Spectrum.of(lateness) if lateness else None,
-        "generator_behind": behind(lateness, sends) if lateness else False,
+        "generator_behind": behind(lateness, sends, behind_threshold_us) if lateness else False,
         "histogram": encode(corrected),
         "histogram_uncorrected": encode(uncorrected) if uncorrected else None,
         "histogram_lateness": encode(lateness) if lateness else None,
@@ -150,6 +157,7 @@ def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> BenchResult:
         ((r.cpu_seconds - r.spun_seconds) / r.elapsed for r in results if r.elapsed), default=0.0
     )  # polling for the next slot is CPU kept on purpose, not load
     sends = sum(r.sends for r in results)
+    threshold = max((r.late_send_threshold_us for r in results), default=LATE_SEND_US)
     responders = group_members(results)
     lost = sum(r.lost for r in results) + sum(m.lost for m in responders)
     connections, rate = cfg.share
@@ -167,6 +175,7 @@ def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> BenchResult:
             uncorrected if open_loop else None,
             histogram(lateness) if open_loop else None,
             sends,
+            behind_us(threshold),
         ),
         errors=sum(errors.values()),
         error_kinds=dict(errors),
@@ -177,7 +186,7 @@ def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> BenchResult:
         sends=sends,
         late_sends=sum(r.late_sends for r in results),
         held_sends=sum(r.held_sends for r in results),
-        late_send_threshold_us=LATE_SEND_US,
+        late_send_threshold_us=threshold,
         per_connection=per_connection,
         transport=Transport(
             retransmitted_segments=sum(r.retransmits for r in results),
