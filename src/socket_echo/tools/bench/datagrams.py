@@ -240,12 +240,20 @@ class GroupOpenLoop(GroupDatagrams):
                 self.answer_open(fd, conn, data, str(addr[0]))
             self.expire(time.monotonic() - UDP_TIMEOUT)
             self.progress.value = res.requests
-        self.expire(deadline - UDP_TIMEOUT)
-        for fd in self.conns:  # still in flight at the end: no member's loss
-            for _, answered in self.pending[fd].values():
-                for who, counts in res.responders.items():
-                    if who not in answered:
-                        counts.expected = max(counts.answered, counts.expected - 1)
+        # The datagrams of the window's last second get their second too: answers are read
+        # until every member answered every one, or UDP_TIMEOUT after the end; then what a
+        # member did not answer it lost (a member killed near the end is not let off).
+        members = len(res.responders)
+        drain_until = deadline + UDP_TIMEOUT
+        while (now := time.monotonic()) < drain_until and any(
+            len(answered) < members for p in self.pending.values() for _, answered in p.values()
+        ):
+            for fd, _ in self.epoll.poll(min(0.05, drain_until - now)):
+                try:
+                    data, addr = self.conns[fd].sock.recvfrom(65536)
+                except (BlockingIOError, ConnectionRefusedError):
+                    continue
+                self.answer_open(fd, self.conns[fd], data, str(addr[0]))
         res.bytes = res.requests * cfg.size * 2
 
     def gap(self, interval: float) -> float:

@@ -12,6 +12,11 @@ def explain_losses(cfg: BenchConfig, answered: int, lost: int, elapsed: float) -
     """Why UDP answers went missing, in words a user can act on (None when none did)."""
     if cfg.mode != "udp" or not lost:
         return None
+    if cfg.target.group is not None:  # per member: the rows above say whose answers
+        return (
+            f"{lost} answers owed by members of the group never came within {UDP_TIMEOUT:g} s "
+            "(the responders' rows say whose: a member that went silent, or loss on its path)"
+        )
     text = (
         f"{lost} of {answered + lost} datagrams got no answer within {UDP_TIMEOUT:g} s "
         f"(each was sent again)"
