@@ -104,7 +104,7 @@ def test_the_flags_mistakes_are_one_line(args, words, tmp_path):
 
 
 def runs_scaled(tmp_path, scales: list[float], start: float) -> list:
-    """One synthetic run per scale: 5 identical seconds (nothing varies within a run), its
+    """One synthetic run per scale: 3 identical seconds (nothing varies within a run), its
     latencies the same shape times the scale (runs differ as a VM's phases make them)."""
     from hdrh.histogram import HdrHistogram
     from test_report_input import result, write
@@ -114,10 +114,10 @@ def runs_scaled(tmp_path, scales: list[float], start: float) -> list:
     out = []
     for k, scale in enumerate(scales):
         hist = HdrHistogram(1, 3_600_000_000, 3)
-        for us in range(100, 400, 3):
+        for us in range(100, 400, 6):
             hist.record_value(int(us * scale), 10)
         text = str(hist.encode().decode("ascii"))
-        data = result(5, texts=[text], start=start + 100 * k)
+        data = result(3, texts=[text], start=start + 100 * k)
         out.append(load(write(tmp_path, data, f"run{start}-{k}.json")))
     return out
 
@@ -130,17 +130,17 @@ def test_runs_that_differ_from_one_another_widen_the_interval(tmp_path):
     from socket_echo.tools.bench.compare import compare
 
     one = compare(
-        runs_scaled(tmp_path, [1.0], 0), runs_scaled(tmp_path, [1.2], 10_000), resamples=400
+        runs_scaled(tmp_path, [1.0], 0), runs_scaled(tmp_path, [1.2], 10_000), resamples=200
     )
     assert {f.name: f.verdict for f in one.figures}["p50"] == WORSE
     spread = (0.0, 0.1, -0.1)
     base = runs_scaled(tmp_path, [math.exp(x) for x in spread], 20_000)
     new = runs_scaled(tmp_path, [math.exp(x + 0.18) for x in spread], 30_000)
-    three = compare(base, new, resamples=400)
+    three = compare(base, new, resamples=200)
     assert three.base_runs == three.new_runs == 3
     p50 = {f.name: f for f in three.figures}["p50"]
     assert p50.verdict == SAME and p50.low is not None and p50.low < 1 < p50.ratio, p50  # type: ignore[operator]
     shifted = compare(
-        base, runs_scaled(tmp_path, [math.exp(x + 0.6) for x in spread], 40_000), resamples=400
+        base, runs_scaled(tmp_path, [math.exp(x + 0.6) for x in spread], 40_000), resamples=200
     )
     assert {f.name: f.verdict for f in shifted.figures}["p50"] == WORSE  # a real shift still is

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 from conftest import assert_one_line_error, run_cli
 from hdrh.histogram import HdrHistogram
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from socket_echo.tools.bench.merge import coverage_note, merge
 from socket_echo.tools.bench.result import FORMAT, ResultError
@@ -212,3 +214,20 @@ def test_a_groups_members_add_by_address_across_segments(tmp_path):
     bad = result(2)
     bad["responders"] = [{"address": "x"}]
     refused(tmp_path, bad, "responders[0]")
+
+
+@settings(max_examples=40, deadline=None)  # hdrh's iterator, the reference, is the slow one
+@given(st.dictionaries(st.integers(1, 20_000_000), st.integers(1, 10**6), max_size=60))
+def test_iterate_reads_the_counts_as_hdrhs_recorded_iterator_does(values):
+    """histograms.iterate reads the counts array at once; it must say what hdrh's (slow)
+    recorded iterator says, bucket for bucket."""
+    from collections import Counter
+
+    from socket_echo.tools.bench.histograms import histogram, iterate
+
+    hist = histogram(Counter(values))
+    expected = [
+        (int(v.value_iterated_to), int(v.count_at_value_iterated_to))
+        for v in hist.get_recorded_iterator()
+    ]
+    assert iterate(hist) == expected

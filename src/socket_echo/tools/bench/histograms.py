@@ -52,10 +52,14 @@ def add_encoded(into: HdrHistogram, text: str, where: str) -> None:
 
 
 def iterate(hist: HdrHistogram) -> list[tuple[int, int]]:
-    """(value, count) of every recorded bucket."""
+    """(value, count) of every recorded bucket, as hdrh's recorded iterator gives them (each
+    bucket's highest equivalent value) but from the counts array at once: the iterator steps
+    through every bucket below the largest value in Python (10x slower; report --compare
+    reads one histogram per second of every run)."""
     return [
-        (int(v.value_iterated_to), int(v.count_at_value_iterated_to))
-        for v in hist.get_recorded_iterator()
+        (int(hist.get_highest_equivalent_value(hist.get_value_from_index(i))), int(n))
+        for i, n in enumerate(list(hist.counts))
+        if n
     ]
 
 
