@@ -216,8 +216,8 @@ def test_a_groups_members_add_by_address_across_segments(tmp_path):
     refused(tmp_path, bad, "responders[0]")
 
 
-@settings(max_examples=40, deadline=None)  # hdrh's iterator, the reference, is the slow one
-@given(st.dictionaries(st.integers(1, 20_000_000), st.integers(1, 10**6), max_size=60))
+@settings(max_examples=15, deadline=None)  # hdrh's iterator, the reference, is the slow one
+@given(st.dictionaries(st.integers(1, 2_000_000), st.integers(1, 10**6), max_size=60))
 def test_iterate_reads_the_counts_as_hdrhs_recorded_iterator_does(values):
     """histograms.iterate reads the counts array at once; it must say what hdrh's (slow)
     recorded iterator says, bucket for bucket."""
