@@ -234,6 +234,9 @@ def test_a_group_listener_names_a_missing_interface_in_one_line():
     assert_one_line_error(tcp, 2, "joined by udp:// listeners only")
     bad = run_cli("probe", f"udp://{GROUP4}:{PORT}?ttl=300")
     assert_one_line_error(bad, 2, "ttl")
+    for tool in ("probe", "bench", "client"):  # the interface is looked up before anything
+        missing = run_cli(tool, f"udp://{GROUP4}:{PORT}?iface=nosuch0", input="x\n")
+        assert_one_line_error(missing, 2, "no network interface 'nosuch0'")
 
 
 def test_client_writes_the_first_members_echo(segment):

@@ -112,7 +112,12 @@ def test_a_responder_scope_judges_each_member_of_a_group(tmp_path):
 
 @pytest.mark.parametrize(
     ("expr", "words"),
-    [("p99<2ms@node", "no scope"), ("rps>1@responder", "not rps"), ("errors==0@responder", "not")],
+    [
+        ("p99<2ms@node", "no scope"),
+        ("rps>1@responder", "not rps"),
+        ("errors==0@responder", "not"),
+        ("p99<2ms@responder", "is for a multicast group target"),
+    ],
 )
 def test_a_malformed_scope_is_one_line(expr, words):
     assert_one_line_error(run_cli("bench", "127.0.0.1:9", "--slo", expr), 2, words)

@@ -833,12 +833,14 @@ def _slo_option(f: F) -> F:
     )(f)
 
 
-def _objectives(slos: tuple[str, ...]) -> Any:
-    """Every --slo parsed before anything starts (one line, exit 2)."""
-    from socket_echo.tools.bench.slo import parse
+def _objectives(slos: tuple[str, ...], group: bool | None = None) -> Any:
+    """Every --slo parsed before anything starts (one line, exit 2); ``group``: bench's target
+    is (or is not) a multicast group, None for report (its files say)."""
+    from socket_echo.tools.bench.slo import for_run, parse
 
     try:
-        return tuple(parse(text) for text in slos)
+        objectives = tuple(parse(text) for text in slos)
+        return objectives if group is None else for_run(objectives, group)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -1050,7 +1052,7 @@ def bench(
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    objectives = _objectives(slos)
+    objectives = _objectives(slos, cfg.target.group is not None)
     outputs = _outputs_checked(json_file, plot_file, hgrm_file)
     _exit_with(lambda: run(cfg, outputs, objectives))
 

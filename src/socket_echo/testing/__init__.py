@@ -186,12 +186,12 @@ def bench(target: str, slo: tuple[str, ...] = (), **options: Any) -> BenchRun:
     from socket_echo.tools.bench import statistics, workers
     from socket_echo.tools.bench.model import BenchConfig
     from socket_echo.tools.bench.run import check_reachable
-    from socket_echo.tools.bench.slo import parse
+    from socket_echo.tools.bench.slo import for_run, parse
     from socket_echo.tools.connect.target import parse_target
 
-    objectives = tuple(parse(text) for text in slo)
     options.setdefault("processes", 1)
     cfg = BenchConfig(target=parse_target(target), **options)
+    objectives = for_run(tuple(parse(text) for text in slo), cfg.target.group is not None)
     check_reachable(cfg)
     result = statistics.summarize(cfg, workers.run_workers(cfg))
     return BenchRun(result, tuple(o.judge(result) for o in objectives))

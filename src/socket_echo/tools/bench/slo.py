@@ -143,6 +143,15 @@ def parse(text: str) -> Objective:
     raise ConfigError(f"--slo {text!r}: {name!r} is not a figure (use {known})")
 
 
+def for_run(objectives: tuple[Objective, ...], group: bool) -> tuple[Objective, ...]:
+    """The objectives of a bench run, checked against its target before any load: a scope the
+    run cannot have is one line (ConfigError), not a miss found after the run."""
+    for o in objectives:
+        if o.scope == "responder" and not group:
+            raise ConfigError(f"--slo {o.text!r}: @responder is for a multicast group target")
+    return objectives
+
+
 def scoped(o: Objective) -> Objective:
     """A responder's scope takes only what a member has of its own."""
     if o.scope == "responder" and o.figure not in RESPONDER_FIGURES:

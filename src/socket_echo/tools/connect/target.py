@@ -291,9 +291,11 @@ ICMP_REFUSED = "refused: ICMP port unreachable (nothing listens there)"
 def check_datagrams_reach(target: Target, timeout: float) -> None:
     """One datagram before a UDP run: Unreachable when an ICMP port unreachable answers it
     (nothing listens there). Silence, or an answer, lets the run go on: a peer may drop one
-    datagram (a rate limit, a lossy path) and still be there. A group: nothing to check (no
-    ICMP answers a multicast datagram; its members are counted by who answers)."""
+    datagram (a rate limit, a lossy path) and still be there. A group: its socket is set up
+    (a missing interface, a hop limit refused: Unreachable), nothing is sent (no ICMP answers
+    a multicast datagram; its members are counted by who answers)."""
     if target.group is not None:
+        group_socket(target, timeout)[0].close()
         return
     with udp_socket(target, min(timeout, 0.5)) as sock:
         try:
