@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import select
+import socket
 import time
 
 from socket_echo.tools.bench import errors
@@ -16,19 +17,32 @@ from socket_echo.tools.defaults import CHECK_EVERY, UDP_TIMEOUT
 
 
 class Datagrams(Loop):
-    def serve(self) -> None:
-        cfg, res = self.cfg, self.result
+    """The closed loop over UDP sockets; GroupDatagrams changes how a socket is opened, what
+    an answer means and what a timeout does (the hooks below), not the loop."""
+
+    def open_socket(self) -> tuple[socket.socket, tuple[object, ...] | None]:
+        """A socket for one of --connections, and where it sends (None: it is connected)."""
+        return connect(self.cfg.target, self.cfg.timeout), None
+
+    def open_sockets(self) -> None:
+        res = self.result
+        self.addresses: dict[int, tuple[object, ...] | None] = {}
         for _ in range(self.n):
             try:
-                sock = connect(self.cfg.target, cfg.timeout)
+                sock, address = self.open_socket()
             except Unreachable as exc:
                 res.errors[errors.because(errors.SOCKET, exc)] += 1
                 continue
             sock.setblocking(False)
             conn = self.conns[sock.fileno()] = Conn(sock)
             conn.slot = len(self.conns) - 1
+            self.addresses[sock.fileno()] = address
             self.epoll.register(sock.fileno(), select.EPOLLIN)
         res.slots(len(self.conns))
+
+    def serve(self) -> None:
+        cfg, res = self.cfg, self.result
+        self.open_sockets()
         self.start()
         for conn in self.conns.values():
             self.send(conn)
@@ -36,36 +50,47 @@ class Datagrams(Loop):
         next_check = time.monotonic() + CHECK_EVERY
         while time.monotonic() < deadline:
             for fd, _ in self.epoll.poll(0.1):
-                conn = self.conns[fd]
-                try:
-                    data = conn.sock.recv(65536)
-                except BlockingIOError:
-                    continue
-                except ConnectionRefusedError:
-                    res.errors[errors.PORT_UNREACHABLE] += 1
-                    continue
-                if data != conn.expected:
-                    if len(data) >= 8 and data[:8] != conn.expected[:8]:
-                        self.old_answer(conn, data)
-                        continue
-                    res.mismatches += 1
-                else:
-                    t = time.monotonic()
-                    res.record(int((t - conn.t0) * 1e6), t, conn.slot)
-                self.send(conn)
+                self.readable(fd, self.conns[fd])
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + CHECK_EVERY
                 for conn in self.conns.values():
                     if now - conn.t0 > UDP_TIMEOUT:
-                        if now >= res.mono_start:
-                            res.lost += 1
-                        if len(conn.lost) > 1024:  # bounded: very late answers then count
-                            conn.lost.clear()  # as duplicates
-                        conn.lost.add(conn.seq)
-                        self.send(conn)
+                        self.timed_out(conn, now)
             self.progress.value = res.requests
+        self.finish()
         res.bytes = res.requests * cfg.size * 2
+
+    def readable(self, fd: int, conn: Conn) -> None:
+        res = self.result
+        try:
+            data = conn.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except ConnectionRefusedError:
+            res.errors[errors.PORT_UNREACHABLE] += 1
+            return
+        if data != conn.expected:
+            if len(data) >= 8 and data[:8] != conn.expected[:8]:
+                self.old_answer(conn, data)
+                return
+            res.mismatches += 1
+        else:
+            t = time.monotonic()
+            res.record(int((t - conn.t0) * 1e6), t, conn.slot)
+        self.send(conn)
+
+    def timed_out(self, conn: Conn, now: float) -> None:
+        """No answer within UDP_TIMEOUT: lost, and the next datagram goes out."""
+        if now >= self.result.mono_start:
+            self.result.lost += 1
+        if len(conn.lost) > 1024:  # bounded: very late answers then count as duplicates
+            conn.lost.clear()
+        conn.lost.add(conn.seq)
+        self.send(conn)
+
+    def finish(self) -> None:
+        """The run's end (the group's loops settle what is still in flight)."""
 
     def datagram(self, seq: int) -> bytes:
         header = (seq * 1000 + self.index).to_bytes(8, "big")
@@ -103,51 +128,29 @@ class GroupDatagrams(Datagrams):
     answered), duplicated, reordered, and its latencies; every answer is also one of the run's
     requests, so the totals are the group's."""
 
+    def open_socket(self) -> tuple[socket.socket, tuple[object, ...] | None]:
+        """A group socket (its own source port: the members' answers come back to it)."""
+        return group_socket(self.cfg.target, self.cfg.timeout)
+
     def open_sockets(self) -> None:
-        """One group socket per --connections (its own source port: answers come back to it)."""
-        cfg, res = self.cfg, self.result
-        group: dict[int, tuple[object, ...]] = {}
-        for _ in range(self.n):
-            try:
-                sock, address = group_socket(cfg.target, cfg.timeout)
-            except Unreachable as exc:
-                res.errors[errors.because(errors.SOCKET, exc)] += 1
-                continue
-            sock.setblocking(False)
-            conn = self.conns[sock.fileno()] = Conn(sock)
-            conn.slot = len(self.conns) - 1
-            group[sock.fileno()] = address
-            self.epoll.register(sock.fileno(), select.EPOLLIN)
-        self.group = group
+        super().open_sockets()
         self.answered_now: dict[int, set[str]] = {fd: set() for fd in self.conns}
         self.last_seq: dict[tuple[int, str], int] = {}  # per socket and member
-        res.slots(len(self.conns))
 
-    def serve(self) -> None:
-        cfg, res = self.cfg, self.result
-        self.open_sockets()
-        self.start()
-        for conn in self.conns.values():
-            self.send(conn)
-        deadline = res.mono_start + cfg.duration
-        next_check = time.monotonic() + CHECK_EVERY
-        while time.monotonic() < deadline:
-            for fd, _ in self.epoll.poll(0.1):
-                conn = self.conns[fd]
-                try:
-                    data, addr = conn.sock.recvfrom(65536)
-                except (BlockingIOError, ConnectionRefusedError):
-                    continue
-                self.answer(fd, conn, data, str(addr[0]))
-            now = time.monotonic()
-            if now >= next_check:
-                next_check = now + CHECK_EVERY
-                for conn in self.conns.values():
-                    if now - conn.t0 > UDP_TIMEOUT:
-                        self.send(conn)  # whoever did not answer by now is counted lost
-            self.progress.value = res.requests
-        self.finish()
-        res.bytes = res.requests * cfg.size * 2
+    def group_of(self, fd: int) -> tuple[object, ...]:
+        address = self.addresses[fd]
+        assert address is not None  # a group socket is never connected
+        return address
+
+    def readable(self, fd: int, conn: Conn) -> None:
+        try:
+            data, addr = conn.sock.recvfrom(65536)
+        except (BlockingIOError, ConnectionRefusedError):
+            return
+        self.answer(fd, conn, data, str(addr[0]))
+
+    def timed_out(self, conn: Conn, now: float) -> None:
+        self.send(conn)  # whoever did not answer by now is counted lost
 
     def answer(self, fd: int, conn: Conn, data: bytes, who: str) -> None:
         res = self.result
@@ -193,7 +196,7 @@ class GroupDatagrams(Datagrams):
             for counts in res.responders.values():
                 counts.expected += 1
         try:
-            conn.sock.sendto(conn.expected, self.group[fd])
+            conn.sock.sendto(conn.expected, self.group_of(fd))
         except BlockingIOError:
             res.lost += 1
         except OSError as exc:
@@ -232,12 +235,7 @@ class GroupOpenLoop(GroupDatagrams):
                     slots[fd] += self.gap(interval)
             wake = min(min(slots.values(), default=deadline), deadline)
             for fd, _ in self.epoll.poll(max(0.0, min(0.1, wake - time.monotonic()))):
-                conn = self.conns[fd]
-                try:
-                    data, addr = conn.sock.recvfrom(65536)
-                except (BlockingIOError, ConnectionRefusedError):
-                    continue
-                self.answer_open(fd, conn, data, str(addr[0]))
+                self.readable(fd, self.conns[fd])
             self.expire(time.monotonic() - UDP_TIMEOUT)
             self.progress.value = res.requests
         # The datagrams of the window's last second get their second too: answers are read
@@ -249,11 +247,7 @@ class GroupOpenLoop(GroupDatagrams):
             len(answered) < members for p in self.pending.values() for _, answered in p.values()
         ):
             for fd, _ in self.epoll.poll(min(0.05, drain_until - now)):
-                try:
-                    data, addr = self.conns[fd].sock.recvfrom(65536)
-                except (BlockingIOError, ConnectionRefusedError):
-                    continue
-                self.answer_open(fd, self.conns[fd], data, str(addr[0]))
+                self.readable(fd, self.conns[fd])
         res.bytes = res.requests * cfg.size * 2
 
     def gap(self, interval: float) -> float:
@@ -270,13 +264,13 @@ class GroupOpenLoop(GroupDatagrams):
             for counts in res.responders.values():
                 counts.expected += 1
         try:
-            conn.sock.sendto(self.datagram(conn.seq), self.group[fd])
+            conn.sock.sendto(self.datagram(conn.seq), self.group_of(fd))
         except BlockingIOError:
             res.lost += 1
         except OSError as exc:
             res.errors[errors.because(errors.SEND, exc)] += 1
 
-    def answer_open(self, fd: int, conn: Conn, data: bytes, who: str) -> None:
+    def answer(self, fd: int, conn: Conn, data: bytes, who: str) -> None:
         res = self.result
         t = time.monotonic()
         seq = int.from_bytes(data[:8], "big") // 1000 if len(data) >= 8 else 0
