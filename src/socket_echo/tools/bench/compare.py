@@ -377,32 +377,3 @@ def show(c: Comparison, out: TextIO) -> None:
         interval = "—" if f.low is None or f.high is None else f"[{f.low:.3f}, {f.high:.3f}]"
         print(f"  {f.name:<11} {num(f.base):>12} {num(f.new):>12} {ratio:>9}  {interval:<17} "
               f"{f.verdict}", file=out)  # fmt: skip
-
-
-def plot(base: BenchResult, new: BenchResult, path: str) -> None:
-    """Both spectra on one chart (percentile on the usual log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ps = (0, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 99.95, 99.99, 99.999, 100)
-    xs = [1 / (1 - p / 100) if p < 100 else 1e6 for p in ps]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for label, r in (("base", base), ("new", new)):
-        hist = r.decoded()
-        ax.plot(xs, [hist.get_value_at_percentile(p) for p in ps], marker="o",
-                label=f"{label}: {r.target}, {r.requests_per_second:,.0f} req/s")  # fmt: skip
-    ax.set_xscale("log")
-    ax.set_xticks(
-        [1, 10, 100, 1000, 10000, 100000, 1e6],
-        ["0%", "90%", "99%", "99.9%", "99.99%", "99.999%", "max"],
-    )
-    ax.set_xlabel("percentile")
-    ax.set_ylabel("latency (µs)")
-    ax.set_title(f"socket-echo report --compare: {new.mode}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

@@ -71,7 +71,13 @@ def show(
     if comparison is not None:
         compare.show(comparison, out)
     if outputs.plot_file and comparison is not None and comparison.base is not None:
-        compare.plot(comparison.base, result, outputs.plot_file)
+        base = comparison.base
+        spectra(
+            outputs.plot_file,
+            f"socket-echo report --compare: {result.mode}",
+            [(f"base: {base.target}, {base.requests_per_second:,.0f} req/s", base),
+             (f"new: {result.target}, {result.requests_per_second:,.0f} req/s", result)],
+        )  # fmt: skip
     elif outputs.plot_file:
         plot(result, outputs.plot_file)
     if outputs.hgrm_file:
@@ -286,19 +292,27 @@ def warnings(r: BenchResult) -> list[str]:
 
 
 def plot(r: BenchResult, path: str) -> None:
+    title = f"socket-echo bench {r.mode} {r.target}: {r.requests_per_second:,.0f} req/s"
+    spectra(path, title, [(None, r)])
+
+
+PERCENTILES_PLOTTED = (0, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 99.95, 99.99, 99.999, 100)
+
+
+def spectra(path: str, title: str, series: Sequence[tuple[str | None, BenchResult]]) -> None:
+    """Latency by percentile on the usual log scale, one line per result (labelled when
+    there are several: report --compare's base and new)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    hist = r.decoded()
-    points = [
-        (p, hist.get_value_at_percentile(p))
-        for p in (0, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 99.95, 99.99, 99.999, 100)
-    ]
-    xs = [1 / (1 - p / 100) if p < 100 else 1e6 for p, _ in points]
+    xs = [1 / (1 - p / 100) if p < 100 else 1e6 for p in PERCENTILES_PLOTTED]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(xs, [v for _, v in points], marker="o")
+    for label, r in series:
+        hist = r.decoded()
+        ys = [hist.get_value_at_percentile(p) for p in PERCENTILES_PLOTTED]
+        ax.plot(xs, ys, marker="o", label=label)
     ax.set_xscale("log")
     ax.set_xticks(
         [1, 10, 100, 1000, 10000, 100000, 1e6],
@@ -306,8 +320,10 @@ def plot(r: BenchResult, path: str) -> None:
     )
     ax.set_xlabel("percentile")
     ax.set_ylabel("latency (µs)")
-    ax.set_title(f"socket-echo bench {r.mode} {r.target}: {r.requests_per_second:,.0f} req/s")
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
+    if any(label for label, _ in series):
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
