@@ -34,8 +34,6 @@ MODES_BY_KIND: dict[str, tuple[str, ...]] = {
     QUIC: ("pingpong", "stream", "churn"),
     DTLS: ("pingpong", "churn"),
 }
-# --rate: the C loop (bench/_native.c) and its Python twin; QUIC and DTLS's asyncio workers
-OPEN_LOOP_KINDS = (STREAM, QUIC, DTLS)
 PROBE_RATE_SCHEMES = ("tcp", "unix")  # --probe-rate beside --mode stream
 MAX_UDP_SIZE = 65507  # the largest IPv4 datagram's payload
 DTLS_MAX_RECORD = 16384  # the largest DTLS plaintext record
@@ -77,7 +75,7 @@ class BenchConfig:
         object.__setattr__(self, "mode", mode)
         object.__setattr__(self, "size", size)
         self._check_sizes(served.served_by, size)
-        self._check_rates(served.served_by, mode)
+        self._check_rates(mode)
         index, count = self.segment
         if not 0 <= index < count:
             raise ConfigError(f"--segment {index}/{count}: give I/N with 0 <= I < N")
@@ -105,13 +103,10 @@ class BenchConfig:
         if served_by == DTLS and size > DTLS_MAX_RECORD:
             raise ConfigError(f"--size is at most {DTLS_MAX_RECORD} for DTLS (one record)")
 
-    def _check_rates(self, served_by: str, mode: str) -> None:
-        group = self.target.group is not None  # a multicast group: open loop too
-        if self.rate and mode != "pingpong" and not group:
+    def _check_rates(self, mode: str) -> None:
+        # every kind's ping-pong has an open loop, and a multicast group's datagrams
+        if self.rate and mode != "pingpong" and self.target.group is None:
             raise ConfigError(f"--rate is the open loop of --mode pingpong, not of {mode}")
-        if self.rate and served_by not in OPEN_LOOP_KINDS and not group:
-            raise ConfigError(f"--rate over {self.target.scheme}:// is the open loop of "
-                              "--mode pingpong")  # fmt: skip
         if self.probe_rate and (mode != "stream" or self.target.scheme not in PROBE_RATE_SCHEMES):
             raise ConfigError(
                 "--probe-rate measures latency under --mode stream over tcp:// or unix://"

@@ -161,7 +161,7 @@ def summarize(cfg: BenchConfig, results: list[WorkerResult]) -> BenchResult:
     responders = group_members(results)
     lost = sum(r.lost for r in results) + sum(m.lost for m in responders)
     connections, rate = cfg.share
-    open_loop = bool(cfg.rate) and (cfg.mode == "pingpong" or cfg.target.group is not None)
+    open_loop = bool(cfg.rate)  # BenchConfig allows it for ping-pong and a group only
     processes = max(1, len(results))
     return BenchResult(
         target=cfg.target.url,
