@@ -6,6 +6,12 @@ ARGS ?=
 DURATION ?= 60
 FUZZ_SECONDS ?= 300
 
+# Every test starts servers and tools as processes (several hundred of each): with
+# PYTHONDONTWRITEBYTECODE set (as some shells and CI images do), each of them compiled the
+# package's sources again, ~40 % of its start-up CPU, and pytest rewrote every test module's
+# asserts again in each runner. The bytecode is kept in __pycache__ (ignored by git).
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: install run test lint coverage packaging board sanitize sanitize-thread bench soak fuzz clean
 
 install: $(VENV)/.installed
@@ -24,13 +30,14 @@ lint: install
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
-# Tests wait on sockets and timers more than on the CPU: 4 runners on 2 cores, each taking
+# Tests wait on sockets and timers as much as on the CPU: 6 runners on 2 cores, each taking
 # the next test when it is free (worksteal: no runner idles behind a long one); the ten
-# slowest are printed. Then the native data path's tests again, with the extension built
-# under ASan and UBSan, then TSan.
+# slowest are printed. No coverage here (tracing doubles the in-process tests' CPU; `make
+# coverage` is the full figure). Then the native data path's tests again, with the extension
+# built under ASan and UBSan, then TSan.
 test: lint
-	$(BIN)/pytest -n 4 --dist worksteal --durations=10 -m "not packaging and not board and not multicast" \
-		--cov=socket_echo --cov-report=term:skip-covered $(ARGS)
+	$(BIN)/pytest -n 6 --dist worksteal --durations=10 -m "not packaging and not board and not multicast" \
+		$(ARGS)
 	$(MAKE) packaging
 	$(MAKE) board
 	$(MAKE) sanitize
@@ -44,7 +51,7 @@ packaging: install
 	$(BIN)/pytest -p no:cacheprovider -m packaging tests
 
 # Line coverage including the servers and tools the tests run as subprocesses (slower: every
-# process starts coverage). make test reports the test processes' own coverage.
+# process starts coverage).
 coverage: install
 	$(BIN)/pytest -n 4 --cov=socket_echo --cov-config=tests/coverage-subprocess.toml \
 		--cov-report=term:skip-covered $(ARGS)

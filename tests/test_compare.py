@@ -1,5 +1,5 @@
 """report --compare: an A/B verdict per figure, with its interval, on real runs: a server that
-answers 1 ms later is worse on every latency figure and on requests/s; a run against itself
+answers 20 ms later is worse on every latency figure and on requests/s; a run against itself
 is no difference; --fail-on-regression exits 3; the flags' mistakes are one line."""
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ def bench_json(target: str, path: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """One plain and one ?delay=1ms listener of one server, a 1.5 s run against each."""
+    """One plain and one ?delay=20ms listener of one server, a 1.5 s run against each. 20 ms,
+    not 1: with six test runners on two cores the plain side's p99.9 reached 6 ms, and the
+    verdict on that tail was rightly "no significant difference"."""
     from conftest import ServerProcess
 
     tmp = tmp_path_factory.mktemp("ab")
     server = ServerProcess(
-        ["--bind", "tcp://127.0.0.1:0", "--bind", "tcp://127.0.0.1:0?delay=1ms"],
+        ["--bind", "tcp://127.0.0.1:0", "--bind", "tcp://127.0.0.1:0?delay=20ms"],
         expect_listeners=2,
     )
     try:

@@ -15,7 +15,6 @@ from socket_echo.listeners import REUSE_PORT, BindError, BindOptions, adopt_fd, 
 from socket_echo.logs import setup_logging
 from socket_echo.loops import resolve_loop
 from socket_echo.server import run
-from socket_echo.supervisors.processes import Supervisor
 from socket_echo.tcp.paths import resolve_engine
 from socket_echo.udp.paths import resolve_udp_io
 
@@ -56,6 +55,10 @@ def serve(cfg: ServerConfig) -> int:
         raise StartError(exc.strerror or str(exc)) from None
     if cfg.workers == 1:
         return run(cfg, bound + fd_bound, credentials, metrics_bound)
+    # Imported here: the supervisor brings prometheus_client (its metrics sum), which a single
+    # process without --metrics never needs (a third of a plain server's start-up CPU).
+    from socket_echo.supervisors.processes import Supervisor
+
     # a group's socket is shared: a datagram to a group reaches every socket bound to it
     own = [b for b in bound if reuse and not kind(b.scheme).unix and b.spec.group is None]
     shared = [b for b in bound if b not in own] + fd_bound

@@ -26,7 +26,6 @@ from socket_echo.limits import ConnectionTable, descriptor_budget
 from socket_echo.listeners import BoundListener, close_all
 from socket_echo.logs import log_event, logger
 from socket_echo.loops import loop_factory, resolve_loop
-from socket_echo.metrics import health_factory, registry_for
 from socket_echo.state import ServerState
 from socket_echo.tcp.accept import RESOURCE_ERRORS
 from socket_echo.tcp.epoll import EpollEngine
@@ -212,6 +211,10 @@ class EchoServer:
     async def _serve_metrics(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self.metrics_listeners:
             return
+        # Imported with --metrics only: prometheus_client and the HTTP modules it brings are a
+        # third of a plain server's start-up CPU.
+        from socket_echo.metrics import health_factory, registry_for
+
         registry = registry_for(self.state)
 
         health = health_factory(registry, lambda: "" if self.state.accepting else "draining", loop)

@@ -19,7 +19,6 @@ import asyncio
 import logging
 import os
 import ssl
-import tempfile
 from typing import Any, cast
 
 from socket_echo.config import TLS_CIPHER_PRESETS, ConfigError
@@ -109,6 +108,8 @@ def self_signed_context(pair: tuple[Any, Any] | None = None) -> tuple[ssl.SSLCon
     """A certificate for localhost made at start, in memory (the PEM touches a private temp
     file only long enough for OpenSSL to load it). Returns (context, SHA-256 fingerprint).
     ``pair``: the (certificate, key) of :func:`self_signed_pair` to use (QUIC shares it)."""
+    import tempfile  # here, as cryptography: a server without a self-signed certificate
+
     from cryptography.hazmat.primitives import hashes, serialization
 
     cert, key = pair or self_signed_pair()

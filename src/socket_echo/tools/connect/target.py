@@ -19,7 +19,6 @@ import time
 from urllib.parse import urlsplit
 
 from socket_echo.config import DEFAULT_PORT, format_url
-from socket_echo.gates.tls import failure_reason
 from socket_echo.groups import (
     TARGET_OPTIONS,
     Group,
@@ -72,6 +71,10 @@ class TlsOptions:
         try:
             ctx = ssl.create_default_context(cafile=self.ca_file)
         except ssl.SSLError as exc:
+            # the server's TLS module (asyncio, its listeners) only for this line: every tool
+            # imports this module, and a tool's start-up is most of a short run's CPU
+            from socket_echo.gates.tls import failure_reason
+
             raise Unreachable(f"--ca {self.ca_file}: {failure_reason(exc)}") from None
         if self.cert_file:
             try:
