@@ -231,3 +231,24 @@ def test_iterate_reads_the_counts_as_hdrhs_recorded_iterator_does(values):
         for v in hist.get_recorded_iterator()
     ]
     assert iterate(hist) == expected
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.dictionaries(st.integers(1, 100_000_000), st.integers(1, 10**6), max_size=60))
+def test_a_spectrum_is_what_hdrh_says_of_the_same_histogram(values):
+    """Spectrum.of reads the buckets once; each percentile, the mean, min and max must be
+    hdrh's own answer (get_value_at_percentile, get_mean_value: its slow walks)."""
+    from collections import Counter
+
+    from socket_echo.tools.bench.histograms import histogram
+    from socket_echo.tools.bench.result import PERCENTILES, Spectrum
+
+    hist = histogram(Counter(values))
+    spectrum = Spectrum.of(hist)
+    if not values:
+        assert spectrum == Spectrum()
+        return
+    for name, p in PERCENTILES.items():
+        assert spectrum[name] == hist.get_value_at_percentile(p), name
+    assert spectrum.mean == round(hist.get_mean_value(), 1)
+    assert (spectrum.min, spectrum.max) == (hist.get_min_value(), hist.get_max_value())

@@ -14,6 +14,7 @@ from collections import Counter
 from hdrh.histogram import HdrHistogram
 
 from socket_echo.tools.bench.result import DIGITS, HIGHEST_US, LOWEST_US, ResultError
+from socket_echo.tools.bench.result import iterate as iterate  # its one place is result.py
 
 MAX_HISTOGRAM_TEXT = 1 << 20  # base64 of a full histogram is ~300 KB
 _EXTERNAL = struct.Struct(">II")  # cookie, length (HdrHistogram V2, base64-wrapped)
@@ -49,18 +50,6 @@ def decode(text: object, where: str) -> HdrHistogram:
 def add_encoded(into: HdrHistogram, text: str, where: str) -> None:
     """Decode, add, drop: one decoded histogram alive at a time."""
     into.add(decode(text, where))
-
-
-def iterate(hist: HdrHistogram) -> list[tuple[int, int]]:
-    """(value, count) of every recorded bucket, as hdrh's recorded iterator gives them (each
-    bucket's highest equivalent value) but from the counts array at once: the iterator steps
-    through every bucket below the largest value in Python (10x slower; report --compare
-    reads one histogram per second of every run)."""
-    return [
-        (int(hist.get_highest_equivalent_value(hist.get_value_from_index(i))), int(n))
-        for i, n in enumerate(list(hist.counts))
-        if n
-    ]
 
 
 def check_histogram(text: str, where: str) -> None:
