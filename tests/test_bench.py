@@ -45,7 +45,7 @@ def bench(*args: str, env: dict[str, str] | None = None) -> tuple[int, dict, str
 def test_modes_against_our_server(start_server, mode, env):
     server = start_server()
     code, report, table = bench(
-        f"127.0.0.1:{server.port}", "--mode", mode, "-c", "4", "-d", "0.5", "-p", "1", env=env
+        f"127.0.0.1:{server.port}", "--mode", mode, "-c", "4", "-d", "0.25", "-p", "1", env=env
     )
     assert code == 0, report
     assert report.keys() >= FIELDS
@@ -82,7 +82,7 @@ def test_corrupting_servers_are_caught(mode, env):
             "-s",
             "4096",
             "-d",
-            "0.5",
+            "0.3",
             "-p",
             "1",
         )
@@ -94,11 +94,11 @@ def test_corrupting_servers_are_caught(mode, env):
             "-s",
             "1000",
             "-d",
-            "0.5",
+            "0.3",
             "-p",
             "1",
             "--timeout",
-            "0.3",
+            "0.1",  # within the 0.3 s run: the message short of a byte times out
             env=env,
         )
         assert code == 1 and report["mismatches"] + report["errors"] > 0
@@ -336,12 +336,12 @@ def test_latency_under_load_is_a_flow_beside_the_stream(start_server, env):
     own while the others saturate the path; its figures apart from the stream's."""
     server = start_server()
     code, report, table = bench(
-        f"127.0.0.1:{server.port}", "--mode", "stream", "-c", "2", "-d", "1", "-p", "1",
-        "--probe-rate", "200", env=env,
+        f"127.0.0.1:{server.port}", "--mode", "stream", "-c", "2", "-d", "0.5", "-p", "1",
+        "--probe-rate", "400", env=env,
     )  # fmt: skip
     assert code == 0, report
     flow = report["under_load"]
-    assert flow["rate"] == 200 and flow["size"] == 64 and flow["mismatches"] == 0
+    assert flow["rate"] == 400 and flow["size"] == 64 and flow["mismatches"] == 0
     assert 150 <= flow["requests"] <= 201, flow
     assert flow["latency_us"]["p50"] >= flow["latency_uncorrected_us"]["p50"]
     assert report["megabytes_per_second"] > 0 and report["parameters"]["connections"] == 2
@@ -361,7 +361,7 @@ def test_bench_ends_every_connection_with_fin_never_a_reset(env, mode):
     try:
         for _ in range(3):
             code, report, _ = bench(
-                f"127.0.0.1:{server.port}", "--mode", mode, "-c", "1", "-d", "0.3",
+                f"127.0.0.1:{server.port}", "--mode", mode, "-c", "1", "-d", "0.1",
                 "-s", "1024" if mode != "stream" else "65536", env=env,
             )  # fmt: skip
             assert code == 0, report

@@ -274,15 +274,20 @@ def test_probe_reports_the_delay_and_fails_on_a_reset(start_server):
 
 def udp_exchange(host: str, port: int, count: int, burst: int = 50) -> list[bytes]:
     """Send ``count`` numbered datagrams in bursts (each burst's answers read before the next,
-    so no socket buffer overflows), then collect every answer until quiet."""
+    so no socket buffer overflows), then collect every answer until quiet. A burst waits for
+    its first answer (the server is reading it: all 50 dropped is 0.3**50 here), then for 20 ms
+    of quiet; a fixed 5 ms let a server starved by other tests' load fall behind until the
+    kernel dropped half the datagrams before it read them."""
     answers = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         for start in range(0, count, burst):
             for i in range(start, min(count, start + burst)):
                 sock.sendto(i.to_bytes(4, "big") * 8, (host, port))
-            sock.settimeout(0.005)
+            sock.settimeout(2)
             try:
+                answers.append(sock.recvfrom(100)[0])
+                sock.settimeout(0.02)
                 while True:
                     answers.append(sock.recvfrom(100)[0])
             except TimeoutError:
