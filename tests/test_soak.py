@@ -1,4 +1,4 @@
-"""The soak (tests/soak.py): a 5-second run in every `make test`; `make soak` (60 s by
+"""The soak (tests/soak.py): a 3-second run in every `make test`; `make soak` (60 s by
 default, DURATION=1800 for a long one) runs the same code for longer."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from soak import BOUNDS, Soak
 HERE = Path(__file__).resolve().parent
 
 
-def test_soak_5_seconds_of_mixed_traffic(tmp_path, figure):
+def test_soak_3_seconds_of_mixed_traffic(tmp_path, figure):
     out = tmp_path / "soak.json"
     result = subprocess.run(
-        [sys.executable, str(HERE / "soak.py"), "--duration", "5", "--json", str(out)],
+        [sys.executable, str(HERE / "soak.py"), "--duration", "3", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=180,
@@ -31,7 +31,7 @@ def test_soak_5_seconds_of_mixed_traffic(tmp_path, figure):
     assert report["samples"] >= 12
     ops = report["operations"]
     figure(
-        f"5 s soak: {ops.get('pingpong', 0)} ping-pongs, {ops.get('stream MiB', 0)} MiB streamed, "
+        f"3 s soak: {ops.get('pingpong', 0)} ping-pongs, {ops.get('stream MiB', 0)} MiB streamed, "
         f"{ops.get('churn', 0)} churned connections, {ops.get('udp', 0)} datagrams, "
         f"{ops.get('tls sessions', 0)} TLS sessions, {ops.get('quic streams', 0)} QUIC streams, "
         f"{ops.get('dtls records', 0)} DTLS records; growth after warm-up "
