@@ -276,6 +276,28 @@ def start_server() -> Iterator[Callable[..., ServerProcess]]:
         server.kill()
 
 
+@pytest.fixture(scope="session")
+def echo_server() -> Iterator[Callable[..., ServerProcess]]:
+    """A server with these flags shared by the tests of one runner that only exchange bytes
+    with it (no log, counter or limit of its own read, nothing done to it but echo): a
+    server's start is most of such a test's CPU. A test that reads what the server says or
+    did, or stops it, takes ``start_server``'s own."""
+    servers: dict[tuple[str, ...], ServerProcess] = {}
+
+    def get(*args: str) -> ServerProcess:
+        server = servers.get(args)
+        if server is None:
+            server = servers[args] = ServerProcess([*args, "--host", "127.0.0.1", "--port", "0"])
+        elif server.proc.poll() is not None:  # an earlier test's exchange ended it: a defect
+            pytest.fail(f"the shared server {list(args)} exited {server.proc.returncode}:\n"
+                        + server.log)  # fmt: skip
+        return server
+
+    yield get
+    for server in servers.values():
+        server.kill()
+
+
 @pytest.fixture(params=LOOPS)
 def loop_name(request: pytest.FixtureRequest) -> str:
     return str(request.param)

@@ -388,7 +388,7 @@ def test_probe_client_and_bench_over_dtls(start_server):
     assert piped.stdout == data
     for mode in ("pingpong", "churn"):
         bench = tool(
-            "bench", target.url, "--insecure", "--mode", mode, "-c", "4", "-d", "0.5", "-p", "1",
+            "bench", target.url, "--insecure", "--mode", mode, "-c", "4", "-d", "0.25", "-p", "1",
             "--json", "-",
         )  # fmt: skip
         summary = json.loads(bench.stdout)  # stdout is the JSON alone

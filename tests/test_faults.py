@@ -38,8 +38,8 @@ def through(proxy: TcpFaultProxy, data: bytes = BLOB) -> bytes:
         pytest.param({"slice_min": 1, "slice_max": 3000}, id="slices-1-3000B"),
     ],
 )
-def test_echo_is_byte_exact_through_each_fault(start_server, server_flags, faults):
-    server = start_server(*server_flags)
+def test_echo_is_byte_exact_through_each_fault(echo_server, server_flags, faults):
+    server = echo_server(*server_flags)
     with TcpFaultProxy((server.host, server.port)) as proxy:
         proxy.upstream_faults.set(**faults)
         proxy.downstream_faults.set(**faults)
@@ -74,8 +74,8 @@ def test_stalled_direction_resumes_without_loss(start_server, server_flags):
         assert through(proxy, data) == data
 
 
-def test_half_close_at_a_chosen_byte_returns_exactly_that_prefix(start_server, server_flags):
-    server = start_server(*server_flags)
+def test_half_close_at_a_chosen_byte_returns_exactly_that_prefix(echo_server, server_flags):
+    server = echo_server(*server_flags)
     with TcpFaultProxy((server.host, server.port)) as proxy:
         proxy.upstream_faults.set(half_close_at=100_001)
         with socket.create_connection(proxy.address, timeout=10) as sock:
@@ -86,8 +86,8 @@ def test_half_close_at_a_chosen_byte_returns_exactly_that_prefix(start_server, s
         assert bytes(got) == BLOB[:100_001]  # all of it, nothing more, then EOF
 
 
-def test_reset_at_a_chosen_byte_is_reported_not_corrupted(start_server, server_flags):
-    server = start_server(*server_flags)
+def test_reset_at_a_chosen_byte_is_reported_not_corrupted(echo_server, server_flags):
+    server = echo_server(*server_flags)
     with TcpFaultProxy((server.host, server.port)) as proxy:
         proxy.upstream_faults.set(reset_at=50_000)
         sock = socket.create_connection(proxy.address, timeout=10)

@@ -332,7 +332,7 @@ def test_bench_over_quic_verifies_every_mode_and_names_a_refused_certificate(sta
     server, host, port = quic_server(start_server)
     for mode in ("pingpong", "stream", "churn"):
         result = tool(
-            "bench", f"quic://{host}:{port}", "--insecure", "--mode", mode, "-c", "4", "-d", "0.5",
+            "bench", f"quic://{host}:{port}", "--insecure", "--mode", mode, "-c", "4", "-d", "0.25",
             "-p", "1", "--json", "-",
         )  # fmt: skip
         summary = json.loads(result.stdout)  # stdout is the JSON alone

@@ -200,7 +200,7 @@ def test_probe_and_bench_pass_over_udp(start_server, udp_io):
     _, host, port = server.listener("udp")
     result = tool("probe", f"udp://{host}:{port}")
     assert result.returncode == 0, result.stdout
-    result = tool("bench", f"udp://{host}:{port}", "-c", "4", "-d", "0.5", "-p", "1")
+    result = tool("bench", f"udp://{host}:{port}", "-c", "4", "-d", "0.25", "-p", "1")
     assert result.returncode == 0, result.stdout
 
 
