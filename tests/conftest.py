@@ -277,7 +277,7 @@ def start_server() -> Iterator[Callable[..., ServerProcess]]:
 
 
 @pytest.fixture(scope="session")
-def echo_server() -> Iterator[Callable[..., ServerProcess]]:
+def shared_server() -> Iterator[Callable[..., ServerProcess]]:
     """A server with these flags shared by the tests of one runner that only exchange bytes
     with it (no log, counter or limit of its own read, nothing done to it but echo): a
     server's start is most of such a test's CPU. A test that reads what the server says or

@@ -42,8 +42,8 @@ def bench(*args: str, env: dict[str, str] | None = None) -> tuple[int, dict, str
     [("pingpong", LOOPS[0]), ("pingpong", LOOPS[1]), ("stream", {}), ("churn", {})],
     ids=["pingpong-native-if-built", "pingpong-pure", "stream", "churn"],
 )
-def test_modes_against_our_server(start_server, mode, env):
-    server = start_server()
+def test_modes_against_our_server(shared_server, mode, env):
+    server = shared_server()
     code, report, table = bench(
         f"127.0.0.1:{server.port}", "--mode", mode, "-c", "4", "-d", "0.25", "-p", "1", env=env
     )
@@ -58,8 +58,8 @@ def test_modes_against_our_server(start_server, mode, env):
     assert "latency" in table or "MB/s" in table, table  # the table went to stderr
 
 
-def test_open_loop_rate_and_processes(start_server):
-    server = start_server()
+def test_open_loop_rate_and_processes(shared_server):
+    server = shared_server()
     code, report, _ = bench(
         f"127.0.0.1:{server.port}", "--rate", "400", "-c", "4", "-d", "1", "-p", "2"
     )
@@ -137,8 +137,8 @@ def test_udp_mode():
         server.close()
 
 
-def test_unwritable_result_files_are_one_line_before_the_run(start_server, tmp_path):
-    server = start_server()
+def test_unwritable_result_files_are_one_line_before_the_run(shared_server, tmp_path):
+    server = shared_server()
     for flag in ("--json", "--plot"):
         result = tool(
             "bench", f"127.0.0.1:{server.port}", "-d", "5", flag, str(tmp_path / "missing" / "out")
@@ -155,7 +155,7 @@ def test_a_failed_send_keeps_the_connection_count(env):
     server = Broken("once")
     try:
         code, report, _ = bench(
-            f"127.0.0.1:{server.port}", "-c", "1", "-d", "1", "-p", "1", env=env
+            f"127.0.0.1:{server.port}", "-c", "1", "-d", "0.5", "-p", "1", env=env
         )
     finally:
         server.close()
@@ -259,10 +259,10 @@ def counts(text: str) -> dict[int, int]:
 
 @pytest.mark.parametrize("env", LOOPS, ids=LOOP_IDS)
 @pytest.mark.parametrize("arrival", ["uniform", "poisson"])
-def test_open_loop_figures_and_what_they_mean(start_server, env, arrival):
-    server = start_server()
+def test_open_loop_figures_and_what_they_mean(shared_server, env, arrival):
+    server = shared_server()
     code, report, table = bench(
-        f"127.0.0.1:{server.port}", "--rate", "400", "-c", "4", "-d", "1", "-p", "1",
+        f"127.0.0.1:{server.port}", "--rate", "800", "-c", "4", "-d", "0.5", "-p", "1",
         "--arrival", arrival, env=env,
     )  # fmt: skip
     assert code == 0, report
@@ -279,8 +279,8 @@ def test_open_loop_figures_and_what_they_mean(start_server, env, arrival):
 
 
 @pytest.mark.parametrize("env", LOOPS, ids=LOOP_IDS)
-def test_the_warmup_is_left_out_of_every_figure(start_server, env):
-    server = start_server()
+def test_the_warmup_is_left_out_of_every_figure(shared_server, env):
+    server = shared_server()
     code, report, _ = bench(
         f"127.0.0.1:{server.port}", "--rate", "400", "-c", "2", "-d", "0.5", "--warmup", "0.5",
         "-p", "1", env=env,
@@ -314,9 +314,9 @@ def test_rate_is_refused_where_there_is_no_open_loop():
     ]
 
 
-def test_plot_and_hgrm_from_one_run(start_server, tmp_path):
+def test_plot_and_hgrm_from_one_run(shared_server, tmp_path):
     """--plot draws a PNG; --hgrm is HdrHistogram's percentile distribution of the same run."""
-    server = start_server()
+    server = shared_server()
     out, png = tmp_path / "run.hgrm", tmp_path / "latency.png"
     code, report, _ = bench(
         f"127.0.0.1:{server.port}", "-c", "2", "-d", "0.3", "-p", "1", "--hgrm", str(out),
@@ -331,10 +331,10 @@ def test_plot_and_hgrm_from_one_run(start_server, tmp_path):
 
 
 @pytest.mark.parametrize("env", LOOPS, ids=LOOP_IDS)
-def test_latency_under_load_is_a_flow_beside_the_stream(start_server, env):
+def test_latency_under_load_is_a_flow_beside_the_stream(shared_server, env):
     """iperf2's --bounceback-congest: a 64 B ping-pong at a low rate on a connection of its
     own while the others saturate the path; its figures apart from the stream's."""
-    server = start_server()
+    server = shared_server()
     code, report, table = bench(
         f"127.0.0.1:{server.port}", "--mode", "stream", "-c", "2", "-d", "0.5", "-p", "1",
         "--probe-rate", "400", env=env,
@@ -415,10 +415,10 @@ def test_a_one_client_at_a_time_peer_is_named_not_called_healthy(env):
 
 
 @pytest.mark.parametrize("env", LOOPS, ids=LOOP_IDS)
-def test_the_transport_is_read_from_the_kernel(start_server, env):
+def test_the_transport_is_read_from_the_kernel(shared_server, env):
     """Retransmissions and the kernel's RTT came only from packet captures; bench reads them
     from TCP_INFO on its own sockets: one RTT per connection, none retransmitted on loopback."""
-    server = start_server()
+    server = shared_server()
     code, report, table = bench(f"127.0.0.1:{server.port}", "-c", "3", "-d", "0.3", env=env)
     assert code == 0, report
     t = report["transport"]

@@ -13,23 +13,23 @@ from conftest import exchange, recv_until_eof
 SIZES = [1, 2, 127, 128, 129, 1024, 1500, 65536, 1 << 20, 16 << 20]
 
 
-def test_every_byte_value_comes_back(echo_server, server_flags):
-    server = echo_server(*server_flags)
+def test_every_byte_value_comes_back(shared_server, server_flags):
+    server = shared_server(*server_flags)
     data = bytes(range(256)) * 64 + b"\x00\xff\x00" + b"\r\n\n\x04"
     with server.connect() as sock:
         assert exchange(sock, data) == data
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_single_write_of_any_size_is_echoed_exactly(echo_server, size):
-    server = echo_server()
+def test_single_write_of_any_size_is_echoed_exactly(shared_server, size):
+    server = shared_server()
     data = os.urandom(size)
     with server.connect() as sock:
         assert exchange(sock, data, chunk=size) == data
 
 
-def test_bytes_go_back_as_they_arrive_without_waiting_for_a_line(echo_server):
-    server = echo_server()
+def test_bytes_go_back_as_they_arrive_without_waiting_for_a_line(shared_server):
+    server = shared_server()
     with server.connect() as sock:
         for piece in (b"a", b"no newline", b"\x00"):
             sock.sendall(piece)

@@ -38,8 +38,8 @@ def through(proxy: TcpFaultProxy, data: bytes = BLOB) -> bytes:
         pytest.param({"slice_min": 1, "slice_max": 3000}, id="slices-1-3000B"),
     ],
 )
-def test_echo_is_byte_exact_through_each_fault(echo_server, server_flags, faults):
-    server = echo_server(*server_flags)
+def test_echo_is_byte_exact_through_each_fault(shared_server, server_flags, faults):
+    server = shared_server(*server_flags)
     with TcpFaultProxy((server.host, server.port)) as proxy:
         proxy.upstream_faults.set(**faults)
         proxy.downstream_faults.set(**faults)
@@ -74,8 +74,8 @@ def test_stalled_direction_resumes_without_loss(start_server, server_flags):
         assert through(proxy, data) == data
 
 
-def test_half_close_at_a_chosen_byte_returns_exactly_that_prefix(echo_server, server_flags):
-    server = echo_server(*server_flags)
+def test_half_close_at_a_chosen_byte_returns_exactly_that_prefix(shared_server, server_flags):
+    server = shared_server(*server_flags)
     with TcpFaultProxy((server.host, server.port)) as proxy:
         proxy.upstream_faults.set(half_close_at=100_001)
         with socket.create_connection(proxy.address, timeout=10) as sock:
@@ -86,8 +86,8 @@ def test_half_close_at_a_chosen_byte_returns_exactly_that_prefix(echo_server, se
         assert bytes(got) == BLOB[:100_001]  # all of it, nothing more, then EOF
 
 
-def test_reset_at_a_chosen_byte_is_reported_not_corrupted(echo_server, server_flags):
-    server = echo_server(*server_flags)
+def test_reset_at_a_chosen_byte_is_reported_not_corrupted(shared_server, server_flags):
+    server = shared_server(*server_flags)
     with TcpFaultProxy((server.host, server.port)) as proxy:
         proxy.upstream_faults.set(reset_at=50_000)
         sock = socket.create_connection(proxy.address, timeout=10)
@@ -150,7 +150,7 @@ def test_bench_sees_the_path_latency_and_counts_resets_as_errors(start_server):
     with TcpFaultProxy((server.host, server.port)) as proxy:
         proxy.upstream_faults.set(latency=0.01)
         result = tool(
-            "bench", f"127.0.0.1:{proxy.port}", "-c", "4", "-d", "1", "-p", "1", "--json", "-"
+            "bench", f"127.0.0.1:{proxy.port}", "-c", "4", "-d", "0.4", "-p", "1", "--json", "-"
         )
         assert result.returncode == 0, result.stdout
         summary = bench_json(result.stdout)
@@ -159,7 +159,7 @@ def test_bench_sees_the_path_latency_and_counts_resets_as_errors(start_server):
     with TcpFaultProxy((server.host, server.port)) as proxy:
         proxy.upstream_faults.set(reset_at=64 * 50)  # every connection dies after 50 requests
         result = tool(
-            "bench", f"127.0.0.1:{proxy.port}", "-c", "2", "-d", "1", "-p", "1", "--json", "-"
+            "bench", f"127.0.0.1:{proxy.port}", "-c", "2", "-d", "0.4", "-p", "1", "--json", "-"
         )
         summary = bench_json(result.stdout)
         assert summary["mismatches"] == 0
@@ -191,7 +191,7 @@ def test_udp_through_loss_duplication_and_reordering(start_server):
             assert "differs" not in step["detail"], step
             if step["status"] == "fail":
                 assert step["detail"].startswith("no reply"), step
-        result = tool("bench", target, "-c", "4", "-d", "2", "-p", "1", "--json", "-")
+        result = tool("bench", target, "-c", "4", "-d", "1", "-p", "1", "--json", "-")
         summary = bench_json(result.stdout)
         assert summary["mismatches"] == 0
         assert summary["lost_datagrams"] > 0

@@ -370,7 +370,7 @@ def test_bench_explains_lost_datagrams_against_a_default_server(start_server):
     lifted = start_server("--udp-rate", "1e7", "--udp-burst", "100000", "--udp-max-rate", "1e7")
     _, host, port = lifted.listener("udp")
     result = tool(
-        "bench", f"udp://{host}:{port}", "-c", "20", "-d", "0.5", "-p", "1", "--json", "-"
+        "bench", f"udp://{host}:{port}", "-c", "20", "-d", "0.25", "-p", "1", "--json", "-"
     )
     report = json.loads(result.stdout)
     assert report["lost_datagrams"] == 0 and report["loss_explanation"] is None
