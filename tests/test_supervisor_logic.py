@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import signal
 import socket
+import threading
 import time
 
 import pytest
@@ -185,3 +187,46 @@ def test_a_worker_that_never_serves_stops_the_supervisor_instead_of_restarting()
 
     code, restarts = supervise(fail_to_start, 5.0)
     assert (code, restarts) == (1, 0)
+
+
+def test_the_supervisor_leaves_the_udp_group_before_any_worker_joins_it(tmp_path):
+    """A bound UDP socket in an SO_REUSEPORT group takes a share of the datagrams, and the
+    group's size is in the hash: the supervisor's socket leaving once the workers served
+    moved sessions between them (a DTLS handshake begun on one went on at the other, which
+    dropped it: 3 runs in ~180 had a client with no handshake). Each worker, as it starts, looks in
+    its supervisor's descriptors for the socket the supervisor bound: it must be gone."""
+    from socket_echo.config import ListenerSpec, ServerConfig
+    from socket_echo.listeners import BindOptions, bind_all
+    from socket_echo.supervisors.processes import Supervisor
+
+    placeholder = bind_all(
+        (ListenerSpec("udp", "127.0.0.1", 0),), BindOptions(16, reuse_port=True, listen=False)
+    )
+    inode = os.fstat(placeholder[0].sock.fileno()).st_ino
+    seen = tmp_path / "seen"
+
+    def look(config, listeners, credentials, private, serving):  # type: ignore[no-untyped-def]
+        fds = f"/proc/{os.getppid()}/fd"
+        held = [fd for fd in os.listdir(fds) if _link(f"{fds}/{fd}") == f"socket:[{inode}]"]
+        with open(seen, "a") as f:
+            f.write(f"{len(listeners)} {len(held)}\n")
+        serving()
+        time.sleep(60)  # serves until the supervisor's SIGTERM (default action: exit)
+        return 0
+
+    sup = Supervisor(ServerConfig(listeners=()), 2, [], placeholder, [], target=look)
+    stop = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    stop.start()
+    try:
+        sup.run()
+    finally:
+        stop.cancel()
+    lines = seen.read_text().split("\n")[:-1]
+    assert lines == ["1 0", "1 0"], lines  # each worker bound its own; none saw the parent's
+
+
+def _link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # closed while we looked
+        return ""

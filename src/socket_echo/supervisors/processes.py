@@ -5,8 +5,10 @@ before any worker exists) and resolves ``--port 0`` to a real port. Then, where 
 SO_REUSEPORT, each worker binds its own socket on that address and the kernel spreads
 connections and datagrams over them; the supervisor keeps its TCP sockets bound but not
 listening (the kernel hands connections to listening sockets only), which holds the port for
-restarts, and closes its UDP sockets once the workers are up (a bound UDP socket would get
-its share of datagrams). Unix sockets, ``--fd`` sockets and every socket where SO_REUSEPORT
+restarts, and closes its UDP sockets before the workers bind theirs: a bound UDP socket would
+get its share of datagrams, and leaving the group once the workers serve moved sessions from
+one worker to the other (SO_REUSEPORT's hash is taken over the group's size: a DTLS handshake
+begun on one worker went on at the other, which knew nothing of it). Unix sockets, ``--fd`` sockets and every socket where SO_REUSEPORT
 does not balance (anywhere but Linux: listeners.REUSE_PORT) are inherited: all workers accept
 on the one listening socket.
 
@@ -101,7 +103,7 @@ class Supervisor:
         self.target = target
         self.shared = shared  # inherited by every worker
         self.rebound = list(placeholders)  # every worker binds its own socket on these
-        self.placeholders = placeholders  # what this process holds of them (no UDP, later)
+        self.placeholders = placeholders  # what this process holds of them (TCP only, once run)
         self.metrics_listeners = metrics_listeners
         self.credentials = credentials or Credentials()
         self.rundir = tempfile.mkdtemp(prefix="socket-echo-")
@@ -144,13 +146,13 @@ class Supervisor:
             f"{', '.join(b.url for b in self.rebound + self.shared)} ({how})",
             workers=len(self.workers),
         )
+        self._release_udp()
         for worker in self.workers:
             self._spawn(loop, worker)
         waits = [loop.create_task(e.wait()) for e in (self._all_ready, self._finished)]
         await asyncio.wait(waits, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
         for task in waits:
             task.cancel()
-        self._release_udp()
         await self._serve_metrics(loop)
         await self._finished.wait()
         log_event(
@@ -162,7 +164,8 @@ class Supervisor:
         return self.exit_code
 
     def _release_udp(self) -> None:
-        """The workers have their own UDP sockets now: ours would take a share of datagrams."""
+        """Before the workers bind their own UDP sockets: ours would take a share of the
+        datagrams, and closing it later would change the group under the sessions."""
         for bound in [b for b in self.placeholders if kind(b.scheme).datagram]:
             bound.close()
             self.placeholders.remove(bound)
