@@ -8,9 +8,9 @@ listening (the kernel hands connections to listening sockets only), which holds 
 restarts, and closes its UDP sockets before the workers bind theirs: a bound UDP socket would
 get its share of datagrams, and leaving the group once the workers serve moved sessions from
 one worker to the other (SO_REUSEPORT's hash is taken over the group's size: a DTLS handshake
-begun on one worker went on at the other, which knew nothing of it). Unix sockets, ``--fd`` sockets and every socket where SO_REUSEPORT
-does not balance (anywhere but Linux: listeners.REUSE_PORT) are inherited: all workers accept
-on the one listening socket.
+begun on one worker went on at the other, which knew nothing of it). Unix sockets, ``--fd``
+sockets and every socket where SO_REUSEPORT does not balance (anywhere but Linux:
+listeners.REUSE_PORT) are inherited: all workers accept on the one listening socket.
 
 Workers are forked from the supervisor's (stdlib) event loop with signals blocked around the
 fork; a child resets them and starts its own loop, exactly as a single-process server. Each
