@@ -130,7 +130,7 @@ def test_mute_server_is_caught(env):
 def test_udp_mode():
     server = Broken("udp")
     try:
-        code, report, _ = bench(f"udp://127.0.0.1:{server.port}", "-c", "4", "-d", "0.5", "-p", "1")
+        code, report, _ = bench(f"udp://127.0.0.1:{server.port}", "-c", "4", "-d", "0.25")
         assert code == 0, report
         assert report["mode"] == "udp" and report["requests_per_second"] > 0
     finally:
@@ -400,7 +400,7 @@ def test_a_one_client_at_a_time_peer_is_named_not_called_healthy(env):
     is counted, the waiting ones are errors, and the text says what it likely means."""
     server = Broken("seed")
     try:
-        code, report, table = bench(f"127.0.0.1:{server.port}", "-c", "5", "-d", "0.5", env=env)
+        code, report, table = bench(f"127.0.0.1:{server.port}", "-c", "5", "-d", "0.3", env=env)
     finally:
         server.close()
     assert code == 1, report  # not healthy

@@ -14,20 +14,20 @@ import trustme
 from tools_helpers import Broken, tool
 
 
-def test_pipe_round_trips_arbitrary_binary(start_server):
-    server = start_server()
+def test_pipe_round_trips_arbitrary_binary(shared_server):
+    server = shared_server()
     data = os.urandom(3 << 20) + bytes(range(256))
     result = tool("client", f"127.0.0.1:{server.port}", stdin=data)
     assert result.returncode == 0, result.stderr
     assert result.stdout == data
 
 
-def test_stdin_from_a_regular_file(start_server, tmp_path):
+def test_stdin_from_a_regular_file(shared_server, tmp_path):
     """`socket-echo client HOST < file | cmp - file`: epoll cannot watch a regular file."""
     import subprocess
     import sys
 
-    server = start_server()
+    server = shared_server()
     data = os.urandom(2 << 20)
     path = tmp_path / "payload.bin"
     path.write_bytes(data)

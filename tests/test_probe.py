@@ -29,8 +29,8 @@ def probe_json(*args: str) -> tuple[int, dict]:  # type: ignore[type-arg]
     return result.returncode, json.loads(result.stdout) if result.stdout else {}
 
 
-def test_our_server_passes_every_step(start_server):
-    server = start_server()
+def test_our_server_passes_every_step(shared_server):
+    server = shared_server()
     code, report = probe_json(f"127.0.0.1:{server.port}")
     assert code == 0, report
     assert report["passed"] and report["findings"] == []
@@ -128,8 +128,8 @@ def test_udp_probe_good_lossy_and_mute(broken):
     assert code == 2
 
 
-def test_terminal_free_report_is_plain_text(start_server):
-    server = start_server()
+def test_terminal_free_report_is_plain_text(shared_server):
+    server = shared_server()
     result = tool("probe", f"127.0.0.1:{server.port}")
     assert result.returncode == 0
     text = result.stdout.decode()

@@ -37,8 +37,8 @@ def test_a_malformed_objective_is_one_line_before_any_load(expr, words):
     assert_one_line_error(run_cli("bench", "127.0.0.1:9", "--slo", expr), 2, words)
 
 
-def test_bench_judges_its_objectives_and_a_miss_is_exit_3(start_server):
-    server = start_server()
+def test_bench_judges_its_objectives_and_a_miss_is_exit_3(shared_server):
+    server = shared_server()
     target = f"127.0.0.1:{server.port}"
     missed = run_cli("bench", target, "-c", "2", "-d", "0.3", "-p", "1", "--json", "-",
                      "--slo", "p99<1us", "--slo", "errors==0")  # fmt: skip

@@ -14,8 +14,8 @@ from socket_echo.tools.connect import tcp_info
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's TCP_INFO")
 
 
-def test_the_fields_are_where_the_kernel_puts_them(start_server):
-    server = start_server()
+def test_the_fields_are_where_the_kernel_puts_them(shared_server):
+    server = shared_server()
     with server.connect() as sock:
         data = bytes(range(256)) * 40
         assert exchange(sock, data) == data
@@ -30,10 +30,10 @@ def test_the_fields_are_where_the_kernel_puts_them(start_server):
     assert "sack on, timestamps on" in line and fields["mss_out"] == info["snd_mss"]
 
 
-def test_a_shorter_struct_says_which_fields_are_missing(start_server, monkeypatch):
+def test_a_shorter_struct_says_which_fields_are_missing(shared_server, monkeypatch):
     """An older kernel fills less: the fields past its length are named missing, not read
     as zeros (snd_wnd, the peer's window, needs 5.4)."""
-    server = start_server()
+    server = shared_server()
     monkeypatch.setattr(tcp_info, "BUFFER", 104)  # what 2.6.33 to 4.0 return
     with server.connect() as sock:
         info, missing = tcp_info.read(sock)
