@@ -56,7 +56,7 @@ def serve(cfg: ServerConfig) -> int:
     if cfg.workers == 1:
         return run(cfg, bound + fd_bound, credentials, metrics_bound)
     # Imported here: the supervisor brings prometheus_client (its metrics sum), which a single
-    # process without --metrics never needs (a third of a plain server's start-up CPU).
+    # process without --metrics never needs (a fifth of a plain server's import time).
     from socket_echo.supervisors.processes import Supervisor
 
     # a group's socket is shared: a datagram to a group reaches every socket bound to it
