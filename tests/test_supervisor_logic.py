@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from conftest import wait_until
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
@@ -211,16 +212,18 @@ def test_the_supervisor_leaves_the_udp_group_before_any_worker_joins_it(tmp_path
         with open(seen, "a") as f:
             f.write(f"{len(listeners)} {len(held)}\n")
         serving()
-        time.sleep(60)  # serves until the supervisor's SIGTERM (default action: exit)
+        signal.pause()  # until the supervisor forwards SIGTERM (its default action: exit)
         return 0
 
+    def stop_once_both_looked() -> None:
+        try:
+            wait_until(lambda: seen.exists() and seen.read_text().count("\n") >= 2, 15, "workers")
+        finally:  # a worker that never looked fails the assertion below, not a hang
+            os.kill(os.getpid(), signal.SIGTERM)
+
     sup = Supervisor(ServerConfig(listeners=()), 2, [], placeholder, [], target=look)
-    stop = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
-    stop.start()
-    try:
-        sup.run()
-    finally:
-        stop.cancel()
+    threading.Thread(target=stop_once_both_looked, daemon=True).start()
+    sup.run()
     lines = seen.read_text().split("\n")[:-1]
     assert lines == ["1 0", "1 0"], lines  # each worker bound its own; none saw the parent's
 
